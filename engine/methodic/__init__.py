@@ -1,0 +1,70 @@
+"""methodic: crash-safe background uploads of ML checkpoints to a Chronicle server."""
+
+import sys as _sys
+
+# httpx imports its command-line client (and with it rich, ~30 ms) whenever rich is installed,
+# which it always is beside methodic-tui. The engine must load no UI library, so keep httpx's
+# CLI module out unless something imported httpx first; `httpx` the command is unaffected.
+if "httpx" not in _sys.modules:
+    _sys.modules.setdefault("httpx._main", None)  # type: ignore[assignment]
+
+from methodic._client import AsyncChronicle, AsyncRun, AsyncUploadHandle
+from methodic._errors import (
+    AssetIncompleteError,
+    AuthenticationError,
+    ChronicleError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    ServerError,
+    TrackerError,
+    UploadFailedError,
+)
+from methodic._recovery import DrainReport, drain_incomplete_uploads, drain_incomplete_uploads_async
+from methodic._retry import RetryPolicy
+from methodic._sync import Chronicle, Run, UploadHandle
+from methodic._tracker import UploadTracker
+from methodic._types import (
+    Asset,
+    ComponentSpec,
+    PresignedAsset,
+    RemoteComponent,
+    RunBinding,
+    TrackedAsset,
+    TrackedComponent,
+    UploadTarget,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Asset",
+    "AssetIncompleteError",
+    "AsyncChronicle",
+    "AsyncRun",
+    "AsyncUploadHandle",
+    "AuthenticationError",
+    "Chronicle",
+    "ChronicleError",
+    "ComponentSpec",
+    "ConflictError",
+    "DrainReport",
+    "InvalidInputError",
+    "NotFoundError",
+    "PresignedAsset",
+    "RemoteComponent",
+    "RetryPolicy",
+    "Run",
+    "RunBinding",
+    "ServerError",
+    "TrackedAsset",
+    "TrackedComponent",
+    "TrackerError",
+    "UploadFailedError",
+    "UploadHandle",
+    "UploadTarget",
+    "UploadTracker",
+    "__version__",
+    "drain_incomplete_uploads",
+    "drain_incomplete_uploads_async",
+]

@@ -1,0 +1,3 @@
+from methodic.cli import main
+
+raise SystemExit(main())

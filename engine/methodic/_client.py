@@ -1,0 +1,396 @@
+"""The async core: AsyncChronicle and AsyncRun. The sync facade and the TUI both run this."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from methodic import _tracker_ops as ops
+from methodic._api import ApiClient, raise_for_response
+from methodic._bandwidth import TokenBucket, parse_rate
+from methodic._errors import (
+    AuthenticationError,
+    ChronicleError,
+    InvalidInputError,
+    UploadFailedError,
+)
+from methodic._ids import new_asset_id
+from methodic._paths import component_path_problem
+from methodic._pool import AssetUpload, ComponentUpload, UploadPool
+from methodic._retry import RetryPolicy
+from methodic._scan import scan_directory, validate_specs
+from methodic._transfer import CHUNK_SIZE, FileIdentity
+from methodic._types import Asset, ComponentSpec, PresignedAsset, RunBinding, UploadTarget
+
+MiB = 1 << 20
+DEFAULT_PART_THRESHOLD = 64 * MiB
+DEFAULT_PART_SIZE = 16 * MiB
+MAX_PARTS = 10_000
+
+
+def resolve_server_url(server_url: str | None) -> str:
+    url = server_url or os.environ.get("METHODIC_SERVER_URL")
+    if not url:
+        raise InvalidInputError("no server URL: pass server_url= (or --server-url) or set METHODIC_SERVER_URL")
+    parsed = httpx.URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise InvalidInputError(f"server URL {url!r} is not an http(s) URL, e.g. http://127.0.0.1:8765")
+    return url.rstrip("/")
+
+
+def resolve_api_key(api_key: str | None) -> str:
+    key = api_key or os.environ.get("METHODIC_API_KEY")
+    if not key:
+        raise AuthenticationError(
+            "no API key: pass api_key= (or --api-key) or set METHODIC_API_KEY; "
+            "`methodic serve` writes its key to DATA_DIR/api_key"
+        )
+    return key
+
+
+def part_size_for(size: int, threshold: int, part_size: int) -> int | None:
+    """None for a file sent in one PUT; otherwise a part size that keeps it under 10,000 parts."""
+    if size < threshold:
+        return None
+    return max(part_size, math.ceil(size / MAX_PARTS / MiB) * MiB)
+
+
+class AsyncUploadHandle:
+    """What ``register_and_upload_async`` returns: the asset id and the eventual finalized asset."""
+
+    def __init__(self, upload: AssetUpload) -> None:
+        self._upload = upload
+
+    @property
+    def asset_id(self) -> str:
+        return self._upload.asset_id
+
+    def done(self) -> bool:
+        return self._upload.future.done()
+
+    async def result(self, timeout: float | None = None) -> Asset:
+        """The finalized asset; raises ``UploadFailedError`` if the upload gave up."""
+        return await asyncio.wait_for(asyncio.shield(self._upload.future), timeout)
+
+    def __repr__(self) -> str:
+        return f"<UploadHandle asset_id={self.asset_id} state={self._upload.state}>"
+
+
+class AsyncChronicle:
+    """A connection to a Chronicle server with one shared upload pool (the async core)."""
+
+    def __init__(
+        self,
+        server_url: str | None = None,
+        api_key: str | None = None,
+        max_upload_workers: int = 8,
+        max_bandwidth: str | float | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        part_threshold: int = DEFAULT_PART_THRESHOLD,
+        part_size: int = DEFAULT_PART_SIZE,
+        timeout: float = 60.0,
+    ) -> None:
+        self.server_url = resolve_server_url(server_url)
+        self._api_key = resolve_api_key(api_key)
+        if not isinstance(max_upload_workers, int) or max_upload_workers < 1:
+            raise InvalidInputError(f"max_upload_workers must be a whole number >= 1, not {max_upload_workers!r}")
+        if part_size < 5 * MiB:
+            raise InvalidInputError("part_size must be at least 5 MiB (the S3 minimum)")
+        self.max_upload_workers = max_upload_workers
+        self.retry = retry or RetryPolicy()
+        self.part_threshold = part_threshold
+        self.part_size = part_size
+        self.bucket = TokenBucket(parse_rate(max_bandwidth))
+        self._timeout = timeout
+        self._http: httpx.AsyncClient | None = None
+        self._pool: UploadPool | None = None
+        self._api: ApiClient | None = None
+
+    def __repr__(self) -> str:
+        return f"AsyncChronicle(server_url={self.server_url!r}, max_upload_workers={self.max_upload_workers})"
+
+    async def open(self) -> AsyncChronicle:
+        if self._http is None:
+            n = self.max_upload_workers + 4
+            self._http = httpx.AsyncClient(
+                timeout=httpx.Timeout(self._timeout, connect=15.0),
+                limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+                follow_redirects=False,
+            )
+            self._api = ApiClient(self.server_url, self._api_key, self._http, self.retry)
+            self._pool = UploadPool(self._api, self._http, workers=self.max_upload_workers,
+                                    bucket=self.bucket, retry=self.retry)
+            await self._pool.start()
+        return self
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+        if self._http is not None:
+            await self._http.aclose()
+        self._http = self._pool = self._api = None
+
+    async def __aenter__(self) -> AsyncChronicle:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def api(self) -> ApiClient:
+        if self._api is None:
+            raise ChronicleError("this Chronicle is not open; use it in a `with` block or call open()")
+        return self._api
+
+    @property
+    def pool(self) -> UploadPool:
+        if self._pool is None:
+            raise ChronicleError("this Chronicle is not open; use it in a `with` block or call open()")
+        return self._pool
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        assert self._http is not None
+        return self._http
+
+    def set_bandwidth(self, max_bandwidth: str | float | None) -> None:
+        """Change the shared bandwidth cap while uploads run: bytes/s, text like "200MB", or None."""
+        self.bucket.set_rate(parse_rate(max_bandwidth))
+
+    # ------------------------------------------------------------ experiments and runs
+
+    async def create_experiment(self, name: str) -> str:
+        """Create the experiment ``name`` (or find the existing one) and return its id."""
+        if not name or not name.strip():
+            raise InvalidInputError("an experiment needs a non-empty name")
+        data = await self.api.call("POST", "/experiments", json={"name": name})
+        return str(data["id"])
+
+    async def find_experiment(self, id_or_name: str) -> str | None:
+        data = await self.api.call("GET", "/experiments", params={"name": id_or_name})
+        if data["experiments"]:
+            return str(data["experiments"][0]["id"])
+        try:
+            data = await self.api.call("GET", f"/experiments/{id_or_name}")
+        except ChronicleError:
+            return None
+        return str(data["id"])
+
+    async def run(self, experiment_id: str, variation: int = 0, run: int = 0) -> AsyncRun:
+        """Get or create run (variation, run) of an experiment; calling it twice is harmless."""
+        for name, value in (("variation", variation), ("run", run)):
+            if not isinstance(value, int) or value < 0:
+                raise InvalidInputError(f"{name} must be a whole number >= 0, not {value!r}")
+        data = await self.api.call("PUT", f"/experiments/{experiment_id}/runs/{variation}/{run}")
+        return AsyncRun(self, data)
+
+    async def run_by_id(self, run_id: str) -> AsyncRun:
+        return AsyncRun(self, await self.api.call("GET", f"/runs/{run_id}"))
+
+    # ------------------------------------------------------------ assets
+
+    async def get_asset(self, asset_id: str) -> Asset:
+        """The server's view of an asset, pending or not, with what storage already holds."""
+        return Asset.from_json(await self.api.call("GET", f"/assets/{asset_id}"))
+
+    async def finalize_asset(self, asset_id: str, checksums: dict[str, str] | None = None) -> Asset:
+        """Ask the server to finalize; idempotent. Raises ``AssetIncompleteError`` listing what is missing."""
+        data = await self.api.call("POST", f"/assets/{asset_id}/finalize",
+                                   json={"checksums": checksums or {}})
+        return Asset.from_json(data)
+
+    def components_for(self, specs: Sequence[ComponentSpec]) -> dict[str, ComponentUpload]:
+        return {
+            s.path: ComponentUpload(
+                path=s.path,
+                identity=FileIdentity(os.fspath(s.local_path), s.size, s.mtime_ns, s.inode),
+                sha256=s.sha256,
+                part_size=part_size_for(s.size, self.part_threshold, self.part_size),
+            )
+            for s in specs
+        }
+
+
+class AsyncRun:
+    """A run of an experiment: registers and uploads assets, and sets the run's status."""
+
+    def __init__(self, chronicle: AsyncChronicle, data: dict[str, Any]) -> None:
+        self.chronicle = chronicle
+        self.id: str = str(data["id"])
+        self.experiment_id: str = str(data["experiment_id"])
+        self.variation: int = int(data["variation"])
+        self.run: int = int(data["run"])
+        self.status: str = str(data.get("status", "running"))
+        self._uploads: list[AssetUpload] = []
+
+    def __repr__(self) -> str:
+        return (f"AsyncRun(id={self.id!r}, experiment_id={self.experiment_id!r}, "
+                f"variation={self.variation}, run={self.run}, status={self.status!r})")
+
+    @property
+    def binding(self) -> RunBinding:
+        return RunBinding(self.chronicle.server_url, self.id, self.experiment_id, self.variation, self.run)
+
+    async def register_and_upload_async(
+        self,
+        local_dir: Path | str,
+        asset_type: str = "checkpoint",
+        upload_tracker: Any = None,
+        **metadata: Any,
+    ) -> AsyncUploadHandle:
+        """Register every file under ``local_dir`` in one tracker call, then queue the upload.
+
+        Returns at once with a handle; the shared pool uploads in the background and finalizes
+        the asset as soon as every component is stored.
+        """
+        specs = await asyncio.to_thread(scan_directory, local_dir)
+        return await self._submit(specs, asset_type, upload_tracker, os.fspath(local_dir), metadata)
+
+    async def _submit(self, specs: Sequence[ComponentSpec], asset_type: str, tracker: Any,
+                      local_dir: str | None, metadata: dict[str, Any]) -> AsyncUploadHandle:
+        if not asset_type:
+            raise InvalidInputError("asset_type must be a non-empty string, e.g. 'checkpoint'")
+        pool = self.chronicle.pool
+        asset_id = new_asset_id()
+        components = self.chronicle.components_for(specs)
+        atracker = None
+        if tracker is not None:
+            atracker = await pool.tracker_for(Path(tracker.db_path))
+            await atracker.run(ops.register(
+                asset_id, list(specs), asset_type, True, metadata, self.binding, local_dir,
+                {p: c.part_size for p, c in components.items() if c.part_size},
+            ))
+        upload = AssetUpload(asset_id=asset_id, asset_type=asset_type, binding=self.binding,
+                             metadata=metadata, components=components, tracker=atracker,
+                             local_dir=local_dir)
+        self._uploads.append(upload)
+        pool.submit(upload)
+        return AsyncUploadHandle(upload)
+
+    async def wait_for_uploads(self, timeout: float | None = None) -> None:
+        """Wait until every upload queued through this run is finalized or has failed.
+
+        Raises ``UploadFailedError`` naming the failed assets (the others are finalized).
+        """
+        await self.chronicle.pool.wait(self._uploads, timeout)
+        failed = [u for u in self._uploads if u.future.done() and not u.future.cancelled()
+                  and u.future.exception() is not None]
+        if failed:
+            first = failed[0].future.exception()
+            names = ", ".join(f"{u.asset_id} ({u.local_dir or u.asset_type})" for u in failed)
+            raise UploadFailedError(
+                f"{len(failed)} of {len(self._uploads)} uploads failed: {names}; first cause: {first}",
+                first,
+            )
+
+    async def set_status(self, status: str) -> None:
+        data = await self.chronicle.api.call("POST", f"/runs/{self.id}/status", json={"status": status})
+        self.status = str(data["status"])
+
+    async def succeed(self) -> None:
+        """Wait for this run's uploads, then mark the run succeeded (not if an upload failed)."""
+        await self.wait_for_uploads()
+        await self.set_status("succeeded")
+
+    async def fail(self) -> None:
+        """Mark the run failed. Uploads already queued carry on."""
+        await self.set_status("failed")
+
+    async def upload_asset(self, path: Path | str, asset_type: str = "file", **metadata: Any) -> Asset:
+        """Upload one file or one directory as an asset, now, and return it finalized.
+
+        Not tracked: for large checkpoints that must survive a crash, use
+        ``register_and_upload_async`` with an ``UploadTracker``.
+        """
+        p = Path(path).expanduser()
+        if p.is_file():
+            specs = [ComponentSpec.from_file(p.name, p)]
+        else:
+            specs = await asyncio.to_thread(scan_directory, p)
+        handle = await self._submit(specs, asset_type, None, os.fspath(p), metadata)
+        return await handle.result()
+
+    async def create_asset_presigned(
+        self,
+        asset_type: str,
+        components: Sequence[ComponentSpec],
+        *,
+        asset_id: str | None = None,
+        **metadata: Any,
+    ) -> PresignedAsset:
+        """Create a pending asset from a full manifest and return its upload targets.
+
+        The asset stays pending (invisible to consumers) until ``finalize_asset`` succeeds.
+        """
+        asset_id = asset_id or new_asset_id()
+        validate_specs(asset_id, components)
+        comps = self.chronicle.components_for(components)
+        data = await self.chronicle.api.call("POST", f"/runs/{self.id}/assets", json={
+            "asset_id": asset_id, "asset_type": asset_type, "metadata": metadata,
+            "components": [c.manifest() for c in comps.values()], "presign": True,
+        })
+        targets = tuple(UploadTarget.from_json(t) for t in data.get("targets", ()))
+        return PresignedAsset(asset_id, Asset.from_json(data), targets)
+
+    async def finalize_asset(self, asset_id: str) -> Asset:
+        """Finalize a pending asset; a second call returns the same finalized asset."""
+        return await self.chronicle.finalize_asset(asset_id)
+
+    async def list_assets(self, include_pending: bool = False, asset_type: str | None = None) -> list[Asset]:
+        """This run's assets, oldest first: finalized only unless ``include_pending``."""
+        params: dict[str, Any] = {"include_pending": str(include_pending).lower()}
+        if asset_type:
+            params["asset_type"] = asset_type
+        data = await self.chronicle.api.call("GET", f"/runs/{self.id}/assets", params=params)
+        return [Asset.from_json(a) for a in data["assets"]]
+
+    async def download_asset(self, asset_id: str, dest_dir: Path | str) -> Path:
+        """Write a byte-identical copy of a finalized asset under ``dest_dir``; returns it."""
+        dest = Path(dest_dir).expanduser()
+        data = await self.chronicle.api.call("GET", f"/assets/{asset_id}/download")
+        await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
+        limit = asyncio.Semaphore(self.chronicle.max_upload_workers)
+
+        async def one(comp: dict[str, Any]) -> None:
+            async with limit:
+                await _download_component(self.chronicle.http, comp, dest, self.chronicle.server_url)
+
+        await asyncio.gather(*(one(c) for c in data["components"]))
+        return dest
+
+
+async def _download_component(http: httpx.AsyncClient, comp: dict[str, Any], dest: Path,
+                              server_url: str) -> None:
+    path = comp["path"]
+    problem = component_path_problem(path)
+    if problem:
+        raise ChronicleError(f"the server sent a component path {path!r} that {problem}; refusing to write it")
+    final = dest / path
+    tmp = final.with_name(f".{final.name}.methodic-partial")
+    await asyncio.to_thread(final.parent.mkdir, parents=True, exist_ok=True)
+    hasher = hashlib.sha256()
+    size = 0
+    async with http.stream("GET", comp["url"]) as response:
+        if response.status_code >= 300:
+            await response.aread()
+            raise_for_response(response, server_url)
+        f = await asyncio.to_thread(open, tmp, "wb")
+        try:
+            async for chunk in response.aiter_bytes(CHUNK_SIZE):
+                hasher.update(chunk)
+                size += len(chunk)
+                await asyncio.to_thread(f.write, chunk)
+        finally:
+            await asyncio.to_thread(f.close)
+    if size != comp["size"] or (comp.get("sha256") and hasher.hexdigest() != comp["sha256"]):
+        tmp.unlink(missing_ok=True)
+        raise ChronicleError(f"download of {path} was corrupt (size or sha256 differs); try again")
+    await asyncio.to_thread(os.replace, tmp, final)

@@ -1,0 +1,53 @@
+"""The one error tree of methodic: everything it raises on purpose is a ChronicleError."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class ChronicleError(Exception):
+    """Base of every error methodic raises on purpose. Messages say what to do next."""
+
+
+class AuthenticationError(ChronicleError):
+    """The server refused the API key (missing, wrong or revoked)."""
+
+
+class NotFoundError(ChronicleError):
+    """The experiment, run or asset does not exist on the server."""
+
+
+class ConflictError(ChronicleError):
+    """The request contradicts what the server already holds (e.g. an asset id reused with another manifest)."""
+
+
+class AssetIncompleteError(ChronicleError):
+    """Finalize was refused because storage does not hold every component yet."""
+
+    def __init__(self, message: str, missing: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.missing: list[str] = list(missing)
+
+
+class UploadFailedError(ChronicleError):
+    """An upload gave up after its retries; ``cause`` is the last error seen."""
+
+    def __init__(self, message: str, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+class InvalidInputError(ChronicleError, ValueError):
+    """Bad input from the caller (a path, an option); nothing was registered or sent."""
+
+
+class TrackerError(ChronicleError):
+    """The upload tracker database cannot be used (damaged, newer schema, read-only, full disk)."""
+
+
+class ServerError(ChronicleError):
+    """The server answered with an error methodic does not map to a narrower type."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code

@@ -1,0 +1,218 @@
+"""The engine's event stream and snapshots: what a UI or a reporter needs, never per chunk."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Event:
+    asset_id: str | None
+    at: float = field(default_factory=time.time, kw_only=True)
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__
+
+    def to_json(self) -> dict[str, Any]:
+        data = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        data["event"] = self.kind
+        return data
+
+
+@dataclass(frozen=True)
+class ComponentProgress(Event):
+    path: str
+    bytes_done: int
+    size: int
+
+
+@dataclass(frozen=True)
+class ComponentStateChanged(Event):
+    path: str
+    state: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class AssetStateChanged(Event):
+    state: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RetryScheduled(Event):
+    path: str
+    attempt: int
+    delay: float
+    cause: str
+
+
+@dataclass(frozen=True)
+class AssetFinalized(Event):
+    asset_type: str
+    total_size: int
+    component_count: int
+
+
+@dataclass(frozen=True)
+class BandwidthSample(Event):
+    rate: float  # bytes/s, EWMA of what was actually sent
+    total_sent: int
+    cap: float | None
+
+
+class Subscription:
+    """An async iterator of events; ``close()`` (or leaving ``async with``) unsubscribes."""
+
+    def __init__(self, bus: EventBus, maxsize: int) -> None:
+        self._bus = bus
+        self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
+        self.dropped = 0
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self
+
+    async def __anext__(self) -> Event:
+        return await self.queue.get()
+
+    def get_nowait(self) -> list[Event]:
+        out = []
+        while not self.queue.empty():
+            out.append(self.queue.get_nowait())
+        return out
+
+    def close(self) -> None:
+        self._bus.unsubscribe(self)
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EventBus:
+    """Fan-out to subscribers. A slow subscriber loses progress events, never state changes."""
+
+    def __init__(self) -> None:
+        self._subs: list[Subscription] = []
+
+    def subscribe(self, maxsize: int = 10_000) -> Subscription:
+        sub = Subscription(self, maxsize)
+        self._subs.append(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        if sub in self._subs:
+            self._subs.remove(sub)
+
+    def emit(self, event: Event) -> None:
+        for sub in self._subs:
+            if sub.queue.full():
+                if isinstance(event, ComponentProgress | BandwidthSample):
+                    sub.dropped += 1
+                    continue
+                _drop_one_progress(sub)
+            sub.queue.put_nowait(event)
+
+
+def _drop_one_progress(sub: Subscription) -> None:
+    kept: deque[Event] = deque()
+    dropped = False
+    while not sub.queue.empty():
+        ev = sub.queue.get_nowait()
+        if not dropped and isinstance(ev, ComponentProgress | BandwidthSample):
+            dropped = True
+            sub.dropped += 1
+            continue
+        kept.append(ev)
+    if not dropped and kept:
+        kept.popleft()
+        sub.dropped += 1
+    for ev in kept:
+        sub.queue.put_nowait(ev)
+
+
+class RateMeter:
+    """Bytes per second as an EWMA, sampled on a timer, with a 60-sample history for sparklines."""
+
+    def __init__(self, alpha: float = 0.3, history: int = 60) -> None:
+        self.alpha = alpha
+        self.rate = 0.0
+        self.total = 0
+        self.history: deque[float] = deque(maxlen=history)
+        self._last_total = 0
+        self._last_at = time.monotonic()
+
+    def add(self, n: int) -> None:
+        self.total += n
+
+    def sample(self) -> float:
+        now = time.monotonic()
+        dt = now - self._last_at
+        if dt <= 0:
+            return self.rate
+        instant = max(self.total - self._last_total, 0) / dt
+        self.rate = instant if not self.history else self.alpha * instant + (1 - self.alpha) * self.rate
+        self.history.append(self.rate)
+        self._last_total, self._last_at = self.total, now
+        return self.rate
+
+
+@dataclass(frozen=True)
+class ComponentSnapshot:
+    path: str
+    state: str
+    bytes_done: int
+    size: int
+    parts_done: int
+    part_count: int
+    attempts: int
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class AssetSnapshot:
+    asset_id: str
+    asset_type: str
+    local_dir: str | None
+    state: str
+    components_done: int
+    component_count: int
+    bytes_done: int
+    bytes_total: int
+    rate: float
+    eta: float | None
+    last_error: str | None
+    components: tuple[ComponentSnapshot, ...] = ()
+
+
+@dataclass(frozen=True)
+class PoolSnapshot:
+    assets: tuple[AssetSnapshot, ...]
+    rate: float
+    history: tuple[float, ...]
+    total_sent: int
+    bandwidth_cap: float | None
+    workers: int
+    active_transfers: int
+
+    @property
+    def bytes_done(self) -> int:
+        return sum(a.bytes_done for a in self.assets)
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(a.bytes_total for a in self.assets)
+
+    @property
+    def eta(self) -> float | None:
+        left = sum(a.bytes_total - a.bytes_done for a in self.assets
+                   if a.state in ("uploading", "registered"))
+        return left / self.rate if self.rate > 0 and left else None

@@ -1,0 +1,78 @@
+"""Crash recovery: finish every upload an earlier process left unfinished."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from methodic._client import AsyncChronicle
+from methodic._pool import AssetUpload
+
+if TYPE_CHECKING:
+    from methodic._sync import Chronicle
+    from methodic._tracker import UploadTracker
+
+
+@dataclass
+class DrainReport:
+    """What ``drain_incomplete_uploads`` did, asset by asset."""
+
+    resumed: list[str] = field(default_factory=list)
+    finalized: list[str] = field(default_factory=list)
+    already_finalized: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    bytes_resent: int = 0
+    bytes_skipped: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+async def drain_incomplete_uploads_async(chronicle: AsyncChronicle, tracker: UploadTracker) -> DrainReport:
+    """The async twin of ``drain_incomplete_uploads``."""
+    pool = chronicle.pool
+    atracker = await pool.tracker_for(Path(tracker.db_path))
+    report = DrainReport()
+    uploads: list[AssetUpload] = []
+    for tracked in await asyncio.to_thread(tracker.get_pending_uploads):
+        if tracked.state == "paused":
+            report.skipped[tracked.asset_id] = "paused by the operator; resume it to continue"
+            continue
+        if pool.assets.get(tracked.asset_id) is not None:
+            report.skipped[tracked.asset_id] = "already uploading in this process"
+            continue
+        up = pool.adopt(tracked, atracker, chronicle.server_url)
+        if up is None:
+            report.failed[tracked.asset_id] = "the tracker does not record which run it belongs to"
+            continue
+        uploads.append(up)
+        report.resumed.append(up.asset_id)
+        pool.submit(up)
+    await pool.wait(uploads)
+    for up in uploads:
+        report.bytes_resent += up.bytes_sent
+        report.bytes_skipped += up.bytes_skipped
+        exc = up.future.exception()
+        if exc is not None:
+            report.failed[up.asset_id] = str(exc)
+        elif up.was_finalized:
+            report.already_finalized.append(up.asset_id)
+        else:
+            report.finalized.append(up.asset_id)
+    return report
+
+
+def drain_incomplete_uploads(chronicle: Chronicle | AsyncChronicle, tracker: UploadTracker) -> Any:
+    """Resume every unfinished upload recorded in ``tracker`` and finalize it; returns a DrainReport.
+
+    For each asset: create it on the server if the crash came before that, ask the server which
+    components and parts it already stores, send only the rest, then finalize. With an
+    ``AsyncChronicle`` this returns a coroutine.
+    """
+    if isinstance(chronicle, AsyncChronicle):
+        return drain_incomplete_uploads_async(chronicle, tracker)
+    return chronicle._call(drain_incomplete_uploads_async(chronicle.core, tracker))

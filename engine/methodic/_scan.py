@@ -1,0 +1,83 @@
+"""Turn a checkpoint directory into its component list, refusing anything that would surprise."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+from methodic._errors import InvalidInputError
+from methodic._paths import component_path_problem
+from methodic._types import ComponentSpec
+
+
+def scan_directory(local_dir: Path | str) -> list[ComponentSpec]:
+    """One component per regular file under ``local_dir`` (recursive), paths relative and POSIX.
+
+    Refused before anything is registered: a missing path, a file instead of a directory, an
+    empty directory, a file that cannot be read, a symlink that leaves the directory or points
+    nowhere, a symlinked directory, and special files (FIFOs, sockets, devices).
+    """
+    root = Path(local_dir).expanduser()
+    if not root.exists():
+        raise InvalidInputError(f"{root}: no such directory; pass the checkpoint directory to upload")
+    if not root.is_dir():
+        raise InvalidInputError(f"{root} is a file, not a directory; pass its directory, or use upload_asset() for one file")
+    real_root = root.resolve()
+    specs: list[ComponentSpec] = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_walk_error):
+        here = Path(dirpath)
+        for d in list(dirnames):
+            if (here / d).is_symlink():
+                raise InvalidInputError(f"{here / d} is a symlinked directory; copy it in or remove the link")
+        dirnames.sort()
+        for name in sorted(filenames):
+            specs.append(_component(root, real_root, here / name))
+    if not specs:
+        raise InvalidInputError(f"{root} is empty: there is nothing to upload")
+    return specs
+
+
+def _walk_error(exc: OSError) -> None:
+    raise InvalidInputError(f"{exc.filename}: cannot list it ({exc.strerror})")
+
+
+def _component(root: Path, real_root: Path, path: Path) -> ComponentSpec:
+    rel = path.relative_to(root).as_posix()
+    if path.is_symlink():
+        target = path.resolve()
+        if not target.exists():
+            raise InvalidInputError(f"{path} is a symlink to {os.readlink(path)}, which does not exist")
+        if not target.is_relative_to(real_root):
+            raise InvalidInputError(
+                f"{path} is a symlink to {target}, outside {root}; copy the file in instead"
+            )
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidInputError(f"{path} is not a regular file (a FIFO, socket or device); remove it")
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise InvalidInputError(f"{path}: cannot read it ({exc.strerror})") from None
+    problem = component_path_problem(rel)
+    if problem:
+        raise InvalidInputError(f"{path}: its path {rel!r} {problem}")
+    return ComponentSpec(rel, path, st.st_size, None, st.st_mtime_ns, st.st_ino)
+
+
+def validate_specs(asset_id: str, components: Sequence[ComponentSpec]) -> None:
+    """Refuse an empty list, bad or duplicate paths and negative sizes, naming the culprit."""
+    if not components:
+        raise InvalidInputError(f"asset {asset_id}: no components to register")
+    seen: set[str] = set()
+    for c in components:
+        problem = component_path_problem(c.path)
+        if problem:
+            raise InvalidInputError(f"component path {c.path!r} {problem}")
+        if c.path in seen:
+            raise InvalidInputError(f"component path {c.path!r} appears twice in asset {asset_id}")
+        seen.add(c.path)
+        if not isinstance(c.size, int) or c.size < 0:
+            raise InvalidInputError(f"component {c.path!r}: size must be a whole number >= 0")

@@ -1,0 +1,236 @@
+"""The sync facade: Chronicle and Run run the async core on a private event-loop thread."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from methodic._client import AsyncChronicle, AsyncRun, AsyncUploadHandle
+from methodic._events import PoolSnapshot
+from methodic._retry import RetryPolicy
+from methodic._types import Asset, ComponentSpec, PresignedAsset
+
+T = TypeVar("T")
+
+
+class _LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="methodic-loop", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        future = self.submit(coro)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"gave up waiting after {timeout} s") from None
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+class UploadHandle:
+    """A queued upload: ``asset_id`` at once, ``result()`` the finalized asset (or it raises)."""
+
+    def __init__(self, handle: AsyncUploadHandle, loop: _LoopThread) -> None:
+        self._handle = handle
+        self._future = loop.submit(handle.result())
+
+    @property
+    def asset_id(self) -> str:
+        return self._handle.asset_id
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> Asset:
+        try:
+            return self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"asset {self.asset_id} was not finalized within {timeout} s") from None
+
+    def __repr__(self) -> str:
+        return repr(self._handle)
+
+
+class Chronicle:
+    """A connection to a Chronicle server and its shared upload pool.
+
+    ``max_bandwidth`` caps all workers together, in bytes/s or as text like ``"200MB"``.
+    Use it as a context manager; on exit, unfinished uploads stay resumable from their tracker.
+    """
+
+    def __init__(
+        self,
+        server_url: str | None = None,
+        api_key: str | None = None,
+        max_upload_workers: int = 8,
+        max_bandwidth: str | float | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        **options: Any,
+    ) -> None:
+        self.core = AsyncChronicle(server_url, api_key, max_upload_workers, max_bandwidth,
+                                   retry=retry, **options)
+        self._loop = _LoopThread()
+        try:
+            self._loop.call(self.core.open())
+        except BaseException:
+            self._loop.stop()
+            raise
+        self._closed = False
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return self._loop.call(coro, timeout)
+
+    @property
+    def server_url(self) -> str:
+        return self.core.server_url
+
+    def __repr__(self) -> str:
+        return f"Chronicle(server_url={self.server_url!r}, max_upload_workers={self.core.max_upload_workers})"
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self._call(self.core.close())
+            finally:
+                self._loop.stop()
+
+    def __enter__(self) -> Chronicle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def create_experiment(self, name: str) -> str:
+        """Create the experiment ``name`` (or find the existing one) and return its id."""
+        return self._call(self.core.create_experiment(name))
+
+    def run(self, experiment_id: str, variation: int = 0, run: int = 0) -> Run:
+        """Get or create run (variation, run) of an experiment."""
+        return Run(self, self._call(self.core.run(experiment_id, variation, run)))
+
+    def get_asset(self, asset_id: str) -> Asset:
+        return self._call(self.core.get_asset(asset_id))
+
+    def finalize_asset(self, asset_id: str) -> Asset:
+        return self._call(self.core.finalize_asset(asset_id))
+
+    # Operator controls over the shared pool (see UploadPool for the details of each).
+
+    def pause(self, asset_id: str | None = None) -> list[str]:
+        """Pause one asset or all; in-flight transfers stop, finished parts stay finished."""
+        return self._call(self.core.pool.pause(asset_id))
+
+    def resume(self, asset_id: str | None = None) -> list[str]:
+        """Resume paused assets."""
+        return self._call(self.core.pool.resume(asset_id))
+
+    def retry_failed(self, asset_id: str | None = None) -> list[str]:
+        """Queue failed components again."""
+        return self._call(self.core.pool.retry_failed(asset_id))
+
+    def force_finalize(self, asset_id: str) -> Asset:
+        """Ask the server to finalize now; raises AssetIncompleteError if storage lacks something."""
+        return self._call(self.core.pool.force_finalize(asset_id))
+
+    def discard(self, asset_id: str) -> None:
+        """Stop, forget locally and abort the pending asset on the server."""
+        self._call(self.core.pool.discard(asset_id))
+
+    def set_bandwidth(self, max_bandwidth: str | float | None) -> None:
+        """Change the shared bandwidth cap while uploads run (None lifts it)."""
+        self.core.set_bandwidth(max_bandwidth)
+
+    def snapshot(self, with_components: bool | str = False) -> PoolSnapshot:
+        """Every asset of the pool with bytes, state, rate and ETA, consistent at one instant."""
+        return self._call(_snapshot(self.core, with_components))
+
+
+async def _snapshot(core: AsyncChronicle, with_components: bool | str) -> PoolSnapshot:
+    return core.pool.snapshot(with_components)
+
+
+class Run:
+    """A run of an experiment (sync): see ``AsyncRun`` for the behaviour of each method."""
+
+    def __init__(self, chronicle: Chronicle, core: AsyncRun) -> None:
+        self._chronicle = chronicle
+        self.core = core
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return self._chronicle._call(coro, timeout)
+
+    @property
+    def id(self) -> str:
+        return self.core.id
+
+    @property
+    def experiment_id(self) -> str:
+        return self.core.experiment_id
+
+    @property
+    def status(self) -> str:
+        return self.core.status
+
+    def __repr__(self) -> str:
+        return repr(self.core).replace("AsyncRun", "Run", 1)
+
+    def register_and_upload_async(self, local_dir: Path | str, asset_type: str = "checkpoint",
+                                  upload_tracker: Any = None, **metadata: Any) -> UploadHandle:
+        """Register every file under ``local_dir`` in one call and upload it in the background."""
+        handle = self._call(self.core.register_and_upload_async(local_dir, asset_type, upload_tracker, **metadata))
+        return UploadHandle(handle, self._chronicle._loop)
+
+    def wait_for_uploads(self, timeout: float | None = None) -> None:
+        """Block until every upload of this run is finalized; raises if one failed."""
+        try:
+            self._call(self.core.wait_for_uploads(timeout))
+        except TimeoutError:
+            raise TimeoutError(f"uploads of run {self.id} still running after {timeout} s") from None
+
+    def succeed(self) -> None:
+        """Wait for pending uploads, then mark the run succeeded."""
+        self._call(self.core.succeed())
+
+    def fail(self) -> None:
+        """Mark the run failed."""
+        self._call(self.core.fail())
+
+    def upload_asset(self, path: Path | str, asset_type: str = "file", **metadata: Any) -> Asset:
+        """Upload one file or directory now and return the finalized asset."""
+        return self._call(self.core.upload_asset(path, asset_type, **metadata))
+
+    def create_asset_presigned(self, asset_type: str, components: Sequence[ComponentSpec],
+                               *, asset_id: str | None = None, **metadata: Any) -> PresignedAsset:
+        """Create a pending asset from its full manifest; returns its id and upload targets."""
+        return self._call(self.core.create_asset_presigned(asset_type, components, asset_id=asset_id, **metadata))
+
+    def finalize_asset(self, asset_id: str) -> Asset:
+        """Finalize a pending asset (idempotent)."""
+        return self._call(self.core.finalize_asset(asset_id))
+
+    def list_assets(self, include_pending: bool = False, asset_type: str | None = None) -> list[Asset]:
+        """This run's assets; finalized only unless ``include_pending``."""
+        return self._call(self.core.list_assets(include_pending, asset_type))
+
+    def download_asset(self, asset_id: str, dest_dir: Path | str) -> Path:
+        """Write a byte-identical copy of a finalized asset under ``dest_dir``."""
+        return self._call(self.core.download_asset(asset_id, dest_dir))

@@ -1,0 +1,382 @@
+"""The tracker's schema and every operation on it, written once.
+
+Each operation is a generator that yields SQL statements and receives their rows, so the same
+logic runs on sqlite3 (the sync ``UploadTracker``) and on aiosqlite (the engine's async path):
+a driver opens the transaction (``BEGIN IMMEDIATE`` for writes), feeds the generator and commits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Generator, Iterable, Sequence
+from dataclasses import dataclass
+from functools import wraps
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from methodic._errors import InvalidInputError
+from methodic._scan import validate_specs
+from methodic._types import ComponentSpec, RunBinding, TrackedAsset, TrackedComponent
+
+SCHEMA_VERSION = 1
+
+# Forward migrations: MIGRATIONS[n] takes a database from version n to n + 1.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE assets (
+        asset_id      TEXT PRIMARY KEY,
+        asset_type    TEXT NOT NULL,
+        state         TEXT NOT NULL,
+        sealed        INTEGER NOT NULL DEFAULT 0,
+        metadata      TEXT NOT NULL DEFAULT '{}',
+        server_url    TEXT,
+        run_id        TEXT,
+        experiment_id TEXT,
+        variation     INTEGER,
+        run           INTEGER,
+        local_dir     TEXT,
+        created_at    REAL NOT NULL,
+        updated_at    REAL NOT NULL,
+        last_error    TEXT,
+        owner_pid     INTEGER
+    );
+    CREATE INDEX assets_state ON assets(state);
+    CREATE TABLE components (
+        asset_id   TEXT NOT NULL REFERENCES assets(asset_id) ON DELETE CASCADE,
+        path       TEXT NOT NULL,
+        local_path TEXT NOT NULL,
+        size       INTEGER NOT NULL,
+        sha256     TEXT,
+        mtime_ns   INTEGER,
+        inode      INTEGER,
+        part_size  INTEGER,
+        state      TEXT NOT NULL DEFAULT 'queued',
+        bytes_sent INTEGER NOT NULL DEFAULT 0,
+        attempts   INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        checksum   TEXT,
+        PRIMARY KEY (asset_id, path)
+    ) WITHOUT ROWID;
+    CREATE TABLE parts (
+        asset_id TEXT NOT NULL,
+        path     TEXT NOT NULL,
+        part     INTEGER NOT NULL,
+        etag     TEXT,
+        PRIMARY KEY (asset_id, path, part),
+        FOREIGN KEY (asset_id, path) REFERENCES components(asset_id, path) ON DELETE CASCADE
+    ) WITHOUT ROWID;
+    """,
+]
+
+ASSET_STATES = (
+    "registered", "uploading", "uploaded", "finalizing", "finalized", "paused", "failed", "discarded",
+)
+COMPONENT_STATES = ("queued", "uploading", "completed", "failed")
+UNFINISHED_STATES = ("registered", "uploading", "uploaded", "finalizing", "paused", "failed")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+Stmt = tuple[str, Sequence[Any] | Iterable[Sequence[Any]], bool]  # sql, params, executemany
+OpGen = Generator[Stmt, list[tuple[Any, ...]], R]
+
+
+@dataclass(frozen=True)
+class Op(Generic[R]):
+    """A tracker operation ready to run: a generator factory, and whether it writes."""
+
+    make: Callable[[], OpGen[R]]
+    write: bool
+    name: str
+
+
+def _op(write: bool) -> Callable[[Callable[P, OpGen[R]]], Callable[P, Op[R]]]:
+    def deco(fn: Callable[P, OpGen[R]]) -> Callable[P, Op[R]]:
+        @wraps(fn)
+        def build(*args: P.args, **kwargs: P.kwargs) -> Op[R]:
+            return Op(lambda: fn(*args, **kwargs), write, fn.__name__)
+
+        return build
+
+    return deco
+
+
+write_op = _op(True)
+read_op = _op(False)
+
+
+def q(sql: str, params: Sequence[Any] = ()) -> Stmt:
+    return (sql, params, False)
+
+
+def many(sql: str, rows: Iterable[Sequence[Any]]) -> Stmt:
+    return (sql, rows, True)
+
+
+# ---------------------------------------------------------------- registration
+
+
+def _component_rows(asset_id: str, components: Sequence[ComponentSpec]) -> list[tuple[Any, ...]]:
+    validate_specs(asset_id, components)
+    rows: list[tuple[Any, ...]] = []
+    for c in components:
+        mtime_ns, inode = c.mtime_ns, c.inode
+        if mtime_ns is None:
+            try:
+                st = os.stat(c.local_path)
+            except OSError as exc:
+                raise InvalidInputError(
+                    f"component {c.path!r}: cannot read {c.local_path} ({exc.strerror})"
+                ) from None
+            mtime_ns, inode = st.st_mtime_ns, st.st_ino
+        rows.append(
+            (asset_id, c.path, os.fspath(c.local_path), c.size, c.sha256, mtime_ns, inode)
+        )
+    return rows
+
+
+@write_op
+def register(
+    asset_id: str,
+    components: Sequence[ComponentSpec],
+    asset_type: str,
+    seal: bool,
+    metadata: dict[str, Any],
+    binding: RunBinding | None,
+    local_dir: str | None,
+    part_sizes: dict[str, int] | None = None,
+) -> OpGen[None]:
+    rows = _component_rows(asset_id, components)
+    now = time.time()
+    existing = yield q("SELECT sealed, state FROM assets WHERE asset_id = ?", (asset_id,))
+    if existing:
+        sealed, state = existing[0]
+        if sealed or state in ("finalized", "discarded"):
+            raise InvalidInputError(
+                f"asset {asset_id} is sealed ({state}); register every component in one call, "
+                "or register with seal=False and call seal() once all are registered"
+            )
+        have = yield q("SELECT path FROM components WHERE asset_id = ?", (asset_id,))
+        clash = {p for (p,) in have}.intersection(r[1] for r in rows)
+        if clash:
+            raise InvalidInputError(
+                f"component path {min(clash)!r} is already registered in asset {asset_id}"
+            )
+        yield q(
+            "UPDATE assets SET sealed = ?, updated_at = ? WHERE asset_id = ?",
+            (int(seal), now, asset_id),
+        )
+    else:
+        b = binding
+        yield q(
+            "INSERT INTO assets (asset_id, asset_type, state, sealed, metadata, server_url, run_id,"
+            " experiment_id, variation, run, local_dir, created_at, updated_at, owner_pid)"
+            " VALUES (?, ?, 'registered', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                asset_id, asset_type, int(seal), json.dumps(metadata, default=str),
+                b and b.server_url, b and b.run_id, b and b.experiment_id, b and b.variation,
+                b and b.run, local_dir, now, now, os.getpid(),
+            ),
+        )
+    ps = part_sizes or {}
+    yield many(
+        "INSERT INTO components (asset_id, path, local_path, size, sha256, mtime_ns, inode, part_size)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        ((*r, ps.get(r[1])) for r in rows),
+    )
+
+
+@write_op
+def seal(asset_id: str) -> OpGen[None]:
+    rows = yield q("UPDATE assets SET sealed = 1, updated_at = ? WHERE asset_id = ? RETURNING asset_id",
+                   (time.time(), asset_id))
+    if not rows:
+        raise InvalidInputError(f"asset {asset_id} is not in the tracker")
+
+
+@write_op
+def bind(asset_id: str, binding: RunBinding) -> OpGen[None]:
+    yield q(
+        "UPDATE assets SET server_url = ?, run_id = ?, experiment_id = ?, variation = ?, run = ?"
+        " WHERE asset_id = ?",
+        (binding.server_url, binding.run_id, binding.experiment_id, binding.variation,
+         binding.run, asset_id),
+    )
+
+
+# ---------------------------------------------------------------- queries
+
+
+@read_op
+def all_completed(asset_id: str) -> OpGen[bool]:
+    rows = yield q(
+        "SELECT a.sealed, count(c.path), coalesce(sum(c.state = 'completed'), 0)"
+        " FROM assets a LEFT JOIN components c ON c.asset_id = a.asset_id"
+        " WHERE a.asset_id = ? GROUP BY a.asset_id",
+        (asset_id,),
+    )
+    if not rows:
+        return False
+    sealed, total, done = rows[0]
+    return bool(sealed) and total > 0 and total == done
+
+
+_ASSET_SUMMARY = (
+    "SELECT a.asset_id, a.asset_type, a.state, a.sealed, a.metadata, a.server_url, a.run_id,"
+    " a.experiment_id, a.variation, a.run, a.local_dir, a.created_at, a.updated_at, a.last_error,"
+    " a.owner_pid, count(c.path), coalesce(sum(c.state = 'completed'), 0),"
+    " coalesce(sum(c.size), 0), coalesce(sum(CASE WHEN c.state = 'completed' THEN c.size"
+    " ELSE c.bytes_sent END), 0)"
+    " FROM assets a LEFT JOIN components c ON c.asset_id = a.asset_id"
+)
+
+
+def _asset_from_row(row: tuple[Any, ...], components: tuple[TrackedComponent, ...] = ()) -> TrackedAsset:
+    binding = (
+        RunBinding(row[5], row[6], row[7], row[8], row[9]) if row[6] is not None else None
+    )
+    return TrackedAsset(
+        asset_id=row[0], asset_type=row[1], state=row[2], sealed=bool(row[3]),
+        metadata=json.loads(row[4]), binding=binding, local_dir=row[10], created_at=row[11],
+        updated_at=row[12], last_error=row[13], owner_pid=row[14], component_count=row[15],
+        completed_count=row[16], total_bytes=row[17], bytes_sent=row[18], components=components,
+    )
+
+
+_COMPONENT_COLS = (
+    "asset_id, path, local_path, size, sha256, mtime_ns, inode, part_size, state, bytes_sent,"
+    " attempts, last_error, checksum"
+)
+
+
+def _components(asset_ids: Sequence[str]) -> OpGen[dict[str, list[TrackedComponent]]]:
+    out: dict[str, list[TrackedComponent]] = {a: [] for a in asset_ids}
+    if not asset_ids:
+        return out
+    marks = ",".join("?" * len(asset_ids))
+    parts = yield q(f"SELECT asset_id, path, part FROM parts WHERE asset_id IN ({marks})", asset_ids)
+    done: dict[tuple[str, str], set[int]] = {}
+    for a, p, n in parts:
+        done.setdefault((a, p), set()).add(n)
+    rows = yield q(
+        f"SELECT {_COMPONENT_COLS} FROM components WHERE asset_id IN ({marks}) ORDER BY asset_id, path",
+        asset_ids,
+    )
+    for r in rows:
+        out[r[0]].append(TrackedComponent(*r, parts_done=frozenset(done.get((r[0], r[1]), ()))))
+    return out
+
+
+@read_op
+def get_asset(asset_id: str, with_components: bool = True) -> OpGen[TrackedAsset | None]:
+    rows = yield q(_ASSET_SUMMARY + " WHERE a.asset_id = ? GROUP BY a.asset_id", (asset_id,))
+    if not rows:
+        return None
+    comps: tuple[TrackedComponent, ...] = ()
+    if with_components:
+        comps = tuple((yield from _components([asset_id]))[asset_id])
+    return _asset_from_row(rows[0], comps)
+
+
+@read_op
+def list_assets(states: Sequence[str] | None = None, with_components: bool = False) -> OpGen[list[TrackedAsset]]:
+    if states:
+        where = f" WHERE a.state IN ({','.join('?' * len(states))})"
+        params: Sequence[Any] = tuple(states)
+    else:
+        where, params = "", ()
+    rows = yield q(_ASSET_SUMMARY + where + " GROUP BY a.asset_id ORDER BY a.created_at, a.asset_id", params)
+    comps: dict[str, list[TrackedComponent]] = {}
+    if with_components and rows:
+        comps = yield from _components([r[0] for r in rows])
+    return [_asset_from_row(r, tuple(comps.get(r[0], ()))) for r in rows]
+
+
+def pending_uploads() -> Op[list[TrackedAsset]]:
+    return list_assets(UNFINISHED_STATES, with_components=True)
+
+
+# ---------------------------------------------------------------- state changes
+
+
+@write_op
+def set_asset_state(asset_id: str, state: str, error: str | None = None,
+                    only_from: Sequence[str] | None = None) -> OpGen[bool]:
+    sql = "UPDATE assets SET state = ?, last_error = ?, updated_at = ? WHERE asset_id = ?"
+    params: tuple[Any, ...] = (state, error, time.time(), asset_id)
+    if only_from:
+        sql += f" AND state IN ({','.join('?' * len(only_from))})"
+        params += tuple(only_from)
+    rows = yield q(sql + " RETURNING asset_id", params)
+    return bool(rows)
+
+
+@write_op
+def set_component_state(
+    asset_id: str,
+    path: str,
+    state: str,
+    *,
+    error: str | None = None,
+    checksum: str | None = None,
+    bytes_sent: int | None = None,
+    new_attempt: bool = False,
+) -> OpGen[None]:
+    yield q(
+        "UPDATE components SET state = ?, last_error = ?, checksum = coalesce(?, checksum),"
+        " bytes_sent = coalesce(?, bytes_sent), attempts = attempts + ?"
+        " WHERE asset_id = ? AND path = ?",
+        (state, error, checksum, bytes_sent, int(new_attempt), asset_id, path),
+    )
+
+
+@write_op
+def mark_components(asset_id: str, paths: Sequence[str], state: str,
+                    sizes_done: bool = False) -> OpGen[None]:
+    """Set many components of one asset to ``state`` (e.g. completed after a server status call)."""
+    yield many(
+        "UPDATE components SET state = ?, last_error = NULL,"
+        " bytes_sent = CASE WHEN ? THEN size ELSE bytes_sent END WHERE asset_id = ? AND path = ?",
+        ((state, int(sizes_done), asset_id, p) for p in paths),
+    )
+
+
+@write_op
+def reset_failed(asset_id: str) -> OpGen[list[str]]:
+    rows = yield q(
+        "UPDATE components SET state = 'queued', last_error = NULL, attempts = 0"
+        " WHERE asset_id = ? AND state IN ('failed', 'uploading') RETURNING path",
+        (asset_id,),
+    )
+    return [r[0] for r in rows]
+
+
+@write_op
+def record_progress(updates: Sequence[tuple[int, str, str]]) -> OpGen[None]:
+    """``updates`` are (bytes_sent, asset_id, path), written in one transaction."""
+    yield many("UPDATE components SET bytes_sent = ? WHERE asset_id = ? AND path = ?", updates)
+
+
+@write_op
+def record_part(asset_id: str, path: str, part: int, etag: str | None) -> OpGen[None]:
+    yield q(
+        "INSERT OR REPLACE INTO parts (asset_id, path, part, etag) VALUES (?, ?, ?, ?)",
+        (asset_id, path, part, etag),
+    )
+
+
+@write_op
+def discard(asset_id: str) -> OpGen[bool]:
+    rows = yield q(
+        "UPDATE assets SET state = 'discarded', updated_at = ? WHERE asset_id = ? RETURNING asset_id",
+        (time.time(), asset_id),
+    )
+    yield q("DELETE FROM parts WHERE asset_id = ?", (asset_id,))
+    return bool(rows)
+
+
+@write_op
+def claim(asset_id: str) -> OpGen[None]:
+    """Record that this process is now the one uploading ``asset_id``."""
+    yield q("UPDATE assets SET owner_pid = ? WHERE asset_id = ?", (os.getpid(), asset_id))

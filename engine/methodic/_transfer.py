@@ -1,0 +1,126 @@
+"""Sending one byte range of a file to a presigned target: streamed, hashed, rate-limited."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import httpx
+
+from methodic._api import error_message
+from methodic._bandwidth import TokenBucket
+from methodic._retry import is_transient_status, retry_after_seconds
+from methodic._types import UploadTarget
+
+CHUNK_SIZE = 1 << 20
+
+
+class FileChangedError(Exception):
+    """The local file is not what was registered: sending it would upload a torn checkpoint."""
+
+
+class TransferError(Exception):
+    """A PUT that did not succeed. ``transient`` says whether trying again may help."""
+
+    def __init__(self, message: str, *, transient: bool, expired: bool = False,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.expired = expired
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    local_path: str
+    size: int
+    mtime_ns: int | None
+    inode: int | None
+
+    def check(self) -> None:
+        try:
+            st = os.stat(self.local_path)
+        except FileNotFoundError:
+            raise FileChangedError(
+                f"{self.local_path} vanished after it was registered; restore it, or discard the asset"
+            ) from None
+        changes = []
+        if st.st_size != self.size:
+            changes.append(f"size {self.size} -> {st.st_size}")
+        if self.mtime_ns is not None and st.st_mtime_ns != self.mtime_ns:
+            changes.append("modification time")
+        if self.inode is not None and st.st_ino != self.inode:
+            changes.append("inode (replaced)")
+        if changes:
+            raise FileChangedError(
+                f"{self.local_path} changed after it was registered ({', '.join(changes)}); "
+                "a checkpoint must not change while it uploads: discard this asset and register "
+                "the directory again once it is complete"
+            )
+
+
+def _read_hash(f: BinaryIO, n: int, hasher: hashlib._Hash) -> bytes:
+    data = f.read(n)
+    hasher.update(data)
+    return data
+
+
+async def send_range(
+    http: httpx.AsyncClient,
+    target: UploadTarget,
+    identity: FileIdentity,
+    bucket: TokenBucket,
+    on_bytes: Callable[[int], None],
+) -> tuple[str | None, str]:
+    """PUT ``target.length`` bytes of the file from ``target.offset``; return (etag, sha256 hex).
+
+    ``on_bytes`` is told of every chunk handed to the connection, and of the negative total if
+    the attempt fails, so progress never counts bytes that did not arrive.
+    """
+    identity.check()
+    hasher = hashlib.sha256()
+    sent = 0
+    f = await asyncio.to_thread(open, identity.local_path, "rb")
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal sent
+        await asyncio.to_thread(f.seek, target.offset)
+        remaining = target.length
+        while remaining > 0:
+            n = min(CHUNK_SIZE, remaining)
+            await bucket.take(n)
+            chunk = await asyncio.to_thread(_read_hash, f, n, hasher)
+            if not chunk:
+                raise FileChangedError(f"{identity.local_path} shrank while it was being sent")
+            remaining -= len(chunk)
+            yield chunk
+            sent += len(chunk)
+            on_bytes(len(chunk))
+
+    try:
+        headers = {**target.headers, "Content-Length": str(target.length)}
+        try:
+            response = await http.request(target.method, target.url, content=body(), headers=headers)
+        except httpx.TransportError as exc:
+            raise TransferError(f"{type(exc).__name__}: {exc or 'connection lost'}", transient=True) from exc
+        if response.status_code >= 300:
+            _code, message, _ = error_message(response)
+            expired = response.status_code == 403 and "expired" in message.lower()
+            raise TransferError(
+                f"HTTP {response.status_code}: {message}",
+                transient=is_transient_status(response.status_code),
+                expired=expired,
+                retry_after=retry_after_seconds(response),
+            )
+        identity.check()
+        return response.headers.get("etag"), hasher.hexdigest()
+    except BaseException:
+        if sent:
+            on_bytes(-sent)
+        raise
+    finally:
+        await asyncio.to_thread(f.close)

@@ -1,0 +1,174 @@
+"""Plain data types of the public API."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One file of an asset: ``path`` inside the asset (relative, POSIX), where it is on disk, its size.
+
+    ``mtime_ns`` and ``inode`` are what the file looked like at registration; the tracker stats
+    the file when they are not given, so a file that changes before it is sent is caught.
+    """
+
+    path: str
+    local_path: Path | str
+    size: int
+    sha256: str | None = None
+    mtime_ns: int | None = None
+    inode: int | None = None
+
+    @classmethod
+    def from_file(cls, path: str, local_path: Path | str, sha256: str | None = None) -> ComponentSpec:
+        st = os.stat(local_path)
+        return cls(path, local_path, st.st_size, sha256, st.st_mtime_ns, st.st_ino)
+
+
+@dataclass(frozen=True)
+class RunBinding:
+    """Which server run a tracked asset belongs to, so a later process can finish it."""
+
+    server_url: str
+    run_id: str
+    experiment_id: str
+    variation: int
+    run: int
+
+
+@dataclass(frozen=True)
+class TrackedComponent:
+    """A component as the local tracker records it."""
+
+    asset_id: str
+    path: str
+    local_path: str
+    size: int
+    sha256: str | None
+    mtime_ns: int | None
+    inode: int | None
+    part_size: int | None
+    state: str
+    bytes_sent: int
+    attempts: int
+    last_error: str | None
+    checksum: str | None
+    parts_done: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class TrackedAsset:
+    """An asset as the local tracker records it (``components`` is empty in summaries)."""
+
+    asset_id: str
+    asset_type: str
+    state: str
+    sealed: bool
+    metadata: dict[str, Any]
+    binding: RunBinding | None
+    local_dir: str | None
+    created_at: float
+    updated_at: float
+    last_error: str | None
+    owner_pid: int | None
+    component_count: int
+    completed_count: int
+    total_bytes: int
+    bytes_sent: int
+    components: tuple[TrackedComponent, ...] = ()
+
+    @property
+    def missing(self) -> list[TrackedComponent]:
+        return [c for c in self.components if c.state != "completed"]
+
+
+@dataclass(frozen=True)
+class RemoteComponent:
+    path: str
+    size: int
+    sha256: str | None
+    part_size: int | None = None
+    stored: bool = False
+    parts_stored: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Asset:
+    """An asset as the Chronicle server reports it."""
+
+    asset_id: str
+    run_id: str
+    asset_type: str
+    state: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: float | None = None
+    finalized_at: float | None = None
+    component_count: int = 0
+    total_size: int = 0
+    components: tuple[RemoteComponent, ...] = ()
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Asset:
+        comps = tuple(
+            RemoteComponent(
+                path=c["path"],
+                size=c["size"],
+                sha256=c.get("sha256"),
+                part_size=c.get("part_size"),
+                stored=bool(c.get("stored", False)),
+                parts_stored=tuple(c.get("parts_stored") or ()),
+            )
+            for c in data.get("components") or ()
+        )
+        return cls(
+            asset_id=data["asset_id"],
+            run_id=data["run_id"],
+            asset_type=data["asset_type"],
+            state=data["state"],
+            metadata=data.get("metadata") or {},
+            created_at=data.get("created_at"),
+            finalized_at=data.get("finalized_at"),
+            component_count=data.get("component_count", len(comps)),
+            total_size=data.get("total_size", 0),
+            components=comps,
+        )
+
+
+@dataclass(frozen=True)
+class UploadTarget:
+    """Where to PUT one component (or one part of it)."""
+
+    path: str
+    part: int | None
+    method: str
+    url: str
+    headers: dict[str, str]
+    offset: int
+    length: int
+    expires_at: float
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> UploadTarget:
+        return cls(
+            path=data["path"],
+            part=data.get("part"),
+            method=data.get("method", "PUT"),
+            url=data["url"],
+            headers=dict(data.get("headers") or {}),
+            offset=int(data.get("offset", 0)),
+            length=int(data["length"]),
+            expires_at=float(data["expires_at"]),
+        )
+
+
+@dataclass(frozen=True)
+class PresignedAsset:
+    """What ``create_asset_presigned`` returns: the pending asset and its upload targets."""
+
+    asset_id: str
+    asset: Asset
+    targets: tuple[UploadTarget, ...]
