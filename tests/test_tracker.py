@@ -8,7 +8,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from methodic import ComponentSpec, InvalidInputError, TrackerError, UploadTracker
 from methodic import _tracker_ops as ops
 

@@ -96,7 +96,7 @@ class AsyncChronicle:
         retry: RetryPolicy | None = None,
         part_threshold: int = DEFAULT_PART_THRESHOLD,
         part_size: int = DEFAULT_PART_SIZE,
-        timeout: float = 60.0,
+        stall_timeout: float = 60.0,
     ) -> None:
         self.server_url = resolve_server_url(server_url)
         self._api_key = resolve_api_key(api_key)
@@ -109,7 +109,7 @@ class AsyncChronicle:
         self.part_threshold = part_threshold
         self.part_size = part_size
         self.bucket = TokenBucket(parse_rate(max_bandwidth))
-        self._timeout = timeout
+        self.stall_timeout = stall_timeout
         self._http: httpx.AsyncClient | None = None
         self._pool: UploadPool | None = None
         self._api: ApiClient | None = None
@@ -121,7 +121,8 @@ class AsyncChronicle:
         if self._http is None:
             n = self.max_upload_workers + 4
             self._http = httpx.AsyncClient(
-                timeout=httpx.Timeout(self._timeout, connect=15.0),
+                # A transfer that moves no byte for stall_timeout is aborted (and retried).
+                timeout=httpx.Timeout(self.stall_timeout, connect=min(15.0, self.stall_timeout)),
                 limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
                 follow_redirects=False,
             )

@@ -46,7 +46,7 @@ from methodic._types import Asset, RunBinding, TrackedAsset, UploadTarget
 log = logging.getLogger("methodic")
 
 PRESIGN_BATCH = 200
-PRESIGN_MARGIN = 30.0  # seconds of validity a target must still have to be used
+PRESIGN_MARGIN = 30.0  # seconds of validity a target must keep to be used (at most a quarter of its TTL)
 FLUSH_INTERVAL = 0.5  # tracker progress writes, at most this often
 PROGRESS_INTERVAL = 0.25  # progress events per component, at most this often
 SAMPLE_INTERVAL = 1.0  # bandwidth samples
@@ -119,6 +119,7 @@ class AssetUpload:
     last_error: str | None = None
     future: asyncio.Future[Asset] = field(default_factory=_new_future)
     targets: dict[Key, UploadTarget] = field(default_factory=dict)
+    use_until: dict[Key, float] = field(default_factory=dict)
     presign_order: deque[Key] = field(default_factory=deque)
     presign_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     queued: set[Key] = field(default_factory=set)  # jobs in the queue or in flight
@@ -173,6 +174,7 @@ class UploadPool:
         self.bucket = bucket
         self.retry = retry
         self.events = EventBus()
+        self.presign_margin = PRESIGN_MARGIN
         self.meter = RateMeter()
         self.assets: dict[str, AssetUpload] = {}
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
@@ -388,12 +390,10 @@ class UploadPool:
     async def _target(self, up: AssetUpload, job: _Job) -> UploadTarget:
         """A fresh target for the job, presigned lazily in batches of the next queued keys."""
         key = job.key
-        target = up.targets.get(key)
-        if target is not None and target.expires_at - time.time() > PRESIGN_MARGIN:
+        if (target := self._fresh(up, key)) is not None:
             return target
         async with up.presign_lock:
-            target = up.targets.get(key)
-            if target is not None and target.expires_at - time.time() > PRESIGN_MARGIN:
+            if (target := self._fresh(up, key)) is not None:
                 return target
             batch = [key]
             while up.presign_order and len(batch) < PRESIGN_BATCH:
@@ -403,10 +403,20 @@ class UploadPool:
             data = await self.api.call("POST", f"/assets/{up.asset_id}/presign", json={
                 "targets": [{"path": p, "part": n} for p, n in batch],
             })
+            now = time.time()
             for t in data["targets"]:
                 target = UploadTarget.from_json(t)
+                margin = min(self.presign_margin, (target.expires_at - now) / 4)
                 up.targets[(target.path, target.part)] = target
+                up.use_until[(target.path, target.part)] = target.expires_at - margin
             return up.targets[key]
+
+    @staticmethod
+    def _fresh(up: AssetUpload, key: Key) -> UploadTarget | None:
+        target = up.targets.get(key)
+        if target is not None and time.time() < up.use_until.get(key, 0):
+            return target
+        return None
 
     # ------------------------------------------------------------ progress
 

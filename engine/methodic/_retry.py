@@ -17,17 +17,18 @@ class RetryPolicy:
     """``max_attempts`` tries in all, each wait drawn uniformly from [0, min(cap, base * 2**n)].
 
     ``max_elapsed`` bounds the time spent on one component (or one API call) across attempts.
-    A ``Retry-After`` from the server is honoured, up to ``cap``.
+    A ``Retry-After`` from the server is honoured as given, up to ``retry_after_cap``.
     """
 
     max_attempts: int = 6
     base: float = 0.5
     cap: float = 20.0
     max_elapsed: float = 600.0
+    retry_after_cap: float = 120.0
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         if retry_after is not None:
-            return min(max(retry_after, 0.0), self.cap)
+            return min(max(retry_after, 0.0), self.retry_after_cap)
         return random.uniform(0, min(self.cap, self.base * 2 ** max(attempt - 1, 0)))
 
 

@@ -1,0 +1,333 @@
+"""The Chronicle control API (docs/http-api.md) as a FastAPI app, plus the blob routes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from methodic import __version__
+from methodic.server import models as m
+from methodic.server.blobs import BlobRoutes
+from methodic.server.catalog import Catalog, Component
+from methodic.server.config import ServerConfig
+from methodic.server.errors import (
+    CODES,
+    APIError,
+    api_error_response,
+    error_response,
+    too_large,
+    unauthorized,
+)
+from methodic.server.faults import FaultPlan
+from methodic.server.keys import KeyRing
+from methodic.server.signing import Grant, Signer, expiry
+from methodic.server.state import ServerState, open_state
+
+log = logging.getLogger("methodic.server")
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": m.ErrorResponse} for status in (400, 401, 404, 409, 413, 422)
+}
+
+
+class _ControlGate:
+    """Checks the API key and the body limit of /api/ requests before a byte of body is read.
+
+    (FastAPI reads and parses a body before it runs dependencies, so an unauthenticated client
+    could otherwise make the server parse a 256 MiB manifest.) Blob routes pass untouched.
+    """
+
+    def __init__(self, app: ASGIApp, keyring: KeyRing, max_bytes: int) -> None:
+        self.app = app
+        self.keyring = keyring
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+            await self.app(scope, receive, send)
+            return
+        refusal: APIError | None = None
+        headers = dict(scope["headers"])
+        if not self.keyring.verify(_bearer_token(headers.get(b"authorization", b""))):
+            refusal = unauthorized()
+        else:
+            declared = headers.get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                refusal = self._too_large()
+        if refusal is not None:
+            await api_error_response(refusal)(scope, receive, send)
+            return
+        total = 0
+
+        async def counting_receive() -> Message:
+            nonlocal total
+            message = await receive()
+            if message["type"] == "http.request":
+                total += len(message.get("body", b""))
+                if total > self.max_bytes:
+                    # FastAPI re-raises HTTPExceptions met while reading a body.
+                    raise StarletteHTTPException(413, self._too_large().message)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def _too_large(self) -> APIError:
+        return too_large(f"the request body is over this server's limit of {self.max_bytes} bytes")
+
+
+def _bearer_token(header: bytes) -> str | None:
+    scheme, _, token = header.decode("latin-1").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+# Module level: FastAPI resolves the (postponed) annotations of endpoints in module globals.
+_bearer = HTTPBearer(auto_error=False, description="An sk_agent_... API key")
+_Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return api_error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Never echo the offending input: it may be a huge manifest.
+        errors = [
+            {
+                "loc": [str(p) for p in e.get("loc", ())],
+                "msg": str(e.get("msg", "")),
+                "type": str(e.get("type", "")),
+            }
+            for e in exc.errors()[:20]
+        ]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        where = ".".join(first["loc"])
+        message = f"{where}: {first['msg']}" if where else str(first["msg"])
+        return error_response(422, "invalid_request", message, errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no route {request.method} {request.url.path}"
+        headers = dict(exc.headers) if exc.headers else None
+        return error_response(
+            exc.status_code, CODES.get(exc.status_code, "error"), message, headers
+        )
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal", "internal server error; see the server's log")
+
+
+def _origin(config: ServerConfig, request: Request) -> str:
+    return config.public_url or str(request.base_url).rstrip("/")
+
+
+def _targets(
+    signer: Signer,
+    origin: str,
+    asset_id: str,
+    ttl: float,
+    items: list[tuple[Component, int | None, int, int]],
+) -> list[dict[str, Any]]:
+    expires = expiry(ttl)
+    return [
+        {
+            "path": c.path,
+            "part": part,
+            "method": "PUT",
+            "url": signer.url(
+                origin, Grant("PUT", asset_id, c.path, part, offset, length, expires)
+            ),
+            "headers": {},
+            "offset": offset,
+            "length": length,
+            "expires_at": float(expires),
+        }
+        for c, part, offset, length in items
+    ]
+
+
+def _api_router(state: ServerState) -> APIRouter:
+    config, catalog, signer = state.config, state.catalog, state.signer
+
+    async def require_key(credentials: _Credentials) -> None:
+        if credentials is None or not state.keyring.verify(credentials.credentials):
+            raise unauthorized()
+
+    router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_key)], responses=_ERRORS)
+    _experiment_routes(router, catalog)
+    _run_routes(router, catalog)
+    _asset_routes(router, catalog, signer, config)
+    return router
+
+
+def _experiment_routes(router: APIRouter, catalog: Catalog) -> None:
+    @router.post(
+        "/experiments",
+        status_code=201,
+        response_model=m.Experiment,
+        tags=["experiments"],
+        responses={
+            200: {"model": m.Experiment, "description": "An experiment with that name exists"}
+        },
+    )
+    def create_experiment(body: m.ExperimentCreate) -> Response:
+        experiment, created = catalog.get_or_create_experiment(body.name)
+        return JSONResponse(experiment, status_code=201 if created else 200)
+
+    @router.get("/experiments", response_model=m.ExperimentList, tags=["experiments"])
+    def list_experiments(name: str | None = None) -> Response:
+        return JSONResponse({"experiments": catalog.list_experiments(name)})
+
+    @router.get("/experiments/{experiment_id}", response_model=m.Experiment, tags=["experiments"])
+    def get_experiment(experiment_id: str) -> Response:
+        return JSONResponse(catalog.get_experiment(experiment_id))
+
+
+def _run_routes(router: APIRouter, catalog: Catalog) -> None:
+    @router.put(
+        "/experiments/{experiment_id}/runs/{variation}/{run}",
+        status_code=201,
+        response_model=m.Run,
+        tags=["runs"],
+        responses={200: {"model": m.Run, "description": "The run exists"}},
+    )
+    def get_or_create_run(
+        experiment_id: str,
+        variation: Annotated[int, Path(ge=0, le=2**62)],
+        run: Annotated[int, Path(ge=0, le=2**62)],
+    ) -> Response:
+        row, created = catalog.get_or_create_run(experiment_id, variation, run)
+        return JSONResponse(row, status_code=201 if created else 200)
+
+    @router.get("/runs/{run_id}", response_model=m.Run, tags=["runs"])
+    def get_run(run_id: str) -> Response:
+        return JSONResponse(catalog.get_run(run_id))
+
+    @router.post("/runs/{run_id}/status", response_model=m.Run, tags=["runs"])
+    def set_run_status(run_id: str, body: m.RunStatusUpdate) -> Response:
+        return JSONResponse(catalog.set_run_status(run_id, body.status))
+
+
+def _asset_routes(
+    router: APIRouter, catalog: Catalog, signer: Signer, config: ServerConfig
+) -> None:
+    ttl = config.presign_ttl
+
+    @router.post(
+        "/runs/{run_id}/assets",
+        status_code=201,
+        response_model=m.Asset,
+        tags=["assets"],
+        responses={200: {"model": m.Asset, "description": "The asset exists with this manifest"}},
+    )
+    def create_asset(run_id: str, body: m.AssetCreate, request: Request) -> Response:
+        asset, created = catalog.create_asset(run_id, body)
+        if body.presign:
+            if asset["state"] == "pending":
+                items = catalog.upload_targets(body.asset_id, None)
+                asset["targets"] = _targets(
+                    signer, _origin(config, request), body.asset_id, ttl, items
+                )
+            else:
+                asset["targets"] = []
+        return JSONResponse(asset, status_code=201 if created else 200)
+
+    @router.get("/runs/{run_id}/assets", response_model=m.AssetList, tags=["assets"])
+    def list_assets(
+        run_id: str, include_pending: bool = False, asset_type: str | None = None
+    ) -> Response:
+        return JSONResponse({"assets": catalog.list_assets(run_id, include_pending, asset_type)})
+
+    @router.get("/assets/{asset_id}", response_model=m.Asset, tags=["assets"])
+    def get_asset(asset_id: str) -> Response:
+        return JSONResponse(catalog.get_asset(asset_id))
+
+    @router.post("/assets/{asset_id}/presign", response_model=m.TargetList, tags=["assets"])
+    def presign(asset_id: str, body: m.PresignRequest, request: Request) -> Response:
+        if len(body.targets) > config.max_presign_batch:
+            raise too_large(
+                f"{len(body.targets)} targets asked for; at most {config.max_presign_batch} per presign call"
+            )
+        items = catalog.upload_targets(asset_id, [(t.path, t.part) for t in body.targets])
+        return JSONResponse(
+            {"targets": _targets(signer, _origin(config, request), asset_id, ttl, items)}
+        )
+
+    @router.post(
+        "/assets/{asset_id}/finalize",
+        response_model=m.Asset,
+        tags=["assets"],
+        responses={409: {"description": "asset_incomplete (with `missing`) or conflict"}},
+    )
+    def finalize(asset_id: str, body: m.FinalizeRequest | None = None) -> Response:
+        return JSONResponse(catalog.finalize(asset_id, body.checksums if body else {}))
+
+    @router.delete("/assets/{asset_id}", status_code=204, response_class=Response, tags=["assets"])
+    def delete_asset(asset_id: str) -> Response:
+        catalog.delete_asset(asset_id)
+        return Response(status_code=204)
+
+    @router.get("/assets/{asset_id}/download", response_model=m.Download, tags=["assets"])
+    def download(asset_id: str, request: Request) -> Response:
+        asset, components = catalog.download_components(asset_id)
+        asset["components"] = [c.out() for c in components]
+        origin = _origin(config, request)
+        expires = expiry(ttl)
+        return JSONResponse(
+            {
+                "asset": asset,
+                "components": [
+                    {
+                        "path": c.path,
+                        "size": c.size,
+                        "sha256": c.stored_sha256 or c.sha256,
+                        "url": signer.url(
+                            origin, Grant("GET", asset_id, c.path, None, None, None, expires)
+                        ),
+                    }
+                    for c in components
+                ],
+            }
+        )
+
+
+def create_app(
+    config: ServerConfig, *, state: ServerState | None = None, faults: FaultPlan | None = None
+) -> FastAPI:
+    """The whole server as an ASGI app. Without ``state`` the data dir is opened here.
+
+    The opened state is ``app.state.chronicle`` (a ServerState); whoever runs the app closes
+    it (``app.state.chronicle.close()``) after the server stops.
+    """
+    state = state or open_state(config)
+    app = FastAPI(
+        title="Chronicle (methodic embedded server)",
+        version=__version__,
+        description="The wire contract is docs/http-api.md of methodic.",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.chronicle = state
+    _install_error_handlers(app)
+    app.add_middleware(_ControlGate, keyring=state.keyring, max_bytes=config.max_json_body)
+
+    @app.get("/healthz", response_model=m.Health, tags=["health"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    app.include_router(_api_router(state))
+    for route in BlobRoutes(state.catalog, state.signer, faults).routes():
+        app.router.routes.append(route)
+    return app

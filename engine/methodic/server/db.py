@@ -1,0 +1,195 @@
+"""The server's metadata database: schema and per-thread SQLite connections.
+
+WAL lets readers proceed while one writer commits; every write transaction starts with
+``BEGIN IMMEDIATE`` so two writers queue on the busy timeout instead of failing halfway.
+Commits are ``synchronous=NORMAL`` (consistent, possibly not yet on disk) unless the caller
+asks for a durable one, which the state changes a client relies on (finalize, create) do.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 30.0
+
+_SCHEMA = """
+CREATE TABLE api_keys (
+    key_hash   TEXT PRIMARY KEY,
+    origin     TEXT NOT NULL,           -- 'generated' (DATA_DIR/api_key) or 'given' (--api-key)
+    created_at REAL NOT NULL
+);
+CREATE TABLE experiments (
+    id         TEXT PRIMARY KEY,
+    name       TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL
+);
+CREATE TABLE runs (
+    id            TEXT PRIMARY KEY,
+    experiment_id TEXT NOT NULL REFERENCES experiments(id),
+    variation     INTEGER NOT NULL,
+    run           INTEGER NOT NULL,
+    status        TEXT NOT NULL,
+    created_at    REAL NOT NULL,
+    updated_at    REAL NOT NULL,
+    UNIQUE (experiment_id, variation, run)
+);
+CREATE TABLE assets (
+    seq             INTEGER PRIMARY KEY,  -- creation order, for oldest-first listings
+    id              TEXT NOT NULL UNIQUE,
+    run_id          TEXT NOT NULL REFERENCES runs(id),
+    asset_type      TEXT NOT NULL,
+    metadata        TEXT NOT NULL,        -- JSON object
+    manifest_digest TEXT NOT NULL,
+    state           TEXT NOT NULL,        -- 'pending' | 'finalized'
+    component_count INTEGER NOT NULL,
+    total_size      INTEGER NOT NULL,
+    created_at      REAL NOT NULL,
+    finalized_at    REAL
+);
+CREATE INDEX assets_by_run ON assets (run_id, seq);
+CREATE TABLE components (
+    asset_id      TEXT NOT NULL REFERENCES assets(id) ON DELETE CASCADE,
+    idx           INTEGER NOT NULL,       -- position in the manifest; names the stored file
+    path          TEXT NOT NULL,
+    size          INTEGER NOT NULL,
+    sha256        TEXT,                   -- from the manifest
+    part_size     INTEGER,                -- NULL: one PUT
+    stored_sha256 TEXT,                   -- server-computed; single PUT: when stored, parts: at finalize
+    PRIMARY KEY (asset_id, idx),
+    UNIQUE (asset_id, path)
+) WITHOUT ROWID;
+CREATE TABLE parts (
+    asset_id TEXT NOT NULL,
+    idx      INTEGER NOT NULL,
+    part     INTEGER NOT NULL,
+    size     INTEGER NOT NULL,
+    sha256   TEXT NOT NULL,
+    PRIMARY KEY (asset_id, idx, part),
+    FOREIGN KEY (asset_id, idx) REFERENCES components (asset_id, idx) ON DELETE CASCADE
+) WITHOUT ROWID;
+"""
+
+
+def _statements(script: str) -> list[str]:
+    out: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            out.append(pending)
+            pending = ""
+    return out
+
+
+class SchemaError(RuntimeError):
+    """The database was written by a newer methodic, or is not a methodic server database."""
+
+
+class _Holder:
+    """Owns one thread's connection and closes it when the thread (and its locals) go away."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Database:
+    """One SQLite file, one connection per thread (worker threads come and go)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        self._holders: weakref.WeakSet[_Holder] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._closed = False
+        if not path.exists():
+            # SQLite gives the -wal and -shm files the mode of the database file.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        self._migrate()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    def connection(self) -> sqlite3.Connection:
+        if self._closed:
+            raise RuntimeError("the server database is closed")
+        holder: _Holder | None = getattr(self._local, "holder", None)
+        if holder is None:
+            holder = _Holder(self._connect())
+            self._local.holder = holder
+            with self._lock:
+                self._holders.add(holder)
+        return holder.conn
+
+    def _migrate(self) -> None:
+        conn = self.connection()
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise SchemaError(f"{self.path}: cannot switch to WAL mode (got {mode!r})")
+        with self.write(durable=True) as tx:
+            version = tx.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                if tx.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                    raise SchemaError(f"{self.path} is not a methodic server database")
+                # executescript() would COMMIT the open transaction, so run statements one by one.
+                for statement in _statements(_SCHEMA):
+                    tx.execute(statement)
+                tx.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version > SCHEMA_VERSION:
+                raise SchemaError(
+                    f"{self.path} was written by a newer methodic (schema {version}); upgrade methodic"
+                )
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: every query inside sees the same snapshot."""
+        conn = self.connection()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    @contextmanager
+    def write(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """A write transaction (``BEGIN IMMEDIATE``); ``durable`` syncs the WAL at commit."""
+        conn = self.connection()
+        if durable:
+            conn.execute("PRAGMA synchronous = FULL")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            if durable:
+                conn.execute("PRAGMA synchronous = NORMAL")
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            holders = list(self._holders)
+        for holder in holders:
+            holder.close()

@@ -1,0 +1,333 @@
+"""The transfer engine over real sockets: faults, parts, expiry, controls, bandwidth, events."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from faultproxy import FaultProxy
+from helpers import make_checkpoint, tree_digest
+from methodic import (
+    AssetIncompleteError,
+    AsyncChronicle,
+    Chronicle,
+    NotFoundError,
+    RetryPolicy,
+    UploadFailedError,
+    UploadTracker,
+    drain_incomplete_uploads,
+)
+from methodic._events import AssetFinalized, ComponentProgress, RetryScheduled
+
+MiB = 1 << 20
+FAST_RETRY = RetryPolicy(max_attempts=6, base=0.05, cap=0.5)
+
+
+@pytest.fixture
+def proxy(server):
+    host, port = server.url.removeprefix("http://").split(":")
+    with FaultProxy(host, int(port)) as p:
+        yield p
+
+
+def wait_until(predicate, timeout: float = 20.0, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError("condition not reached in time")
+
+
+def fresh_run(chronicle: Chronicle, name: str = "engine"):
+    return chronicle.run(chronicle.create_experiment(name), 0, 0)
+
+
+def test_connections_cut_mid_body_are_retried_to_identical_bytes(server, proxy, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {f"s{i}.bin": 900_000 + i for i in range(6)})
+    proxy.cut_after(300_000, connections=4)
+    tracker = UploadTracker(tmp_path / "u.sqlite")
+    with Chronicle(proxy.url, server.api_key, max_upload_workers=3, retry=FAST_RETRY) as chronicle:
+        sub = chronicle.core.pool.events.subscribe()
+        run = fresh_run(chronicle)
+        handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
+        handle.result(timeout=60)
+        retries = [e for e in sub.get_nowait() if isinstance(e, RetryScheduled)]
+        dest = run.download_asset(handle.asset_id, tmp_path / "dl")
+    assert proxy.faults_fired >= 1 and retries
+    assert tree_digest(dest) == tree_digest(ckpt)
+    tracked = tracker.get_asset(handle.asset_id)
+    assert tracked is not None and tracked.state == "finalized"
+    assert sum(c.attempts for c in tracked.components) > len(tracked.components)
+
+
+def test_stalled_transfer_is_aborted_and_retried(server, proxy, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 3 * MiB})
+    proxy.stall(30.0, after=1 * MiB)
+    started = time.monotonic()
+    with Chronicle(proxy.url, server.api_key, retry=FAST_RETRY, stall_timeout=1.5) as chronicle:
+        sub = chronicle.core.pool.events.subscribe()
+        run = fresh_run(chronicle)
+        run.register_and_upload_async(ckpt).result(timeout=25)
+        causes = [e.cause for e in sub.get_nowait() if isinstance(e, RetryScheduled)]
+    assert time.monotonic() - started < 20  # not the 30 s stall
+    assert any("Timeout" in c for c in causes), causes
+
+
+def test_service_unavailable_and_429_are_retried_honouring_retry_after(server, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 1000, "b.bin": 2000})
+    server.faults.add(status=503, count=1)
+    server.faults.add(status=429, count=1, retry_after=1.0)
+    started = time.monotonic()
+    with Chronicle(server.url, server.api_key, retry=FAST_RETRY, max_upload_workers=1) as chronicle:
+        sub = chronicle.core.pool.events.subscribe()
+        run = fresh_run(chronicle)
+        handle = run.register_and_upload_async(ckpt)
+        handle.result(timeout=30)
+        retries = [e for e in sub.get_nowait() if isinstance(e, RetryScheduled)]
+        dest = run.download_asset(handle.asset_id, tmp_path / "dl")
+    assert tree_digest(dest) == tree_digest(ckpt)
+    assert [("503" in r.cause, "429" in r.cause) for r in retries] == [(True, False), (False, True)]
+    assert retries[1].delay == pytest.approx(1.0)
+    assert time.monotonic() - started >= 1.0
+
+
+def test_client_error_fails_at_once_with_the_servers_message(server, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 1000})
+    server.faults.add(status=400, count=10)
+    tracker = UploadTracker(tmp_path / "u.sqlite")
+    with Chronicle(server.url, server.api_key, retry=FAST_RETRY) as chronicle:
+        run = fresh_run(chronicle)
+        handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
+        with pytest.raises(UploadFailedError, match="400"):
+            handle.result(timeout=30)
+    tracked = tracker.get_asset(handle.asset_id)
+    assert tracked is not None and tracked.state == "failed"
+    comp = tracked.components[0]
+    assert comp.state == "failed" and comp.attempts == 1 and "injected" in (comp.last_error or "")
+
+
+def test_retries_exhausted_then_retry_failed_finishes(server, proxy, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 600_000})
+    proxy.cut_after(100_000, connections=50)
+    tracker = UploadTracker(tmp_path / "u.sqlite")
+    policy = RetryPolicy(max_attempts=2, base=0.01, cap=0.05)
+    with Chronicle(proxy.url, server.api_key, retry=policy) as chronicle:
+        run = fresh_run(chronicle)
+        handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
+        with pytest.raises(UploadFailedError) as info:
+            handle.result(timeout=30)
+        assert info.value.cause is not None
+        tracked = tracker.get_asset(handle.asset_id)
+        assert tracked is not None and tracked.state == "failed"
+        assert tracked.components[0].state == "failed" and tracked.components[0].last_error
+        proxy.faults.clear()
+        assert chronicle.retry_failed() == [handle.asset_id]
+        run.wait_for_uploads(timeout=30)
+    assert tracker.get_asset(handle.asset_id).state == "finalized"
+
+
+def test_parts_resume_sends_only_the_missing_parts(server, proxy, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {"big.bin": 40 * MiB})
+    tracker = UploadTracker(tmp_path / "u.sqlite")
+    opts = dict(part_threshold=8 * MiB, part_size=5 * MiB, retry=FAST_RETRY)
+    with Chronicle(proxy.url, server.api_key, max_upload_workers=2, max_bandwidth="12MB", **opts) as chronicle:
+        run = fresh_run(chronicle)
+        handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
+        wait_until(lambda: len(tracker.get_asset(handle.asset_id).components[0].parts_done) >= 3)
+    # The Chronicle closed mid-upload: some parts stored, others not.
+    done = tracker.get_asset(handle.asset_id).components[0].parts_done
+    remote = httpx.get(f"{server.url}/api/v1/assets/{handle.asset_id}",
+                       headers={"Authorization": f"Bearer {server.api_key}"}).json()
+    stored = set(remote["components"][0]["parts_stored"])
+    assert done <= stored and 3 <= len(stored) < 8
+    before = proxy.bytes_up
+    with Chronicle(proxy.url, server.api_key, **opts) as chronicle:
+        report = drain_incomplete_uploads(chronicle, tracker)
+        assert report.finalized == [handle.asset_id] and report.ok
+        dest = chronicle.run(run.experiment_id, 0, 0).download_asset(handle.asset_id, tmp_path / "dl")
+    resent = proxy.bytes_up - before
+    missing = 40 * MiB - len(stored) * 5 * MiB
+    assert report.bytes_skipped == len(stored) * 5 * MiB
+    assert report.bytes_resent == missing
+    assert missing <= resent < missing + 256 * 1024  # plus HTTP heads and API calls
+    assert tree_digest(dest) == tree_digest(ckpt)
+
+
+def test_expired_targets_are_presigned_again(tmp_path: Path) -> None:
+    from methodic.server import EmbeddedServer
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", {f"f{i}.bin": 400_000 for i in range(8)})
+    with EmbeddedServer(tmp_path / "srv", presign_ttl=2.0) as srv, \
+            Chronicle(srv.url, srv.api_key, max_upload_workers=1, max_bandwidth="800KB",
+                      retry=FAST_RETRY) as chronicle:
+        sub = chronicle.core.pool.events.subscribe()
+        run = fresh_run(chronicle)
+        handle = run.register_and_upload_async(ckpt)
+        handle.result(timeout=60)  # ~4 s of transfers with 2 s targets
+        # Now make the client trust stale targets: the server's 403 must trigger one re-presign.
+        chronicle.core.pool.presign_margin = -3600.0
+        ckpt2 = make_checkpoint(tmp_path / "ckpt2", {f"g{i}.bin": 400_000 for i in range(8)})
+        handle2 = run.register_and_upload_async(ckpt2)
+        handle2.result(timeout=60)
+        retried = [e for e in sub.get_nowait() if isinstance(e, RetryScheduled)]
+        dest = run.download_asset(handle2.asset_id, tmp_path / "dl")
+    assert tree_digest(dest) == tree_digest(ckpt2)
+    assert retried == []  # a refresh is not a retry
+
+
+def test_pause_stops_transfers_and_resume_finishes(server, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {f"s{i}.bin": 2 * MiB for i in range(4)})
+    tracker = UploadTracker(tmp_path / "u.sqlite")
+    with Chronicle(server.url, server.api_key, max_upload_workers=2, max_bandwidth="4MB") as chronicle:
+        run = fresh_run(chronicle)
+        handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
+        wait_until(lambda: chronicle.snapshot().bytes_done > 300_000)
+        assert chronicle.pause() == [handle.asset_id]
+        time.sleep(0.3)
+        first = chronicle.snapshot().assets[0]
+        time.sleep(1.0)
+        second = chronicle.snapshot().assets[0]
+        assert first.state == second.state == "paused"
+        assert second.bytes_done == first.bytes_done < 8 * MiB
+        assert tracker.get_asset(handle.asset_id).state == "paused"
+        assert not handle.done()
+        assert chronicle.resume(handle.asset_id) == [handle.asset_id]
+        handle.result(timeout=30)
+        dest = run.download_asset(handle.asset_id, tmp_path / "dl")
+    assert tree_digest(dest) == tree_digest(ckpt)
+
+
+def test_paused_asset_stays_paused_across_a_restart(server, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {"s.bin": 4 * MiB})
+    tracker = UploadTracker(tmp_path / "u.sqlite")
+    with Chronicle(server.url, server.api_key, max_bandwidth="2MB") as chronicle:
+        handle = fresh_run(chronicle).register_and_upload_async(ckpt, upload_tracker=tracker)
+        wait_until(lambda: chronicle.snapshot().bytes_done > 0)
+        chronicle.pause(handle.asset_id)
+    with Chronicle(server.url, server.api_key) as chronicle:
+        report = drain_incomplete_uploads(chronicle, tracker)
+    assert handle.asset_id in report.skipped and report.finalized == []
+    assert tracker.get_asset(handle.asset_id).state == "paused"
+
+
+def test_force_finalize_succeeds_when_storage_is_complete(server, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 3 * MiB, "b.bin": 1000})
+    tracker = UploadTracker(tmp_path / "u.sqlite")
+    with Chronicle(server.url, server.api_key, max_upload_workers=1, max_bandwidth="1MB") as chronicle:
+        run = fresh_run(chronicle)
+        handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
+        wait_until(lambda: chronicle.snapshot().bytes_done > 0)
+        chronicle.pause(handle.asset_id)
+        # Out of band, someone stores every byte (e.g. another tool): the server can finalize.
+        auth = {"Authorization": f"Bearer {server.api_key}"}
+        targets = httpx.post(f"{server.url}/api/v1/assets/{handle.asset_id}/presign", headers=auth,
+                             json={"targets": [{"path": "a.bin", "part": None},
+                                               {"path": "b.bin", "part": None}]}).json()["targets"]
+        for t in targets:
+            httpx.put(t["url"], content=(ckpt / t["path"]).read_bytes()).raise_for_status()
+        asset = chronicle.force_finalize(handle.asset_id)
+        assert asset.state == "finalized"
+        assert handle.result(timeout=5).state == "finalized"
+        assert [a.asset_id for a in run.list_assets()] == [handle.asset_id]
+    assert tracker.get_asset(handle.asset_id).state == "finalized"
+
+
+def test_force_finalize_refused_lists_what_is_missing(server, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 4 * MiB, "b.bin": 1000})
+    tracker = UploadTracker(tmp_path / "u.sqlite")
+    with Chronicle(server.url, server.api_key, max_upload_workers=1, max_bandwidth="1MB") as chronicle:
+        run = fresh_run(chronicle)
+        handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
+        wait_until(lambda: chronicle.snapshot().bytes_done > 0)
+        with pytest.raises(AssetIncompleteError) as info:
+            chronicle.force_finalize(handle.asset_id)
+        assert "a.bin" in info.value.missing
+        assert run.list_assets() == []
+    tracked = tracker.get_asset(handle.asset_id)
+    assert tracked.state == "failed" and "a.bin" in (tracked.last_error or "")
+
+
+def test_discard_stops_forgets_and_aborts_on_the_server(server, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 4 * MiB})
+    tracker = UploadTracker(tmp_path / "u.sqlite")
+    with Chronicle(server.url, server.api_key, max_bandwidth="2MB") as chronicle:
+        run = fresh_run(chronicle)
+        handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
+        wait_until(lambda: chronicle.snapshot().bytes_done > 0)
+        chronicle.discard(handle.asset_id)
+        with pytest.raises(UploadFailedError, match="discarded"):
+            handle.result(timeout=5)
+        with pytest.raises(NotFoundError):
+            chronicle.get_asset(handle.asset_id)
+        assert run.list_assets(include_pending=True) == []
+    assert tracker.get_asset(handle.asset_id).state == "discarded"
+    assert tracker.get_pending_uploads() == []
+
+
+def test_bandwidth_cap_holds_across_workers(server, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {f"s{i}.bin": 2 * MiB for i in range(6)})
+    with Chronicle(server.url, server.api_key, max_upload_workers=4, max_bandwidth="4MiB") as chronicle:
+        run = fresh_run(chronicle)
+        started = time.monotonic()
+        run.register_and_upload_async(ckpt).result(timeout=60)
+        elapsed = time.monotonic() - started
+    assert elapsed >= 12 / 4 * 0.8  # 12 MiB at 4 MiB/s, less a generous burst allowance
+
+
+def test_a_file_changed_after_registration_fails_clearly(server, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 2 * MiB, "z.bin": 1000})
+    tracker = UploadTracker(tmp_path / "u.sqlite")
+    with Chronicle(server.url, server.api_key, max_upload_workers=1, max_bandwidth="2MB") as chronicle:
+        run = fresh_run(chronicle)
+        handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
+        with open(ckpt / "z.bin", "ab") as f:  # still queued behind a.bin
+            f.write(b"torn")
+        with pytest.raises(UploadFailedError, match="changed after it was registered"):
+            handle.result(timeout=30)
+        assert run.list_assets(include_pending=False) == []
+    comp = next(c for c in tracker.get_asset(handle.asset_id).components if c.path == "z.bin")
+    assert comp.state == "failed" and "register" in comp.last_error
+
+
+async def test_events_are_throttled_and_snapshot_is_consistent(server, tmp_path: Path) -> None:
+    ckpt = await asyncio.to_thread(make_checkpoint, tmp_path / "ckpt", {"a.bin": 6 * MiB, "b.bin": 10})
+    async with AsyncChronicle(server.url, server.api_key, max_bandwidth="4MB") as chronicle:
+        sub = chronicle.pool.events.subscribe()
+        run = await chronicle.run(await chronicle.create_experiment("events"), 0, 0)
+        started = time.monotonic()
+        handle = await run.register_and_upload_async(ckpt)
+        snap = chronicle.pool.snapshot(with_components=True)
+        assert snap.assets[0].asset_id == handle.asset_id and snap.assets[0].bytes_total == 6 * MiB + 10
+        await handle.result(timeout=30)
+        elapsed = time.monotonic() - started
+        events = sub.get_nowait()
+    progress = [e for e in events if isinstance(e, ComponentProgress) and e.path == "a.bin"]
+    assert len(progress) <= elapsed / 0.25 + 2
+    assert len(progress) >= 2
+    assert [e.asset_id for e in events if isinstance(e, AssetFinalized)] == [handle.asset_id]
+    assert all(e.to_json()["event"] for e in events)
+
+
+def test_set_bandwidth_while_running(server, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 8 * MiB})
+    with Chronicle(server.url, server.api_key, max_bandwidth="1MB") as chronicle:
+        handle = fresh_run(chronicle).register_and_upload_async(ckpt)
+        time.sleep(0.5)
+        assert not handle.done()
+        chronicle.set_bandwidth(None)
+        started = time.monotonic()
+        handle.result(timeout=30)
+    assert time.monotonic() - started < 5  # 8 MB at 1 MB/s would take 7 s more
+
+
+def test_unknown_asset_controls_raise_not_found(server) -> None:
+    with Chronicle(server.url, server.api_key) as chronicle:
+        with pytest.raises(NotFoundError):
+            chronicle.pause("nope")
+        with pytest.raises(NotFoundError):
+            chronicle.discard("nope")
+        assert chronicle.pause() == [] and chronicle.retry_failed() == []
