@@ -20,7 +20,12 @@ from methodic._errors import (
     TrackerError,
     UploadFailedError,
 )
-from methodic._recovery import DrainReport, drain_incomplete_uploads, drain_incomplete_uploads_async
+from methodic._recovery import (
+    DrainReport,
+    adopt_incomplete_uploads,
+    drain_incomplete_uploads,
+    drain_incomplete_uploads_async,
+)
 from methodic._retry import RetryPolicy
 from methodic._sync import Chronicle, Run, UploadHandle
 from methodic._tracker import UploadTracker
@@ -65,6 +70,7 @@ __all__ = [
     "UploadTarget",
     "UploadTracker",
     "__version__",
+    "adopt_incomplete_uploads",
     "drain_incomplete_uploads",
     "drain_incomplete_uploads_async",
 ]

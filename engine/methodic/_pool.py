@@ -549,9 +549,16 @@ class UploadPool:
             await self._set_state(up, "paused")
         return [up.asset_id for up in paused]
 
+    def hold(self, up: AssetUpload) -> None:
+        """Show an asset an earlier process left unfinished, without starting it (``resume`` does)."""
+        if up.state != "paused":
+            up.state = "interrupted"
+        self.assets[up.asset_id] = up
+        self.events.emit(AssetStateChanged(up.asset_id, up.state))
+
     async def resume(self, asset_id: str | None = None) -> list[str]:
-        """Resume paused assets (also those paused by an earlier process)."""
-        resumed = self._select(asset_id, ("paused",))
+        """Resume paused assets, and held ones an earlier process left unfinished."""
+        resumed = self._select(asset_id, ("paused", "interrupted"))
         for up in resumed:
             if not up.remote_ready:
                 up.state = "registered"

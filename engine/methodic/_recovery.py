@@ -32,27 +32,44 @@ class DrainReport:
         return not self.failed
 
 
-async def drain_incomplete_uploads_async(chronicle: AsyncChronicle, tracker: UploadTracker) -> DrainReport:
-    """The async twin of ``drain_incomplete_uploads``."""
+async def adopt_incomplete_uploads(
+    chronicle: AsyncChronicle, tracker: UploadTracker, report: DrainReport | None = None, *,
+    start: bool = True,
+) -> list[AssetUpload]:
+    """Bring every unfinished asset of ``tracker`` into the pool: started, or only held.
+
+    Held assets (``start=False``) are listed by the pool in state ``interrupted`` until an
+    operator resumes, discards or force-finalizes them; paused ones stay paused either way.
+    """
     pool = chronicle.pool
     atracker = await pool.tracker_for(Path(tracker.db_path))
-    report = DrainReport()
+    report = report if report is not None else DrainReport()
     uploads: list[AssetUpload] = []
     for tracked in await asyncio.to_thread(tracker.get_pending_uploads):
-        if tracked.state == "paused":
-            report.skipped[tracked.asset_id] = "paused by the operator; resume it to continue"
-            continue
-        if pool.assets.get(tracked.asset_id) is not None:
-            report.skipped[tracked.asset_id] = "already uploading in this process"
+        if tracked.asset_id in pool.assets:
+            report.skipped[tracked.asset_id] = "already in this process's upload pool"
             continue
         up = pool.adopt(tracked, atracker, chronicle.server_url)
         if up is None:
             report.failed[tracked.asset_id] = "the tracker does not record which run it belongs to"
             continue
+        if up.state == "paused":
+            report.skipped[tracked.asset_id] = "paused by the operator; resume it to continue"
         uploads.append(up)
-        report.resumed.append(up.asset_id)
-        pool.submit(up)
-    await pool.wait(uploads)
+        if start and up.state != "paused":
+            report.resumed.append(up.asset_id)
+            pool.submit(up)
+        else:
+            pool.hold(up)
+    return uploads
+
+
+async def drain_incomplete_uploads_async(chronicle: AsyncChronicle, tracker: UploadTracker) -> DrainReport:
+    """The async twin of ``drain_incomplete_uploads``."""
+    report = DrainReport()
+    adopted = await adopt_incomplete_uploads(chronicle, tracker, report)
+    uploads = [up for up in adopted if up.asset_id in report.resumed]
+    await chronicle.pool.wait(uploads)
     for up in uploads:
         report.bytes_resent += up.bytes_sent
         report.bytes_skipped += up.bytes_skipped
