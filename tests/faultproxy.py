@@ -62,14 +62,16 @@ class FaultProxy:
         self._loop.run_forever()
 
     def stop(self) -> None:
-        def shutdown() -> None:
+        async def shutdown() -> None:
             self._server.close()
-            for task in asyncio.all_tasks(self._loop):
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
                 task.cancel()
-            self._loop.call_later(0.05, self._loop.stop)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         if self._loop.is_running():
-            self._loop.call_soon_threadsafe(shutdown)
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

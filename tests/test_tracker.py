@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import subprocess
 import sqlite3
 import threading
 from pathlib import Path
@@ -145,3 +146,65 @@ def test_four_processes_and_eight_threads_at_once(tmp_path: Path) -> None:
     with sqlite3.connect(db) as raw:
         assert raw.execute("SELECT count(*) FROM components").fetchone() == ((4 + 8) * 25 * 20,)
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_truncated_tracker_is_a_clear_error_not_an_empty_state(tmp_path: Path) -> None:
+    path = tmp_path / "u.sqlite"
+    t = UploadTracker(path)
+    for i in range(50):
+        t.register_components(f"A{i}", specs(40), asset_type="checkpoint")
+    t.close()
+    with sqlite3.connect(path) as raw:  # fold the WAL in so the main file holds everything
+        raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(TrackerError) as info:
+        UploadTracker(path).get_pending_uploads()
+    assert str(path) in str(info.value) and "--tracker" in str(info.value)
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path):
+    """A 2 MiB tmpfs of our own, to fill up or make read-only (the suite runs as root)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_full_disk_leaves_no_half_registered_asset(tiny_fs: Path) -> None:
+    t = UploadTracker(tiny_fs / "u.sqlite")
+    t.register_components("small", specs(3), asset_type="checkpoint")
+    filler = tiny_fs / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    with pytest.raises(TrackerError, match="full") as info:
+        t.register_components("big", specs(20_000, "long-component-name-to-fill-pages-"),
+                              asset_type="checkpoint")
+    assert str(tiny_fs / "u.sqlite") in str(info.value)
+    filler.unlink()
+    assert t.get_asset("big") is None
+    assert [a.asset_id for a in t.list_assets()] == ["small"]
+    t.register_components("after", specs(2), asset_type="checkpoint")  # usable again
+    assert len(t.list_assets()) == 2
+
+
+def test_read_only_disk_is_a_clear_error(tiny_fs: Path) -> None:
+    t = UploadTracker(tiny_fs / "u.sqlite")
+    t.register_components("A", specs(2), asset_type="checkpoint")
+    t.close()
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
+    with pytest.raises(TrackerError) as info:
+        tracker = UploadTracker(tiny_fs / "u.sqlite")
+        tracker.register_components("B", specs(1), asset_type="checkpoint")
+    msg = str(info.value)
+    assert str(tiny_fs / "u.sqlite") in msg and ("read-only" in msg or "writable" in msg)

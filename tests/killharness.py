@@ -1,0 +1,156 @@
+"""The SIGKILL harness shared by the test suite and bench/torture.py.
+
+A child process uploads a multi-file checkpoint (one file large enough to go in parts) through
+a byte-counting proxy with a bandwidth cap, and is SIGKILLed at a chosen instant. A fresh
+process then runs ``drain_incomplete_uploads``. ``check_round`` asserts the invariants:
+nothing incomplete is ever visible, the asset ends up listed exactly once and byte-identical,
+nothing stays pending, and at most one part per in-flight transfer is sent twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from helpers import make_checkpoint, subprocess_env, tree_digest
+
+MiB = 1 << 20
+PART = 5 * MiB
+WORKERS = 2
+LAYOUT = {"model.safetensors": 12 * MiB + 333, "optimizer.pt": 2 * MiB, "config.json": 211,
+          "rng/state-0.pt": 70_000, "rng/state-1.pt": 70_001}
+OPTS = f"part_threshold={8 * MiB}, part_size={PART}, max_upload_workers={WORKERS}"
+
+UPLOADER = textwrap.dedent(f"""
+    import sys
+    from pathlib import Path
+    from methodic import Chronicle, RetryPolicy, UploadTracker
+    url, key, tracker_path, ckpt, rate = sys.argv[1:6]
+    tracker = UploadTracker(Path(tracker_path))
+    with Chronicle(url, key, max_bandwidth=rate, {OPTS},
+                   retry=RetryPolicy(base=0.05, cap=0.5)) as chronicle:
+        run = chronicle.run(chronicle.create_experiment("kill-harness"), 0, 0)
+        handle = run.register_and_upload_async(Path(ckpt), upload_tracker=tracker)
+        print("registered", handle.asset_id, flush=True)
+        run.wait_for_uploads()
+        print("finalized", handle.asset_id, flush=True)
+""")
+
+DRAINER = textwrap.dedent(f"""
+    import json, sys
+    from pathlib import Path
+    from methodic import Chronicle, RetryPolicy, UploadTracker, drain_incomplete_uploads
+    url, key, tracker_path = sys.argv[1:4]
+    tracker = UploadTracker(Path(tracker_path))
+    with Chronicle(url, key, {OPTS}, retry=RetryPolicy(base=0.05, cap=0.5)) as chronicle:
+        report = drain_incomplete_uploads(chronicle, tracker)
+    print(json.dumps(report.__dict__))
+""")
+
+
+@dataclass
+class RoundResult:
+    kill_after: float
+    registered: bool
+    finished_before_kill: bool
+    resent: int
+    bytes_up: int
+    report: dict[str, object]
+
+
+def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=timeout, env=subprocess_env())
+
+
+class Api:
+    def __init__(self, url: str, key: str) -> None:
+        self.client = httpx.Client(base_url=f"{url}/api/v1", headers={"Authorization": f"Bearer {key}"},
+                                   timeout=30)
+
+    def assets(self, include_pending: bool) -> list[dict[str, object]]:
+        exps = self.client.get("/experiments", params={"name": "kill-harness"}).json()["experiments"]
+        if not exps:
+            return []
+        run = self.client.put(f"/experiments/{exps[0]['id']}/runs/0/0").json()
+        params = {"include_pending": str(include_pending).lower()}
+        return self.client.get(f"/runs/{run['id']}/assets", params=params).json()["assets"]
+
+    def download(self, asset_id: str, dest: Path) -> Path:
+        data = self.client.get(f"/assets/{asset_id}/download").json()
+        for comp in data["components"]:
+            out = dest / comp["path"]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(httpx.get(comp["url"], timeout=60).content)
+        return dest
+
+
+def kill_round(workdir: Path, proxy_url: str, api_url: str, key: str, kill_after: float,
+               proxy: object, rate: str = "6MB", seed: int = 0) -> RoundResult:
+    """One round: upload, SIGKILL after ``kill_after`` s, check what is visible, drain, check."""
+    ckpt = make_checkpoint(workdir / "ckpt", LAYOUT, seed=seed)
+    tracker = workdir / "uploads.sqlite"
+    api = Api(api_url, key)
+    start_up = proxy.bytes_up  # type: ignore[attr-defined]
+    child = subprocess.Popen([sys.executable, "-c", UPLOADER, proxy_url, key, str(tracker), str(ckpt), rate],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    deadline = time.monotonic() + kill_after
+    while time.monotonic() < deadline and child.poll() is None:
+        check_nothing_incomplete_visible(api)
+        time.sleep(0.05)
+    finished = child.poll() is not None
+    if not finished:
+        os.kill(child.pid, signal.SIGKILL)
+    out, err = child.communicate(timeout=30)
+    if finished:
+        assert child.returncode == 0, err
+    check_nothing_incomplete_visible(api)
+
+    registered = "registered" in out or (tracker.exists() and _tracker_has_asset(tracker))
+    drained = run_python(DRAINER, proxy_url, key, str(tracker))
+    assert drained.returncode == 0, drained.stderr
+    report = json.loads(drained.stdout)
+    assert report["failed"] == {}, report
+
+    listed = api.assets(include_pending=False)
+    pending = [a for a in api.assets(include_pending=True) if a["state"] == "pending"]
+    assert pending == []
+    if registered:
+        assert len(listed) == 1, listed
+        dest = api.download(str(listed[0]["asset_id"]), workdir / "download")
+        assert tree_digest(dest) == tree_digest(ckpt)
+        check = run_python("import sys; from methodic import UploadTracker; "
+                           "print(len(UploadTracker(sys.argv[1]).get_pending_uploads()))", str(tracker))
+        assert check.stdout.strip() == "0", check
+    else:
+        assert listed == []  # the tracker row is written before the server hears of the asset
+    bytes_up = proxy.bytes_up - start_up  # type: ignore[attr-defined]
+    total = sum(LAYOUT.values())
+    # Every byte once, plus at most one part per in-flight transfer, plus HTTP heads and API calls.
+    slack = WORKERS * PART + 512 * 1024
+    if registered:
+        assert bytes_up <= total + slack, (bytes_up, total)
+    return RoundResult(kill_after, registered, finished, int(report["bytes_resent"]), bytes_up, report)
+
+
+def _tracker_has_asset(path: Path) -> bool:
+    code = "import sys; from methodic import UploadTracker; print(len(UploadTracker(sys.argv[1]).list_assets()))"
+    res = run_python(code, str(path))
+    return res.returncode == 0 and res.stdout.strip() not in ("", "0")
+
+
+def check_nothing_incomplete_visible(api: Api) -> None:
+    """Whatever ``list_assets()`` shows is finalized with every component stored."""
+    for asset in api.assets(include_pending=False):
+        assert asset["state"] == "finalized", asset
+        full = api.client.get(f"/assets/{asset['asset_id']}").json()
+        assert all(c["stored"] for c in full["components"]), full
+        assert len(full["components"]) == len(LAYOUT)
