@@ -129,10 +129,17 @@ class AssetUpload:
     bytes_skipped: int = 0  # bytes the server already held when a resumed upload began
     was_finalized: bool = False  # the server had finalized it before this process began
     remote_ready: bool = False
+    completed: int = 0  # components completed; kept as a count so each completion is O(1)
+
+    def __post_init__(self) -> None:
+        self.recount()
+
+    def recount(self) -> None:
+        self.completed = sum(1 for c in self.components.values() if c.state == "completed")
 
     @property
     def remaining(self) -> int:
-        return sum(1 for c in self.components.values() if c.state != "completed")
+        return len(self.components) - self.completed
 
     async def track(self, op: ops.Op[Any]) -> Any:
         return await self.tracker.run(op) if self.tracker is not None else None
@@ -144,7 +151,7 @@ class AssetUpload:
         rate = self.meter.rate if self.state == "uploading" else 0.0
         return AssetSnapshot(
             asset_id=self.asset_id, asset_type=self.asset_type, local_dir=self.local_dir,
-            state=self.state, components_done=sum(1 for c in comps if c.state == "completed"),
+            state=self.state, components_done=self.completed,
             component_count=len(self.components), bytes_done=done, bytes_total=total, rate=rate,
             eta=(total - done) / rate if rate > 0 else None, last_error=self.last_error,
             components=tuple(c.snapshot() for c in comps) if with_components else (),
@@ -272,6 +279,7 @@ class UploadPool:
                 if c.state == "completed":
                     c.state = "queued"
                 c.bytes_done = sum(c.part_length(n) for n in c.parts_done) if c.part_size else 0
+        up.recount()
         up.bytes_skipped = sum(c.bytes_done for c in up.components.values())
         await up.track(ops.mark_components(up.asset_id, stored, "completed", sizes_done=True))
         requeue = [c.path for c in up.components.values() if c.state != "completed"]
@@ -381,6 +389,7 @@ class UploadPool:
         else:
             c.checksum = digest
         c.state, c.bytes_done, c.last_error = "completed", c.size, None
+        up.completed += 1
         self._dirty.discard((up, c))
         await up.track(ops.set_component_state(up.asset_id, c.path, "completed",
                                                checksum=c.checksum, bytes_sent=c.size))
@@ -499,6 +508,7 @@ class UploadPool:
     async def _finalized(self, up: AssetUpload, asset: Asset) -> None:
         for c in up.components.values():
             c.state, c.bytes_done = "completed", c.size
+        up.completed = len(up.components)
         await up.track(ops.mark_components(up.asset_id, list(up.components), "completed", sizes_done=True))
         await self._set_state(up, "finalized")
         self.events.emit(AssetFinalized(up.asset_id, up.asset_type, asset.total_size, asset.component_count))
