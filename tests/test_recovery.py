@@ -10,9 +10,15 @@ from pathlib import Path
 
 import pytest
 from faultproxy import FaultProxy
-from helpers import free_port, make_checkpoint, methodic_cmd, subprocess_env, tree_digest, wait_healthy
+from helpers import (
+    free_port,
+    make_checkpoint,
+    methodic_cmd,
+    subprocess_env,
+    tree_digest,
+    wait_healthy,
+)
 from killharness import kill_round
-
 from methodic import Chronicle, RetryPolicy, UploadTracker, drain_incomplete_uploads
 from methodic.server import EmbeddedServer
 
@@ -105,3 +111,61 @@ def test_server_sigkilled_mid_upload_and_restarted_the_uploader_finishes(tmp_pat
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+PRODUCER = """
+import sys
+from pathlib import Path
+from methodic import Chronicle, UploadTracker
+url, key, tracker_path, base, n = sys.argv[1:6]
+tracker = UploadTracker(Path(tracker_path))
+with Chronicle(url, key, max_upload_workers=4) as chronicle:
+    run = chronicle.run(chronicle.create_experiment("many-writers"), 1, 0)
+    for i in range(int(n)):
+        run.register_and_upload_async(Path(base) / f"ckpt-{i}", upload_tracker=tracker)
+    run.wait_for_uploads()
+"""
+
+
+def test_many_producer_threads_and_processes_share_one_tracker(server, tmp_path: Path) -> None:
+    import sys
+    import threading
+
+    tracker_path = tmp_path / "uploads.sqlite"
+    tracker = UploadTracker(tracker_path)
+    for p in range(2):
+        for i in range(6):
+            make_checkpoint(tmp_path / f"proc{p}" / f"ckpt-{i}", {f"f{j}": 20_000 + j for j in range(15)}, seed=i)
+    for t in range(6):
+        for i in range(4):
+            make_checkpoint(tmp_path / f"thread{t}" / f"ckpt-{i}", {f"f{j}": 10_000 + j for j in range(10)})
+    procs = [subprocess.Popen([sys.executable, "-c", PRODUCER, server.url, server.api_key, str(tracker_path),
+                               str(tmp_path / f"proc{p}"), "6"], env=subprocess_env(),
+                              stderr=subprocess.PIPE, text=True) for p in range(2)]
+    errors: list[BaseException] = []
+    with Chronicle(server.url, server.api_key, max_upload_workers=4) as chronicle:
+        run = chronicle.run(chronicle.create_experiment("many-writers"), 0, 0)
+
+        def produce(t: int) -> None:
+            try:
+                for i in range(4):
+                    run.register_and_upload_async(tmp_path / f"thread{t}" / f"ckpt-{i}", upload_tracker=tracker)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=produce, args=(t,)) for t in range(6)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        run.wait_for_uploads(timeout=120)
+        assert len(run.list_assets()) == 24
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert "locked" not in err
+    assert errors == []
+    assets = tracker.list_assets()
+    assert len(assets) == 24 + 12
+    assert {a.state for a in assets} == {"finalized"}
+    assert sorted(a.component_count for a in assets) == [10] * 24 + [15] * 12
