@@ -24,7 +24,13 @@ import httpx
 from methodic import _tracker_ops as ops
 from methodic._api import ApiClient
 from methodic._bandwidth import TokenBucket
-from methodic._errors import AssetIncompleteError, ChronicleError, NotFoundError, UploadFailedError
+from methodic._errors import (
+    AssetIncompleteError,
+    ChronicleError,
+    ConflictError,
+    NotFoundError,
+    UploadFailedError,
+)
 from methodic._events import (
     AssetFinalized,
     AssetSnapshot,
@@ -617,7 +623,7 @@ class UploadPool:
         if up is None:
             raise NotFoundError(f"asset {asset_id} is not in this upload pool")
         if up.state == "finalized":
-            raise ChronicleError(f"asset {asset_id} is finalized; it cannot be discarded")
+            raise ConflictError(f"asset {asset_id} is finalized; it cannot be discarded")
         self._stop_transfers(up)
         up.state = "discarded"
         with contextlib.suppress(NotFoundError):
