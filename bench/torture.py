@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from faultproxy import FaultProxy  # noqa: E402
-from killharness import LAYOUT, kill_round  # noqa: E402
+from faultproxy import FaultProxy
+from killharness import LAYOUT, kill_round
 
-from methodic.server import EmbeddedServer  # noqa: E402
+from methodic.server import EmbeddedServer
 
 
 def phase(result_registered: bool, finished: bool, resent: int, bytes_up: int) -> str:

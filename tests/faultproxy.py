@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 @dataclass
 class Fault:
-    kind: str  # "cut" or "stall"
+    kind: str  # "cut", "stall" or "corrupt"
     after: int
     seconds: float = 0.0
 
@@ -51,6 +51,10 @@ class FaultProxy:
 
     def stall(self, seconds: float, after: int = 0) -> None:
         self.faults.append(Fault("stall", after, seconds))
+
+    def corrupt(self, after: int) -> None:
+        """Flip one byte of the next connection's upstream stream at offset ``after``."""
+        self.faults.append(Fault("corrupt", after))
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -97,6 +101,8 @@ class FaultProxy:
                     self.faults_fired += 1
                     if f.kind == "cut":
                         raise ConnectionResetError("fault: cut")
+                    if f.kind == "corrupt" and data:
+                        data = bytes([data[0] ^ 0xFF]) + data[1:]
                     await asyncio.sleep(f.seconds)
                 up_writer.write(data)
                 self.bytes_up += len(data)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import multiprocessing
-import subprocess
 import sqlite3
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
+
 from methodic import ComponentSpec, InvalidInputError, TrackerError, UploadTracker
 from methodic import _tracker_ops as ops
 

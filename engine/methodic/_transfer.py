@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -17,6 +18,7 @@ from methodic._retry import is_transient_status, retry_after_seconds
 from methodic._types import UploadTarget
 
 CHUNK_SIZE = 1 << 20
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class FileChangedError(Exception):
@@ -117,7 +119,11 @@ async def send_range(
                 retry_after=retry_after_seconds(response),
             )
         identity.check()
-        return response.headers.get("etag"), hasher.hexdigest()
+        etag, digest = response.headers.get("etag"), hasher.hexdigest()
+        stored = (etag or "").strip('"')
+        if _SHA256_HEX.fullmatch(stored) and stored != digest:  # S3's ETags are MD5s: not comparable
+            raise TransferError(f"the server stored sha256 {stored}, but {digest} was sent", transient=True)
+        return etag, digest
     except BaseException:
         if sent:
             on_bytes(-sent)
