@@ -56,6 +56,7 @@ async def drain(url: str, key: str, tracker: UploadTracker) -> dict[str, float]:
             async for ev in sub:
                 if isinstance(ev, ComponentStateChanged) and ev.state == "uploading":
                     first.append(time.perf_counter())
+                    sub.close()
                     return
 
         watcher = asyncio.create_task(watch())

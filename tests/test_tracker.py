@@ -110,7 +110,7 @@ def _register_many(db: str, worker: int, assets: int, per_asset: int) -> None:
     t = UploadTracker(db)
     for a in range(assets):
         t.register_components(f"p{worker}-a{a}", specs(per_asset), asset_type="checkpoint")
-        t._execute(ops.record_progress([(7, f"p{worker}-a{a}", "f0.bin")]))
+        t._execute(ops.record_components([("uploading", 7, 1, None, None, f"p{worker}-a{a}", "f0.bin")]))
     t.close()
 
 

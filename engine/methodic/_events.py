@@ -72,7 +72,8 @@ class Subscription:
 
     def __init__(self, bus: EventBus, maxsize: int) -> None:
         self._bus = bus
-        self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
+        self.maxsize = maxsize
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()  # bounded by EventBus.emit
         self.dropped = 0
 
     def __aiter__(self) -> AsyncIterator[Event]:
@@ -98,7 +99,11 @@ class Subscription:
 
 
 class EventBus:
-    """Fan-out to subscribers. A slow subscriber loses progress events, never state changes."""
+    """Fan-out to subscribers, O(1) per event whatever a subscriber's backlog.
+
+    A subscriber that falls ``maxsize`` events behind loses progress samples, never state
+    changes; only ten times further behind does it lose its oldest events.
+    """
 
     def __init__(self) -> None:
         self._subs: list[Subscription] = []
@@ -113,30 +118,16 @@ class EventBus:
             self._subs.remove(sub)
 
     def emit(self, event: Event) -> None:
+        sample = isinstance(event, ComponentProgress | BandwidthSample)
         for sub in self._subs:
-            if sub.queue.full():
-                if isinstance(event, ComponentProgress | BandwidthSample):
-                    sub.dropped += 1
-                    continue
-                _drop_one_progress(sub)
+            backlog = sub.queue.qsize()
+            if backlog >= sub.maxsize and sample:
+                sub.dropped += 1
+                continue
+            if backlog >= sub.maxsize * 10:
+                sub.queue.get_nowait()
+                sub.dropped += 1
             sub.queue.put_nowait(event)
-
-
-def _drop_one_progress(sub: Subscription) -> None:
-    kept: deque[Event] = deque()
-    dropped = False
-    while not sub.queue.empty():
-        ev = sub.queue.get_nowait()
-        if not dropped and isinstance(ev, ComponentProgress | BandwidthSample):
-            dropped = True
-            sub.dropped += 1
-            continue
-        kept.append(ev)
-    if not dropped and kept:
-        kept.popleft()
-        sub.dropped += 1
-    for ev in kept:
-        sub.queue.put_nowait(ev)
 
 
 class RateMeter:

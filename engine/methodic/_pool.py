@@ -333,8 +333,7 @@ class UploadPool:
         if c.state != "uploading":
             c.state = "uploading"
             self.events.emit(ComponentStateChanged(up.asset_id, c.path, "uploading"))
-        await up.track(ops.set_component_state(up.asset_id, c.path, "uploading",
-                                               error=c.last_error, new_attempt=True))
+        self._dirty.add((up, c))  # state and attempts reach the tracker with the next flush
         try:
             target = await self._target(up, job)
             task = asyncio.ensure_future(send_range(
@@ -396,9 +395,8 @@ class UploadPool:
             c.checksum = digest
         c.state, c.bytes_done, c.last_error = "completed", c.size, None
         up.completed += 1
-        self._dirty.discard((up, c))
-        await up.track(ops.set_component_state(up.asset_id, c.path, "completed",
-                                               checksum=c.checksum, bytes_sent=c.size))
+        # Written behind, with the next flush: after a crash the server says what it stores.
+        self._dirty.add((up, c))
         self.events.emit(ComponentStateChanged(up.asset_id, c.path, "completed"))
         self._maybe_finalize(up)
 
@@ -453,14 +451,16 @@ class UploadPool:
             await self._flush()
 
     async def _flush(self) -> None:
+        """Write every changed component (progress, state, attempts) in one transaction per tracker."""
         dirty, self._dirty = self._dirty, set()
-        by_tracker: dict[AsyncTracker, list[tuple[int, str, str]]] = {}
+        by_tracker: dict[AsyncTracker, list[tuple[Any, ...]]] = {}
         for up, c in dirty:
-            if up.tracker is not None and c.state != "completed":
-                by_tracker.setdefault(up.tracker, []).append((c.bytes_done, up.asset_id, c.path))
+            if up.tracker is not None:
+                by_tracker.setdefault(up.tracker, []).append(
+                    (c.state, c.bytes_done, c.attempts, c.last_error, c.checksum, up.asset_id, c.path))
         for tracker, updates in by_tracker.items():
             try:
-                await tracker.run(ops.record_progress(updates))
+                await tracker.run(ops.record_components(updates))
             except ChronicleError as exc:
                 log.warning("could not record progress: %s", exc)
 
@@ -497,6 +497,7 @@ class UploadPool:
 
     async def _finalize(self, up: AssetUpload, force: bool = False) -> Asset:
         try:
+            await self._flush()  # the tracker holds every completion before the asset says finalizing
             await self._set_state(up, "finalizing")
             checksums = {} if force else {c.path: c.checksum for c in up.components.values() if c.checksum}
             data = await self.api.call("POST", f"/assets/{up.asset_id}/finalize",

@@ -353,9 +353,15 @@ def reset_failed(asset_id: str) -> OpGen[list[str]]:
 
 
 @write_op
-def record_progress(updates: Sequence[tuple[int, str, str]]) -> OpGen[None]:
-    """``updates`` are (bytes_sent, asset_id, path), written in one transaction."""
-    yield many("UPDATE components SET bytes_sent = ? WHERE asset_id = ? AND path = ?", updates)
+def record_components(updates: Sequence[tuple[Any, ...]]) -> OpGen[None]:
+    """Write behind many components at once, in one transaction: each update is
+    (state, bytes_sent, attempts, last_error, checksum, asset_id, path), the pool's current view."""
+    yield many(
+        "UPDATE components SET state = ?1, bytes_sent = ?2, attempts = max(attempts, ?3),"
+        " last_error = ?4, checksum = coalesce(?5, checksum)"
+        " WHERE asset_id = ?6 AND path = ?7",
+        updates,
+    )
 
 
 @write_op

@@ -83,6 +83,8 @@ async def send_range(
     ``on_bytes`` is told of every chunk handed to the connection, and of the negative total if
     the attempt fails, so progress never counts bytes that did not arrive.
     """
+    if target.length <= CHUNK_SIZE:
+        return await _send_small(http, target, identity, bucket, on_bytes)
     identity.check()
     hasher = hashlib.sha256()
     sent = 0
@@ -104,29 +106,68 @@ async def send_range(
             on_bytes(len(chunk))
 
     try:
-        headers = {**target.headers, "Content-Length": str(target.length)}
-        try:
-            response = await http.request(target.method, target.url, content=body(), headers=headers)
-        except httpx.TransportError as exc:
-            raise TransferError(f"{type(exc).__name__}: {exc or 'connection lost'}", transient=True) from exc
-        if response.status_code >= 300:
-            _code, message, _ = error_message(response)
-            expired = response.status_code == 403 and "expired" in message.lower()
-            raise TransferError(
-                f"HTTP {response.status_code}: {message}",
-                transient=is_transient_status(response.status_code),
-                expired=expired,
-                retry_after=retry_after_seconds(response),
-            )
+        etag = await _put(http, target, body())
         identity.check()
-        etag, digest = response.headers.get("etag"), hasher.hexdigest()
-        stored = (etag or "").strip('"')
-        if _SHA256_HEX.fullmatch(stored) and stored != digest:  # S3's ETags are MD5s: not comparable
-            raise TransferError(f"the server stored sha256 {stored}, but {digest} was sent", transient=True)
-        return etag, digest
+        return _verified(etag, hasher.hexdigest())
     except BaseException:
         if sent:
             on_bytes(-sent)
         raise
     finally:
         await asyncio.to_thread(f.close)
+
+
+def _read_slice(identity: FileIdentity, offset: int, length: int) -> bytes:
+    identity.check()
+    with open(identity.local_path, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise FileChangedError(f"{identity.local_path} shrank while it was being sent")
+    return data
+
+
+async def _send_small(
+    http: httpx.AsyncClient,
+    target: UploadTarget,
+    identity: FileIdentity,
+    bucket: TokenBucket,
+    on_bytes: Callable[[int], None],
+) -> tuple[str | None, str]:
+    """One chunk or less: a single thread hop reads it, and the body goes out as bytes."""
+    await bucket.take(target.length)
+    data = await asyncio.to_thread(_read_slice, identity, target.offset, target.length)
+    on_bytes(len(data))
+    try:
+        etag = await _put(http, target, data)
+        identity.check()
+        return _verified(etag, hashlib.sha256(data).hexdigest())
+    except BaseException:
+        on_bytes(-len(data))
+        raise
+
+
+async def _put(
+    http: httpx.AsyncClient, target: UploadTarget, content: bytes | AsyncIterator[bytes]
+) -> str | None:
+    headers = {**target.headers, "Content-Length": str(target.length)}
+    try:
+        response = await http.request(target.method, target.url, content=content, headers=headers)
+    except httpx.TransportError as exc:
+        raise TransferError(f"{type(exc).__name__}: {exc or 'connection lost'}", transient=True) from exc
+    if response.status_code >= 300:
+        _code, message, _ = error_message(response)
+        raise TransferError(
+            f"HTTP {response.status_code}: {message}",
+            transient=is_transient_status(response.status_code),
+            expired=response.status_code == 403 and "expired" in message.lower(),
+            retry_after=retry_after_seconds(response),
+        )
+    return response.headers.get("etag")
+
+
+def _verified(etag: str | None, digest: str) -> tuple[str | None, str]:
+    stored = (etag or "").strip('"')
+    if _SHA256_HEX.fullmatch(stored) and stored != digest:  # S3's ETags are MD5s: not comparable
+        raise TransferError(f"the server stored sha256 {stored}, but {digest} was sent", transient=True)
+    return etag, digest
