@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import make_checkpoint, sha256_file, tree_digest
+
 from methodic import (
     AssetIncompleteError,
     AuthenticationError,
@@ -57,7 +58,7 @@ def check_uploaded(
     assert tree_digest(dest) == tree_digest(ckpt)
 
 
-def test_seed_pattern_in_process(server, tmp_path: Path) -> None:
+def test_seed_pattern_in_process(any_server, tmp_path: Path) -> None:
     ckpt = make_checkpoint(
         tmp_path / "out" / "checkpoint-1000",
         {
@@ -71,9 +72,9 @@ def test_seed_pattern_in_process(server, tmp_path: Path) -> None:
     )
     tracker_path = tmp_path / "uploads.sqlite"
     run_id, asset_id = upload_pattern(
-        server.url, server.api_key, ckpt, tracker_path, max_upload_workers=3
+        any_server.url, any_server.api_key, ckpt, tracker_path, max_upload_workers=3
     )
-    check_uploaded(server.url, server.api_key, run_id, asset_id, ckpt, tmp_path)
+    check_uploaded(any_server.url, any_server.api_key, run_id, asset_id, ckpt, tmp_path)
 
     tracker = UploadTracker(tracker_path)
     tracked = tracker.get_asset(asset_id)
@@ -91,11 +92,11 @@ def test_seed_pattern_against_methodic_serve(served, tmp_path: Path) -> None:
     check_uploaded(served.url, served.api_key, run_id, asset_id, ckpt, tmp_path)
 
 
-def test_large_file_goes_in_parts(server, tmp_path: Path) -> None:
+def test_large_file_goes_in_parts(any_server, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", {"big.bin": 23 * MiB + 5, "small.bin": 10})
     tracker = UploadTracker(tmp_path / "u.sqlite")
     with Chronicle(
-        server.url, server.api_key, max_upload_workers=4, part_threshold=8 * MiB, part_size=5 * MiB
+        any_server.url, any_server.api_key, max_upload_workers=4, part_threshold=8 * MiB, part_size=5 * MiB
     ) as chronicle:
         run = chronicle.run(chronicle.create_experiment("parts"), 0, 0)
         handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
@@ -111,12 +112,12 @@ def test_large_file_goes_in_parts(server, tmp_path: Path) -> None:
     assert big_t.parts_done == frozenset({1, 2, 3, 4, 5}) and big_t.state == "completed"
 
 
-def test_finalize_is_idempotent_and_pending_is_invisible(server, tmp_path: Path) -> None:
+def test_finalize_is_idempotent_and_pending_is_invisible(any_server, tmp_path: Path) -> None:
     f1 = tmp_path / "a.bin"
     f1.write_bytes(os.urandom(1000))
     f2 = tmp_path / "b.bin"
     f2.write_bytes(os.urandom(2000))
-    with Chronicle(server.url, server.api_key) as chronicle:
+    with Chronicle(any_server.url, any_server.api_key) as chronicle:
         run = chronicle.run(chronicle.create_experiment("presigned"), 0, 1)
         p = run.create_asset_presigned(
             asset_type="eval",
@@ -146,11 +147,11 @@ def test_finalize_is_idempotent_and_pending_is_invisible(server, tmp_path: Path)
         assert sha256_file(dest / "b.bin") == sha256_file(f2)
 
 
-def test_upload_asset_one_shot_file_and_dir(server, tmp_path: Path) -> None:
+def test_upload_asset_one_shot_file_and_dir(any_server, tmp_path: Path) -> None:
     cfg = tmp_path / "config.yaml"
     cfg.write_text("lr: 0.1\n")
     d = make_checkpoint(tmp_path / "d", {"x": 10, "y/z": 20})
-    with Chronicle(server.url, server.api_key) as chronicle:
+    with Chronicle(any_server.url, any_server.api_key) as chronicle:
         run = chronicle.run(chronicle.create_experiment("one-shot"), 0, 0)
         a = run.upload_asset(cfg, asset_type="config")
         b = run.upload_asset(d, asset_type="dataset")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from faultproxy import FaultProxy
 from helpers import make_checkpoint, tree_digest
+
 from methodic import (
     AssetIncompleteError,
     AsyncChronicle,
@@ -26,13 +26,6 @@ MiB = 1 << 20
 FAST_RETRY = RetryPolicy(max_attempts=6, base=0.05, cap=0.5)
 
 
-@pytest.fixture
-def proxy(server):
-    host, port = server.url.removeprefix("http://").split(":")
-    with FaultProxy(host, int(port)) as p:
-        yield p
-
-
 def wait_until(predicate, timeout: float = 20.0, interval: float = 0.02) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -46,29 +39,47 @@ def fresh_run(chronicle: Chronicle, name: str = "engine"):
     return chronicle.run(chronicle.create_experiment(name), 0, 0)
 
 
-def test_connections_cut_mid_body_are_retried_to_identical_bytes(server, proxy, tmp_path: Path) -> None:
+def test_connections_cut_mid_body_are_retried_to_identical_bytes(any_server, any_proxy, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", {f"s{i}.bin": 900_000 + i for i in range(6)})
-    proxy.cut_after(300_000, connections=4)
+    any_proxy.cut_after(300_000, connections=4)
     tracker = UploadTracker(tmp_path / "u.sqlite")
-    with Chronicle(proxy.url, server.api_key, max_upload_workers=3, retry=FAST_RETRY) as chronicle:
+    with Chronicle(any_proxy.url, any_server.api_key, max_upload_workers=3, retry=FAST_RETRY) as chronicle:
         sub = chronicle.core.pool.events.subscribe()
         run = fresh_run(chronicle)
         handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
         handle.result(timeout=60)
         retries = [e for e in sub.get_nowait() if isinstance(e, RetryScheduled)]
         dest = run.download_asset(handle.asset_id, tmp_path / "dl")
-    assert proxy.faults_fired >= 1 and retries
+    assert any_proxy.faults_fired >= 1 and retries
     assert tree_digest(dest) == tree_digest(ckpt)
     tracked = tracker.get_asset(handle.asset_id)
     assert tracked is not None and tracked.state == "finalized"
     assert sum(c.attempts for c in tracked.components) > len(tracked.components)
 
 
-def test_stalled_transfer_is_aborted_and_retried(server, proxy, tmp_path: Path) -> None:
+@pytest.mark.parametrize("storage_backend", ["local"])  # the local blob listener
+def test_bytes_corrupted_in_transit_are_caught_and_sent_again(any_server, any_proxy, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {"big.bin": 11 * MiB, "small.bin": 3 * MiB})
+    any_proxy.corrupt(after=2 * MiB)
+    with Chronicle(any_proxy.url, any_server.api_key, max_upload_workers=1, retry=FAST_RETRY,
+                   part_threshold=8 * MiB, part_size=5 * MiB) as chronicle:
+        sub = chronicle.core.pool.events.subscribe()
+        run = fresh_run(chronicle)
+        handle = run.register_and_upload_async(ckpt)
+        handle.result(timeout=60)
+        causes = [e.cause for e in sub.get_nowait() if isinstance(e, RetryScheduled)]
+        dest = run.download_asset(handle.asset_id, tmp_path / "dl")
+    assert any_proxy.faults_fired == 1
+    assert any("sha256" in c for c in causes), causes
+    assert tree_digest(dest) == tree_digest(ckpt)
+
+
+@pytest.mark.parametrize("storage_backend", ["local"])  # the local blob listener
+def test_stalled_transfer_is_aborted_and_retried(any_server, any_proxy, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 3 * MiB})
-    proxy.stall(30.0, after=1 * MiB)
+    any_proxy.stall(30.0, after=1 * MiB)
     started = time.monotonic()
-    with Chronicle(proxy.url, server.api_key, retry=FAST_RETRY, stall_timeout=1.5) as chronicle:
+    with Chronicle(any_proxy.url, any_server.api_key, retry=FAST_RETRY, stall_timeout=1.5) as chronicle:
         sub = chronicle.core.pool.events.subscribe()
         run = fresh_run(chronicle)
         run.register_and_upload_async(ckpt).result(timeout=25)
@@ -110,12 +121,13 @@ def test_client_error_fails_at_once_with_the_servers_message(server, tmp_path: P
     assert comp.state == "failed" and comp.attempts == 1 and "injected" in (comp.last_error or "")
 
 
-def test_retries_exhausted_then_retry_failed_finishes(server, proxy, tmp_path: Path) -> None:
+@pytest.mark.parametrize("storage_backend", ["local"])  # the local blob listener
+def test_retries_exhausted_then_retry_failed_finishes(any_server, any_proxy, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 600_000})
-    proxy.cut_after(100_000, connections=50)
+    any_proxy.cut_after(100_000, connections=50)
     tracker = UploadTracker(tmp_path / "u.sqlite")
     policy = RetryPolicy(max_attempts=2, base=0.01, cap=0.05)
-    with Chronicle(proxy.url, server.api_key, retry=policy) as chronicle:
+    with Chronicle(any_proxy.url, any_server.api_key, retry=policy) as chronicle:
         run = fresh_run(chronicle)
         handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
         with pytest.raises(UploadFailedError) as info:
@@ -124,32 +136,32 @@ def test_retries_exhausted_then_retry_failed_finishes(server, proxy, tmp_path: P
         tracked = tracker.get_asset(handle.asset_id)
         assert tracked is not None and tracked.state == "failed"
         assert tracked.components[0].state == "failed" and tracked.components[0].last_error
-        proxy.faults.clear()
+        any_proxy.faults.clear()
         assert chronicle.retry_failed() == [handle.asset_id]
         run.wait_for_uploads(timeout=30)
     assert tracker.get_asset(handle.asset_id).state == "finalized"
 
 
-def test_parts_resume_sends_only_the_missing_parts(server, proxy, tmp_path: Path) -> None:
+def test_parts_resume_sends_only_the_missing_parts(any_server, any_proxy, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", {"big.bin": 40 * MiB})
     tracker = UploadTracker(tmp_path / "u.sqlite")
     opts = dict(part_threshold=8 * MiB, part_size=5 * MiB, retry=FAST_RETRY)
-    with Chronicle(proxy.url, server.api_key, max_upload_workers=2, max_bandwidth="12MB", **opts) as chronicle:
+    with Chronicle(any_proxy.url, any_server.api_key, max_upload_workers=2, max_bandwidth="12MB", **opts) as chronicle:
         run = fresh_run(chronicle)
         handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
         wait_until(lambda: len(tracker.get_asset(handle.asset_id).components[0].parts_done) >= 3)
     # The Chronicle closed mid-upload: some parts stored, others not.
     done = tracker.get_asset(handle.asset_id).components[0].parts_done
-    remote = httpx.get(f"{server.url}/api/v1/assets/{handle.asset_id}",
-                       headers={"Authorization": f"Bearer {server.api_key}"}).json()
+    remote = httpx.get(f"{any_server.url}/api/v1/assets/{handle.asset_id}",
+                       headers={"Authorization": f"Bearer {any_server.api_key}"}).json()
     stored = set(remote["components"][0]["parts_stored"])
     assert done <= stored and 3 <= len(stored) < 8
-    before = proxy.bytes_up
-    with Chronicle(proxy.url, server.api_key, **opts) as chronicle:
+    before = any_proxy.bytes_up
+    with Chronicle(any_proxy.url, any_server.api_key, **opts) as chronicle:
         report = drain_incomplete_uploads(chronicle, tracker)
         assert report.finalized == [handle.asset_id] and report.ok
         dest = chronicle.run(run.experiment_id, 0, 0).download_asset(handle.asset_id, tmp_path / "dl")
-    resent = proxy.bytes_up - before
+    resent = any_proxy.bytes_up - before
     missing = 40 * MiB - len(stored) * 5 * MiB
     assert report.bytes_skipped == len(stored) * 5 * MiB
     assert report.bytes_resent == missing
@@ -214,17 +226,17 @@ def test_paused_asset_stays_paused_across_a_restart(server, tmp_path: Path) -> N
     assert tracker.get_asset(handle.asset_id).state == "paused"
 
 
-def test_force_finalize_succeeds_when_storage_is_complete(server, tmp_path: Path) -> None:
+def test_force_finalize_succeeds_when_storage_is_complete(any_server, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 3 * MiB, "b.bin": 1000})
     tracker = UploadTracker(tmp_path / "u.sqlite")
-    with Chronicle(server.url, server.api_key, max_upload_workers=1, max_bandwidth="1MB") as chronicle:
+    with Chronicle(any_server.url, any_server.api_key, max_upload_workers=1, max_bandwidth="1MB") as chronicle:
         run = fresh_run(chronicle)
         handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
         wait_until(lambda: chronicle.snapshot().bytes_done > 0)
         chronicle.pause(handle.asset_id)
         # Out of band, someone stores every byte (e.g. another tool): the server can finalize.
-        auth = {"Authorization": f"Bearer {server.api_key}"}
-        targets = httpx.post(f"{server.url}/api/v1/assets/{handle.asset_id}/presign", headers=auth,
+        auth = {"Authorization": f"Bearer {any_server.api_key}"}
+        targets = httpx.post(f"{any_server.url}/api/v1/assets/{handle.asset_id}/presign", headers=auth,
                              json={"targets": [{"path": "a.bin", "part": None},
                                                {"path": "b.bin", "part": None}]}).json()["targets"]
         for t in targets:
@@ -251,10 +263,10 @@ def test_force_finalize_refused_lists_what_is_missing(server, tmp_path: Path) ->
     assert tracked.state == "failed" and "a.bin" in (tracked.last_error or "")
 
 
-def test_discard_stops_forgets_and_aborts_on_the_server(server, tmp_path: Path) -> None:
+def test_discard_stops_forgets_and_aborts_on_the_server(any_server, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 4 * MiB})
     tracker = UploadTracker(tmp_path / "u.sqlite")
-    with Chronicle(server.url, server.api_key, max_bandwidth="2MB") as chronicle:
+    with Chronicle(any_server.url, any_server.api_key, max_bandwidth="2MB") as chronicle:
         run = fresh_run(chronicle)
         handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
         wait_until(lambda: chronicle.snapshot().bytes_done > 0)

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from methodic import _redact
 from methodic import _tracker_ops as ops
 from methodic._api import ApiClient, raise_for_response
 from methodic._bandwidth import TokenBucket, parse_rate
@@ -100,6 +101,7 @@ class AsyncChronicle:
     ) -> None:
         self.server_url = resolve_server_url(server_url)
         self._api_key = resolve_api_key(api_key)
+        _redact.install()
         if not isinstance(max_upload_workers, int) or max_upload_workers < 1:
             raise InvalidInputError(f"max_upload_workers must be a whole number >= 1, not {max_upload_workers!r}")
         if part_size < 5 * MiB:

@@ -385,7 +385,8 @@ class UploadPool:
         if part is not None:
             c.parts_done.add(part)
             await up.track(ops.record_part(up.asset_id, c.path, part, etag))
-            if len(c.parts_done) < c.part_count:
+            # Two last parts may finish together: only the first to get here completes the file.
+            if len(c.parts_done) < c.part_count or c.state == "completed":
                 return
         elif c.sha256 and digest != c.sha256:
             await self._component_failed(

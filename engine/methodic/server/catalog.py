@@ -1,24 +1,24 @@
 """Experiments, runs and assets: the server's state transitions over the metadata database.
 
-Every method blocks (SQLite, file I/O): call it from a worker thread, never the event loop.
+Every method blocks (SQLite, storage I/O): call it from a worker thread, never the event loop.
 Uploads and finalize of one asset are serialized by a per-asset lock, so a finalize never
 verifies bytes that a concurrent PUT replaces before the finalized state commits.
+
+Storage is reached only through the ``Storage`` interface, so these transitions (and the JSON
+they answer) are the same whichever backend holds the bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
+import logging
 import re
 import sqlite3
-import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -26,63 +26,34 @@ from methodic._paths import component_path_problem
 from methodic.server.config import ServerConfig
 from methodic.server.db import Database
 from methodic.server.errors import APIError, conflict, invalid, not_found, too_large
+from methodic.server.locks import KeyedLocks
 from methodic.server.models import AssetCreate, ComponentIn
-from methodic.server.signing import Grant
-from methodic.server.storage import BlobKey, Measurement, Received, Storage, Upload
+from methodic.server.signing import Grant, expiry
+from methodic.server.storage import (
+    BlobKey,
+    Component,
+    Found,
+    Received,
+    Receiver,
+    Slot,
+    Storage,
+    Upload,
+    part_count,
+    part_range,
+)
+
+__all__ = ["ASSET_ID_PATTERN", "Catalog", "Component", "SweepReport", "UploadSlot"]
+
+log = logging.getLogger("methodic.server")
 
 ASSET_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SHOWN_IN_MESSAGE = 5
+# Presigning marks an asset active at most this often (one write per asset per minute).
+_TOUCH_GRANULARITY_S = 60.0
 
 
 def new_id() -> str:
     return uuid.uuid4().hex
-
-
-def part_count(size: int, part_size: int | None) -> int:
-    """Parts of a component; a multipart component of 0 bytes is one empty part."""
-    if part_size is None:
-        return 1
-    return max(1, math.ceil(size / part_size))
-
-
-def part_range(size: int, part_size: int, part: int) -> tuple[int, int]:
-    offset = (part - 1) * part_size
-    return offset, (min(part_size, size - offset) if size else 0)
-
-
-@dataclass(frozen=True)
-class Component:
-    index: int
-    path: str
-    size: int
-    sha256: str | None  # the manifest's
-    part_size: int | None
-    stored_sha256: str | None
-    parts_stored: tuple[int, ...] = ()
-
-    @property
-    def parts(self) -> int:
-        return part_count(self.size, self.part_size)
-
-    @property
-    def stored(self) -> bool:
-        if self.part_size is None:
-            return self.stored_sha256 is not None
-        return len(self.parts_stored) == self.parts
-
-    def missing_parts(self) -> list[int]:
-        have = set(self.parts_stored)
-        return [n for n in range(1, self.parts + 1) if n not in have]
-
-    def out(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "size": self.size,
-            "sha256": self.stored_sha256 or self.sha256,
-            "part_size": self.part_size,
-            "stored": self.stored,
-            "parts_stored": list(self.parts_stored),
-        }
 
 
 @dataclass
@@ -95,33 +66,18 @@ class UploadSlot:
     expected_sha256: str | None = None  # the manifest's, checked when a whole-file PUT ends
 
 
-@dataclass
-class _Guard:
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    users: int = 0
+@dataclass(frozen=True)
+class SweepReport:
+    expired: list[str]  # pending assets idle past the TTL, now deleted
+    purged: list[str]  # deleted assets whose stored bytes were removed by this sweep
 
 
-class AssetLocks:
-    """Per-asset locks (created on demand, dropped when unused) and in-flight part writers."""
+class AssetLocks(KeyedLocks):
+    """Per-asset locks, plus the part PUTs in flight per (asset, component index)."""
 
     def __init__(self) -> None:
-        self._mutex = threading.Lock()
-        self._guards: dict[str, _Guard] = {}
+        super().__init__()
         self.part_writers: Counter[tuple[str, int]] = Counter()
-
-    @contextmanager
-    def hold(self, asset_id: str) -> Iterator[None]:
-        with self._mutex:
-            guard = self._guards.setdefault(asset_id, _Guard())
-            guard.users += 1
-        try:
-            with guard.lock:
-                yield
-        finally:
-            with self._mutex:
-                guard.users -= 1
-                if guard.users == 0:
-                    del self._guards[asset_id]
 
 
 def _manifest_digest(run_id: str, asset_type: str, components: Sequence[ComponentIn]) -> str:
@@ -171,6 +127,36 @@ def _asset(row: sqlite3.Row) -> dict[str, Any]:
         "component_count": row["component_count"],
         "total_size": row["total_size"],
     }
+
+
+def _component_out(c: Component, found: Found) -> dict[str, Any]:
+    if c.part_size is None:
+        parts: list[int] = []
+    elif found.complete:
+        parts = list(range(1, c.parts + 1))
+    else:
+        parts = sorted(found.parts)
+    return {
+        "path": c.path,
+        "size": c.size,
+        "sha256": c.stored_sha256 or c.sha256,
+        "part_size": c.part_size,
+        "stored": found.complete,
+        "parts_stored": parts,
+    }
+
+
+def _component(row: sqlite3.Row, parts: Sequence[tuple[int, str]] = ()) -> Component:
+    return Component(
+        index=row["idx"],
+        path=row["path"],
+        size=row["size"],
+        sha256=row["sha256"],
+        part_size=row["part_size"],
+        stored_sha256=row["stored_sha256"],
+        parts_stored=tuple(n for n, _ in parts),
+        part_sha256=dict(parts),
+    )
 
 
 _ASSET_SELECT = "SELECT a.*, r.experiment_id FROM assets a JOIN runs r ON r.id = a.run_id"
@@ -282,6 +268,7 @@ class Catalog:
                     f"component {component.path!r} would be sent in {parts} parts; at most "
                     f"{self.config.max_parts_per_component} are accepted (use a larger part_size)"
                 )
+            self._check_storage_limits(component, parts)
         # A path cannot be a file and a directory of the same download.
         for path in seen:
             head = path
@@ -293,13 +280,37 @@ class Catalog:
                         path=path,
                     )
 
+    def _check_storage_limits(self, component: ComponentIn, parts: int) -> None:
+        limits = self.storage.limits
+        name = component.path[:300]
+        if component.part_size is None:
+            if limits.max_single_put is not None and component.size > limits.max_single_put:
+                raise invalid(
+                    f"component {name!r} has {component.size} bytes, over this server's storage "
+                    f"limit of {limits.max_single_put} for one PUT: send it in parts (part_size)",
+                    path=name,
+                )
+            return
+        if parts > 1 and component.part_size < limits.min_part_size:
+            raise invalid(
+                f"component {name!r}: part_size {component.part_size} is below this server's "
+                f"storage minimum of {limits.min_part_size} bytes per part",
+                path=name,
+            )
+        if limits.max_part_size is not None and component.part_size > limits.max_part_size:
+            raise invalid(
+                f"component {name!r}: part_size {component.part_size} is over this server's "
+                f"storage maximum of {limits.max_part_size} bytes per part",
+                path=name,
+            )
+
     def create_asset(self, run_id: str, spec: AssetCreate) -> tuple[dict[str, Any], bool]:
         self._validate_manifest(spec)
         digest = _manifest_digest(run_id, spec.asset_type, spec.components)
         conn = self.db.connection()
         if conn.execute("SELECT 1 FROM assets WHERE id = ?", (spec.asset_id,)).fetchone() is None:
-            # Leftovers of an aborted asset with this id (a crash between delete steps).
-            self.storage.delete_asset(spec.asset_id)
+            # Bytes of an earlier asset with this id (deleted or expired) must not count as stored.
+            self._purge(spec.asset_id)
         now = time.time()
         with self.locks.hold(spec.asset_id), self.db.write(durable=True) as tx:
             if tx.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is None:
@@ -309,9 +320,7 @@ class Catalog:
                 (spec.asset_id,),
             ).fetchone()
             if existing is not None:
-                if existing["manifest_digest"] == digest:
-                    created = False
-                else:
+                if existing["manifest_digest"] != digest:
                     if existing["run_id"] != run_id:
                         what = f"it belongs to run {existing['run_id']}"
                     elif existing["asset_type"] != spec.asset_type:
@@ -322,10 +331,13 @@ class Catalog:
                         f"asset {spec.asset_id} already exists with another manifest ({what}); "
                         "use a new asset id for different content"
                     )
+                created = False
+                tx.execute("UPDATE assets SET touched_at = ? WHERE id = ?", (now, spec.asset_id))
             else:
                 tx.execute(
                     "INSERT INTO assets (id, run_id, asset_type, metadata, manifest_digest, state,"
-                    " component_count, total_size, created_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+                    " component_count, total_size, created_at, touched_at)"
+                    " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
                     (
                         spec.asset_id,
                         run_id,
@@ -334,6 +346,7 @@ class Catalog:
                         digest,
                         len(spec.components),
                         sum(c.size for c in spec.components),
+                        now,
                         now,
                     ),
                 )
@@ -345,7 +358,10 @@ class Catalog:
                     ),
                 )
                 created = True
-        return self.get_asset(spec.asset_id), created
+        asset, components = self.load(spec.asset_id)
+        # A new asset holds nothing yet: no need to ask the storage.
+        found = [Found(False)] * len(components) if created else None
+        return self._with_components(asset, components, found), created
 
     def _asset_row(self, conn: sqlite3.Connection, asset_id: str) -> sqlite3.Row:
         row = conn.execute(f"{_ASSET_SELECT} WHERE a.id = ?", (asset_id,)).fetchone()
@@ -354,21 +370,14 @@ class Catalog:
         return row
 
     def _components(self, conn: sqlite3.Connection, asset_id: str) -> list[Component]:
-        parts: dict[int, list[int]] = {}
-        for idx, part in conn.execute(
-            "SELECT idx, part FROM parts WHERE asset_id = ? ORDER BY idx, part", (asset_id,)
+        parts: dict[int, list[tuple[int, str]]] = {}
+        for idx, part, digest in conn.execute(
+            "SELECT idx, part, sha256 FROM parts WHERE asset_id = ? ORDER BY idx, part",
+            (asset_id,),
         ):
-            parts.setdefault(idx, []).append(part)
+            parts.setdefault(idx, []).append((part, digest))
         return [
-            Component(
-                index=row["idx"],
-                path=row["path"],
-                size=row["size"],
-                sha256=row["sha256"],
-                part_size=row["part_size"],
-                stored_sha256=row["stored_sha256"],
-                parts_stored=tuple(parts.get(row["idx"], ())),
-            )
+            _component(row, parts.get(row["idx"], ()))
             for row in conn.execute(
                 "SELECT * FROM components WHERE asset_id = ? ORDER BY idx", (asset_id,)
             )
@@ -378,10 +387,28 @@ class Catalog:
         with self.db.read() as conn:
             return _asset(self._asset_row(conn, asset_id)), self._components(conn, asset_id)
 
-    def get_asset(self, asset_id: str) -> dict[str, Any]:
-        asset, components = self.load(asset_id)
-        asset["components"] = [c.out() for c in components]
+    def _found(self, asset: Mapping[str, Any], components: Sequence[Component]) -> list[Found]:
+        if asset["state"] == "finalized":
+            return [Found(True)] * len(components)
+        return self.storage.inspect(
+            asset["asset_id"], components, deep=False, workers=self.config.finalize_workers
+        )
+
+    def _with_components(
+        self,
+        asset: dict[str, Any],
+        components: Sequence[Component],
+        found: Sequence[Found] | None = None,
+    ) -> dict[str, Any]:
+        if found is None:
+            found = self._found(asset, components)
+        asset["components"] = [_component_out(c, f) for c, f in zip(components, found, strict=True)]
         return asset
+
+    def get_asset(self, asset_id: str) -> dict[str, Any]:
+        """The asset with what storage holds of each component (recovery's status call)."""
+        asset, components = self.load(asset_id)
+        return self._with_components(asset, components)
 
     def list_assets(
         self, run_id: str, include_pending: bool, asset_type: str | None
@@ -397,23 +424,31 @@ class Catalog:
         rows = self.db.connection().execute(sql + " ORDER BY a.seq", args).fetchall()
         return [_asset(row) for row in rows]
 
-    def upload_targets(
+    def _touch(self, asset_id: str, touched_at: float | None) -> None:
+        now = time.time()
+        if touched_at is None or now - touched_at >= _TOUCH_GRANULARITY_S:
+            with self.db.write() as tx:
+                tx.execute("UPDATE assets SET touched_at = ? WHERE id = ?", (now, asset_id))
+
+    def _slots(
         self, asset_id: str, wanted: Sequence[tuple[str, int | None]] | None
-    ) -> list[tuple[Component, int | None, int, int]]:
-        """(component, part, offset, length) for each wanted (path, part), or for everything."""
+    ) -> list[Slot]:
+        """The PUTs for each wanted (path, part), or for everything; marks the asset active."""
         with self.db.read() as conn:
             asset = self._asset_row(conn, asset_id)
             if asset["state"] != "pending":
                 raise conflict(f"asset {asset_id} is finalized; it takes no more uploads")
             components = self._components(conn, asset_id)
-        out: list[tuple[Component, int | None, int, int]] = []
+        self._touch(asset_id, asset["touched_at"])
+        out: list[Slot] = []
         if wanted is None:
             for c in components:
                 if c.part_size is None:
-                    out.append((c, None, 0, c.size))
+                    out.append(Slot(c, None, 0, c.size))
                 else:
                     out.extend(
-                        (c, n, *part_range(c.size, c.part_size, n)) for n in range(1, c.parts + 1)
+                        Slot(c, n, *part_range(c.size, c.part_size, n))
+                        for n in range(1, c.parts + 1)
                     )
             return out
         by_path = {c.path: c for c in components}
@@ -426,20 +461,58 @@ class Catalog:
                     raise invalid(
                         f"component {path!r} is sent in one PUT; ask for part null, not {part}"
                     )
-                out.append((c, None, 0, c.size))
+                out.append(Slot(c, None, 0, c.size))
             else:
                 if part is None or not 1 <= part <= c.parts:
                     raise invalid(
                         f"component {path!r} is sent in parts 1..{c.parts}; part {part} is not one of them"
                     )
-                out.append((c, part, *part_range(c.size, c.part_size, part)))
+                out.append(Slot(c, part, *part_range(c.size, c.part_size, part)))
         return out
 
-    def download_components(self, asset_id: str) -> tuple[dict[str, Any], list[Component]]:
+    def presign(
+        self, asset_id: str, wanted: Sequence[tuple[str, int | None]] | None, origin: str
+    ) -> list[dict[str, Any]]:
+        """Upload targets (docs/http-api.md ``Target``) for ``wanted``, or for every PUT.
+
+        ``origin`` is where this server's blob routes are reached (for a receiving backend).
+        """
+        slots = self._slots(asset_id, wanted)
+        expires = expiry(self.config.presign_ttl)
+        signed = self.storage.presign_puts(asset_id, slots, expires, origin)
+        return [
+            {
+                "path": s.component.path,
+                "part": s.part,
+                "method": "PUT",
+                "url": p.url,
+                "headers": p.headers,
+                "offset": s.offset,
+                "length": s.length,
+                "expires_at": float(expires),
+            }
+            for s, p in zip(slots, signed, strict=True)
+        ]
+
+    def download(self, asset_id: str, origin: str) -> dict[str, Any]:
         asset, components = self.load(asset_id)
         if asset["state"] != "finalized":
             raise not_found(f"asset {asset_id} is pending; it can be downloaded once finalized")
-        return asset, components
+        expires = expiry(self.config.presign_ttl)
+        return {
+            "asset": self._with_components(asset, components),
+            "components": [
+                {
+                    "path": c.path,
+                    "size": c.size,
+                    "sha256": c.stored_sha256 or c.sha256,
+                    "url": self.storage.presign_get(c.key(asset_id), expires, origin),
+                }
+                for c in components
+            ],
+        }
+
+    # ---- deletion and expiry --------------------------------------------------------------
 
     def delete_asset(self, asset_id: str) -> None:
         with self.locks.hold(asset_id):
@@ -451,8 +524,67 @@ class Catalog:
                     raise conflict(
                         f"asset {asset_id} is finalized; finalized assets are not deleted"
                     )
-                tx.execute("DELETE FROM assets WHERE id = ?", (asset_id,))
+                self._doom(tx, asset_id)
+            self._purge(asset_id)
+
+    @staticmethod
+    def _doom(tx: sqlite3.Connection, asset_id: str) -> None:
+        """Delete the asset's rows, remembering that its stored bytes are still to be removed."""
+        tx.execute("DELETE FROM assets WHERE id = ?", (asset_id,))
+        tx.execute(
+            "INSERT OR REPLACE INTO purges (asset_id, since) VALUES (?, ?)", (asset_id, time.time())
+        )
+
+    def _purge(self, asset_id: str) -> bool:
+        """Remove the stored bytes of a deleted asset; False when the storage failed (retried later)."""
+        if (
+            self.db.connection()
+            .execute("SELECT 1 FROM purges WHERE asset_id = ?", (asset_id,))
+            .fetchone()
+            is None
+        ):
+            return True
+        try:
             self.storage.delete_asset(asset_id)
+        except Exception as exc:
+            log.warning("removing the stored bytes of deleted asset %s failed (%s); will retry",
+                        asset_id, exc)
+            return False
+        with self.db.write() as tx:
+            tx.execute("DELETE FROM purges WHERE asset_id = ?", (asset_id,))
+        return True
+
+    def sweep(self, now: float | None = None) -> SweepReport:
+        """Expire pending assets idle for longer than ``pending_ttl``; retry unfinished purges."""
+        cutoff = (time.time() if now is None else now) - self.config.pending_ttl
+        idle = [
+            row[0]
+            for row in self.db.connection().execute(
+                "SELECT id FROM assets WHERE state = 'pending' AND touched_at < ?", (cutoff,)
+            )
+        ]
+        expired: list[str] = []
+        for asset_id in idle:
+            with self.locks.hold(asset_id):
+                with self.db.write(durable=True) as tx:
+                    cur = tx.execute(
+                        "SELECT 1 FROM assets WHERE id = ? AND state = 'pending' AND touched_at < ?",
+                        (asset_id, cutoff),
+                    )
+                    if cur.fetchone() is None:
+                        continue  # finalized or used meanwhile
+                    self._doom(tx, asset_id)
+                expired.append(asset_id)
+        if expired:
+            log.warning("expired %d pending asset(s) idle for over %g s: %s",
+                        len(expired), self.config.pending_ttl, ", ".join(expired[:10]))
+        doomed = [row[0] for row in self.db.connection().execute("SELECT asset_id FROM purges")]
+        purged = []
+        for asset_id in doomed:
+            with self.locks.hold(asset_id):
+                if self._purge(asset_id):
+                    purged.append(asset_id)
+        return SweepReport(expired, purged)
 
     # ---- finalize -------------------------------------------------------------------------
 
@@ -467,36 +599,20 @@ class Catalog:
                 )
             if asset["state"] == "finalized":
                 self._check_refinalize(asset_id, components, checksums)
-                return self.get_asset(asset_id)
-            missing, forget_whole, forget_parts, verified = self._verify(
-                asset_id, components, checksums
-            )
-            if missing:
-                self._forget(asset_id, forget_whole, forget_parts)
-                shown = ", ".join(
-                    f"{m['path']} ({m['reason']})" for m in missing[:_SHOWN_IN_MESSAGE]
-                )
-                more = (
-                    f" and {len(missing) - _SHOWN_IN_MESSAGE} more"
-                    if len(missing) > _SHOWN_IN_MESSAGE
-                    else ""
-                )
-                raise APIError(
-                    409,
-                    "asset_incomplete",
-                    f"asset {asset_id} is missing {len(missing)} of {len(components)} components: "
-                    f"{shown}{more}; upload them and finalize again",
-                    missing=missing,
-                )
-            self.storage.make_durable(
-                asset_id,
-                [BlobKey(asset_id, c.index, c.path) for c in components],
-                self.config.finalize_workers,
-            )
+                return self._with_components(asset, components)
+            self._touch(asset_id, None)
+            verdict = self._verify(asset_id, components, checksums)
+            if not verdict.missing:
+                for c, why in self.storage.seal(asset_id, components, self.config.finalize_workers):
+                    verdict.missing.append(_missing_item(c, why, c.parts))
+                    verdict.forget_whole.append(c)
+            if verdict.missing:
+                self._forget(asset_id, verdict.forget_whole, verdict.forget_parts)
+                raise _incomplete(asset_id, verdict.missing, len(components))
             with self.db.write(durable=True) as tx:
                 tx.executemany(
                     "UPDATE components SET stored_sha256 = ? WHERE asset_id = ? AND idx = ?",
-                    ((verified[c.index], asset_id, c.index) for c in components),
+                    ((verdict.sha256[c.index], asset_id, c.index) for c in components),
                 )
                 cur = tx.execute(
                     "UPDATE assets SET state = 'finalized', finalized_at = ? WHERE id = ? AND state = 'pending'",
@@ -515,85 +631,52 @@ class Catalog:
     ) -> None:
         for c in components:
             want = checksums.get(c.path)
-            if want is not None and want != c.stored_sha256:
+            known = c.stored_sha256 or c.sha256
+            if want is not None and known is not None and want != known:
                 raise conflict(
-                    f"asset {asset_id} is already finalized and its {c.path!r} has sha256 {c.stored_sha256}, "
+                    f"asset {asset_id} is already finalized and its {c.path!r} has sha256 {known}, "
                     f"not {want}; upload different content under a new asset id"
                 )
 
     def _verify(
         self, asset_id: str, components: list[Component], checksums: Mapping[str, str]
-    ) -> tuple[
-        list[dict[str, Any]], list[Component], list[tuple[Component, list[int]]], dict[int, str]
-    ]:
-        missing: list[dict[str, Any]] = []
-        forget_whole: list[Component] = []
-        forget_parts: list[tuple[Component, list[int]]] = []
-        verified: dict[int, str] = {}
-        to_measure: list[Component] = []
-        for c in components:
-            if self.locks.part_writers[(asset_id, c.index)]:
-                missing.append({"path": c.path, "reason": "upload in progress"})
-            elif not c.stored:
-                item: dict[str, Any] = {"path": c.path, "reason": "not stored"}
-                if c.part_size is not None:
-                    item["parts_missing"] = c.missing_parts()
-                missing.append(item)
-            else:
-                to_measure.append(c)
-
-        def measure(c: Component) -> Measurement | None:
-            return self.storage.measure(BlobKey(asset_id, c.index, c.path), c.size, c.part_size)
-
-        workers = max(1, min(self.config.finalize_workers, len(to_measure)))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            measurements = list(pool.map(measure, to_measure))
-        recorded_parts = (
-            self._recorded_part_hashes(asset_id) if any(c.part_size for c in to_measure) else {}
+    ) -> _Verdict:
+        verdict = _Verdict()
+        found = self.storage.inspect(
+            asset_id, components, deep=True, workers=self.config.finalize_workers
         )
-        for c, m in zip(to_measure, measurements, strict=True):
+        for c, f in zip(components, found, strict=True):
+            if self.locks.part_writers[(asset_id, c.index)]:
+                verdict.missing.append({"path": c.path, "reason": "upload in progress"})
+                continue
+            if not f.complete:
+                missing = [n for n in range(1, c.parts + 1) if n not in f.parts]
+                verdict.missing.append(_missing_item(c, "not stored", missing))
+                if c.received:  # receipts say stored, the bytes are gone: forget the receipts
+                    verdict.forget_whole.append(c)
+                continue
             reason: str | None = None
-            if m is None:
-                reason = "not stored"
-            elif m.size != c.size or m.sha256 is None:
-                reason = f"size mismatch: stored {m.size} bytes, the manifest says {c.size}"
-            elif c.part_size is not None:
-                expected = recorded_parts.get(c.index, {})
-                bad = [n for n, got in enumerate(m.part_sha256, 1) if expected.get(n) != got]
-                if bad:
-                    missing.append(
-                        {
-                            "path": c.path,
-                            "reason": f"checksum mismatch: stored parts {bad} differ from what was uploaded",
-                            "parts_missing": bad,
-                        }
+            if f.size is not None and f.size != c.size:
+                reason = f"size mismatch: stored {f.size} bytes, the manifest says {c.size}"
+            elif f.bad_parts:
+                bad = list(f.bad_parts)
+                verdict.missing.append(
+                    _missing_item(
+                        c, f"checksum mismatch: stored parts {bad} differ from what was uploaded", bad
                     )
-                    forget_parts.append((c, bad))
-                    continue
-            elif m.sha256 != c.stored_sha256:
-                reason = "checksum mismatch: the stored bytes differ from what was uploaded"
-            if reason is None and m is not None and m.sha256 is not None:
-                if c.sha256 is not None and m.sha256 != c.sha256:
-                    reason = (
-                        f"checksum mismatch: stored sha256 {m.sha256}, the manifest says {c.sha256}"
-                    )
-                elif c.path in checksums and m.sha256 != checksums[c.path]:
-                    reason = f"checksum mismatch: stored sha256 {m.sha256}, the client computed {checksums[c.path]}"
-            if reason is None:
-                assert m is not None and m.sha256 is not None
-                verified[c.index] = m.sha256
+                )
+                verdict.forget_parts.append((c, bad))
+                continue
+            elif f.damaged:
+                reason = f"checksum mismatch: {f.damaged}"
             else:
-                missing.append({"path": c.path, "reason": reason})
-                forget_whole.append(c)
-        return missing, forget_whole, forget_parts, verified
-
-    def _recorded_part_hashes(self, asset_id: str) -> dict[int, dict[int, str]]:
-        out: dict[int, dict[int, str]] = {}
-        for idx, part, digest in self.db.connection().execute(
-            "SELECT idx, part, sha256 FROM parts WHERE asset_id = ?", (asset_id,)
-        ):
-            out.setdefault(idx, {})[part] = digest
-        return out
+                reason = _checksum_problem(c, f.sha256, checksums.get(c.path))
+            if reason is None:
+                verdict.sha256[c.index] = f.sha256 or checksums.get(c.path) or c.sha256
+            else:
+                verdict.missing.append(_missing_item(c, reason, c.parts if c.part_size else ()))
+                verdict.forget_whole.append(c)
+        return verdict
 
     def _forget(
         self, asset_id: str, whole: list[Component], parts: list[tuple[Component, list[int]]]
@@ -614,9 +697,17 @@ class Catalog:
                     ((asset_id, c.index, n) for n in numbers),
                 )
         for c in whole:
-            self.storage.forget(BlobKey(asset_id, c.index, c.path))
+            self.storage.forget(c.key(asset_id))
 
-    # ---- the blob data path ---------------------------------------------------------------
+    # ---- the blob data path (receiving backends) ------------------------------------------
+
+    def _receiver(self) -> Receiver:
+        receiver = self.storage.receiver
+        if receiver is None:
+            raise not_found(
+                f"this server's storage is {self.storage.describe()}: blobs are not sent here"
+            )
+        return receiver
 
     def _upload_component(self, conn: sqlite3.Connection, grant: Grant) -> Component:
         row = conn.execute("SELECT state FROM assets WHERE id = ?", (grant.asset_id,)).fetchone()
@@ -629,20 +720,14 @@ class Catalog:
         ).fetchone()
         if c is None:
             raise not_found(f"asset {grant.asset_id} has no component {grant.path[:300]!r}")
-        return Component(
-            index=c["idx"],
-            path=c["path"],
-            size=c["size"],
-            sha256=c["sha256"],
-            part_size=c["part_size"],
-            stored_sha256=c["stored_sha256"],
-        )
+        return _component(c)
 
     def begin_upload(self, grant: Grant) -> UploadSlot:
         """Check that the asset takes this PUT and open its destination. Raises APIError."""
+        receiver = self._receiver()
         with self.locks.hold(grant.asset_id):
             c = self._upload_component(self.db.connection(), grant)
-            key = BlobKey(grant.asset_id, c.index, c.path)
+            key = c.key(grant.asset_id)
             if c.part_size is None:
                 expected = (None, 0, c.size)
             elif grant.part is not None and 1 <= grant.part <= c.parts:
@@ -655,9 +740,9 @@ class Catalog:
                 )
             assert grant.length is not None and grant.offset is not None
             if grant.part is None:
-                upload = self.storage.open_object_upload(key, grant.length)
+                upload = receiver.open_object_upload(key, grant.length)
                 return UploadSlot(key, None, upload, expected_sha256=c.sha256)
-            upload = self.storage.open_part_upload(key, grant.offset, grant.length)
+            upload = receiver.open_part_upload(key, grant.offset, grant.length)
             self.locks.part_writers[(key.asset_id, key.index)] += 1
             return UploadSlot(key, grant.part, upload)
 
@@ -686,6 +771,7 @@ class Catalog:
                     "INSERT OR REPLACE INTO parts (asset_id, idx, part, size, sha256) VALUES (?, ?, ?, ?, ?)",
                     (key.asset_id, key.index, slot.part, received.size, received.sha256),
                 )
+            tx.execute("UPDATE assets SET touched_at = ? WHERE id = ?", (time.time(), key.asset_id))
 
     def end_upload(self, slot: UploadSlot) -> None:
         """Release the slot whatever happened; a body that was not completed leaves no trace."""
@@ -698,6 +784,7 @@ class Catalog:
                     del writers[(slot.key.asset_id, slot.key.index)]
 
     def open_download(self, asset_id: str, path: str) -> tuple[BinaryIO, Component]:
+        receiver = self._receiver()
         with self.db.read() as conn:
             row = conn.execute("SELECT state FROM assets WHERE id = ?", (asset_id,)).fetchone()
             c = conn.execute(
@@ -705,12 +792,53 @@ class Catalog:
             ).fetchone()
         if row is None or row["state"] != "finalized" or c is None:
             raise not_found(f"asset {asset_id} has no finalized component {path[:300]!r}")
-        component = Component(
-            index=c["idx"],
-            path=c["path"],
-            size=c["size"],
-            sha256=c["sha256"],
-            part_size=c["part_size"],
-            stored_sha256=c["stored_sha256"],
-        )
-        return self.storage.open_read(BlobKey(asset_id, c["idx"], c["path"])), component
+        component = _component(c)
+        return receiver.open_read(component.key(asset_id)), component
+
+
+@dataclass
+class _Verdict:
+    """What finalize's verification found: what is missing, what to forget, what was verified."""
+
+    missing: list[dict[str, Any]] = field(default_factory=list)
+    forget_whole: list[Component] = field(default_factory=list)
+    forget_parts: list[tuple[Component, list[int]]] = field(default_factory=list)
+    sha256: dict[int, str | None] = field(default_factory=dict)
+
+
+def _missing_item(c: Component, reason: str, parts: Sequence[int] | int = ()) -> dict[str, Any]:
+    item: dict[str, Any] = {"path": c.path, "reason": reason}
+    if c.part_size is not None:
+        item["parts_missing"] = list(range(1, parts + 1)) if isinstance(parts, int) else list(parts)
+    return item
+
+
+def _checksum_problem(c: Component, stored: str | None, client: str | None) -> str | None:
+    """Why the stored bytes are not the manifest's or the client's, or None.
+
+    ``stored`` is the sha256 storage computed (None when it cannot, as on S3): then the
+    manifest's and the client's digests can still contradict each other.
+    """
+    if stored is not None:
+        if c.sha256 is not None and stored != c.sha256:
+            return f"checksum mismatch: stored sha256 {stored}, the manifest says {c.sha256}"
+        if client is not None and stored != client:
+            return f"checksum mismatch: stored sha256 {stored}, the client computed {client}"
+        return None
+    if c.sha256 is not None and client is not None and c.sha256 != client:
+        return f"checksum mismatch: the client computed {client}, the manifest says {c.sha256}"
+    return None
+
+
+def _incomplete(asset_id: str, missing: list[dict[str, Any]], total: int) -> APIError:
+    shown = ", ".join(f"{m['path']} ({m['reason']})" for m in missing[:_SHOWN_IN_MESSAGE])
+    more = (
+        f" and {len(missing) - _SHOWN_IN_MESSAGE} more" if len(missing) > _SHOWN_IN_MESSAGE else ""
+    )
+    return APIError(
+        409,
+        "asset_incomplete",
+        f"asset {asset_id} is missing {len(missing)} of {total} components: {shown}{more}; "
+        "upload them and finalize again",
+        missing=missing,
+    )

@@ -16,10 +16,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 30.0
 
-_SCHEMA = """
+# MIGRATIONS[n] takes a database from schema version n to n + 1.
+MIGRATIONS: list[str] = [
+    """
 CREATE TABLE api_keys (
     key_hash   TEXT PRIMARY KEY,
     origin     TEXT NOT NULL,           -- 'generated' (DATA_DIR/api_key) or 'given' (--api-key)
@@ -74,7 +75,29 @@ CREATE TABLE parts (
     PRIMARY KEY (asset_id, idx, part),
     FOREIGN KEY (asset_id, idx) REFERENCES components (asset_id, idx) ON DELETE CASCADE
 ) WITHOUT ROWID;
-"""
+""",
+    """
+-- Last activity (create, presign, upload, finalize): pending assets idle longer expire.
+ALTER TABLE assets ADD COLUMN touched_at REAL;
+UPDATE assets SET touched_at = created_at;
+CREATE INDEX assets_pending_by_touch ON assets (state, touched_at);
+-- The storage's handle of a multipart upload in progress (S3's UploadId), per component.
+CREATE TABLE multipart_uploads (
+    asset_id   TEXT NOT NULL,
+    idx        INTEGER NOT NULL,
+    upload_id  TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (asset_id, idx),
+    FOREIGN KEY (asset_id, idx) REFERENCES components (asset_id, idx) ON DELETE CASCADE
+) WITHOUT ROWID;
+-- Assets deleted here whose stored bytes may still exist: removed by the next sweep.
+CREATE TABLE purges (
+    asset_id TEXT PRIMARY KEY,
+    since    REAL NOT NULL
+) WITHOUT ROWID;
+""",
+]
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 def _statements(script: str) -> list[str]:
@@ -147,17 +170,18 @@ class Database:
             raise SchemaError(f"{self.path}: cannot switch to WAL mode (got {mode!r})")
         with self.write(durable=True) as tx:
             version = tx.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                if tx.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-                    raise SchemaError(f"{self.path} is not a methodic server database")
-                # executescript() would COMMIT the open transaction, so run statements one by one.
-                for statement in _statements(_SCHEMA):
-                    tx.execute(statement)
-                tx.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version > SCHEMA_VERSION:
+            if version > SCHEMA_VERSION:
                 raise SchemaError(
                     f"{self.path} was written by a newer methodic (schema {version}); upgrade methodic"
                 )
+            if version == 0 and tx.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                raise SchemaError(f"{self.path} is not a methodic server database")
+            for script in MIGRATIONS[version:]:
+                # executescript() would COMMIT the open transaction, so run statements one by one.
+                for statement in _statements(script):
+                    tx.execute(statement)
+            if version < SCHEMA_VERSION:
+                tx.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
 RunStatus = Literal["running", "succeeded", "failed"]
 
 
 class ErrorBody(BaseModel):
+    """``code`` and ``message``, plus extra fields some errors carry (``missing``, ``errors``)."""
+
+    model_config = ConfigDict(extra="allow")
+
     code: str
     message: str
 

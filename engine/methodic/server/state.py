@@ -1,10 +1,12 @@
-"""Opening a data directory: metadata database, API key, presigning secret, storage."""
+"""Opening a data directory: metadata database, API key, presigning secret, storage, sweeper."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
+import threading
 from dataclasses import dataclass, field
 
 from methodic.server.catalog import Catalog
@@ -18,13 +20,43 @@ from methodic.server.keys import (
     load_or_create_secret,
 )
 from methodic.server.signing import Signer
-from methodic.server.storage import LocalStorage
+from methodic.server.storage import Storage, StorageSetupError
+from methodic.server.storage_local import LocalStorage
 
 DB_FILE = "metadata.sqlite"
 
+log = logging.getLogger("methodic.server")
+
 
 class DataDirError(RuntimeError):
-    """The data directory cannot be created, written or read."""
+    """The data directory (or the storage it points at) cannot be used: a one-line reason."""
+
+
+class Sweeper:
+    """Expires idle pending assets (``Catalog.sweep``) at start and then periodically."""
+
+    def __init__(self, catalog: Catalog, interval: float) -> None:
+        self._catalog = catalog
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="methodic-sweeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._catalog.sweep()
+            except Exception:  # a storage or database hiccup must not end the sweeping
+                log.exception("the sweep of expired pending assets failed; trying again later")
+            if self._stop.wait(self._interval):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(30)
 
 
 @dataclass
@@ -35,15 +67,33 @@ class ServerState:
     signer: Signer = field(repr=False)
     keyring: KeyRing = field(repr=False)
     active_key: ActiveKey
+    storage: Storage = field(repr=False)
+    sweeper: Sweeper = field(repr=False)
 
     def close(self) -> None:
+        self.sweeper.stop()
+        self.storage.close()
         self.db.close()
+
+
+def _open_storage(config: ServerConfig, db: Database, signer: Signer) -> Storage:
+    location = config.s3_location
+    if location is None:
+        local = LocalStorage(config.data_dir, signer)
+        local.remove_stale_temp()
+        return local
+    from methodic.server.storage_s3 import open_s3_storage
+
+    return open_s3_storage(
+        location, db, endpoint_url=config.s3_endpoint_url, region=config.s3_region
+    )
 
 
 def open_state(config: ServerConfig) -> ServerState:
     """Prepare ``config.data_dir`` (mode 0700) and everything a server keeps in it.
 
-    Raises DataDirError (with a one-line message) or ValueError (a bad API key).
+    Also starts the sweeper of expired pending assets (``close()`` stops it). Raises
+    DataDirError (with a one-line message) or ValueError (a bad API key).
     """
     data_dir = config.data_dir
     try:
@@ -58,19 +108,26 @@ def open_state(config: ServerConfig) -> ServerState:
     try:
         active, keyring = activate_api_key(db, data_dir, config.api_key)
         signer = Signer(load_or_create_secret(data_dir))
-        storage = LocalStorage(data_dir)
-        storage.remove_stale_temp()
+        storage = _open_storage(config, db, signer)
+    except StorageSetupError as exc:
+        db.close()
+        raise DataDirError(str(exc)) from None
     except (OSError, sqlite3.Error, KeyFileError) as exc:
         db.close()
         raise DataDirError(f"cannot use data dir {data_dir}: {exc}") from exc
     except BaseException:
         db.close()
         raise
+    catalog = Catalog(db, storage, config)
+    sweeper = Sweeper(catalog, config.effective_sweep_interval)
+    sweeper.start()
     return ServerState(
         config=config,
         db=db,
-        catalog=Catalog(db, storage, config),
+        catalog=catalog,
         signer=signer,
         keyring=keyring,
         active_key=active,
+        storage=storage,
+        sweeper=sweeper,
     )

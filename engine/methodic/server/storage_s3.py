@@ -1,0 +1,429 @@
+"""The S3 storage backend: clients PUT straight to a bucket; this server keeps only metadata.
+
+Objects are named ``PREFIX/ASSET_ID/NNNNNNN`` by manifest position (the metadata database maps
+them to paths), so any valid component path fits S3's 1024-byte key limit. A one-PUT component
+gets a SigV4-presigned ``PutObject`` URL, a part a presigned ``UploadPart`` URL; both sign the
+``Content-Length``. A component's multipart upload is created on the first presign of one of its
+parts, its UploadId kept in the metadata database, and completed at finalize from the parts S3
+lists (never from ETags a client reports). What is stored is always asked of S3 itself
+(ListObjectsV2, ListParts), so recovery resends only what S3 lacks.
+
+boto3 is imported only here, and only when a server is started with ``--storage s3://``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from methodic.server.config import S3Location
+from methodic.server.db import Database
+from methodic.server.locks import KeyedLocks
+from methodic.server.storage import (
+    BlobKey,
+    Component,
+    Found,
+    Presigned,
+    Slot,
+    StorageLimits,
+    StorageSetupError,
+    StorageUnavailable,
+)
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+T = TypeVar("T")
+
+
+def open_s3_storage(
+    location: S3Location, db: Database, *, endpoint_url: str | None, region: str | None
+) -> S3Storage:
+    """A client for ``location`` whose bucket answered; StorageSetupError (one line) otherwise."""
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise StorageSetupError(
+            "--storage s3:// needs boto3: pip install 'methodic[s3]'"
+        ) from None
+    config = Config(
+        signature_version="s3v4",
+        # S3-compatible services (MinIO, Ceph RGW) are addressed by path, AWS by virtual host.
+        s3={"addressing_style": "path" if endpoint_url else "auto"},
+        retries={"mode": "standard", "max_attempts": 4},
+        connect_timeout=5,
+        read_timeout=60,
+        max_pool_connections=32,
+    )
+    try:
+        client = boto3.session.Session().client(
+            "s3", endpoint_url=endpoint_url, region_name=region, config=config
+        )
+    except Exception as exc:  # botocore raises many types for a bad configuration
+        raise StorageSetupError(f"cannot set up the S3 client: {exc}") from None
+    # botocore's DEBUG lines show canonical requests, session token included: never let a
+    # server-wide DEBUG level reach them (a level set on these loggers on purpose is kept).
+    for name in ("botocore", "boto3", "urllib3"):
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.INFO)
+    storage = S3Storage(client, location, db, endpoint_url=endpoint_url)
+    storage.check_bucket()
+    return storage
+
+
+def _setup_error(exc: Exception, location: S3Location, endpoint: str) -> StorageSetupError:
+    from botocore.exceptions import (
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
+
+    bucket = location.bucket
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return StorageSetupError(
+            "no AWS credentials found for the S3 storage: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run where a role provides them"
+        )
+    if isinstance(exc, EndpointConnectionError):
+        return StorageSetupError(f"cannot reach the S3 endpoint {endpoint}: {exc}")
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = exc.response.get("Error", {}).get("Code", "")
+        if status == 404 or code in ("404", "NoSuchBucket"):
+            return StorageSetupError(f"S3 bucket {bucket!r} does not exist at {endpoint}; create it first")
+        if status in (301, 307) or code in ("301", "PermanentRedirect"):
+            region = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get(
+                "x-amz-bucket-region", "its region"
+            )
+            return StorageSetupError(f"S3 bucket {bucket!r} is in another region: pass --s3-region {region}")
+        if status == 403 or code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return StorageSetupError(
+                f"access to S3 bucket {bucket!r} was denied ({code}): check the credentials and "
+                "that they may list, read and write the bucket"
+            )
+        return StorageSetupError(f"S3 bucket {bucket!r} at {endpoint} answered {code or status}")
+    return StorageSetupError(f"cannot use S3 bucket {bucket!r} at {endpoint}: {exc}")
+
+
+class S3Storage:
+    limits = StorageLimits(min_part_size=5 * MiB, max_part_size=5 * GiB, max_single_put=5 * GiB)
+    receiver = None
+
+    def __init__(
+        self, client: Any, location: S3Location, db: Database, *, endpoint_url: str | None
+    ) -> None:
+        self._s3 = client
+        self.bucket = location.bucket
+        self.prefix = location.prefix
+        self.location = location
+        self._db = db
+        self._endpoint = endpoint_url or "AWS"
+        self._creating = KeyedLocks()
+
+    def __repr__(self) -> str:
+        return f"S3Storage({self.describe()!r})"
+
+    def describe(self) -> str:
+        return f"{self.location} at {self._endpoint}"
+
+    def close(self) -> None:
+        self._s3.close()
+
+    def check_bucket(self) -> None:
+        try:
+            self._s3.head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            raise _setup_error(exc, self.location, self._endpoint) from None
+
+    # ---- naming ----------------------------------------------------------------------------
+
+    def _asset_prefix(self, asset_id: str) -> str:
+        return f"{self.prefix}{asset_id}/"
+
+    def _object(self, key: BlobKey) -> str:
+        return f"{self._asset_prefix(key.asset_id)}{key.index:07d}"
+
+    def _call(self, what: str, fn: Callable[..., T], **kwargs: Any) -> T:
+        """Run one S3 call; a failure becomes StorageUnavailable (the client retries)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "?")
+            raise StorageUnavailable(f"S3 {what} failed ({code})") from exc
+        except BotoCoreError as exc:
+            raise StorageUnavailable(f"S3 {what} failed ({type(exc).__name__})") from exc
+
+    @staticmethod
+    def _no_such_upload(exc: StorageUnavailable) -> bool:
+        cause = exc.__cause__
+        return getattr(cause, "response", {}).get("Error", {}).get("Code") == "NoSuchUpload"
+
+    # ---- multipart upload ids (in the metadata database) -----------------------------------
+
+    def _upload_ids(self, asset_id: str) -> dict[int, str]:
+        rows = self._db.connection().execute(
+            "SELECT idx, upload_id FROM multipart_uploads WHERE asset_id = ?", (asset_id,)
+        )
+        return {idx: upload_id for idx, upload_id in rows}
+
+    def _drop_upload_id(self, asset_id: str, index: int) -> None:
+        with self._db.write() as tx:
+            tx.execute(
+                "DELETE FROM multipart_uploads WHERE asset_id = ? AND idx = ?", (asset_id, index)
+            )
+
+    def _create_upload(self, key: BlobKey) -> str:
+        """The component's multipart upload, created now if it has none (once, under a lock)."""
+        with self._creating.hold((key.asset_id, key.index)):
+            existing = self._upload_ids(key.asset_id).get(key.index)
+            if existing is not None:
+                return existing
+            created = self._call(
+                "CreateMultipartUpload",
+                self._s3.create_multipart_upload,
+                Bucket=self.bucket,
+                Key=self._object(key),
+            )
+            upload_id: str = created["UploadId"]
+            try:
+                with self._db.write(durable=True) as tx:
+                    tx.execute(
+                        "INSERT INTO multipart_uploads (asset_id, idx, upload_id, created_at)"
+                        " VALUES (?, ?, ?, ?)",
+                        (key.asset_id, key.index, upload_id, time.time()),
+                    )
+            except Exception:
+                # The asset went away meanwhile (its component row is gone): leave nothing in S3.
+                self._abort(self._object(key), upload_id)
+                raise
+            return upload_id
+
+    def _abort(self, object_key: str, upload_id: str) -> None:
+        try:
+            self._call(
+                "AbortMultipartUpload",
+                self._s3.abort_multipart_upload,
+                Bucket=self.bucket,
+                Key=object_key,
+                UploadId=upload_id,
+            )
+        except StorageUnavailable as exc:
+            if not self._no_such_upload(exc):
+                raise
+
+    # ---- presigning ------------------------------------------------------------------------
+
+    def presign_puts(
+        self, asset_id: str, slots: Sequence[Slot], expires: int, origin: str
+    ) -> list[Presigned]:
+        ttl = max(1, expires - int(time.time()))
+        uploads = self._upload_ids(asset_id)
+        out: list[Presigned] = []
+        for slot in slots:
+            key = slot.component.key(asset_id)
+            params: dict[str, Any] = {
+                "Bucket": self.bucket,
+                "Key": self._object(key),
+                "ContentLength": slot.length,
+            }
+            if slot.part is None:
+                method = "put_object"
+            else:
+                method = "upload_part"
+                if key.index not in uploads:
+                    uploads[key.index] = self._create_upload(key)
+                params.update(UploadId=uploads[key.index], PartNumber=slot.part)
+            url = self._s3.generate_presigned_url(method, Params=params, ExpiresIn=ttl)
+            out.append(Presigned(url))
+        return out
+
+    def presign_get(self, key: BlobKey, expires: int, origin: str) -> str:
+        ttl = max(1, expires - int(time.time()))
+        url: str = self._s3.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._object(key)}, ExpiresIn=ttl
+        )
+        return url
+
+    # ---- what S3 holds ---------------------------------------------------------------------
+
+    def _paginate(self, operation: str, what: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        pages = iter(self._s3.get_paginator(operation).paginate(**kwargs))
+        while (page := self._call(what, lambda: next(pages, None))) is not None:
+            yield page
+
+    def _listing(self, asset_id: str) -> Iterator[tuple[str, int]]:
+        """(key, size) of every object under the asset's prefix."""
+        for page in self._paginate(
+            "list_objects_v2",
+            "ListObjectsV2",
+            Bucket=self.bucket,
+            Prefix=self._asset_prefix(asset_id),
+        ):
+            for item in page.get("Contents", ()):
+                yield item["Key"], int(item["Size"])
+
+    def _objects(self, asset_id: str) -> dict[int, int]:
+        """{component index: object size} of the asset's objects."""
+        skip = len(self._asset_prefix(asset_id))
+        return {
+            int(key[skip:]): size for key, size in self._listing(asset_id) if key[skip:].isdigit()
+        }
+
+    def _parts(self, key: BlobKey, upload_id: str) -> dict[int, tuple[int, str]] | None:
+        """{part number: (size, ETag)} of an upload; None when S3 no longer has the upload."""
+        out: dict[int, tuple[int, str]] = {}
+        try:
+            for page in self._paginate(
+                "list_parts",
+                "ListParts",
+                Bucket=self.bucket,
+                Key=self._object(key),
+                UploadId=upload_id,
+            ):
+                for part in page.get("Parts", ()):
+                    out[int(part["PartNumber"])] = (int(part["Size"]), str(part["ETag"]))
+        except StorageUnavailable as exc:
+            if self._no_such_upload(exc):
+                return None
+            raise
+        return out
+
+    def _good_parts(self, c: Component, parts: dict[int, tuple[int, str]]) -> dict[int, str]:
+        """{part: ETag} of the parts whose size is the layout's (others must be sent again)."""
+        return {
+            n: etag
+            for n, (size, etag) in parts.items()
+            if 1 <= n <= c.parts and size == c.part_length(n)
+        }
+
+    def inspect(
+        self, asset_id: str, components: Sequence[Component], *, deep: bool, workers: int
+    ) -> list[Found]:
+        objects = self._objects(asset_id) if components else {}
+        uploads = self._upload_ids(asset_id)
+        pending = [
+            c
+            for c in components
+            if c.part_size is not None and objects.get(c.index) != c.size and c.index in uploads
+        ]
+
+        def list_parts(c: Component) -> dict[int, str]:
+            parts = self._parts(c.key(asset_id), uploads[c.index])
+            if parts is None:  # aborted behind our back: the next presign starts a new upload
+                self._drop_upload_id(asset_id, c.index)
+                return {}
+            return self._good_parts(c, parts)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(pending)))) as pool:
+            listed = dict(zip((c.index for c in pending), pool.map(list_parts, pending), strict=True))
+        found: list[Found] = []
+        for c in components:
+            size = objects.get(c.index)
+            if c.part_size is None:
+                if size is None or (size != c.size and not deep):
+                    found.append(Found(False))
+                else:
+                    found.append(Found(True, size=size))
+            elif size == c.size:
+                found.append(Found(True, size=size))  # assembled by an earlier finalize
+            else:
+                parts = frozenset(listed.get(c.index, {}))
+                complete = len(parts) == c.parts
+                found.append(Found(complete, parts, size=c.size if complete else None))
+        return found
+
+    # ---- finalize, forget, delete ----------------------------------------------------------
+
+    def seal(
+        self, asset_id: str, components: Sequence[Component], workers: int
+    ) -> list[tuple[Component, str]]:
+        uploads = self._upload_ids(asset_id)
+        multipart = [c for c in components if c.part_size is not None and c.index in uploads]
+
+        def complete(c: Component) -> str | None:
+            key = c.key(asset_id)
+            for _attempt in range(2):  # once more if a part was replaced while we listed
+                parts = self._parts(key, uploads[c.index])
+                if parts is None:
+                    break  # completed by an earlier finalize that did not commit
+                good = self._good_parts(c, parts)
+                if len(good) != c.parts:
+                    return "not stored"
+                try:
+                    self._call(
+                        "CompleteMultipartUpload",
+                        self._s3.complete_multipart_upload,
+                        Bucket=self.bucket,
+                        Key=self._object(key),
+                        UploadId=uploads[c.index],
+                        MultipartUpload={
+                            "Parts": [{"PartNumber": n, "ETag": good[n]} for n in sorted(good)]
+                        },
+                    )
+                    break
+                except StorageUnavailable as exc:
+                    code = getattr(exc.__cause__, "response", {}).get("Error", {}).get("Code")
+                    if code not in ("InvalidPart", "NoSuchUpload") or _attempt:
+                        raise
+            head = self._head(key)
+            if head is None:
+                return "not stored"
+            if int(head["ContentLength"]) != c.size:
+                return f"size mismatch: stored {head['ContentLength']} bytes, the manifest says {c.size}"
+            self._drop_upload_id(asset_id, c.index)
+            return None
+
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(multipart)))) as pool:
+            results = list(pool.map(complete, multipart))
+        problems = [(c, why) for c, why in zip(multipart, results, strict=True) if why]
+        if not problems:
+            self._abort_all(asset_id)  # strays: uploads created by a crash before their id was kept
+        return problems
+
+    def _head(self, key: BlobKey) -> dict[str, Any] | None:
+        try:
+            head: dict[str, Any] = self._call(
+                "HeadObject", self._s3.head_object, Bucket=self.bucket, Key=self._object(key)
+            )
+        except StorageUnavailable as exc:
+            status = getattr(exc.__cause__, "response", {}).get("ResponseMetadata", {}).get(
+                "HTTPStatusCode"
+            )
+            if status == 404:
+                return None
+            raise
+        return head
+
+    def forget(self, key: BlobKey) -> None:
+        upload_id = self._upload_ids(key.asset_id).get(key.index)
+        if upload_id is not None:
+            self._abort(self._object(key), upload_id)
+            self._drop_upload_id(key.asset_id, key.index)
+        self._call("DeleteObject", self._s3.delete_object, Bucket=self.bucket, Key=self._object(key))
+
+    def _abort_all(self, asset_id: str) -> None:
+        for page in self._paginate(
+            "list_multipart_uploads",
+            "ListMultipartUploads",
+            Bucket=self.bucket,
+            Prefix=self._asset_prefix(asset_id),
+        ):
+            for upload in page.get("Uploads", ()):
+                self._abort(upload["Key"], upload["UploadId"])
+
+    def delete_asset(self, asset_id: str) -> None:
+        self._abort_all(asset_id)
+        keys = [{"Key": key} for key, _size in self._listing(asset_id)]
+        for start in range(0, len(keys), 1000):
+            self._call(
+                "DeleteObjects",
+                self._s3.delete_objects,
+                Bucket=self.bucket,
+                Delete={"Objects": keys[start : start + 1000], "Quiet": True},
+            )
