@@ -22,10 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from faultproxy import FaultProxy
-from killharness import LAYOUT, kill_round
-
-from methodic.server import EmbeddedServer
+from killharness import LAYOUT, counted_server, kill_round
 
 
 def phase(result_registered: bool, finished: bool, resent: int, bytes_up: int) -> str:
@@ -50,10 +47,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="methodic-torture-") as tmp:
             work = Path(tmp)
             try:
-                with EmbeddedServer(work / "server") as srv:
-                    host, port = srv.url.removeprefix("http://").split(":")
-                    with FaultProxy(host, int(port)) as proxy:
-                        r = kill_round(work, proxy.url, srv.url, srv.api_key, delay, proxy, seed=i)
+                with counted_server(work / "server") as (srv, proxy):
+                    r = kill_round(work, srv.url, srv.url, srv.api_key, delay, proxy, seed=i)
                 where = phase(r.registered, r.finished_before_kill, r.resent, r.bytes_up)
                 rows.append({"round": i, "kill_after": delay, "phase": where, "resent": r.resent,
                              "bytes_up": r.bytes_up, "ok": True})

@@ -9,6 +9,7 @@ nothing stays pending, and at most one part per in-flight transfer is sent twice
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,11 +17,15 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from helpers import make_checkpoint, subprocess_env, tree_digest
+from faultproxy import FaultProxy
+from helpers import free_port, make_checkpoint, subprocess_env, tree_digest
+
+from methodic.server import EmbeddedServer
 
 MiB = 1 << 20
 PART = 5 * MiB
@@ -54,6 +59,15 @@ DRAINER = textwrap.dedent(f"""
         report = drain_incomplete_uploads(chronicle, tracker)
     print(json.dumps(report.__dict__))
 """)
+
+
+@contextlib.contextmanager
+def counted_server(data_dir: Path) -> Iterator[tuple[EmbeddedServer, FaultProxy]]:
+    """An embedded server whose presigned blob URLs cross a byte-counting FaultProxy."""
+    blob_port = free_port()
+    with FaultProxy("127.0.0.1", blob_port) as proxy, \
+            EmbeddedServer(data_dir, blob_port=blob_port, public_blob_url=proxy.url) as srv:
+        yield srv, proxy
 
 
 @dataclass

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-from faultproxy import FaultProxy
 from helpers import (
     free_port,
     make_checkpoint,
@@ -18,9 +17,9 @@ from helpers import (
     tree_digest,
     wait_healthy,
 )
-from killharness import kill_round
+from killharness import counted_server, kill_round
+
 from methodic import Chronicle, RetryPolicy, UploadTracker, drain_incomplete_uploads
-from methodic.server import EmbeddedServer
 
 ROUNDS = 20
 # Spread kills over start-up, registration, transfers (mid-part) and finalize; seeded, so a
@@ -30,11 +29,9 @@ KILL_TIMES = [round(0.2 + 3.0 * random.Random(i).random(), 3) for i in range(ROU
 
 @pytest.mark.parametrize("round_no", range(ROUNDS))
 def test_sigkill_at_any_instant_then_drain(tmp_path: Path, round_no: int) -> None:
-    with EmbeddedServer(tmp_path / "server") as srv:
-        host, port = srv.url.removeprefix("http://").split(":")
-        with FaultProxy(host, int(port)) as proxy:
-            result = kill_round(tmp_path, proxy.url, srv.url, srv.api_key, KILL_TIMES[round_no],
-                                proxy, seed=round_no)
+    with counted_server(tmp_path / "server") as (srv, proxy):
+        result = kill_round(tmp_path, srv.url, srv.url, srv.api_key, KILL_TIMES[round_no],
+                            proxy, seed=round_no)
     if result.finished_before_kill:
         assert result.resent == 0
 
