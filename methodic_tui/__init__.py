@@ -1,0 +1,1 @@
+"""methodic-tui: the operator's dashboard for methodic uploads (and its headless twin)."""

@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import httpx
 import pytest
+
 from methodic.server import EmbeddedServer, ServerConfig
 
 
@@ -322,7 +323,8 @@ def test_presigned_urls_follow_the_request_host(
             "presign": True,
         },
     )
-    assert response.json()["targets"][0]["url"].startswith(f"{localhost}/blobs/a1/a?")
+    blobs = f"http://localhost:{server.blob_port}"  # the blob listener, on the host the client used
+    assert response.json()["targets"][0]["url"].startswith(f"{blobs}/blobs/a1/a?")
 
 
 def test_finalize_incomplete_is_409_listing_what_is_missing(api: httpx.Client, run_id: str) -> None:

@@ -232,7 +232,9 @@ class AsyncTracker:
         self._lock = asyncio.Lock()  # one transaction at a time on the shared connection
 
     async def open(self) -> AsyncTracker:
-        UploadTracker(self.db_path).close()  # creates and migrates the file if needed
+        # Create and migrate the file in a thread: a blocking open on this loop could wait on
+        # a transaction that another connection of the same loop cannot finish meanwhile.
+        await asyncio.to_thread(lambda: UploadTracker(self.db_path).close())
         try:
             self._conn = await aiosqlite.connect(self.db_path, isolation_level=None,
                                                  timeout=BUSY_TIMEOUT_MS / 1000)

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -16,6 +17,7 @@ from methodic import __version__
 if TYPE_CHECKING:
     import socket
 
+    from methodic.server.config import ServerConfig
     from methodic.server.runner import QuietServer
 
 EXIT_USAGE = 2
@@ -90,7 +92,44 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="origin of presigned URLs (default: the scheme and Host of each request)",
     )
-    serve.add_argument("--storage", default="local", help="storage backend: local (default)")
+    serve.add_argument(
+        "--blob-port",
+        type=_port,
+        default=None,
+        help="port of the blob data path (presigned PUT/GET); 0 picks a free one "
+        "(default: the data dir's port of last time if free, else a free one)",
+    )
+    serve.add_argument(
+        "--public-blob-url",
+        default=None,
+        metavar="URL",
+        help="origin of presigned blob URLs (default: --public-url, which must then route "
+        "/blobs/ to the blob port; without either, the request's host with the blob port)",
+    )
+    serve.add_argument(
+        "--storage",
+        default="local",
+        metavar="local|s3://BUCKET[/PREFIX]",
+        help="where blob bytes live: local (under the data dir, the default) or an S3 bucket "
+        "(clients upload straight to it; the data dir keeps only metadata; needs methodic[s3])",
+    )
+    serve.add_argument(
+        "--s3-endpoint-url",
+        default=None,
+        metavar="URL",
+        help="S3-compatible service to use instead of AWS (MinIO, Ceph RGW, ...)",
+    )
+    serve.add_argument(
+        "--s3-region", default=None, help="the bucket's region (default: the AWS configuration's)"
+    )
+    serve.add_argument(
+        "--pending-ttl",
+        type=_seconds,
+        default=3 * 86400.0,
+        metavar="SECONDS",
+        help="a pending asset idle this long expires and its stored bytes are removed "
+        "(default: 259200, 3 days)",
+    )
     serve.add_argument(
         "--presign-ttl",
         type=_seconds,
@@ -121,22 +160,16 @@ def _say(message: str) -> None:
 def _serve(args: argparse.Namespace) -> int:
     # Imported here so that `methodic --version` stays fast.
     from methodic.server.app import create_app
-    from methodic.server.config import ServerConfig
-    from methodic.server.runner import (
-        PortInUseError,
-        bind_socket,
-        is_loopback,
-        make_server,
-        socket_url,
+    from methodic.server.blobserver import (
+        BlobListener,
+        bind_blob_socket,
+        receives_blobs,
+        serve_blobs,
     )
+    from methodic.server.config import ServerConfig
+    from methodic.server.runner import bind_socket, is_loopback, make_server, socket_url
     from methodic.server.state import DataDirError, open_state
 
-    if args.storage != "local":
-        if args.storage.startswith("s3://"):
-            raise UsageError(
-                "--storage s3://... is not available yet in this version; use --storage local"
-            )
-        raise UsageError(f"unknown --storage {args.storage!r}; use --storage local")
     data_dir: Path = (args.data_dir or default_data_dir()).expanduser().absolute()
     try:
         config = ServerConfig(
@@ -146,31 +179,42 @@ def _serve(args: argparse.Namespace) -> int:
             presign_ttl=args.presign_ttl,
             host=args.host,
             port=args.port,
+            blob_port=args.blob_port,
+            public_blob_url=args.public_blob_url,
+            storage=args.storage,
+            s3_endpoint_url=args.s3_endpoint_url,
+            s3_region=args.s3_region,
+            pending_ttl=args.pending_ttl,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     # Bind before touching the data dir: a busy port must not leave a fresh key behind.
-    try:
-        sock = bind_socket(args.host, args.port)
-    except PortInUseError:
-        raise UsageError(
-            f"port {args.port} on {args.host} is already in use (another server?); "
-            "choose another with --port"
-        ) from None
-    except OSError as exc:
-        raise UsageError(
-            f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
-        ) from None
+    sock = _bind(partial(bind_socket, args.host, args.port), args.host, args.port, "--port")
+    blob_sock: socket.socket | None = None
+    if receives_blobs(config):
+        bind_blobs = partial(bind_blob_socket, args.host, args.blob_port, data_dir)
+        try:
+            blob_sock = _bind(bind_blobs, args.host, args.blob_port, "--blob-port")
+        except UsageError:
+            sock.close()
+            raise
     try:
         state = open_state(config)
     except (DataDirError, ValueError) as exc:
-        sock.close()
+        for s in (sock, blob_sock):
+            if s is not None:
+                s.close()
         raise UsageError(str(exc)) from None
+    blobs: BlobListener | None = None
     try:
-        if not is_loopback(args.host):
+        if blob_sock is not None:
+            blobs = serve_blobs(state, blob_sock)
+        if not is_loopback(args.host) and not _behind_tls(config):
             print(
-                f"methodic serve: warning: listening on {args.host}, not loopback: anyone who can reach "
-                "this address can try API keys; prefer an SSH tunnel or a TLS reverse proxy",
+                f"methodic serve: warning: listening on {args.host}, not loopback, without TLS in "
+                "front: API keys and presigned URLs cross the network in clear and anyone who can "
+                "reach this address can try keys; prefer an SSH tunnel, or a TLS reverse proxy "
+                "(then pass its https:// --public-url)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -179,12 +223,13 @@ def _serve(args: argparse.Namespace) -> int:
             stream=sys.stderr,
             format="methodic serve: %(levelname)s %(name)s: %(message)s",
         )
-        server = make_server(create_app(config, state=state))
+        server = make_server(create_app(config, state=state, blob_port=blobs.port if blobs else None))
         url = socket_url(sock, args.host)
 
         def announce() -> None:
             _say(f"Chronicle server listening on {url} (OpenAPI at {url}/openapi.json)")
             _say(f"data dir: {data_dir}")
+            _say(f"storage: {state.storage.describe()}")
             key = state.active_key
             if key.key_file is None:
                 _say("API key: the one given with --api-key")
@@ -192,13 +237,38 @@ def _serve(args: argparse.Namespace) -> int:
                 _say(f"API key: generated now and written to {key.key_file} (mode 0600)")
             else:
                 _say(f"API key: in {key.key_file}")
-            if config.public_url:
-                _say(f"presigned URLs point at {config.public_url}")
+            if blobs is not None:
+                _say(f"blob data path on {socket_url(blobs.server.sock, args.host)}")
+            if config.public_blob_url or config.public_url:
+                _say(f"presigned URLs point at {config.public_blob_url or config.public_url}")
 
         asyncio.run(_run(server, sock, announce))
     finally:
+        if blobs is not None:
+            blobs.stop()
         state.close()
     return 0
+
+
+def _behind_tls(config: ServerConfig) -> bool:
+    """Whether clients are told to reach this server through TLS (an https public URL)."""
+    urls = [config.public_url, config.public_blob_url]
+    return any(urls) and all(u is None or u.startswith("https://") for u in urls)
+
+
+def _bind(
+    bind: Callable[[], socket.socket], host: str, port: int | None, option: str
+) -> socket.socket:
+    from methodic.server.runner import PortInUseError
+
+    try:
+        return bind()
+    except PortInUseError:
+        raise UsageError(
+            f"port {port} on {host} is already in use (another server?); choose another with {option}"
+        ) from None
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 async def _run(server: QuietServer, sock: socket.socket, announce: Callable[[], None]) -> None:

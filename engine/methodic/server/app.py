@@ -1,4 +1,4 @@
-"""The Chronicle control API (docs/http-api.md) as a FastAPI app, plus the blob routes."""
+"""The Chronicle control API (docs/http-api.md) as a FastAPI app; blob bytes go to blobserver.py."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from methodic import __version__
 from methodic.server import models as m
-from methodic.server.blobs import BlobRoutes
-from methodic.server.catalog import Catalog, Component
+from methodic.server.blobs import blob_origin, misdirected_route
+from methodic.server.catalog import Catalog
 from methodic.server.config import ServerConfig
 from methodic.server.errors import (
     CODES,
@@ -25,23 +25,30 @@ from methodic.server.errors import (
     too_large,
     unauthorized,
 )
-from methodic.server.faults import FaultPlan
 from methodic.server.keys import KeyRing
-from methodic.server.signing import Grant, Signer, expiry
 from methodic.server.state import ServerState, open_state
+from methodic.server.storage import StorageUnavailable
 
 log = logging.getLogger("methodic.server")
 
+# Every control route may answer these (503: the storage, e.g. S3, did not answer; retry).
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": m.ErrorResponse} for status in (400, 401, 404, 409, 413, 422)
+    status: {"model": m.ErrorResponse} for status in (400, 401, 404, 409, 413, 422, 503)
 }
 
 
+# Routes anyone may call. Blob routes carry their own presigned signature.
+_OPEN_PATHS = frozenset({"/healthz", "/openapi.json"})
+_SIGNED_PREFIX = "/blobs/"
+
+
 class _ControlGate:
-    """Checks the API key and the body limit of /api/ requests before a byte of body is read.
+    """Checks the API key and the body limit of every request before a byte of body is read.
 
     (FastAPI reads and parses a body before it runs dependencies, so an unauthenticated client
-    could otherwise make the server parse a 256 MiB manifest.) Blob routes pass untouched.
+    could otherwise make the server parse a 256 MiB manifest.) Only /healthz, the OpenAPI
+    document and the presigned blob routes pass without a key; /docs and unknown paths too
+    answer 401, so nothing about the server is learnt without the key.
     """
 
     def __init__(self, app: ASGIApp, keyring: KeyRing, max_bytes: int) -> None:
@@ -50,7 +57,8 @@ class _ControlGate:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in _OPEN_PATHS or path.startswith(_SIGNED_PREFIX):
             await self.app(scope, receive, send)
             return
         refusal: APIError | None = None
@@ -123,6 +131,16 @@ def _install_error_handlers(app: FastAPI) -> None:
             exc.status_code, CODES.get(exc.status_code, "error"), message, headers
         )
 
+    @app.exception_handler(StorageUnavailable)
+    async def _storage(request: Request, exc: StorageUnavailable) -> JSONResponse:
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return error_response(
+            503,
+            "storage_unavailable",
+            f"the server's storage did not answer ({exc}); retry shortly",
+            {"Retry-After": "2"},
+        )
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
@@ -130,36 +148,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _origin(config: ServerConfig, request: Request) -> str:
-    return config.public_url or str(request.base_url).rstrip("/")
-
-
-def _targets(
-    signer: Signer,
-    origin: str,
-    asset_id: str,
-    ttl: float,
-    items: list[tuple[Component, int | None, int, int]],
-) -> list[dict[str, Any]]:
-    expires = expiry(ttl)
-    return [
-        {
-            "path": c.path,
-            "part": part,
-            "method": "PUT",
-            "url": signer.url(
-                origin, Grant("PUT", asset_id, c.path, part, offset, length, expires)
-            ),
-            "headers": {},
-            "offset": offset,
-            "length": length,
-            "expires_at": float(expires),
-        }
-        for c, part, offset, length in items
-    ]
+    """Where presigned blob URLs point: the blob listener (docs/http-api.md, Blobs)."""
+    return blob_origin(config, str(request.base_url), request.app.state.blob_port)
 
 
 def _api_router(state: ServerState) -> APIRouter:
-    config, catalog, signer = state.config, state.catalog, state.signer
+    config, catalog = state.config, state.catalog
 
     async def require_key(credentials: _Credentials) -> None:
         if credentials is None or not state.keyring.verify(credentials.credentials):
@@ -168,7 +162,7 @@ def _api_router(state: ServerState) -> APIRouter:
     router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_key)], responses=_ERRORS)
     _experiment_routes(router, catalog)
     _run_routes(router, catalog)
-    _asset_routes(router, catalog, signer, config)
+    _asset_routes(router, catalog, config)
     return router
 
 
@@ -220,11 +214,7 @@ def _run_routes(router: APIRouter, catalog: Catalog) -> None:
         return JSONResponse(catalog.set_run_status(run_id, body.status))
 
 
-def _asset_routes(
-    router: APIRouter, catalog: Catalog, signer: Signer, config: ServerConfig
-) -> None:
-    ttl = config.presign_ttl
-
+def _asset_routes(router: APIRouter, catalog: Catalog, config: ServerConfig) -> None:
     @router.post(
         "/runs/{run_id}/assets",
         status_code=201,
@@ -235,13 +225,9 @@ def _asset_routes(
     def create_asset(run_id: str, body: m.AssetCreate, request: Request) -> Response:
         asset, created = catalog.create_asset(run_id, body)
         if body.presign:
-            if asset["state"] == "pending":
-                items = catalog.upload_targets(body.asset_id, None)
-                asset["targets"] = _targets(
-                    signer, _origin(config, request), body.asset_id, ttl, items
-                )
-            else:
-                asset["targets"] = []
+            pending = asset["state"] == "pending"
+            origin = _origin(config, request)
+            asset["targets"] = catalog.presign(body.asset_id, None, origin) if pending else []
         return JSONResponse(asset, status_code=201 if created else 200)
 
     @router.get("/runs/{run_id}/assets", response_model=m.AssetList, tags=["assets"])
@@ -260,10 +246,8 @@ def _asset_routes(
             raise too_large(
                 f"{len(body.targets)} targets asked for; at most {config.max_presign_batch} per presign call"
             )
-        items = catalog.upload_targets(asset_id, [(t.path, t.part) for t in body.targets])
-        return JSONResponse(
-            {"targets": _targets(signer, _origin(config, request), asset_id, ttl, items)}
-        )
+        wanted = [(t.path, t.part) for t in body.targets]
+        return JSONResponse({"targets": catalog.presign(asset_id, wanted, _origin(config, request))})
 
     @router.post(
         "/assets/{asset_id}/finalize",
@@ -281,30 +265,11 @@ def _asset_routes(
 
     @router.get("/assets/{asset_id}/download", response_model=m.Download, tags=["assets"])
     def download(asset_id: str, request: Request) -> Response:
-        asset, components = catalog.download_components(asset_id)
-        asset["components"] = [c.out() for c in components]
-        origin = _origin(config, request)
-        expires = expiry(ttl)
-        return JSONResponse(
-            {
-                "asset": asset,
-                "components": [
-                    {
-                        "path": c.path,
-                        "size": c.size,
-                        "sha256": c.stored_sha256 or c.sha256,
-                        "url": signer.url(
-                            origin, Grant("GET", asset_id, c.path, None, None, None, expires)
-                        ),
-                    }
-                    for c in components
-                ],
-            }
-        )
+        return JSONResponse(catalog.download(asset_id, _origin(config, request)))
 
 
 def create_app(
-    config: ServerConfig, *, state: ServerState | None = None, faults: FaultPlan | None = None
+    config: ServerConfig, *, state: ServerState | None = None, blob_port: int | None = None
 ) -> FastAPI:
     """The whole server as an ASGI app. Without ``state`` the data dir is opened here.
 
@@ -328,6 +293,6 @@ def create_app(
         return {"status": "ok"}
 
     app.include_router(_api_router(state))
-    for route in BlobRoutes(state.catalog, state.signer, faults).routes():
-        app.router.routes.append(route)
+    app.state.blob_port = blob_port  # the blob listener's (blobserver.py), once it is bound
+    app.router.routes.append(misdirected_route(blob_port))
     return app

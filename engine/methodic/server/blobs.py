@@ -1,71 +1,95 @@
-"""The blob data path: presigned PUT and GET of component bytes.
+"""The blob data path's rules: what a presigned request may do, and what it does to the catalog.
 
-Raw Starlette handlers (no FastAPI), kept apart from the control API because this is the
-hot path and will move to a dedicated asyncio listener. A body is never held in memory:
-it is read from ``request.stream()``, gathered into ~1 MiB batches and handed to a worker
-thread (hash + write) while the next batch is being received. The signature and expiry
-are checked before a byte of the body is read.
+Transport-free. The asyncio listener (blobserver.py) parses HTTP and moves the bytes; this
+module checks grants and lengths, picks injected faults, and wraps the catalog calls
+(``begin_upload`` / ``complete_upload`` / ``end_upload`` / ``open_download``) that every
+storage backend shares. Presigned URLs name the listener's origin: see ``blob_origin``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import errno
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Mapping
 from typing import BinaryIO
+from urllib.parse import urlsplit
 
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from methodic.server.catalog import Catalog
-from methodic.server.errors import APIError, api_error_response, error_response, forbidden
+from methodic.server.catalog import Catalog, UploadSlot
+from methodic.server.config import ServerConfig
+from methodic.server.errors import APIError, error_response, forbidden, invalid, not_found
 from methodic.server.faults import Fault, FaultPlan
 from methodic.server.signing import Grant, Signer, grant_from_query
-from methodic.server.storage import Received, Upload
+from methodic.server.storage import Component, Received
 
 log = logging.getLogger("methodic.server.blobs")
 
-BATCH_BYTES = 1024 * 1024
-BLOB_ROUTE = "/blobs/{asset_id}/{path:path}"
+BLOB_PREFIX = "/blobs/"
 
 
-class _BodyLengthError(Exception):
-    pass
+def blob_origin(config: ServerConfig, request_origin: str, blob_port: int | None) -> str:
+    """The origin of presigned blob URLs, for a control request made to ``request_origin``.
+
+    ``--public-blob-url`` if set; else ``--public-url`` (a reverse proxy that routes
+    ``/blobs/`` to the blob port); else the scheme and host the client used, with the blob
+    port (None: no listener, so the request's own origin).
+    """
+    if config.public_blob_url:
+        return config.public_blob_url
+    if config.public_url:
+        return config.public_url
+    parts = urlsplit(request_origin)
+    if blob_port is None or not parts.hostname:
+        return request_origin.rstrip("/")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}:{blob_port}"
 
 
-def _write_batch(upload: Upload, chunks: list[bytes]) -> None:
-    upload.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+def misdirected_route(blob_port: int | None) -> Route:
+    """A control-port route for /blobs/: say where blob bytes go instead of a bare 404."""
+
+    async def misdirected(request: Request) -> JSONResponse:
+        where = f"port {blob_port}" if blob_port else "the blob listener's port"
+        return error_response(
+            421,
+            "misdirected",
+            f"blob bytes are served on {where}, not on the control API's port; behind a "
+            "reverse proxy, route /blobs/ to it (see --public-blob-url)",
+        )
+
+    methods = ["GET", "HEAD", "PUT", "POST", "DELETE"]
+    return Route("/blobs/{rest:path}", misdirected, methods=methods, include_in_schema=False)
 
 
-def _finish(upload: Upload, chunks: list[bytes]) -> Received:
-    if chunks:
-        _write_batch(upload, chunks)
-    return upload.finish()
+def split_blob_path(path: str) -> tuple[str, str]:
+    """``/blobs/{asset_id}/{component path}`` -> (asset_id, component path). Raises APIError."""
+    if path.startswith(BLOB_PREFIX):
+        asset_id, _, component = path[len(BLOB_PREFIX) :].partition("/")
+        if asset_id and component:
+            return asset_id, component
+    raise not_found(f"no blob at {path[:300]!r}; use a presigned URL")
 
 
-class BlobRoutes:
+def storage_failure(exc: OSError, asset_id: str, path: str) -> APIError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return APIError(507, "insufficient_storage", "the server's storage is full")
+    log.error("storing %s/%s failed", asset_id, path, exc_info=exc)
+    return APIError(500, "storage_error", "the server could not store the body")
+
+
+class BlobService:
     def __init__(self, catalog: Catalog, signer: Signer, faults: FaultPlan | None = None) -> None:
         self.catalog = catalog
         self.signer = signer
         self.faults = faults
 
-    def routes(self) -> list[Route]:
-        return [
-            Route(BLOB_ROUTE, self.put, methods=["PUT"], include_in_schema=False),
-            Route(BLOB_ROUTE, self.get, methods=["GET"], include_in_schema=False),
-        ]
-
-    def _grant(self, request: Request, method: str) -> Grant:
-        claimed = grant_from_query(
-            method,
-            request.path_params["asset_id"],
-            request.path_params["path"],
-            request.query_params,
-        )
+    def authorize(self, method: str, asset_id: str, path: str, query: Mapping[str, str]) -> Grant:
+        """The grant a presigned URL carries for ``method`` (PUT or GET). Raises APIError 403."""
+        claimed = grant_from_query(method, asset_id, path, query)
         if claimed is None:
             raise forbidden("the presigned URL is malformed; presign again")
         grant, signature = claimed
@@ -78,121 +102,47 @@ class BlobRoutes:
             raise forbidden(f"the presigned URL expired at {grant.expires}; presign again")
         return grant
 
-    async def put(self, request: Request) -> Response:
-        try:
-            grant = self._grant(request, "PUT")
-            assert grant.length is not None
-            declared = request.headers.get("content-length")
-            if declared is None:
-                return error_response(
-                    411,
-                    "length_required",
-                    f"send Content-Length: {grant.length} (chunked bodies are not accepted)",
-                )
-            if not declared.isdigit() or int(declared) != grant.length:
-                return error_response(
-                    400,
-                    "invalid_request",
-                    f"Content-Length {declared[:40]} does not match the signed length {grant.length}",
-                )
-            if self.faults is not None and (fault := self.faults.take()) is not None:
-                return await _injected(request, fault)
-            slot = await asyncio.to_thread(self.catalog.begin_upload, grant)
-        except APIError as exc:
-            return api_error_response(exc)
-        except OSError as exc:
-            return _storage_error(exc, grant)
-        try:
-            received = await self._receive(request, slot.upload, grant.length)
-            await asyncio.to_thread(self.catalog.complete_upload, slot, received)
-        except ClientDisconnect:
-            return Response(status_code=400)  # nobody is left to read it
-        except _BodyLengthError as exc:
-            return error_response(400, "invalid_request", str(exc))
-        except APIError as exc:
-            return api_error_response(exc)
-        except OSError as exc:
-            return _storage_error(exc, grant)
-        finally:
-            # Shielded: the slot is released even if this request is cancelled at shutdown.
-            await asyncio.shield(asyncio.to_thread(self.catalog.end_upload, slot))
-        return JSONResponse(
-            {"size": received.size, "sha256": received.sha256},
-            status_code=201,
-            headers={"ETag": f'"{received.sha256}"'},
-        )
-
-    async def _receive(self, request: Request, upload: Upload, length: int) -> Received:
-        chunks: list[bytes] = []
-        batched = 0
-        received = 0
-        writing: asyncio.Future[None] | None = None
-        try:
-            async for chunk in request.stream():
-                if not chunk:
-                    continue
-                received += len(chunk)
-                if received > length:
-                    raise _BodyLengthError(f"the body is longer than the signed length {length}")
-                chunks.append(chunk)
-                batched += len(chunk)
-                if batched >= BATCH_BYTES:
-                    if writing is not None:
-                        await asyncio.shield(writing)
-                    writing = asyncio.ensure_future(asyncio.to_thread(_write_batch, upload, chunks))
-                    chunks, batched = [], 0
-            if writing is not None:
-                await asyncio.shield(writing)
-                writing = None
-            if received != length:
-                raise _BodyLengthError(
-                    f"the body has {received} bytes, the signed length is {length}"
-                )
-            try:
-                return await asyncio.to_thread(_finish, upload, chunks)
-            except ValueError as exc:
-                raise _BodyLengthError(str(exc)) from exc
-        finally:
-            if writing is not None:
-                # Collect the outcome of a write still running; the upload's own lock keeps
-                # the release in end_upload() from closing its file under it.
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(writing)
-
-    async def get(self, request: Request) -> Response:
-        try:
-            grant = self._grant(request, "GET")
-            file, component = await asyncio.to_thread(
-                self.catalog.open_download, grant.asset_id, grant.path
+    @staticmethod
+    def check_length(grant: Grant, declared: int | None) -> None:
+        assert grant.length is not None
+        if declared is None:
+            raise APIError(
+                411,
+                "length_required",
+                f"send Content-Length: {grant.length} (chunked bodies are not accepted)",
             )
-        except APIError as exc:
-            return api_error_response(exc)
-        headers = {"Content-Length": str(component.size)}
-        if component.stored_sha256:
-            headers["ETag"] = f'"{component.stored_sha256}"'
-        return StreamingResponse(
-            _file_chunks(file), headers=headers, media_type="application/octet-stream"
-        )
+        if declared != grant.length:
+            raise invalid(
+                f"Content-Length {declared} does not match the signed length {grant.length}"
+            )
+
+    def take_fault(self) -> Fault | None:
+        return self.faults.take() if self.faults is not None else None
+
+    # ---- blocking: call from a worker thread ----------------------------------------------
+
+    def begin(self, grant: Grant) -> UploadSlot:
+        try:
+            return self.catalog.begin_upload(grant)
+        except OSError as exc:
+            raise storage_failure(exc, grant.asset_id, grant.path) from exc
+
+    def settle(self, slot: UploadSlot, received: Received | None) -> None:
+        """Record ``received`` (None: the body did not arrive) and release the slot."""
+        try:
+            if received is not None:
+                self.catalog.complete_upload(slot, received)
+        except OSError as exc:
+            raise storage_failure(exc, slot.key.asset_id, slot.key.path) from exc
+        finally:
+            self.catalog.end_upload(slot)
+
+    def open(self, asset_id: str, path: str) -> tuple[BinaryIO, Component]:
+        return self.catalog.open_download(asset_id, path)
 
 
-async def _injected(request: Request, fault: Fault) -> Response:
-    async for _ in request.stream():  # read the body so the client sees the answer
-        pass
-    headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else None
-    return error_response(fault.status, "injected_fault",
-                          f"injected fault {fault.status} (test or demo)", headers)
-
-
-def _storage_error(exc: OSError, grant: Grant) -> Response:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return error_response(507, "insufficient_storage", "the server's storage is full")
-    log.error("storing %s/%s failed", grant.asset_id, grant.path, exc_info=exc)
-    return error_response(500, "storage_error", "the server could not store the body")
-
-
-async def _file_chunks(file: BinaryIO) -> AsyncIterator[bytes]:
-    try:
-        while chunk := await asyncio.to_thread(file.read, BATCH_BYTES):
-            yield chunk
-    finally:
-        file.close()
+def fault_error(status: int, retry_after: float | None) -> APIError:
+    error = APIError(status, "injected_fault", f"injected fault {status} (test or demo)")
+    if retry_after is not None:
+        error.headers["Retry-After"] = f"{retry_after:g}"
+    return error

@@ -11,6 +11,13 @@ from types import TracebackType
 import httpx
 
 from methodic.server.app import create_app
+from methodic.server.blobserver import (
+    BlobLimits,
+    BlobListener,
+    bind_blob_socket,
+    receives_blobs,
+    serve_blobs,
+)
 from methodic.server.config import ServerConfig
 from methodic.server.faults import FaultPlan
 from methodic.server.runner import QuietServer, bind_socket, make_server, socket_url
@@ -23,7 +30,8 @@ class EmbeddedServer:
     """``with EmbeddedServer(tmp_path) as srv: Chronicle(srv.url, api_key=srv.api_key)``.
 
     ``port=0`` picks a free port. ``url`` and ``api_key`` (the given key, or the one in
-    DATA_DIR/api_key) are set by ``start()``, which returns once ``/healthz`` answers.
+    DATA_DIR/api_key) are set by ``start()``, which returns once ``/healthz`` answers; so is
+    ``blob_port``, the blob listener's (``blob_port=None``: the data dir's last one, else free).
     """
 
     def __init__(
@@ -35,6 +43,9 @@ class EmbeddedServer:
         api_key: str | None = None,
         public_url: str | None = None,
         presign_ttl: float = 3600.0,
+        blob_port: int | None = None,
+        public_blob_url: str | None = None,
+        blob_limits: BlobLimits | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
@@ -46,12 +57,17 @@ class EmbeddedServer:
             presign_ttl=presign_ttl,
             host=host,
             port=port,
+            blob_port=blob_port,
+            public_blob_url=public_blob_url,
         )
+        self.blob_limits = blob_limits
+        self.blob_port: int | None = None
         self.faults = FaultPlan()  # tests and the demo inject transient errors here
         self.url: str | None = None
         self.api_key: str | None = None
         self._state: ServerState | None = None
         self._server: QuietServer | None = None
+        self._blobs: BlobListener | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -80,16 +96,24 @@ class EmbeddedServer:
         if self._thread is not None:
             raise RuntimeError("this EmbeddedServer is already started")
         state = open_state(self._config)
+        self._state = state
+        sock: socket.socket | None = None
         try:
             sock = bind_socket(self.host, self.port)
+            if receives_blobs(self._config):
+                blob_sock = bind_blob_socket(self.host, self._config.blob_port, self.data_dir)
+                self._blobs = serve_blobs(state, blob_sock, self.faults, self.blob_limits)
+                self.blob_port = self._blobs.port
         except BaseException:
-            state.close()
+            if sock is not None:
+                sock.close()
+            self.stop()
             raise
-        self._state = state
         self.port = sock.getsockname()[1]
         self.url = socket_url(sock, self.host)
         self.api_key = state.active_key.key
-        self._server = make_server(create_app(self._config, state=state, faults=self.faults))
+        app = create_app(self._config, state=state, blob_port=self.blob_port)
+        self._server = make_server(app)
         self._thread = threading.Thread(
             target=self._run, args=(sock,), name=f"methodic-server-{self.port}", daemon=True
         )
@@ -136,10 +160,13 @@ class EmbeddedServer:
             if self._thread.is_alive() and self._server is not None:
                 self._server.force_exit = True
                 self._thread.join(timeout)
+        if self._blobs is not None:
+            self._blobs.stop()
         if self._state is not None:
             self._state.close()
         self._state = None
         self._server = None
+        self._blobs = None
         self._thread = None
 
     def __enter__(self) -> EmbeddedServer:

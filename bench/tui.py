@@ -1,0 +1,220 @@
+"""Dashboard benchmark: does the open dashboard slow the uploads, and how long does a refresh take?
+
+    python bench/tui.py [--size 256MB] [--repeat 3] [--assets 1000] [--components 50]
+
+(a) Throughput: the same checkpoints uploaded to the same embedded server with the dashboard
+    open (the real Textual app, headless via ``run_test``, refreshing at its normal 4 Hz) and
+    with ``--no-ui`` (the headless reporter), alternating, in one run. Goal: >= 0.95x.
+(b) Refresh: one dashboard refresh (drain, patch every changed cell inside ``batch_update``)
+    with 1,000 assets of 50 components each, every asset changed since the last refresh (the
+    worst case), from constructed snapshots; and the same plus rendering the visible frame.
+    Goal: < 50 ms per refresh.
+
+Prints a table of medians and writes bench/results/tui.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from methodic._bandwidth import parse_rate
+from methodic._events import AssetSnapshot, ComponentSnapshot, PoolSnapshot
+from methodic.server import EmbeddedServer
+from methodic_tui.app import MethodicApp
+from methodic_tui.demo import write_checkpoint
+from methodic_tui.engine_source import EngineSource
+from methodic_tui.headless import Reporter, run_headless
+from methodic_tui.jobs import UploadJob
+from methodic_tui.options import Options
+from methodic_tui.source import Labels, StaticSource
+
+MB = 1_000_000
+CHECKPOINTS = 8
+APP_OPTIONS: dict[str, float] = {}  # e.g. refresh_hz, from the command line
+
+
+# ------------------------------------------------------------ (a) throughput
+
+
+def make_checkpoints(root: Path, total: int) -> list[Path]:
+    per = total // CHECKPOINTS
+    files = {f"shard-{i}.bin": per // 4 for i in range(4)}
+    return [write_checkpoint(root / f"checkpoint-{i}", files, i) for i in range(CHECKPOINTS)]
+
+
+def source_for(server: EmbeddedServer, tmp: Path, dirs: list[Path], tag: str) -> EngineSource:
+    assert server.url and server.api_key
+    opts = Options(server_url=server.url, api_key=server.api_key, tracker=tmp / f"{tag}.sqlite",
+                   workers=8, experiment=f"bench-{tag}")
+    return EngineSource(opts, UploadJob(dirs))
+
+
+class Clock:
+    """Wall and CPU time from the moment the engine is up (its start, and the dashboard's own
+    start-up, are the same fixed cost whatever the size: not part of the throughput)."""
+
+    def __init__(self, source: EngineSource) -> None:
+        self.wall = self.cpu = 0.0
+        start = source.start
+
+        async def started() -> None:
+            await start()
+            self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+        source.start = started  # type: ignore[method-assign]
+
+    def stop(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+async def with_dashboard(source: EngineSource) -> tuple[float, float]:
+    clock = Clock(source)
+    app = MethodicApp(source, watch_terminal=False, **APP_OPTIONS)
+    async with app.run_test(size=(120, 40)):
+        await app.ready.wait()
+        while not source.settled():
+            # Not pilot.pause(): it forces a repaint each time, which the app itself never does.
+            await asyncio.sleep(0.02)
+        took = clock.stop()
+    await source.close()
+    return took
+
+
+async def headless(source: EngineSource) -> tuple[float, float]:
+    clock = Clock(source)
+    code = await run_headless(source, Reporter(err=io.StringIO(), out=io.StringIO()), tick=0.02)
+    assert code == 0
+    return clock.stop()
+
+
+def throughput(total: int, repeat: int) -> dict[str, object]:
+    tmp = Path(tempfile.mkdtemp(prefix="methodic-bench-tui-"))
+    try:
+        dirs = make_checkpoints(tmp / "data", total)
+        rounds: dict[str, list[float]] = {"dashboard": [], "no_ui": []}
+        cpu: dict[str, list[float]] = {"dashboard": [], "no_ui": []}
+        with EmbeddedServer(tmp / "server") as server:
+            asyncio.run(headless(source_for(server, tmp, dirs, "warmup")))
+            for i in range(repeat):
+                order = ["dashboard", "no_ui"] if i % 2 == 0 else ["no_ui", "dashboard"]
+                for kind in order:
+                    src = source_for(server, tmp, dirs, f"{kind}{i}")
+                    run = with_dashboard if kind == "dashboard" else headless
+                    wall, cpu_s = asyncio.run(run(src))  # CPU: client, server thread and UI
+                    rounds[kind].append(wall)
+                    cpu[kind].append(cpu_s)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in rounds.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    return {
+        "bytes": total, "repeat": repeat, "rounds_s": rounds, "cpu_s": cpu,
+        "cpu_ratio": med_cpu["dashboard"] / med_cpu["no_ui"],
+        "dashboard_MBps": total / med["dashboard"] / MB, "no_ui_MBps": total / med["no_ui"] / MB,
+        "ratio": med["no_ui"] / med["dashboard"],
+    }
+
+
+# ------------------------------------------------------------ (b) refresh
+
+
+def fleet(n_assets: int, n_components: int, step: int, detail: int) -> PoolSnapshot:
+    """n assets of n components, every byte count moved by ``step`` since the previous one."""
+    assets = []
+    for i in range(n_assets):
+        size = 64 * MB
+        done = min(size, (i * 7919 + step * 1_310_000) % size)
+        comps: tuple[ComponentSnapshot, ...] = ()
+        if i == detail:
+            comps = tuple(ComponentSnapshot(f"shards/model-{j:05d}.safetensors", "uploading",
+                                            min(size // n_components, done // n_components + j),
+                                            size // n_components, 0, 0, 1, None)
+                          for j in range(n_components))
+        assets.append(AssetSnapshot(
+            asset_id=f"asset-{i:06d}", asset_type="checkpoint", local_dir=f"/ckpt/checkpoint-{i}",
+            state="uploading", components_done=done * n_components // size,
+            component_count=n_components, bytes_done=done, bytes_total=size,
+            rate=1e6 + step + i, eta=(size - done) / (1e6 + step + i), last_error=None,
+            components=comps))
+    return PoolSnapshot(assets=tuple(assets), rate=8e8 + step, history=tuple(range(60)),
+                        total_sent=step, bandwidth_cap=None, workers=8, active_transfers=8)
+
+
+async def refresh(n_assets: int, n_components: int, repeat: int) -> dict[str, object]:
+    variants = [fleet(n_assets, n_components, step, detail=0) for step in range(repeat + 2)]
+    source = StaticSource(variants[0], labels=Labels(mode="bench"))
+    # The app's own timer would re-apply variant 0 between ours: keep it out of the way.
+    app = MethodicApp(source, refresh_hz=0.001, watch_terminal=False)
+    patch: list[float] = []
+    frame: list[float] = []
+    async with app.run_test(size=(120, 40)) as pilot:
+        await app.ready.wait()
+        app._apply(variants[1], [])  # the first sight of 1,000 rows: adds, not patches
+        await pilot.pause()
+        for snap in variants[2:]:
+            snap = replace(snap, assets=snap.assets)
+            t0 = time.perf_counter()
+            app._apply(snap, [])
+            t1 = time.perf_counter()
+            app.screen._compositor.render_strips()  # the visible frame, as the screen paints it
+            t2 = time.perf_counter()
+            patch.append(t1 - t0)
+            frame.append(t2 - t0)
+            await pilot.pause()
+        rows = app.screen.query_one("#assets").row_count
+    assert rows == n_assets
+    return {"assets": n_assets, "components": n_components, "repeat": repeat,
+            "patch_ms": statistics.median(patch) * 1000, "patch_max_ms": max(patch) * 1000,
+            "frame_ms": statistics.median(frame) * 1000}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="256MB", help="bytes uploaded per throughput round")
+    parser.add_argument("--repeat", type=int, default=3, help="throughput rounds per variant")
+    parser.add_argument("--assets", type=int, default=1000)
+    parser.add_argument("--components", type=int, default=50)
+    parser.add_argument("--refreshes", type=int, default=30)
+    parser.add_argument("--refresh-hz", type=float, default=None,
+                        help="the dashboard's refresh rate (default: the app's)")
+    args = parser.parse_args()
+    if args.refresh_hz:
+        APP_OPTIONS["refresh_hz"] = args.refresh_hz
+    import logging
+
+    logging.disable(logging.WARNING)  # the embedded server's shutdown notes
+    total = int(parse_rate(args.size) or 0)
+    tp = throughput(total, args.repeat)
+    rf = asyncio.run(refresh(args.assets, args.components, args.refreshes))
+    result = {
+        "machine": f"{platform.machine()} {platform.python_implementation()} {platform.python_version()}",
+        "cpus": os.cpu_count(), "throughput": tp, "refresh": rf,
+    }
+    print(f"{'measure':<52}{'median':>12}{'goal':>12}")
+    print(f"{'upload, --no-ui (MB/s)':<52}{tp['no_ui_MBps']:>12.1f}")
+    print(f"{'upload, dashboard open (MB/s)':<52}{tp['dashboard_MBps']:>12.1f}")
+    print(f"{'  dashboard / --no-ui':<52}{tp['ratio']:>11.2f}x{'>= 0.95x':>12}")
+    print(f"{'  CPU seconds, dashboard / --no-ui':<52}{tp['cpu_ratio']:>11.2f}x")
+    label = f"refresh, {args.assets} assets x {args.components} files (ms)"
+    print(f"{label:<52}{rf['patch_ms']:>12.1f}{'< 50':>12}")
+    print(f"{'  plus rendering the visible frame (ms)':<52}{rf['frame_ms']:>12.1f}")
+    out = Path(__file__).parent / "results" / "tui.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

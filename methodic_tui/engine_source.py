@@ -1,0 +1,281 @@
+"""The real engine as a Source: an AsyncChronicle (and, without --server-url, an embedded server).
+
+It runs on whatever event loop calls ``start`` (Textual's, or the headless runner's), so the
+dashboard needs no threads. A ``Job`` decides what gets uploaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from methodic import (
+    Asset,
+    AsyncChronicle,
+    AsyncRun,
+    AsyncUploadHandle,
+    ChronicleError,
+    DrainReport,
+    TrackedAsset,
+    UploadTracker,
+    adopt_incomplete_uploads,
+)
+from methodic._events import Event, PoolSnapshot
+from methodic_tui.format import size
+from methodic_tui.notices import Notice, capture_logging, restore_logging
+from methodic_tui.options import Options
+from methodic_tui.source import EMPTY, Labels, Source
+
+if TYPE_CHECKING:
+    import logging
+
+    from methodic._events import Subscription
+    from methodic._pool import UploadPool
+    from methodic.server import EmbeddedServer
+
+HELD_STATES = ("interrupted", "paused")
+PendingMode = Literal["hold", "start", "leave"]
+
+
+class ConfigError(ChronicleError):
+    """A setup problem (data dir, options) reported as one line, exit status 2."""
+
+
+class Job(Protocol):
+    name: str
+    continuous: bool  # True: never finishes by itself (watch)
+    needs_run: bool  # uploads into the --experiment/--variation/--run run
+    resumable: bool  # what it leaves unfinished can be resumed later
+
+    def prepare(self, options: Options) -> None:
+        """Adjust the options before anything starts (the demo uses a temp dir)."""
+
+    async def run(self, source: EngineSource) -> None:
+        """Submit the work; returns once everything is submitted."""
+
+    def cleanup(self) -> None:
+        """After the source closed."""
+
+
+def default_server_dir() -> Path:
+    from methodic.cli import default_data_dir
+
+    return default_data_dir()
+
+
+class EngineSource(Source):
+    """``pending``: what to do with uploads an earlier process left in the tracker:
+    ``hold`` them for the operator (the dashboard), ``start`` them (``resume --no-ui``), or
+    ``leave`` them alone (headless upload, which only mentions them)."""
+
+    def __init__(self, options: Options, job: Job, *, pending: PendingMode = "hold") -> None:
+        self.options = options
+        self.job = job
+        self.pending_mode = pending
+        job.prepare(options)
+        self.labels = Labels(tracker=str(options.tracker), mode=job.name)
+        self.server: EmbeddedServer | None = None
+        self.chronicle: AsyncChronicle | None = None
+        self.tracker: UploadTracker | None = None
+        self.run: AsyncRun | None = None
+        self.report = DrainReport()  # what adopting the earlier uploads did
+        self._notices: deque[Event] = deque()
+        self._sub: Subscription | None = None
+        self._job_task: asyncio.Task[None] | None = None
+        self._adopted: set[str] = set()
+        self._tracked: list[TrackedAsset] = []
+        self._logging: tuple[logging.Handler, list[logging.Handler]] | None = None
+        self._closed = False
+        self.job_error: str | None = None  # the job itself stopped on an error
+
+    # -------------------------------------------------- lifecycle
+
+    def notice(self, level: str, message: str, asset_id: str | None = None) -> None:
+        self._notices.append(Notice(asset_id, level, message))
+
+    async def start(self) -> None:
+        self._logging = capture_logging(self._notices)
+        opts = self.options
+        url, key = opts.server_url, opts.api_key
+        if url is None:
+            url, key = await self._start_embedded()
+        self.labels.server = url
+        try:
+            self.chronicle = AsyncChronicle(url, key, **opts.chronicle_kwargs())  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        await self.chronicle.open()
+        self._sub = self.chronicle.pool.events.subscribe()
+        self.tracker = await asyncio.to_thread(UploadTracker, opts.tracker)
+        # One authenticated call up front: a wrong key or URL is a setup error (exit 2).
+        exp_id = await self.chronicle.find_experiment(opts.experiment)
+        if self.job.needs_run:
+            exp_id = exp_id or await self.chronicle.create_experiment(opts.experiment)
+            self.run = await self.chronicle.run(exp_id, opts.variation, opts.run)
+            self.labels.run = f"{opts.experiment} v{opts.variation} r{opts.run}"
+        await self._take_pending()
+        self._job_task = asyncio.create_task(self._run_job(), name=f"methodic-tui-{self.job.name}")
+
+    async def _start_embedded(self) -> tuple[str, str]:
+        from methodic.server import EmbeddedServer
+        from methodic.server.state import DataDirError
+
+        data_dir = self.options.server_dir or default_server_dir()
+        server = EmbeddedServer(data_dir)
+        try:
+            await asyncio.to_thread(server.start)
+        except (DataDirError, ValueError, OSError) as exc:
+            raise ConfigError(f"cannot start the embedded server in {data_dir}: {exc}") from None
+        self.server = server
+        assert server.url is not None and server.api_key is not None
+        self.notice("info", f"no --server-url: started an embedded Chronicle server at {server.url} "
+                            f"(data in {data_dir}); its port changes each start")
+        return server.url, server.api_key
+
+    async def _take_pending(self) -> None:
+        assert self.chronicle is not None and self.tracker is not None
+        if self.pending_mode == "leave":
+            waiting = await asyncio.to_thread(self.tracker.list_assets, None)
+            n = sum(1 for a in waiting if a.state not in ("finalized", "discarded"))
+            if n:
+                self.notice("warn", f"{n} unfinished uploads from an earlier process are in "
+                                    f"{self.options.tracker}; `methodic-tui resume` finishes them")
+            return
+        adopted = await adopt_incomplete_uploads(self.chronicle, self.tracker, self.report,
+                                                 start=self.pending_mode == "start")
+        self._adopted = {up.asset_id for up in adopted}
+        for asset_id, why in self.report.failed.items():
+            self.notice("error", f"cannot resume {asset_id}: {why}", asset_id)
+        await self.refresh_pending()
+
+    async def _run_job(self) -> None:
+        try:
+            await self.job.run(self)
+        except (ChronicleError, OSError) as exc:
+            self.job_error = f"{self.job.name}: {exc}"
+            self.notice("error", self.job_error)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._job_task is not None:
+            self._job_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._job_task
+        if self._sub is not None:
+            self._sub.close()
+        try:
+            if self.chronicle is not None:
+                await self.chronicle.close()  # flushes the tracker: `resume` continues from here
+        finally:
+            if self.tracker is not None:
+                self.tracker.close()
+            if self.server is not None:
+                await asyncio.to_thread(self.server.stop)
+            self.job.cleanup()
+            if self._logging is not None:
+                restore_logging(*self._logging)
+
+    # -------------------------------------------------- for jobs
+
+    async def upload_dir(self, local_dir: Path, asset_type: str | None = None,
+                         **metadata: Any) -> AsyncUploadHandle:
+        assert self.run is not None, "this job does not upload into a run"
+        return await self.run.register_and_upload_async(
+            os.fspath(local_dir), asset_type=asset_type or self.options.asset_type,
+            upload_tracker=self.tracker, **metadata)
+
+    @property
+    def job_done(self) -> bool:
+        return self._job_task is not None and self._job_task.done()
+
+    # -------------------------------------------------- Source
+
+    @property
+    def pool(self) -> UploadPool:
+        assert self.chronicle is not None
+        return self.chronicle.pool
+
+    def snapshot(self, detail: str | None = None) -> PoolSnapshot:
+        if self.chronicle is None or self._closed:
+            return EMPTY
+        return self.pool.snapshot(with_components=detail if detail is not None else False)
+
+    def poll_events(self) -> list[Event]:
+        events: list[Event] = self._sub.get_nowait() if self._sub is not None else []
+        while self._notices:
+            events.append(self._notices.popleft())
+        events.sort(key=lambda e: e.at)
+        return events
+
+    def pending(self) -> list[TrackedAsset]:
+        if self.chronicle is None:
+            return []
+        assets = self.pool.assets
+        return [t for t in self._tracked if t.asset_id in self._adopted
+                and t.asset_id in assets and assets[t.asset_id].state in HELD_STATES]
+
+    async def refresh_pending(self) -> None:
+        if self.tracker is not None and self._adopted:
+            self._tracked = await asyncio.to_thread(self.tracker.get_pending_uploads)
+
+    def settled(self) -> bool:
+        return (not self.job.continuous and self.job_done and super().settled())
+
+    async def pause(self, asset_id: str | None = None) -> list[str]:
+        return list(await self.pool.pause(asset_id))
+
+    async def resume(self, asset_id: str | None = None) -> list[str]:
+        return list(await self.pool.resume(asset_id))
+
+    async def retry_failed(self, asset_id: str | None = None) -> list[str]:
+        return list(await self.pool.retry_failed(asset_id))
+
+    async def force_finalize(self, asset_id: str) -> Asset | None:
+        asset: Asset = await self.pool.force_finalize(asset_id)
+        return asset
+
+    async def discard(self, asset_id: str) -> None:
+        await self.pool.discard(asset_id)
+
+    def set_bandwidth(self, rate: float | None) -> None:
+        assert self.chronicle is not None
+        self.chronicle.set_bandwidth(rate)
+
+
+def owner_alive(pid: int | None) -> bool:
+    """Whether the process that registered an asset still runs (on this host)."""
+    if not pid or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stopped_reason(t: TrackedAsset) -> str:
+    """Why an earlier process left this upload unfinished, as far as the tracker can tell."""
+    if t.state == "paused":
+        return "paused by the operator"
+    if owner_alive(t.owner_pid):
+        return f"pid {t.owner_pid} is still running: it may be uploading this (see `attach`)"
+    if t.last_error:
+        return t.last_error
+    who = f"process {t.owner_pid}" if t.owner_pid else "the uploading process"
+    if t.state in ("registered", "uploading", "finalizing"):
+        return f"{who} stopped while {t.state} (killed or crashed)"
+    return f"{who} stopped ({t.state})"
+
+
+def missing_summary(t: TrackedAsset) -> str:
+    left = t.component_count - t.completed_count
+    return f"{left}/{t.component_count} files, {size(max(t.total_bytes - t.bytes_sent, 0))}"
+

@@ -1,0 +1,191 @@
+"""Text for sizes, rates, durations, progress and events: shared by the dashboard and --no-ui.
+
+Plain strings only (no rich, no textual), so the headless path can use it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import time
+from collections.abc import Callable
+
+import humanize
+
+from methodic._events import (
+    AssetFinalized,
+    AssetSnapshot,
+    AssetStateChanged,
+    Event,
+    PoolSnapshot,
+    RetryScheduled,
+)
+from methodic_tui.notices import Notice
+
+DASH = "-"
+ACTIVE_STATES = frozenset({"registered", "uploading", "finalizing"})
+_BLOCKS = " ▏▎▍▌▋▊▉█"
+
+
+def size(n: float) -> str:
+    """``1.2 GB``: decimal units, like the ``--max-bandwidth 200MB`` the user types."""
+    return humanize.naturalsize(n, format="%.1f").replace(" Bytes", " B").replace(" Byte", " B")
+
+
+def rate(bytes_per_s: float | None) -> str:
+    if not bytes_per_s or bytes_per_s <= 0:
+        return DASH
+    text = humanize.naturalsize(bytes_per_s, format="%.3g")
+    return text.replace(" Bytes", " B").replace(" Byte", " B") + "/s"
+
+
+def cap(bytes_per_s: float | None) -> str:
+    return "no cap" if not bytes_per_s else f"cap {rate(bytes_per_s)}"
+
+
+def size_pair(done: int, total: int) -> str:
+    """``0.5/1.2 GB``: done in the unit of the total, so the column stays narrow."""
+    total_text = size(total)
+    number, _, unit = total_text.partition(" ")
+    factor = total / float(number) if float(number) else 1.0
+    if unit == "B" or factor <= 1.0:
+        return f"{done}/{total} B"
+    return f"{done / factor:.1f}/{total_text}"
+
+
+def fraction(done: int, total: int) -> float:
+    return 1.0 if total <= 0 else min(max(done / total, 0.0), 1.0)
+
+
+def percent(done: int, total: int) -> str:
+    return f"{math.floor(fraction(done, total) * 100):d}%"
+
+
+def bar(frac: float, width: int) -> str:
+    """A text progress bar of ``width`` cells with eighth-block resolution."""
+    frac = min(max(frac, 0.0), 1.0)
+    eighths = round(frac * width * 8)
+    full, part = divmod(eighths, 8)
+    text = "█" * full + (_BLOCKS[part] if part and full < width else "")
+    return text.ljust(width)
+
+
+def duration(seconds: float | None) -> str:
+    """Compact duration for table cells: ``45s``, ``4m05s``, ``2h13m``, ``3d04h``."""
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return DASH
+    s = max(round(seconds), 0)
+    if s < 60:
+        return f"{s}s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m}m{s:02d}s"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h}h{m:02d}m"
+    d, h = divmod(h, 24)
+    return f"{d}d{h:02d}h"
+
+
+def long_duration(seconds: float | None) -> str:
+    """``4 minutes``, for the header and the status line."""
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return DASH
+    return humanize.naturaldelta(dt.timedelta(seconds=max(seconds, 0.0)))
+
+
+def age(then: float, now: float) -> str:
+    """``3 minutes ago``."""
+    return humanize.naturaltime(dt.timedelta(seconds=max(now - then, 0.0)))
+
+
+def clock(at: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(at))
+
+
+def asset_name(asset_id: str, local_dir: str | None) -> str:
+    """What the operator recognises: the checkpoint directory's name, else a short id."""
+    if local_dir:
+        name = os.path.basename(os.path.normpath(local_dir))
+        if name:
+            return name
+    return asset_id[:13]
+
+
+def name_of(a: AssetSnapshot) -> str:
+    return asset_name(a.asset_id, a.local_dir)
+
+
+# ---------------------------------------------------------------- events
+
+NameLookup = Callable[[str | None], str]
+
+
+def describe_event(event: Event, name: NameLookup) -> tuple[str, str] | None:
+    """(level, text) for an event worth a line, None for progress and samples.
+
+    Levels: ``ok``, ``info``, ``warn`` (retries, interruptions), ``error``. A failed file
+    is not a line of its own: its asset fails with the same message, naming the file.
+    """
+    who = name(event.asset_id)
+    if isinstance(event, RetryScheduled):
+        return "warn", (f"retry {who}/{event.path}: attempt {event.attempt} failed "
+                        f"({event.cause}); next in {event.delay:.1f}s")
+    if isinstance(event, AssetFinalized):
+        return "ok", (f"finalized {who}: {event.component_count} files, "
+                      f"{size(event.total_size)}")
+    if isinstance(event, AssetStateChanged):
+        return _describe_state(who, event)
+    if isinstance(event, Notice):
+        return event.level, event.message
+    return None
+
+
+def _describe_state(who: str, event: AssetStateChanged) -> tuple[str, str] | None:
+    state = event.state
+    if state == "failed":
+        return "error", f"failed {who}: {event.error}"
+    if state == "paused":
+        return "info", f"paused {who}"
+    if state == "discarded":
+        return "warn", f"discarded {who}"
+    if state == "interrupted":
+        return "warn", f"unfinished {who}: left by an earlier process; press u to resume"
+    # registered/uploading: the start of every asset would drown the log; finalizing and
+    # finalized: AssetFinalized says it better.
+    return None
+
+
+# ---------------------------------------------------------------- summaries
+
+
+def count_states(snapshot: PoolSnapshot) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for a in snapshot.assets:
+        counts[a.state] = counts.get(a.state, 0) + 1
+    return counts
+
+
+def status_line(snapshot: PoolSnapshot) -> str:
+    """``2/5 assets finalized, 40/120 files, 1.2/3.4 GB (35%), 45 MB/s, ETA 49 seconds``."""
+    assets = [a for a in snapshot.assets if a.state != "discarded"]
+    if not assets:
+        return "no assets yet"
+    counts = count_states(snapshot)
+    files_done = sum(a.components_done for a in assets)
+    files = sum(a.component_count for a in assets)
+    done = sum(a.bytes_done for a in assets)
+    total = sum(a.bytes_total for a in assets)
+    parts = [
+        f"{counts.get('finalized', 0)}/{len(assets)} assets finalized",
+        f"{files_done}/{files} files",
+        f"{size_pair(done, total)} ({percent(done, total)})",
+        rate(snapshot.rate) if snapshot.rate > 0 else "idle",
+    ]
+    if snapshot.eta is not None:
+        parts.append(f"ETA {long_duration(snapshot.eta)}")
+    for state in ("failed", "paused", "interrupted"):
+        if counts.get(state):
+            parts.append(f"{counts[state]} {state}")
+    return ", ".join(parts)

@@ -1,0 +1,1 @@
+"""The screens: dashboard, asset details, recovery, and the modals."""

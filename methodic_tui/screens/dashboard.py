@@ -1,0 +1,136 @@
+"""The main screen: header, assets, the selected asset's files, bandwidth, events."""
+
+from __future__ import annotations
+
+from textual import events
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import DataTable, Footer, Input, Static
+
+from methodic._events import AssetSnapshot, PoolSnapshot
+from methodic_tui import format as fmt
+from methodic_tui.screens.base import LiveScreen
+from methodic_tui.widgets.panels import BandwidthPanel, EventLog, LogEntry, StatusHeader
+from methodic_tui.widgets.tables import AssetsTable, ComponentsTable
+
+
+def matches(a: AssetSnapshot, needle: str) -> bool:
+    if not needle:
+        return True
+    needle = needle.lower()
+    return any(needle in s.lower() for s in (fmt.name_of(a), a.state, a.asset_type, a.asset_id))
+
+
+class DashboardScreen(LiveScreen):
+    BINDINGS = [Binding("escape", "clear_filter", "Clear filter", show=False)]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.filter = ""
+        self._snap: PoolSnapshot | None = None
+
+    def compose(self) -> ComposeResult:
+        yield StatusHeader(id="header")
+        with Horizontal(id="filter-bar"):
+            yield Static("filter /", id="filter-label")
+            yield Input(placeholder="part of a name, state or type; enter keeps it, escape clears it",
+                        id="filter")
+        with Vertical(id="assets-pane", classes="pane"):
+            yield AssetsTable(id="assets")
+        with Vertical(id="components-pane", classes="pane"):
+            yield ComponentsTable(id="components")
+        with Horizontal(id="bottom"):
+            yield BandwidthPanel(id="bandwidth", classes="pane")
+            yield EventLog(id="events")
+        yield Footer(compact=True, show_command_palette=False)
+
+    def on_mount(self) -> None:
+        self.query_one("#assets-pane").border_title = "assets"
+        self.query_one("#components-pane").border_title = "files"
+        self.query_one("#events").border_title = "events"
+        self.query_one("#filter-bar").display = False
+        self.query_one(AssetsTable).focus()
+        self.query_one(EventLog).add(self.mapp.entries)  # what happened before this screen
+        self.go_live()
+
+    # ------------------------------------------------------------ live updates
+
+    def apply(self, snap: PoolSnapshot, entries: list[LogEntry]) -> None:
+        self._snap = snap
+        app = self.mapp
+        self.query_one(StatusHeader).show_status(app.source.labels, snap, app.source.read_only)
+        table = self.query_one(AssetsTable)
+        shown = [a for a in snap.assets if matches(a, self.filter)]
+        table.show_assets(shown)
+        self._title_assets(len(shown), len(snap.assets))
+        key = table.cursor_key()
+        if key is not None and key != app.selected and self.is_active:
+            app.select(key)
+        selected = next((a for a in snap.assets if a.asset_id == app.selected), None)
+        comps = self.query_one(ComponentsTable)
+        if selected is None:
+            comps.show_components(None, ())
+            self._set_title("#components-pane", "files")
+        else:
+            comps.show_components(selected.asset_id, selected.components)
+            self._set_title("#components-pane", f"files of {fmt.name_of(selected)} "
+                                                 f"({selected.components_done}/{selected.component_count} stored)")
+        self.query_one(BandwidthPanel).show(snap)
+        self.query_one(EventLog).add(entries)
+
+    def _title_assets(self, shown: int, total: int) -> None:
+        if self.filter:
+            title = f"assets matching {self.filter!r}: {shown} of {total}"
+        else:
+            title = f"assets ({total})"
+        self._set_title("#assets-pane", title)
+
+    def _set_title(self, selector: str, title: str) -> None:
+        pane = self.query_one(selector)
+        if pane.border_title != title:
+            pane.border_title = title
+
+    def on_resize(self, event: events.Resize) -> None:
+        # The event log and sparkline get more room on tall terminals.
+        height = event.size.height
+        self.query_one("#bottom").styles.height = 7 if height < 30 else 10 if height < 45 else 14
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.data_table.id == "assets" and event.row_key.value is not None and self.is_active:
+            self.mapp.select(event.row_key.value)
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        if event.data_table.id == "assets":
+            self.mapp.action_details()
+
+    # ------------------------------------------------------------ filter
+
+    def open_filter(self) -> None:
+        self.query_one("#filter-bar").display = True
+        self.query_one("#filter", Input).focus()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self._set_filter(event.value.strip())
+
+    def on_input_submitted(self, _: Input.Submitted) -> None:
+        self.query_one("#filter-bar").display = bool(self.filter)
+        self.query_one(AssetsTable).focus()
+
+    def action_clear_filter(self) -> None:
+        bar = self.query_one("#filter-bar")
+        if not bar.display and not self.filter:
+            return
+        self.query_one("#filter", Input).value = ""
+        bar.display = False
+        self._set_filter("")
+        self.query_one(AssetsTable).focus()
+
+    def _set_filter(self, text: str) -> None:
+        if text == self.filter:
+            return
+        self.filter = text
+        # A different set of rows, in order: the one place the table is rebuilt.
+        self.query_one(AssetsTable).reset()
+        if self._snap is not None:
+            self.apply(self._snap, [])

@@ -1,0 +1,70 @@
+"""One asset in full: what it is, every file with parts and attempts, and its events."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.widgets import Footer
+
+from methodic._events import AssetSnapshot, PoolSnapshot
+from methodic_tui import format as fmt
+from methodic_tui.screens.base import LiveScreen
+from methodic_tui.widgets.panels import EventLog, LiveText, LogEntry, StatusHeader
+from methodic_tui.widgets.tables import STATE_STYLES, ComponentsTable
+
+
+def info_text(a: AssetSnapshot | None) -> Text:
+    if a is None:
+        return Text("this asset is no longer in the upload pool", style="dim")
+    text = Text(no_wrap=False)
+    text.append(fmt.name_of(a), "bold")
+    text.append(f"  {a.asset_type}  ", "dim")
+    text.append(a.state, STATE_STYLES.get(a.state, ""))
+    text.append(f"\n{a.asset_id}", "dim")
+    if a.local_dir:
+        text.append(f"  {a.local_dir}", "dim")
+    text.append(f"\n{a.components_done}/{a.component_count} files stored, "
+                f"{fmt.size_pair(a.bytes_done, a.bytes_total)} ({fmt.percent(a.bytes_done, a.bytes_total)})")
+    if a.state == "uploading" and a.rate > 0:
+        text.append(f", {fmt.rate(a.rate)}, ETA {fmt.long_duration(a.eta)}")
+    if a.last_error:
+        text.append(f"\nlast error: {a.last_error}", "red")
+    return text
+
+
+class DetailsScreen(LiveScreen):
+    BINDINGS = [Binding("escape", "back", "Back")]
+
+    def __init__(self, asset_id: str) -> None:
+        super().__init__()
+        self.asset_id = asset_id
+
+    def compose(self) -> ComposeResult:
+        yield StatusHeader(id="header")
+        yield LiveText(id="info")
+        with Vertical(id="details-files", classes="pane"):
+            yield ComponentsTable(id="components")
+        yield EventLog(id="asset-events")
+        yield Footer(compact=True, show_command_palette=False)
+
+    def on_mount(self) -> None:
+        self.query_one("#details-files").border_title = "files"
+        log = self.query_one(EventLog)
+        log.border_title = "events of this asset"
+        log.add(e for e in self.mapp.entries if e.asset_id == self.asset_id)
+        self.query_one(ComponentsTable).focus()
+        self.go_live()
+
+    def apply(self, snap: PoolSnapshot, entries: list[LogEntry]) -> None:
+        app = self.mapp
+        self.query_one(StatusHeader).show_status(app.source.labels, snap, app.source.read_only)
+        asset = next((a for a in snap.assets if a.asset_id == self.asset_id), None)
+        self.query_one("#info", LiveText).show(info_text(asset))
+        if asset is not None:
+            self.query_one(ComponentsTable).show_components(asset.asset_id, asset.components)
+        self.query_one(EventLog).add(e for e in entries if e.asset_id == self.asset_id)
+
+    def action_back(self) -> None:
+        self.dismiss(None)

@@ -1,0 +1,139 @@
+"""The header, the bandwidth sparkline and the event log."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widget import Widget
+from textual.widgets import RichLog, Sparkline
+
+from methodic._events import PoolSnapshot
+from methodic_tui import format as fmt
+from methodic_tui.source import Labels
+
+LEVEL_STYLES = {"ok": "green", "info": "", "warn": "yellow", "error": "bold red"}
+LEVEL_MARKS = {"ok": "✓", "info": "·", "warn": "↻", "error": "✗"}
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    at: float
+    level: str
+    text: str
+    asset_id: str | None = None
+
+    def render(self) -> Text:
+        style = LEVEL_STYLES.get(self.level, "")
+        return Text.assemble((fmt.clock(self.at), "dim"), " ",
+                             (LEVEL_MARKS.get(self.level, "·"), style), " ", (self.text, style))
+
+
+class LiveText(Widget):
+    """Text that changes a few times a second without re-laying out the screen.
+
+    ``Static.update`` asks for a full layout on every call (its size may follow its content);
+    here only a change in the number of lines does.
+    """
+
+    DEFAULT_CSS = "LiveText { height: auto; }"
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._text = Text()
+
+    def render(self) -> Text:
+        return self._text
+
+    def show(self, text: Text) -> None:
+        if text == self._text:
+            return
+        old, self._text = self._text, text
+        relayout = (old.plain.count("\n") != text.plain.count("\n")
+                    or max(map(len, text.plain.split("\n")), default=0) > self.size.width)
+        self.refresh(layout=relayout)
+
+
+class StatusHeader(LiveText):
+    """Two lines: where (mode, server, run, workers, tracker) and how it goes (rate, ETA...)."""
+
+    def show_status(self, labels: Labels, snap: PoolSnapshot, read_only: str | None) -> None:
+        self.show(header_text(labels, snap, read_only))
+
+
+def header_text(labels: Labels, snap: PoolSnapshot, read_only: str | None) -> Text:
+    where = Text(no_wrap=True, overflow="ellipsis")
+    where.append(" methodic ", "bold reverse")
+    if read_only:
+        where.append(" READ-ONLY ", "bold black on yellow")
+    if labels.mode:
+        where.append(f" {labels.mode}", "bold")
+    if labels.server:
+        where.append("  server ", "dim")
+        where.append(labels.server)
+    if labels.run:
+        where.append("  run ", "dim")
+        where.append(labels.run)
+    if snap.workers:
+        where.append("  workers ", "dim")
+        where.append(str(snap.workers))
+    if labels.tracker:
+        where.append("  tracker ", "dim")
+        where.append(labels.tracker)
+
+    counts = fmt.count_states(snap)
+    assets = [a for a in snap.assets if a.state != "discarded"]
+    done = sum(a.bytes_done for a in assets)
+    total = sum(a.bytes_total for a in assets)
+    how = Text(no_wrap=True, overflow="ellipsis")
+    how.append(" ↑ ", "bold")
+    how.append(fmt.rate(snap.rate) if snap.rate > 0 else "idle", "bold cyan")
+    how.append("  ETA ", "dim")
+    how.append(fmt.long_duration(snap.eta))
+    how.append(f"  {fmt.size_pair(done, total)} {fmt.percent(done, total)}")
+    how.append(f"  {counts.get('finalized', 0)}/{len(assets)} done")
+    paused = counts.get("paused", 0)
+    if counts.get("failed"):
+        how.append(f"  {counts['failed']} failed", "bold red")
+    if paused and paused == len(assets) - counts.get("finalized", 0) - counts.get("failed", 0):
+        how.append("  PAUSED", "bold black on yellow")
+    elif paused:
+        how.append(f"  {paused} paused", "yellow")
+    if counts.get("interrupted"):
+        how.append(f"  {counts['interrupted']} from an earlier process (u resumes)", "yellow")
+    how.append(f"  {fmt.cap(snap.bandwidth_cap)}", "dim")
+    if assets and counts.get("finalized", 0) == len(assets):
+        how.append("  ✓ all finalized (q quits)", "bold green")
+    text = Text("\n", no_wrap=True, overflow="ellipsis").join([where, how])
+    text.no_wrap = True
+    return text
+
+
+class BandwidthPanel(Vertical):
+    """The last minute of the total send rate."""
+
+    def compose(self) -> ComposeResult:
+        yield Sparkline([], summary_function=max, id="sparkline")
+
+    def show(self, snap: PoolSnapshot) -> None:
+        rate = fmt.rate(snap.rate) if snap.rate > 0 else "idle"
+        title = f"↑ {rate} · {fmt.cap(snap.bandwidth_cap)}"
+        if self.border_title != title:
+            self.border_title = title
+        data = list(snap.history) or [0.0]
+        spark = self.query_one(Sparkline)
+        if list(spark.data or []) != data:
+            spark.data = data
+
+
+class EventLog(RichLog):
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id, max_lines=1000, wrap=True, markup=False, highlight=False,
+                         min_width=20)
+
+    def add(self, entries: Iterable[LogEntry]) -> None:
+        for entry in entries:
+            self.write(entry.render())

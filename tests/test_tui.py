@@ -1,0 +1,322 @@
+"""Every binding of the dashboard, driven by Pilot on a real engine and a real server.
+
+Each test checks the key's effect on the engine (pool snapshot, tracker, server) and on screen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import make_checkpoint
+from test_tui_helpers import (
+    MiB,
+    asset_id,
+    cell_text,
+    running,
+    screen_text,
+    states,
+    until,
+    upload_source,
+)
+from textual.command import CommandPalette
+
+from methodic import AsyncChronicle, NotFoundError, UploadTracker
+from methodic_tui.screens.dashboard import DashboardScreen
+from methodic_tui.screens.details import DetailsScreen
+from methodic_tui.screens.modals import ConfirmScreen, HelpScreen
+
+SLOW = 500_000  # bytes/s: 8 MiB stays in flight for the whole test
+
+
+def ckpts(tmp_path: Path, n: int = 1, size: int = 3 * MiB, files: int = 2) -> list[Path]:
+    return [make_checkpoint(tmp_path / f"checkpoint-{i}000", {f"shard-{j}.bin": size // files
+                                                              for j in range(files)}, seed=i)
+            for i in range(1, n + 1)]
+
+
+def tracked_state(tmp_path: Path, aid: str) -> str:
+    with UploadTracker(tmp_path / "u.sqlite") as tracker:
+        t = tracker.get_asset(aid)
+        assert t is not None
+        return t.state
+
+
+async def test_uploads_show_live_and_finalize(server, tmp_path: Path) -> None:
+    dirs = ckpts(tmp_path, n=2, size=200_000)
+    async with running(upload_source(server, tmp_path, dirs)) as (app, pilot):
+        await until(pilot, lambda: set(states(app).values()) == {"finalized"}, what="finalized")
+        await pilot.pause(0.4)
+        aid = asset_id(app, "checkpoint-1000")
+        assert cell_text(app, "assets", aid, "state") == "finalized"
+        assert cell_text(app, "assets", aid, "files") == "2/2"
+        assert tracked_state(tmp_path, aid) == "finalized"
+        assert any("finalized checkpoint-2000" in e.text for e in app.entries)
+        assert "all finalized" in screen_text(app)
+
+
+async def test_p_pauses_and_resumes_the_selected_asset(server, tmp_path: Path) -> None:
+    dirs = ckpts(tmp_path, n=1, size=8 * MiB)
+    src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
+    async with running(src) as (app, pilot):
+        await until(pilot, lambda: states(app).get("checkpoint-1000") == "uploading")
+        aid = asset_id(app, "checkpoint-1000")
+        await pilot.press("p")
+        await until(pilot, lambda: states(app)["checkpoint-1000"] == "paused", what="paused")
+        await pilot.pause(0.4)
+        assert tracked_state(tmp_path, aid) == "paused"
+        assert cell_text(app, "assets", aid, "state") == "paused"
+        assert "PAUSED" in screen_text(app)
+        await pilot.press("p")
+        await until(pilot, lambda: states(app)["checkpoint-1000"] == "uploading", what="resumed")
+        src.set_bandwidth(None)
+        await until(pilot, lambda: states(app)["checkpoint-1000"] == "finalized", what="finalized")
+
+
+async def test_a_and_shift_p_pause_and_resume_everything(server, tmp_path: Path) -> None:
+    dirs = ckpts(tmp_path, n=2, size=8 * MiB)
+    src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
+    async with running(src) as (app, pilot):
+        await until(pilot, lambda: set(states(app).values()) == {"uploading"} and len(states(app)) == 2)
+        await pilot.press("a")
+        await until(pilot, lambda: set(states(app).values()) == {"paused"}, what="all paused")
+        await pilot.press("P")
+        await until(pilot, lambda: set(states(app).values()) == {"uploading"}, what="all resumed")
+        logged = [e.text for e in app.entries]
+        assert "paused checkpoint-1000" in logged and "paused checkpoint-2000" in logged
+
+
+async def test_r_retries_failed_uploads(server, tmp_path: Path) -> None:
+    dirs = ckpts(tmp_path, n=1, size=100_000, files=1)
+    server.faults.add(status=400, count=1)  # not transient: the asset fails at once
+    async with running(upload_source(server, tmp_path, dirs)) as (app, pilot):
+        await until(pilot, lambda: states(app).get("checkpoint-1000") == "failed", what="failed")
+        aid = asset_id(app, "checkpoint-1000")
+        await pilot.pause(0.4)
+        assert cell_text(app, "assets", aid, "state") == "failed"
+        assert any(e.level == "error" and "400" in e.text for e in app.entries)
+        await pilot.press("r")
+        await until(pilot, lambda: states(app)["checkpoint-1000"] == "finalized", what="retried")
+        assert tracked_state(tmp_path, aid) == "finalized"
+
+
+async def test_f_asks_first_and_the_server_still_verifies(server, tmp_path: Path) -> None:
+    dirs = ckpts(tmp_path, n=1, size=8 * MiB)
+    src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
+    async with running(src) as (app, pilot):
+        await until(pilot, lambda: states(app).get("checkpoint-1000") == "uploading")
+        aid = asset_id(app, "checkpoint-1000")
+        await pilot.press("f")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="confirmation")
+        await pilot.press("escape")  # escape says no
+        await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
+        assert states(app)["checkpoint-1000"] == "uploading"
+        await pilot.press("f")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("enter")  # the focus starts on "Cancel": enter says no too
+        await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
+        assert states(app)["checkpoint-1000"] == "uploading"
+        await pilot.press("f")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        # Not every byte is stored: the server refuses and says what is missing.
+        await until(pilot, lambda: states(app)["checkpoint-1000"] == "failed", what="refused")
+        await until(pilot, lambda: any("missing" in str(n.message) for n in app._notifications))
+        assert "finalize refused" in (tracker_error := _last_error(tmp_path, aid)), tracker_error
+        async with AsyncChronicle(server.url, server.api_key) as chronicle:
+            assert (await chronicle.get_asset(aid)).state == "pending"
+
+
+def _last_error(tmp_path: Path, aid: str) -> str:
+    with UploadTracker(tmp_path / "u.sqlite") as tracker:
+        t = tracker.get_asset(aid)
+        return (t.last_error or "") if t else ""
+
+
+async def test_f_finalizes_once_storage_holds_every_byte(server, tmp_path: Path) -> None:
+    (d,) = ckpts(tmp_path, n=1, size=200_000)
+    server.faults.add(status=400, count=1)  # not transient: the asset fails, files unsent
+    async with running(upload_source(server, tmp_path, [d], workers=1)) as (app, pilot):
+        await until(pilot, lambda: states(app).get("checkpoint-1000") == "failed")
+        aid = asset_id(app, "checkpoint-1000")
+        # Another tool stores every file out of band: now the server can finalize.
+        auth = {"Authorization": f"Bearer {server.api_key}"}
+        paths = sorted(p.name for p in d.iterdir())
+        async with httpx.AsyncClient() as http:
+            r = await http.post(f"{server.url}/api/v1/assets/{aid}/presign", headers=auth,
+                                json={"targets": [{"path": p, "part": None} for p in paths]})
+            for t in r.json()["targets"]:
+                (await http.put(t["url"], content=(d / t["path"]).read_bytes())).raise_for_status()
+        await pilot.press("f")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await until(pilot, lambda: states(app)["checkpoint-1000"] == "finalized", what="finalized")
+        assert tracked_state(tmp_path, aid) == "finalized"
+        assert any("force-finalized checkpoint-1000" in e.text for e in app.entries)
+        await pilot.press("f")  # already finalized: nothing to ask
+        await pilot.pause(0.2)
+        assert not isinstance(app.screen, ConfirmScreen)
+
+
+async def test_d_discards_after_confirmation(server, tmp_path: Path) -> None:
+    dirs = ckpts(tmp_path, n=1, size=8 * MiB)
+    src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
+    async with running(src) as (app, pilot):
+        await until(pilot, lambda: states(app).get("checkpoint-1000") == "uploading")
+        aid = asset_id(app, "checkpoint-1000")
+        await pilot.press("d")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("n")
+        await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
+        assert states(app)["checkpoint-1000"] == "uploading"
+        await pilot.press("d")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.click("#yes")
+        await until(pilot, lambda: states(app)["checkpoint-1000"] == "discarded", what="discarded")
+        await pilot.pause(0.4)
+        assert cell_text(app, "assets", aid, "state") == "discarded"
+        assert tracked_state(tmp_path, aid) == "discarded"
+        async with AsyncChronicle(server.url, server.api_key) as chronicle:
+            with pytest.raises(NotFoundError):
+                await chronicle.get_asset(aid)
+
+
+async def test_plus_and_minus_move_the_bandwidth_cap(server, tmp_path: Path) -> None:
+    dirs = ckpts(tmp_path, n=1, size=4 * MiB)
+    src = upload_source(server, tmp_path, dirs, max_bandwidth=2_000_000)
+    async with running(src) as (app, pilot):
+        bucket = src.chronicle.bucket
+        await pilot.press("plus")
+        await until(pilot, lambda: bucket.rate == 5_000_000, what="raised")
+        await pilot.press("minus")
+        await pilot.press("minus")
+        await until(pilot, lambda: bucket.rate == 1_000_000, what="lowered")
+        await pilot.pause(0.4)
+        assert "cap 1 MB/s" in screen_text(app)
+        await pilot.press("minus")  # the bottom step stays
+        await pilot.pause(0.1)
+        assert bucket.rate == 1_000_000
+        for _ in range(12):  # past the top step the cap is lifted
+            await pilot.press("plus")
+        await until(pilot, lambda: bucket.rate is None, what="lifted")
+        assert any("no cap" in e.text for e in app.entries)
+
+
+async def test_enter_opens_details_and_escape_goes_back(server, tmp_path: Path) -> None:
+    dirs = ckpts(tmp_path, n=2, size=300_000, files=3)
+    async with running(upload_source(server, tmp_path, dirs)) as (app, pilot):
+        await until(pilot, lambda: set(states(app).values()) == {"finalized"} and len(states(app)) == 2)
+        await until(pilot, lambda: app.screen.query_one("#assets").row_count == 2)
+        await pilot.press("down")
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, DetailsScreen), what="details")
+        details = app.screen
+        assert details.asset_id == asset_id(app, "checkpoint-2000")
+        await until(pilot, lambda: details.query_one("#components").row_count == 3)
+        assert cell_text(app, "components", "shard-0.bin", "state") == "completed"
+        assert "checkpoint-2000" in screen_text(app)
+        await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
+
+
+async def test_slash_filters_the_assets(server, tmp_path: Path) -> None:
+    dirs = ckpts(tmp_path, n=3, size=100_000)
+    async with running(upload_source(server, tmp_path, dirs)) as (app, pilot):
+        table = app.screen.query_one("#assets")
+        await until(pilot, lambda: table.row_count == 3)
+        await pilot.press("slash", "2", "0", "0")
+        await until(pilot, lambda: table.row_count == 1, what="filtered")
+        assert table.get_row_at(0)[0].plain.strip().startswith("checkpoint-2000")
+        await pilot.press("enter")  # keeps the filter, back to the table
+        assert table.has_focus and table.row_count == 1
+        await pilot.press("escape")  # clears it
+        await until(pilot, lambda: table.row_count == 3, what="unfiltered")
+
+
+async def test_help_and_the_command_palette(server, tmp_path: Path) -> None:
+    dirs = ckpts(tmp_path, n=1, size=8 * MiB)
+    src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
+    async with running(src) as (app, pilot):
+        await until(pilot, lambda: states(app).get("checkpoint-1000") == "uploading")
+        await pilot.press("question_mark")
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen), what="help")
+        assert "Force-finalize the selected asset" in screen_text(app)
+        await pilot.press("p")  # keys belong to the dialog: nothing is paused
+        await pilot.pause(0.2)
+        assert states(app)["checkpoint-1000"] == "uploading"
+        await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
+        await pilot.press("ctrl+p")
+        await until(pilot, lambda: isinstance(app.screen, CommandPalette), what="palette")
+        await pilot.pause(0.3)
+        await pilot.press(*"pause or resume every")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await until(pilot, lambda: states(app)["checkpoint-1000"] == "paused", what="paused via palette")
+
+
+async def test_q_with_uploads_in_flight_asks_and_they_stay_resumable(server, tmp_path: Path) -> None:
+    dirs = ckpts(tmp_path, n=1, size=8 * MiB)
+    src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
+    async with running(src) as (app, pilot):
+        await until(pilot, lambda: states(app).get("checkpoint-1000") == "uploading")
+        aid = asset_id(app, "checkpoint-1000")
+        await pilot.press("q")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="quit dialog")
+        assert "stay resumable" in screen_text(app)
+        await pilot.press("n")
+        await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
+        assert app.is_running
+        await pilot.press("q")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await until(pilot, lambda: not app.is_running, what="exit")
+    assert app.return_code == 0
+    with UploadTracker(tmp_path / "u.sqlite") as tracker:
+        assert [t.asset_id for t in tracker.get_pending_uploads()] == [aid]
+
+
+async def test_q_asks_too_when_uploads_are_only_paused(server, tmp_path: Path) -> None:
+    dirs = ckpts(tmp_path, n=1, size=8 * MiB)
+    async with running(upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)) as (app, pilot):
+        await until(pilot, lambda: states(app).get("checkpoint-1000") == "uploading")
+        await pilot.press("p")
+        await until(pilot, lambda: states(app)["checkpoint-1000"] == "paused")
+        await pilot.press("q")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        assert "1 uploads are not finished (1 paused)" in screen_text(app)
+        await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
+        assert app.is_running
+
+
+async def test_q_when_nothing_is_in_flight_quits_at_once(server, tmp_path: Path) -> None:
+    dirs = ckpts(tmp_path, n=1, size=10_000)
+    async with running(upload_source(server, tmp_path, dirs)) as (app, pilot):
+        await until(pilot, lambda: states(app).get("checkpoint-1000") == "finalized")
+        await pilot.press("q")
+        await until(pilot, lambda: not app.is_running, what="exit")
+    assert app.return_code == 0
+
+
+async def test_escape_and_alt_keys_never_destroy(server, tmp_path: Path) -> None:
+    dirs = ckpts(tmp_path, n=1, size=8 * MiB)
+    src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
+    async with running(src) as (app, pilot):
+        await until(pilot, lambda: states(app).get("checkpoint-1000") == "uploading")
+        for key in ("escape", "alt+d", "alt+f", "alt+q", "escape", "ctrl+d", "delete"):
+            await pilot.press(key)
+        await pilot.pause(0.3)
+        assert app.is_running and isinstance(app.screen, DashboardScreen)
+        assert states(app)["checkpoint-1000"] == "uploading"
+
+
+async def test_a_bracket_in_a_name_is_not_markup(server, tmp_path: Path) -> None:
+    d = make_checkpoint(tmp_path / "ckpt[bold]red", {"rng_state[0].pth": 1000})
+    async with running(upload_source(server, tmp_path, [d])) as (app, pilot):
+        await until(pilot, lambda: set(states(app).values()) == {"finalized"})
+        await pilot.pause(0.4)
+        aid = asset_id(app, "ckpt[bold]red")
+        assert cell_text(app, "assets", aid, "name").startswith("ckpt[bold]red")
+        assert cell_text(app, "components", "rng_state[0].pth", "path") == "rng_state[0].pth"

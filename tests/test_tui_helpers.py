@@ -1,0 +1,92 @@
+"""Helpers (not tests) for driving the real dashboard with Pilot on a real engine and server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+
+from helpers import subprocess_env
+from textual.pilot import Pilot
+
+from methodic import RetryPolicy
+from methodic_tui.app import MethodicApp
+from methodic_tui.engine_source import EngineSource
+from methodic_tui.jobs import ResumeJob, UploadJob
+from methodic_tui.options import Options
+
+MiB = 1 << 20
+FAST_RETRY = RetryPolicy(max_attempts=4, base=0.05, cap=0.2)
+
+
+def options(server, tmp_path: Path, **kw: object) -> Options:
+    opts = Options(server_url=server.url, api_key=server.api_key, tracker=tmp_path / "u.sqlite",
+                   workers=2, retry=FAST_RETRY, experiment="tui")
+    for k, v in kw.items():
+        setattr(opts, k, v)
+    return opts
+
+
+def upload_source(server, tmp_path: Path, dirs: Sequence[Path], **kw: object) -> EngineSource:
+    return EngineSource(options(server, tmp_path, **kw), UploadJob(list(dirs)))
+
+
+def resume_source(server, tmp_path: Path, **kw: object) -> EngineSource:
+    return EngineSource(options(server, tmp_path, **kw), ResumeJob())
+
+
+async def until(pilot: Pilot, predicate: Callable[[], object], timeout: float = 20.0,
+                what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError(f"{what} not reached in {timeout} s")
+
+
+@contextlib.asynccontextmanager
+async def running(source: EngineSource | object, size: tuple[int, int] = (120, 40),
+                  **app_kw: object) -> AsyncIterator[tuple[MethodicApp, Pilot]]:
+    """The app on the source, started (engine open); the source is closed afterwards."""
+    app = MethodicApp(source, watch_terminal=False, **app_kw)  # type: ignore[arg-type]
+    try:
+        async with app.run_test(size=size) as pilot:
+            await asyncio.wait_for(app.ready.wait(), 20)
+            await pilot.pause()
+            yield app, pilot
+    finally:
+        await source.close()  # type: ignore[attr-defined]
+
+
+def states(app: MethodicApp) -> dict[str, str]:
+    """Asset name -> state, as the engine has them right now."""
+    return {app.asset_label(a.asset_id): a.state for a in app.source.snapshot().assets}
+
+
+def cell_text(app: MethodicApp, table_id: str, row: str, column: str) -> str:
+    table = app.screen.query_one(f"#{table_id}")
+    return table.get_cell(row, column).plain.strip()  # type: ignore[attr-defined]
+
+
+def asset_id(app: MethodicApp, name: str) -> str:
+    return next(a.asset_id for a in app.source.snapshot().assets if app.asset_label(a.asset_id) == name)
+
+
+def tui_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "methodic_tui", *args]
+
+
+def tui_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    # The embedded server's default data dir must not be the real user's.
+    return subprocess_env(XDG_DATA_HOME=str(tmp_path / "xdg"), **extra)
+
+
+
+def screen_text(app: MethodicApp) -> str:
+    """What the terminal shows now, as plain text (the app's whole screen, dialogs included)."""
+    strips = app.screen._compositor.render_strips()
+    return "\n".join("".join(seg.text for seg in strip) for strip in strips)
