@@ -162,11 +162,11 @@ async def test_resume_with_nothing_pending_says_so(server, tmp_path: Path) -> No
 
 
 async def test_attach_watches_another_process_read_only(server, tmp_path: Path) -> None:
-    ckpt = make_checkpoint(tmp_path / "checkpoint-9", {f"s{i}.bin": MiB for i in range(3)})
+    ckpt = make_checkpoint(tmp_path / "checkpoint-9", {f"s{i}.bin": MiB for i in range(6)})
     tracker_path = tmp_path / "u.sqlite"
-    child = subprocess.Popen(
+    child = subprocess.Popen(  # ~9 s of uploading: still going when the view is up, even on a busy machine
         tui_cmd("upload", str(ckpt), "--no-ui", "--server-url", server.url, "--api-key",
-                server.api_key, "--tracker", str(tracker_path), "--max-bandwidth", "1MB"),
+                server.api_key, "--tracker", str(tracker_path), "--max-bandwidth", "700KB"),
         env=tui_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         await asyncio.to_thread(wait_for_bytes, tracker_path)
