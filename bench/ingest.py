@@ -5,9 +5,11 @@
 
 Shapes: one 2 GiB file, and 16 files of 128 MiB (one curl, one keep-alive connection).
 Servers, alternating in one run (the order flips every round): nginx-light's WebDAV module
-(started and stopped here, on a loopback port), `methodic serve` (presigned URLs of the blob
-listener), and with ``--baseline-src`` the same command from another checkout (e.g. the
-Starlette blob route before the listener: ``git worktree add /tmp/asgi <commit>``).
+(started and stopped here, on loopback ports) reading bodies into 1 MiB buffers (the
+reference of the ratios, as in bench/throughput.py) and with its default 16k buffer,
+`methodic serve` (presigned URLs of the blob listener), and with ``--baseline-src`` the same
+command from another checkout (e.g. the Starlette blob route before the listener:
+``git worktree add /tmp/asgi <commit>``, then ``--baseline-src /tmp/asgi/engine``).
 
 Reported: MB/s (10^6 bytes per second of curl wall time) and server CPU seconds per GB (from
 /proc/<pid>/stat of each server's processes), medians over the rounds after a warm-up. Writes
@@ -50,6 +52,7 @@ events {{ worker_connections 64; }}
 http {{
     access_log off;
     client_max_body_size 0;
+    {body_buffer}
     client_body_temp_path {prefix}/body-tmp;
     server {{
         listen 127.0.0.1:{port};
@@ -153,17 +156,21 @@ def curl(pairs: list[tuple[Path, str]]) -> float:
 
 
 class Nginx:
-    name = "nginx WebDAV"
     sha256 = "off (nginx does not hash)"
     durability = "page cache: temp file renamed into place, no fsync"
 
-    def __init__(self, prefix: Path) -> None:
+    def __init__(self, prefix: Path, body_buffer: str | None) -> None:
+        """``body_buffer``: nginx's client_body_buffer_size (None: its default, 16k)."""
+        self.name = "nginx WebDAV" + (
+            f", {body_buffer} body buffer" if body_buffer else ", defaults"
+        )
         self.prefix = prefix
         for sub in ("root", "body-tmp"):
             (prefix / sub).mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         conf = prefix / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(prefix=prefix, port=self.port))
+        directive = f"client_body_buffer_size {body_buffer};" if body_buffer else ""
+        conf.write_text(NGINX_CONF.format(prefix=prefix, port=self.port, body_buffer=directive))
         self.proc = subprocess.Popen(
             ["nginx", "-p", str(prefix), "-c", str(conf)],
             stdout=subprocess.DEVNULL,
@@ -193,6 +200,7 @@ class Methodic:
 
     def __init__(self, name: str, data_dir: Path, src: str | None) -> None:
         self.name = name
+        self.commit = git_commit(src)
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("METHODIC_")}
         if src:
@@ -330,6 +338,11 @@ def main() -> None:
         help="engine/ dir of another checkout, run as a third server",
     )
     parser.add_argument("--baseline-name", default="methodic serve, ASGI (Starlette) blob route")
+    parser.add_argument(
+        "--no-nginx-defaults",
+        action="store_true",
+        help="skip the second nginx, the one with its default 16k body buffer",
+    )
     parser.add_argument("--big-mib", type=int, default=2048)
     parser.add_argument("--small-count", type=int, default=16)
     parser.add_argument("--small-mib", type=int, default=128)
@@ -340,8 +353,11 @@ def main() -> None:
     load_before = os.getloadavg()
     shutil.rmtree(work, ignore_errors=True)
     shapes = make_sources(work / "src", args.big_mib, args.small_count, args.small_mib)
-    servers: list[Nginx | Methodic] = [Nginx(work / "nginx")]
+    # The reference (ratios): nginx reading bodies into 1 MiB buffers, as the listener does.
+    servers: list[Nginx | Methodic] = [Nginx(work / "nginx", "1m")]
     try:
+        if not args.no_nginx_defaults:
+            servers.append(Nginx(work / "nginx-defaults", None))
         servers.append(Methodic("methodic serve, blob listener", work / "methodic", None))
         if args.baseline_src:
             servers.append(Methodic(args.baseline_name, work / "baseline", args.baseline_src))
@@ -368,7 +384,8 @@ def main() -> None:
 
     reference = servers[0].name
     results: dict[str, Any] = {}
-    print(f"\n{'server':<45} {'shape':>14} {'MB/s':>8} {'CPU s/GB':>9} {'x nginx':>8}")
+    print(f"\nmedians of {args.rounds} rounds; ratios to {reference}")
+    print(f"{'server':<45} {'shape':>14} {'MB/s':>8} {'CPU s/GB':>9} {'x nginx':>8}")
     for server in servers:
         per_shape = {}
         for shape in shapes:
@@ -383,19 +400,18 @@ def main() -> None:
                 f"{server.name:<45} {shape:>14} {m['mb_s']:8.0f} {m['cpu_s_per_gb']:9.2f} {ratio:8.2f}"
             )
         results[server.name] = {
+            **({"commit": server.commit} if isinstance(server, Methodic) else {}),
             "sha256": server.sha256,
             "durability": server.durability,
             "shapes": per_shape,
         }
-    results[servers[1].name]["commit"] = git_commit(None)
-    if args.baseline_src:
-        results[servers[2].name]["commit"] = git_commit(args.baseline_src)
     report = {
         "benchmark": "bench/ingest.py",
         "client": "curl -T FILE URL (one process per shape, one keep-alive connection)",
         "rounds": args.rounds,
         "warmup_rounds": args.warmup,
         "order": "alternating, flipped each round",
+        "reference": reference,
         "units": {
             "mb_s": "10^6 bytes per second of curl wall time, median",
             "cpu_s_per_gb": "server user+system CPU seconds per 10^9 bytes, median",

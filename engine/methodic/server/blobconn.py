@@ -60,8 +60,7 @@ class _Body:
     current: bytearray | None = None
     view: memoryview | None = None
     fill: int = 0
-    in_sink: int = 0
-    starved: bool = False  # reading paused because every buffer waits on the disk
+    in_sink: int = 0  # buffers handed to the sink and not taken back
 
 
 def _done(future: asyncio.Future[None]) -> None:
@@ -301,10 +300,14 @@ class BlobConnection(asyncio.BufferedProtocol):
             self._pause()
             self._arm(None)
             _done(body.done)
+        elif body.sink.failed is not None:
+            self._sink_failed(body)
         elif body.in_sink >= BUFFERS_PER_BODY:
-            body.starved = True
-            self._pause()
-            self._arm(None)
+            self._collect(body)
+            if body.in_sink >= BUFFERS_PER_BODY:  # the disk lags: stop reading until it catches up
+                self._pause()
+                self._arm(None)
+                body.sink.wake_when(BUFFERS_PER_BODY // 2, lambda: self._caught_up(body))
 
     def _hand_off(self, body: _Body) -> None:
         if body.current is None:
@@ -317,28 +320,33 @@ class BlobConnection(asyncio.BufferedProtocol):
         body.in_sink += 1
         body.sink.put(buffer, length)
 
-    def _written(self, body: _Body, buffer: bytearray) -> None:
-        """A buffer is back from the sink (on the loop)."""
-        body.in_sink -= 1
-        self.server.buffers.give(buffer)
+    def _collect(self, body: _Body) -> None:
+        """Take back the buffers the sink is done with."""
+        for buffer in body.sink.take_written():
+            body.in_sink -= 1
+            self.server.buffers.give(buffer)
+
+    def _caught_up(self, body: _Body) -> None:
         if body is not self.body or self.state != _BODY:
             return
+        self._collect(body)
         if body.sink.failed is not None:
-            self.state = _BUSY  # the rest of the body is not read; the answer closes
-            self._pause()
-            self._arm(None)
-            _fail(body.done, body.sink.failed)
-        elif body.starved:
-            body.starved = False
+            self._sink_failed(body)
+        else:
             self._resume()
             self._arm(self.limits.body_timeout)
+
+    def _sink_failed(self, body: _Body) -> None:
+        assert body.sink.failed is not None
+        self.state = _BUSY  # the rest of the body is not read; the answer closes
+        self._pause()
+        self._arm(None)
+        _fail(body.done, body.sink.failed)
 
     async def _receive(self, upload: Upload, length: int) -> Received:
         """Receive ``length`` body bytes into ``upload``; raises _Lost or the storage's error."""
         body = _Body(remaining=length, done=self.loop.create_future())
-        body.sink = BodySink(
-            self.loop, self.server.pool, upload, lambda buffer: self._written(body, buffer)
-        )
+        body.sink = BodySink(self.loop, self.server.pool, upload)
         self.body = body
         try:
             early = min(self.fill - self.start, length)  # arrived with the head
@@ -360,6 +368,7 @@ class BlobConnection(asyncio.BufferedProtocol):
             raise
         finally:
             self.body = None
+            self._collect(body)  # finished or abandoned: the sink holds none any more
             if body.current is not None:
                 self.server.buffers.give(body.current)
                 body.current = body.view = None

@@ -53,13 +53,14 @@ def misdirected_route(blob_port: int | None) -> Route:
     """A control-port route for /blobs/: say where blob bytes go instead of a bare 404."""
 
     async def misdirected(request: Request) -> JSONResponse:
-        where = f"port {blob_port}" if blob_port else "the blob listener's port"
-        return error_response(
-            421,
-            "misdirected",
-            f"blob bytes are served on {where}, not on the control API's port; behind a "
-            "reverse proxy, route /blobs/ to it (see --public-blob-url)",
-        )
+        if blob_port is None:  # e.g. S3 storage: clients PUT to the bucket
+            message = "this server receives no blob bytes: use the presigned URLs it hands out"
+        else:
+            message = (
+                f"blob bytes are served on port {blob_port}, not on the control API's port; "
+                "behind a reverse proxy, route /blobs/ to it (see --public-blob-url)"
+            )
+        return error_response(421, "misdirected", message)
 
     methods = ["GET", "HEAD", "PUT", "POST", "DELETE"]
     return Route("/blobs/{rest:path}", misdirected, methods=methods, include_in_schema=False)
