@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -25,6 +26,7 @@ from methodic import (
     adopt_incomplete_uploads,
 )
 from methodic._events import Event, PoolSnapshot
+from methodic._tracker_ops import owner_alive
 from methodic_tui.format import size
 from methodic_tui.notices import Notice, capture_logging, restore_logging
 from methodic_tui.options import Options
@@ -88,6 +90,7 @@ class EngineSource(Source):
         self._job_task: asyncio.Task[None] | None = None
         self._adopted: set[str] = set()
         self._tracked: list[TrackedAsset] = []
+        self._stopped_by: dict[str, int | None] = {}  # owner_pid of each asset before adopting
         self._logging: tuple[logging.Handler, list[logging.Handler]] | None = None
         self._closed = False
         self.job_error: str | None = None  # the job itself stopped on an error
@@ -145,11 +148,17 @@ class EngineSource(Source):
                 self.notice("warn", f"{n} unfinished uploads from an earlier process are in "
                                     f"{self.options.tracker}; `methodic-tui resume` finishes them")
             return
+        # Adopting claims them (owner_pid becomes this process): keep who left them, for "why".
+        before = await asyncio.to_thread(self.tracker.list_assets, None)
+        self._stopped_by = {t.asset_id: t.owner_pid for t in before}
         adopted = await adopt_incomplete_uploads(self.chronicle, self.tracker, self.report,
                                                  start=self.pending_mode == "start")
         self._adopted = {up.asset_id for up in adopted}
         for asset_id, why in self.report.failed.items():
             self.notice("error", f"cannot resume {asset_id}: {why}", asset_id)
+        for asset_id, why in self.report.skipped.items():
+            if asset_id not in self._adopted:  # left to the live process that owns it
+                self.notice("warn", f"not taking over {asset_id}: {why}", asset_id)
         await self.refresh_pending()
 
     async def _run_job(self) -> None:
@@ -222,7 +231,9 @@ class EngineSource(Source):
 
     async def refresh_pending(self) -> None:
         if self.tracker is not None and self._adopted:
-            self._tracked = await asyncio.to_thread(self.tracker.get_pending_uploads)
+            tracked = await asyncio.to_thread(self.tracker.get_pending_uploads)
+            self._tracked = [replace(t, owner_pid=self._stopped_by.get(t.asset_id, t.owner_pid))
+                             for t in tracked]
 
     def settled(self) -> bool:
         return (not self.job.continuous and self.job_done and super().settled())
@@ -246,19 +257,6 @@ class EngineSource(Source):
     def set_bandwidth(self, rate: float | None) -> None:
         assert self.chronicle is not None
         self.chronicle.set_bandwidth(rate)
-
-
-def owner_alive(pid: int | None) -> bool:
-    """Whether the process that registered an asset still runs (on this host)."""
-    if not pid or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def stopped_reason(t: TrackedAsset) -> str:

@@ -79,3 +79,26 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METHODIC_")}
     env.update(extra)
     return env
+
+
+_CLAIMER = """
+import os, sqlite3, sys, time
+# As a process that registered or took over the asset: the tracker records it as the owner.
+with sqlite3.connect(sys.argv[1], timeout=60) as conn:
+    conn.execute("UPDATE assets SET owner_pid = ? WHERE asset_id = ?", (os.getpid(), sys.argv[2]))
+print("claimed", flush=True)
+if sys.argv[3] == "hold":
+    time.sleep(300)
+"""
+
+
+def claim_in_child(tracker_path: Path, asset_id: str, *, hold: bool) -> subprocess.Popen[str]:
+    """Another process becomes the tracker owner of ``asset_id``; with ``hold`` it stays alive
+    (kill it), without it has exited and been reaped when this returns (its pid is dead)."""
+    proc = subprocess.Popen([sys.executable, "-c", _CLAIMER, str(tracker_path), asset_id,
+                             "hold" if hold else "exit"], stdout=subprocess.PIPE, text=True,
+                            env=subprocess_env())
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "claimed"
+    if not hold:
+        assert proc.wait(30) == 0
+    return proc

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    claim_in_child,
     free_port,
     make_checkpoint,
     methodic_cmd,
@@ -73,6 +74,40 @@ def test_drain_with_a_vanished_file_fails_that_asset_only(server, tmp_path: Path
         assert [a.asset_id for a in run.list_assets()] == [h_good.asset_id]
     failed = tracker.get_asset(h_bad.asset_id)
     assert failed.state == "failed" and "vanished" in (failed.last_error or "")
+
+
+def test_drain_leaves_assets_a_live_process_owns_and_claims_the_others(server, tmp_path: Path) -> None:
+    import os
+
+    owned_dir = make_checkpoint(tmp_path / "owned", {"a": 300_000})
+    orphan_dir = make_checkpoint(tmp_path / "orphan", {"a": 300_000})
+    tracker_path = tmp_path / "u.sqlite"
+    tracker = UploadTracker(tracker_path)
+    with Chronicle(server.url, server.api_key, max_bandwidth="1KB") as chronicle:
+        run = chronicle.run(chronicle.create_experiment("x"), 0, 0)
+        owned = run.register_and_upload_async(owned_dir, upload_tracker=tracker).asset_id
+        orphan = run.register_and_upload_async(orphan_dir, upload_tracker=tracker).asset_id
+        time.sleep(0.3)
+    dead = claim_in_child(tracker_path, orphan, hold=False)  # claimed, then died
+    live = claim_in_child(tracker_path, owned, hold=True)  # claimed, still running
+    try:
+        assert tracker.get_asset(orphan).owner_pid == dead.pid
+        with Chronicle(server.url, server.api_key) as chronicle:
+            report = drain_incomplete_uploads(chronicle, tracker)
+        assert report.resumed == [orphan] and report.finalized == [orphan]
+        assert f"pid {live.pid} is still running" in report.skipped[owned]
+        left = tracker.get_asset(owned)
+        assert left.state != "finalized" and left.owner_pid == live.pid
+        taken = tracker.get_asset(orphan)
+        assert taken.state == "finalized" and taken.owner_pid == os.getpid()
+    finally:
+        live.kill()
+        live.wait(10)
+    # Once its owner is gone, the next drain takes it.
+    with Chronicle(server.url, server.api_key) as chronicle:
+        report = drain_incomplete_uploads(chronicle, tracker)
+    assert report.finalized == [owned] and report.skipped == {}
+    assert tracker.get_asset(owned).owner_pid == os.getpid()
 
 
 def test_server_sigkilled_mid_upload_and_restarted_the_uploader_finishes(tmp_path: Path) -> None:

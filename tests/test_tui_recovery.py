@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from helpers import make_checkpoint, tree_digest
+from helpers import claim_in_child, make_checkpoint, tree_digest
 from test_tui_helpers import (
     MiB,
     cell_text,
@@ -134,6 +134,30 @@ async def test_recovery_discard_force_finalize_and_resume_all(server, tmp_path: 
         await until(pilot, lambda: states(app).get("ckpt-b") == "finalized", timeout=30)
     assert tracked_states(tracker_path) == {"ckpt-a": "discarded", "ckpt-b": "finalized",
                                             "ckpt-c": "finalized"}
+
+
+async def test_recovery_leaves_an_upload_a_live_process_owns(server, tmp_path: Path) -> None:
+    await leave_unfinished(server, tmp_path, ["mine", "theirs"])
+    tracker_path = tmp_path / "u.sqlite"
+    ids = {os.path.basename(t.local_dir or ""): t.asset_id
+           for t in UploadTracker(tracker_path).list_assets()}
+    live = claim_in_child(tracker_path, ids["theirs"], hold=True)
+    try:
+        async with running(make_resume_source(server, tmp_path), start_on_recovery=True) as (app, pilot):
+            await until(pilot, lambda: isinstance(app.screen, RecoveryScreen))
+            table = app.screen.query_one("#pending")
+            await until(pilot, lambda: table.row_count == 1)
+            assert [t.asset_id for t in app.source.pending()] == [ids["mine"]]
+            assert "theirs" not in states(app)
+            await until(pilot, lambda: any(
+                f"not taking over {ids['theirs']}: pid {live.pid} is still running" in e.text
+                for e in app.entries), what="the warning")
+            await pilot.press("u")
+            await until(pilot, lambda: states(app).get("mine") == "finalized", timeout=30)
+        assert tracked_states(tracker_path)["theirs"] == "uploading"
+    finally:
+        live.kill()
+        live.wait(10)
 
 
 async def test_upload_opens_on_recovery_and_u_resumes_from_the_dashboard(server, tmp_path: Path) -> None:

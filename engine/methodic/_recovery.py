@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from methodic import _tracker_ops as ops
 from methodic._client import AsyncChronicle
 from methodic._pool import AssetUpload
 
@@ -38,6 +39,9 @@ async def adopt_incomplete_uploads(
 ) -> list[AssetUpload]:
     """Bring every unfinished asset of ``tracker`` into the pool: started, or only held.
 
+    Each adopted asset is claimed (its tracker owner becomes this process); one whose owner is
+    another process that still runs is left to it and listed in ``report.skipped``.
+
     Held assets (``start=False``) are listed by the pool in state ``interrupted`` until an
     operator resumes, discards or force-finalizes them; paused ones stay paused either way.
     """
@@ -52,6 +56,11 @@ async def adopt_incomplete_uploads(
         up = pool.adopt(tracked, atracker, chronicle.server_url)
         if up is None:
             report.failed[tracked.asset_id] = "the tracker does not record which run it belongs to"
+            continue
+        owner = await atracker.run(ops.claim(tracked.asset_id))
+        if owner is not None:  # resuming it here could send it twice
+            report.skipped[tracked.asset_id] = (
+                f"pid {owner} is still running: it may be uploading this (see `attach`)")
             continue
         if up.state == "paused":
             report.skipped[tracked.asset_id] = "paused by the operator; resume it to continue"

@@ -382,7 +382,29 @@ def discard(asset_id: str) -> OpGen[bool]:
     return bool(rows)
 
 
+def owner_alive(pid: int | None) -> bool:
+    """Whether ``pid`` is another process that still runs on this host (not this one)."""
+    if not pid or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 @write_op
-def claim(asset_id: str) -> OpGen[None]:
-    """Record that this process is now the one uploading ``asset_id``."""
+def claim(asset_id: str) -> OpGen[int | None]:
+    """Record that this process is now the one uploading ``asset_id``, unless another live
+    process owns it: then nothing changes and that process's pid is returned (None once claimed).
+
+    Checked and written in one write transaction, so two processes adopting at once cannot
+    both take the asset.
+    """
+    rows = yield q("SELECT owner_pid FROM assets WHERE asset_id = ?", (asset_id,))
+    if rows and owner_alive(rows[0][0]):
+        return int(rows[0][0])
     yield q("UPDATE assets SET owner_pid = ? WHERE asset_id = ?", (os.getpid(), asset_id))
+    return None
