@@ -92,8 +92,10 @@ def child_put(spec: dict[str, Any]) -> dict[str, Any]:
                     target = UploadTarget(path=t["name"], part=None, method="PUT", url=t["url"],
                                           headers={}, offset=t["offset"], length=t["length"],
                                           expires_at=time.time() + 3600)
+                    # The pool's connections (the sendfile path) where this tree has them.
+                    more = [chronicle.pool.connections] if hasattr(chronicle.pool, "connections") else []
                     _etag, digests[i] = await send_range(chronicle.http, target, identity,
-                                                         chronicle.bucket, on_bytes)
+                                                         chronicle.bucket, on_bytes, *more)
 
             rc0 = proc_cpu(spec["receiver_pids"])
             r0 = resource.getrusage(resource.RUSAGE_SELF)

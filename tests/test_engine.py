@@ -20,7 +20,12 @@ from methodic import (
     UploadTracker,
     drain_incomplete_uploads,
 )
-from methodic._events import AssetFinalized, ComponentProgress, RetryScheduled
+from methodic._events import (
+    AssetFinalized,
+    ComponentProgress,
+    ComponentStateChanged,
+    RetryScheduled,
+)
 
 MiB = 1 << 20
 FAST_RETRY = RetryPolicy(max_attempts=6, base=0.05, cap=0.5)
@@ -104,6 +109,31 @@ def test_service_unavailable_and_429_are_retried_honouring_retry_after(server, t
     assert [("503" in r.cause, "429" in r.cause) for r in retries] == [(True, False), (False, True)]
     assert retries[1].delay == pytest.approx(1.0)
     assert time.monotonic() - started >= 1.0
+
+
+def test_a_component_waiting_for_its_retry_is_queued(server, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 1000})
+    server.faults.add(status=503, count=1, retry_after=1.5)
+    with Chronicle(server.url, server.api_key, retry=FAST_RETRY) as chronicle:
+        sub = chronicle.core.pool.events.subscribe()
+        handle = fresh_run(chronicle).register_and_upload_async(ckpt)
+
+        def component():
+            (a,) = chronicle.snapshot(with_components=True).assets
+            return a.components[0]
+
+        wait_until(lambda: component().last_error is not None)  # the 503 came back
+        waiting = component()
+        assert waiting.state == "queued" and "503" in (waiting.last_error or "")
+        assert chronicle.snapshot().assets[0].state == "uploading"  # the asset is not paused
+        handle.result(timeout=30)
+        events = [e for e in sub.get_nowait() if isinstance(e, ComponentStateChanged | RetryScheduled)]
+    assert [(e.kind, getattr(e, "state", None)) for e in events] == [
+        ("ComponentStateChanged", "uploading"), ("RetryScheduled", None),
+        ("ComponentStateChanged", "queued"), ("ComponentStateChanged", "uploading"),
+        ("ComponentStateChanged", "completed"),
+    ]
+    assert "503" in (events[2].error or "")
 
 
 def test_client_error_fails_at_once_with_the_servers_message(server, tmp_path: Path) -> None:

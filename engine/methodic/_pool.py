@@ -378,6 +378,10 @@ class UploadPool:
         delay = self.retry.delay(job.attempt, exc.retry_after)
         log.info("retrying %s of %s in %.2fs after %s", c.path, up.asset_id, delay, exc)
         self.events.emit(RetryScheduled(up.asset_id, c.path, job.attempt, delay, str(exc)))
+        if c.state == "uploading":  # waiting for the retry; _run_job sets it uploading again
+            c.state = "queued"
+            self._dirty.add((up, c))
+            self.events.emit(ComponentStateChanged(up.asset_id, c.path, "queued", c.last_error))
         asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, job)
 
     async def _piece_done(self, up: AssetUpload, c: ComponentUpload, part: int | None,

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import re
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -15,6 +16,7 @@ import httpx
 from methodic._api import error_message
 from methodic._bandwidth import TokenBucket
 from methodic._retry import is_transient_status, retry_after_seconds
+from methodic._sendfile import Connections, SendError, put_file_range
 from methodic._types import UploadTarget
 
 CHUNK_SIZE = 1 << 20
@@ -77,14 +79,19 @@ async def send_range(
     identity: FileIdentity,
     bucket: TokenBucket,
     on_bytes: Callable[[int], None],
+    connections: Connections | None = None,
 ) -> tuple[str | None, str]:
     """PUT ``target.length`` bytes of the file from ``target.offset``; return (etag, sha256 hex).
 
     ``on_bytes`` is told of every chunk handed to the connection, and of the negative total if
-    the attempt fails, so progress never counts bytes that did not arrive.
+    the attempt fails, so progress never counts bytes that did not arrive. With
+    ``connections``, bodies to plain-HTTP targets without a proxy go out by sendfile.
     """
     if target.length <= CHUNK_SIZE:
         return await _send_small(http, target, identity, bucket, on_bytes)
+    if connections is not None and _direct(target.url):
+        timeout = http.timeout.write or 60.0
+        return await _send_by_sendfile(connections, timeout, target, identity, bucket, on_bytes)
     identity.check()
     hasher = hashlib.sha256()
     sent = 0
@@ -107,6 +114,53 @@ async def send_range(
 
     try:
         etag = await _put(http, target, body())
+        identity.check()
+        return _verified(etag, hasher.hexdigest())
+    except BaseException:
+        if sent:
+            on_bytes(-sent)
+        raise
+    finally:
+        await asyncio.to_thread(f.close)
+
+
+def _direct(url: str) -> bool:
+    """A plain-HTTP URL that no proxy of the environment applies to (httpx reads the same)."""
+    parts = httpx.URL(url)
+    if parts.scheme != "http":
+        return False
+    proxies = urllib.request.getproxies()
+    if not (proxies.get("http") or proxies.get("all")):
+        return True
+    return bool(urllib.request.proxy_bypass(parts.host))
+
+
+async def _send_by_sendfile(
+    connections: Connections,
+    timeout: float,
+    target: UploadTarget,
+    identity: FileIdentity,
+    bucket: TokenBucket,
+    on_bytes: Callable[[int], None],
+) -> tuple[str | None, str]:
+    identity.check()
+    hasher = hashlib.sha256()
+    sent = 0
+
+    def counted(n: int) -> None:
+        nonlocal sent
+        sent += n
+        on_bytes(n)
+
+    f = await asyncio.to_thread(open, identity.local_path, "rb")
+    try:
+        try:
+            response = await put_file_range(connections, target, f, hasher, bucket, counted, timeout)
+        except SendError as exc:
+            raise TransferError(str(exc), transient=True) from exc
+        except EOFError:
+            raise FileChangedError(f"{identity.local_path} shrank while it was being sent") from None
+        etag = _accepted(response)
         identity.check()
         return _verified(etag, hasher.hexdigest())
     except BaseException:
@@ -155,6 +209,11 @@ async def _put(
         response = await http.request(target.method, target.url, content=content, headers=headers)
     except httpx.TransportError as exc:
         raise TransferError(f"{type(exc).__name__}: {exc or 'connection lost'}", transient=True) from exc
+    return _accepted(response)
+
+
+def _accepted(response: httpx.Response) -> str | None:
+    """The ETag of a 2xx answer; any other answer raises TransferError with the server's words."""
     if response.status_code >= 300:
         _code, message, _ = error_message(response)
         raise TransferError(

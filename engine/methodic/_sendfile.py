@@ -1,0 +1,223 @@
+"""PUT a byte range of a file over plain HTTP/1.1 with the body sent by sendfile(2).
+
+The body never passes through Python on its way out: ``loop.sock_sendfile`` moves it from the
+page cache to the socket a slice at a time, while a worker thread reads the same slice into one
+reused buffer (``os.preadv``) and hashes it, so sending and hashing overlap and no per-chunk
+objects are made. The request head and the response are handled by h11. This path serves
+``http://`` targets that no proxy applies to; everything else goes through httpx
+(``methodic._transfer``). Idle keep-alive connections are kept per (host, port) by
+``Connections``, which the upload pool owns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO
+from urllib.parse import urlsplit
+
+import h11
+import httpx
+
+from methodic._bandwidth import TokenBucket
+from methodic._types import UploadTarget
+
+SLICE = 4 << 20  # bytes per sendfile call: the unit of progress and of the stall timeout
+READ_BUFFER = 1 << 20  # the hashing thread's reused buffer
+MIN_CAPPED_SLICE = 64 << 10
+IDLE_PER_HOST = 32
+USER_AGENT = "methodic"
+
+
+class SendError(Exception):
+    """The connection failed before a response arrived."""
+
+
+@dataclass
+class _Connection:
+    sock: socket.socket
+    protocol: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
+
+    def alive(self) -> bool:
+        """An idle connection the server has not closed (nor sent anything unasked on)."""
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False  # closed (b""), or bytes nobody asked for
+
+
+class Connections:
+    """Idle keep-alive connections of the sendfile path, per (host, port)."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+
+    async def acquire(self, host: str, port: int, timeout: float, *, reuse: bool = True
+                      ) -> tuple[_Connection, bool]:
+        """A connection to (host, port) and whether it was reused."""
+        idle = self._idle.get((host, port), [])
+        while reuse and idle:
+            conn = idle.pop()
+            if conn.alive():
+                return conn, True
+            conn.sock.close()
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _name, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            async with asyncio.timeout(timeout):
+                await loop.sock_connect(sock, address)
+        except BaseException:
+            sock.close()
+            raise
+        return _Connection(sock), False
+
+    def release(self, host: str, port: int, conn: _Connection) -> None:
+        """Keep the connection for the next request if HTTP allows it, else close it."""
+        protocol = conn.protocol
+        idle = self._idle.setdefault((host, port), [])
+        if protocol.our_state is h11.DONE and protocol.their_state is h11.DONE and len(idle) < IDLE_PER_HOST:
+            protocol.start_next_cycle()
+            idle.append(conn)
+        else:
+            conn.sock.close()
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.sock.close()
+        self._idle.clear()
+
+
+class _Length:
+    """Stands for ``n`` body bytes sent behind h11's back (h11 only counts them)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def hash_slice(fd: int, buffer: bytearray, hasher: hashlib._Hash, offset: int, n: int) -> bool:
+    """Feed ``n`` bytes of the file at ``offset`` to ``hasher``; False if the file is shorter."""
+    view = memoryview(buffer)
+    while n:
+        got = os.preadv(fd, [view[: min(n, len(buffer))]], offset)
+        if got == 0:
+            return False
+        hasher.update(view[:got])
+        offset += got
+        n -= got
+    return True
+
+
+async def put_file_range(
+    connections: Connections,
+    target: UploadTarget,
+    f: BinaryIO,
+    hasher: hashlib._Hash,
+    bucket: TokenBucket,
+    on_bytes: Callable[[int], None],
+    timeout: float,
+) -> httpx.Response:
+    """PUT the target's range of ``f``, hashing it into ``hasher``; the server's response.
+
+    Raises ``SendError`` when the connection fails before a response arrives, ``EOFError``
+    when the file is shorter than the range. ``on_bytes`` hears of each slice sent.
+    """
+    url = urlsplit(target.url)
+    host, port = url.hostname or "", url.port or 80
+    path = url.path + (f"?{url.query}" if url.query else "")
+    headers = [("Host", url.netloc), ("User-Agent", USER_AGENT),
+               ("Content-Length", str(target.length)), *target.headers.items()]
+    request = h11.Request(method=target.method, target=path, headers=headers)
+    loop = asyncio.get_running_loop()
+    buffer = bytearray(min(READ_BUFFER, target.length))
+    sent = 0
+    for attempt in range(2):
+        try:
+            conn, reused = await connections.acquire(host, port, timeout, reuse=attempt == 0)
+        except (OSError, TimeoutError) as exc:
+            raise SendError(f"ConnectError: {_describe(exc, timeout)}") from exc
+        try:
+            try:
+                await loop.sock_sendall(conn.sock, conn.protocol.send(request))
+                offset, remaining = target.offset, target.length
+                while remaining:
+                    n = min(_slice(bucket), remaining)
+                    await bucket.take(n)
+                    hashing = loop.run_in_executor(None, hash_slice, f.fileno(), buffer, hasher, offset, n)
+                    try:
+                        conn.protocol.send_with_data_passthrough(h11.Data(data=_Length(n)))  # type: ignore[arg-type]
+                        async with asyncio.timeout(timeout):
+                            moved = await loop.sock_sendfile(conn.sock, f, offset, n, fallback=False)
+                    finally:
+                        complete = await hashing
+                    if moved < n or not complete:
+                        raise EOFError
+                    offset, remaining, sent = offset + n, remaining - n, sent + n
+                    on_bytes(n)
+                conn.protocol.send(h11.EndOfMessage())
+            except (OSError, TimeoutError) as exc:
+                if reused and sent == 0 and isinstance(exc, ConnectionError):
+                    conn.sock.close()  # a keep-alive connection the server had just closed
+                    continue
+                failure: BaseException | None = exc  # the server may have answered early: read it
+            else:
+                failure = None
+            try:
+                response = await _response(conn, timeout)
+            except (OSError, TimeoutError, h11.ProtocolError) as exc:
+                raise SendError(_describe(failure or exc, timeout)) from exc
+            if failure is None and response.status_code < 300:
+                connections.release(host, port, conn)
+            else:
+                conn.sock.close()
+            return response
+        except BaseException:
+            conn.sock.close()
+            raise
+    raise AssertionError("unreachable")
+
+
+def _describe(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"WriteTimeout: no progress for {timeout:g} s"
+    return f"{type(exc).__name__}: {exc or 'connection lost'}"
+
+
+def _slice(bucket: TokenBucket) -> int:
+    """Under a cap, slices of about an eighth of a second, so workers share it smoothly."""
+    rate = bucket.rate
+    return SLICE if not rate else max(MIN_CAPPED_SLICE, min(SLICE, int(rate / 8)))
+
+
+async def _response(conn: _Connection, timeout: float) -> httpx.Response:
+    loop = asyncio.get_running_loop()
+    protocol = conn.protocol
+    status, headers, body = 0, [], bytearray()
+    while True:
+        event = protocol.next_event()
+        if event is h11.NEED_DATA:
+            async with asyncio.timeout(timeout):
+                data = await loop.sock_recv(conn.sock, 65536)
+            protocol.receive_data(data)
+        elif isinstance(event, h11.Response):
+            status, headers = event.status_code, [(k.decode(), v.decode("latin-1")) for k, v in event.headers]
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            return httpx.Response(status, headers=headers, content=bytes(body))
+        elif isinstance(event, h11.ConnectionClosed):
+            raise ConnectionResetError("the server closed the connection before it answered")

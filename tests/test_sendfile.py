@@ -1,0 +1,136 @@
+"""The sendfile PUT path: used for plain-HTTP targets, keeps connections alive, falls back."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import make_checkpoint, tree_digest
+
+import methodic._transfer as transfer
+from methodic import Chronicle, UploadTracker
+from methodic._bandwidth import TokenBucket
+from methodic._sendfile import Connections
+from methodic._transfer import FileChangedError, FileIdentity, send_range
+from methodic._types import UploadTarget
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("storage_backend", ["local"])  # moto's proxy also carries the server's calls
+def test_bodies_go_by_sendfile_over_one_kept_alive_connection(any_server, any_proxy, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = transfer.put_file_range
+
+    async def counting(*args, **kwargs):
+        calls.append(args[1].length)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(transfer, "put_file_range", counting)
+    sizes = {f"w{i}.bin": 3 * MiB + i for i in range(4)}
+    ckpt = make_checkpoint(tmp_path / "ckpt", sizes)
+    with Chronicle(any_proxy.url, any_server.api_key, max_upload_workers=1) as chronicle:
+        run = chronicle.run(chronicle.create_experiment("sendfile"), 0, 0)
+        handle = run.register_and_upload_async(ckpt, upload_tracker=UploadTracker(tmp_path / "u.sqlite"))
+        handle.result(timeout=60)
+        connections, sent = any_proxy.connections, any_proxy.bytes_up
+        dest = run.download_asset(handle.asset_id, tmp_path / "dl")
+    assert sorted(calls) == sorted(sizes.values())
+    assert tree_digest(dest) == tree_digest(ckpt)
+    assert connections == 1  # one worker, one kept-alive connection for all four bodies
+    assert sum(sizes.values()) <= sent < sum(sizes.values()) + 64 * 1024
+
+
+@pytest.mark.parametrize(
+    ("url", "env", "direct"),
+    [
+        ("http://127.0.0.1:9/b", {}, True),
+        ("https://127.0.0.1:9/b", {}, False),
+        ("http://127.0.0.1:9/b", {"HTTP_PROXY": "http://proxy:3128"}, False),
+        ("http://127.0.0.1:9/b", {"ALL_PROXY": "http://proxy:3128"}, False),
+        ("http://127.0.0.1:9/b", {"HTTP_PROXY": "http://proxy:3128", "NO_PROXY": "127.0.0.1"}, True),
+    ],
+)
+def test_sendfile_only_where_no_proxy_applies(url: str, env: dict[str, str], direct: bool,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert transfer._direct(url) is direct
+
+
+class _OneShotServer:
+    """Answers each PUT with 200 and its sha256 as ETag, then closes: a keep-alive that ends."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.connections = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        body = await reader.readexactly(length)
+        self.bodies.append(body)
+        etag = hashlib.sha256(body).hexdigest()
+        writer.write(f'HTTP/1.1 200 OK\r\nContent-Length: 0\r\nETag: "{etag}"\r\n\r\n'.encode())
+        await writer.drain()
+        writer.close()
+
+
+async def test_a_connection_the_server_closed_is_not_reused(tmp_path: Path) -> None:
+    data = os.urandom(3 * MiB)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    st = path.stat()
+    identity = FileIdentity(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    peer = _OneShotServer()
+    server = await asyncio.start_server(peer.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    connections = Connections()
+    try:
+        async with httpx.AsyncClient() as http:
+            for offset, length in ((0, 2 * MiB), (MiB, 2 * MiB)):
+                target = UploadTarget(path="f.bin", part=None, method="PUT",
+                                      url=f"http://127.0.0.1:{port}/b", headers={},
+                                      offset=offset, length=length, expires_at=0.0)
+                await asyncio.sleep(0.05)  # the server has closed the previous connection
+                etag, digest = await send_range(http, target, identity, TokenBucket(None),
+                                                lambda n: None, connections)
+                assert digest == hashlib.sha256(data[offset:offset + length]).hexdigest()
+                assert etag is not None and etag.strip('"') == digest
+    finally:
+        connections.close()
+        server.close()
+        await server.wait_closed()
+    assert peer.connections == 2
+    assert peer.bodies == [data[:2 * MiB], data[MiB:3 * MiB]]
+
+
+async def test_a_range_past_the_end_of_the_file_fails_as_changed(tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(2 * MiB))  # the registered size is right; the range is not:
+    identity = FileIdentity(str(path), 2 * MiB, None, None)  # as if it shrank during the send
+    peer = _OneShotServer()
+    server = await asyncio.start_server(peer.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    target = UploadTarget(path="f.bin", part=None, method="PUT", url=f"http://127.0.0.1:{port}/b",
+                          headers={}, offset=0, length=3 * MiB, expires_at=0.0)
+    progress: list[int] = []
+    connections = Connections()
+    try:
+        async with httpx.AsyncClient() as http:
+            with pytest.raises(FileChangedError, match="shrank"):
+                await send_range(http, target, identity, TokenBucket(None), progress.append, connections)
+    finally:
+        connections.close()
+        server.close()
+        await server.wait_closed()
+    assert sum(progress) == 0 and peer.bodies == []
