@@ -675,10 +675,44 @@ def test_bytes_lost_after_upload_are_caught_at_finalize(
     first, second = stored_files(server)
     first.write_bytes(b"dat")  # truncated, as a power cut before fsync could leave it
     second.write_bytes(b"DATA")  # same size, other bytes
+    server.stop()  # a power cut restarts the server: it trusts no receipt of an earlier process
+    server.start()
     error = assert_error(api.post(f"/api/v1/assets/{asset_id}/finalize"), 409, "asset_incomplete")
     reasons = {m["path"]: m["reason"] for m in error["missing"]}
     assert reasons["a"].startswith("size mismatch")
     assert reasons["b"].startswith("checksum mismatch")
+
+
+def test_finalize_trusts_receipts_of_files_unchanged_since_this_process_hashed_them(
+    server: EmbeddedServer, api: httpx.Client, run_id: str
+) -> None:
+    """Finalize reads back only what this process did not hash on receipt (same inode, size, mtime).
+
+    Bytes changed behind the server's back with their mtime restored pass in the same process
+    (finalize does not re-read them) and are caught once the server has restarted.
+    """
+    created = create_asset(api, run_id, [{"path": "a", "size": 4}])
+    asset_id = created.json()["asset_id"]
+    assert put(created.json()["targets"][0], b"data").status_code == 201
+    [stored] = stored_files(server)
+    st = stored.stat()
+    with open(stored, "r+b") as f:
+        f.write(b"DATA")
+    os.utime(stored, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert api.post(f"/api/v1/assets/{asset_id}/finalize").status_code == 200
+
+    created = create_asset(api, run_id, [{"path": "a", "size": 4}])
+    asset_id = created.json()["asset_id"]
+    assert put(created.json()["targets"][0], b"data").status_code == 201
+    [stored] = [p for p in stored_files(server) if asset_id in str(p)]
+    st = stored.stat()
+    with open(stored, "r+b") as f:
+        f.write(b"DATA")
+    os.utime(stored, ns=(st.st_atime_ns, st.st_mtime_ns))
+    server.stop()
+    server.start()
+    error = assert_error(api.post(f"/api/v1/assets/{asset_id}/finalize"), 409, "asset_incomplete")
+    assert error["missing"][0]["reason"].startswith("checksum mismatch")
 
 
 def test_unknown_path_in_checksums_is_400(api: httpx.Client, run_id: str) -> None:

@@ -3,8 +3,11 @@
 Each component is one file, DATA_DIR/blobs/<asset>/<shard>/<index>, named by its position in
 the manifest (never by its client-chosen path). A whole-file PUT streams to DATA_DIR/tmp and is
 renamed into place; parts are written at their offsets straight into the component's file, so
-finalize needs no concatenation. Nothing is fsynced per PUT: finalize re-reads (verifies) and
-fsyncs every file and directory of the asset before the finalized state commits.
+finalize needs no concatenation. Nothing is fsynced per PUT: finalize fsyncs every file and
+directory of the asset before the finalized state commits, and re-reads (verifies) every file
+whose bytes this process did not hash on receipt itself: a power cut that loses unsynced pages
+also restarts the server, so after one, everything is read back; until then a whole-PUT file
+that is unchanged since its receipt (inode, size, mtime) is the bytes its receipt hashed.
 
 What is stored is known from the receipts the blob data path records (``Component``); only a
 deep inspection (finalize) reads the bytes back.
@@ -108,11 +111,19 @@ class _LengthBoundUpload:
             return Received(size=self._received, sha256=self._hash.hexdigest())
 
 
+_Stamp = tuple[int, int, int, str]  # inode, size, mtime_ns, sha256 of a file hashed on receipt
+
+
+def _stamp(st: os.stat_result, sha256: str) -> _Stamp:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, sha256)
+
+
 class _ObjectUpload(_LengthBoundUpload):
-    def __init__(self, tmp: Path, final: Path, length: int) -> None:
+    def __init__(self, tmp: Path, final: Path, length: int, hashed: dict[Path, _Stamp]) -> None:
         super().__init__(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), length)
         self._tmp = tmp
         self._final = final
+        self._hashed = hashed
 
     def _write(self, fd: int, data: bytes, position: int) -> None:
         _write_all(fd, data)
@@ -121,6 +132,7 @@ class _ObjectUpload(_LengthBoundUpload):
         with self._lock:
             _private_dir(self._final.parent)
             os.replace(self._tmp, self._final)
+            self._hashed[self._final] = _stamp(os.stat(self._final), self._hash.hexdigest())
 
     def abort(self) -> None:
         with self._lock:
@@ -152,6 +164,7 @@ class LocalStorage:
         self.root = data_dir / "blobs"
         self.tmp = data_dir / "tmp"
         self._signer = signer
+        self._hashed: dict[Path, _Stamp] = {}  # whole-PUT files received by this process
         _private_dir(self.root)
         _private_dir(self.tmp)
 
@@ -210,7 +223,7 @@ class LocalStorage:
 
     def open_object_upload(self, key: BlobKey, length: int) -> Upload:
         tmp = self.tmp / f"{key.asset_id}.{key.index}.{secrets.token_hex(8)}.tmp"
-        return _ObjectUpload(tmp, self._file(key), length)
+        return _ObjectUpload(tmp, self._file(key), length, self._hashed)
 
     def open_part_upload(self, key: BlobKey, offset: int, length: int) -> Upload:
         return _PartUpload(self._file(key), offset, length)
@@ -240,9 +253,12 @@ class LocalStorage:
         except FileNotFoundError:
             return Found(False)
         with f:
-            stored = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            stored = st.st_size
             if stored != c.size:
                 return Found(True, size=stored)
+            if c.stored_sha256 and self._hashed.get(self._file(key)) == _stamp(st, c.stored_sha256):
+                return Found(True, size=stored, sha256=c.stored_sha256)
             whole = hashlib.sha256()
             parts: list[str] = []
             step = c.part_size or max(c.size, 1)
@@ -272,6 +288,8 @@ class LocalStorage:
         self, asset_id: str, components: Sequence[Component], workers: int
     ) -> list[tuple[Component, str]]:
         files = [self._file(c.key(asset_id)) for c in components]
+        for file in files:
+            self._hashed.pop(file, None)
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(files)))) as pool:
             list(pool.map(_fsync_path, files))
         for directory in sorted({f.parent for f in files}):
@@ -283,7 +301,11 @@ class LocalStorage:
         return []
 
     def forget(self, key: BlobKey) -> None:
+        self._hashed.pop(self._file(key), None)
         self._file(key).unlink(missing_ok=True)
 
     def delete_asset(self, asset_id: str) -> None:
+        directory = self._asset_dir(asset_id)
+        for file in [f for f in self._hashed if f.is_relative_to(directory)]:
+            del self._hashed[file]
         shutil.rmtree(self._asset_dir(asset_id), ignore_errors=True)
