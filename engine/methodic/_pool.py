@@ -45,6 +45,7 @@ from methodic._events import (
     RetryScheduled,
 )
 from methodic._retry import RetryPolicy
+from methodic._sendfile import Connections
 from methodic._tracker import AsyncTracker
 from methodic._transfer import FileChangedError, FileIdentity, TransferError, send_range
 from methodic._types import Asset, RunBinding, TrackedAsset, UploadTarget
@@ -183,6 +184,7 @@ class UploadPool:
                  bucket: TokenBucket, retry: RetryPolicy) -> None:
         self.api = api
         self.http = http
+        self.connections = Connections()
         self.workers = workers
         self.bucket = bucket
         self.retry = retry
@@ -220,6 +222,7 @@ class UploadPool:
         for tracker in self._trackers.values():
             await tracker.close()
         self._trackers.clear()
+        self.connections.close()
 
     async def tracker_for(self, db_path: Path) -> AsyncTracker:
         async with self._tracker_lock:
@@ -338,6 +341,7 @@ class UploadPool:
             target = await self._target(up, job)
             task = asyncio.ensure_future(send_range(
                 self.http, target, c.identity, self.bucket, lambda n: self._progress(up, c, n),
+                self.connections,
             ))
             up.inflight.add(task)
             try:
