@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from methodic import ChronicleError, __version__
-from methodic._bandwidth import parse_rate
+from methodic import ChronicleError, __version__, parse_rate
 from methodic_tui.options import DEFAULT_TRACKER, Options
 from methodic_tui.source import Source
 

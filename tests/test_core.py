@@ -253,3 +253,23 @@ def test_import_methodic_loads_no_ui_library() -> None:
     code = "import sys, methodic; print(sorted(m for m in ('textual', 'rich') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_parse_rate_is_public_and_the_tui_uses_that_name() -> None:
+    import ast
+
+    import methodic
+
+    assert "parse_rate" in methodic.__all__
+    assert methodic.parse_rate("1.5GiB/s") == 1.5 * 2**30
+    assert methodic.parse_rate("200MB") == 200e6 and methodic.parse_rate(0) is None
+    with pytest.raises(InvalidInputError, match="not a rate"):
+        methodic.parse_rate("fast")
+    tui = Path(__file__).resolve().parents[1] / "methodic_tui"
+    private = [
+        f"{path.name}: from {node.module} import {', '.join(a.name for a in node.names)}"
+        for path in tui.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module == "methodic._bandwidth"
+    ]
+    assert private == []

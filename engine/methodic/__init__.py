@@ -8,6 +8,7 @@ import sys as _sys
 if "httpx" not in _sys.modules:
     _sys.modules.setdefault("httpx._main", None)  # type: ignore[assignment]
 
+from methodic._bandwidth import parse_rate
 from methodic._client import AsyncChronicle, AsyncRun, AsyncUploadHandle
 from methodic._errors import (
     AssetIncompleteError,
@@ -73,4 +74,5 @@ __all__ = [
     "adopt_incomplete_uploads",
     "drain_incomplete_uploads",
     "drain_incomplete_uploads_async",
+    "parse_rate",
 ]
