@@ -13,11 +13,14 @@ from helpers import make_checkpoint, sha256_file, tree_digest
 
 from methodic import (
     AssetIncompleteError,
+    AsyncChronicle,
     AuthenticationError,
     Chronicle,
     ChronicleError,
     ComponentSpec,
     InvalidInputError,
+    RetryPolicy,
+    ServerError,
     UploadTracker,
 )
 
@@ -273,3 +276,76 @@ def test_parse_rate_is_public_and_the_tui_uses_that_name() -> None:
         if isinstance(node, ast.ImportFrom) and node.module == "methodic._bandwidth"
     ]
     assert private == []
+
+
+async def test_find_experiment_by_name_or_id_and_none_only_when_not_found(server) -> None:
+    async with AsyncChronicle(server.url, server.api_key) as chronicle:
+        exp_id = await chronicle.create_experiment("team/exp1")
+        assert await chronicle.find_experiment("team/exp1") == exp_id
+        assert await chronicle.find_experiment(exp_id) == exp_id
+        for unknown in ("nope", "a/runs/0/0", "exp?1", "..", "0" * 32):
+            assert await chronicle.find_experiment(unknown) is None, unknown
+
+
+class _IdLookupFails:
+    """A Chronicle API on a real socket: no experiment by name; the id lookup answers
+    ``status`` (0: the connection is dropped without an answer)."""
+
+    def __init__(self, status: int) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.id_lookups = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.path.startswith("/api/v1/experiments?"):
+                    code, body = 200, {"experiments": []}
+                else:
+                    outer.id_lookups += 1
+                    if status == 0:
+                        self.close_connection = True
+                        return
+                    code, body = status, {"error": {"code": "x", "message": f"injected {status}"}}
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize(("status", "error", "lookups"), [
+    (404, None, 1),
+    (401, AuthenticationError, 1),
+    (503, ServerError, 3),  # retried, then raised
+    (500, ServerError, 3),
+    (0, ServerError, 3),  # no answer at all
+])
+async def test_find_experiment_raises_every_error_but_not_found(
+        status: int, error: type[Exception] | None, lookups: int) -> None:
+    stub = _IdLookupFails(status)
+    try:
+        async with AsyncChronicle(stub.url, "sk_test",
+                                  retry=RetryPolicy(max_attempts=3, base=0.01, cap=0.02)) as chronicle:
+            if error is None:
+                assert await chronicle.find_experiment("some-id") is None
+            else:
+                with pytest.raises(error):
+                    await chronicle.find_experiment("some-id")
+        assert stub.id_lookups == lookups
+    finally:
+        stub.close()

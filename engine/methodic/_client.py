@@ -9,6 +9,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -20,6 +21,7 @@ from methodic._errors import (
     AuthenticationError,
     ChronicleError,
     InvalidInputError,
+    NotFoundError,
     UploadFailedError,
 )
 from methodic._ids import new_asset_id
@@ -178,12 +180,19 @@ class AsyncChronicle:
         return str(data["id"])
 
     async def find_experiment(self, id_or_name: str) -> str | None:
+        """The id of the experiment with this name, or with this id; None when there is none.
+
+        Only the server's "not found" means none: any other error (the API key refused, the
+        server failing after the retries, unreachable) is raised.
+        """
         data = await self.api.call("GET", "/experiments", params={"name": id_or_name})
         if data["experiments"]:
             return str(data["experiments"][0]["id"])
+        if not id_or_name or "/" in id_or_name or id_or_name in (".", ".."):
+            return None  # not one path segment, so not an id
         try:
-            data = await self.api.call("GET", f"/experiments/{id_or_name}")
-        except ChronicleError:
+            data = await self.api.call("GET", f"/experiments/{quote(id_or_name, safe='')}")
+        except NotFoundError:
             return None
         return str(data["id"])
 
