@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
+import uuid
 from pathlib import Path
 
 import httpx
@@ -15,8 +17,9 @@ import methodic._transfer as transfer
 from methodic import Chronicle, UploadTracker
 from methodic._bandwidth import TokenBucket
 from methodic._sendfile import Connections
-from methodic._transfer import FileChangedError, FileIdentity, send_range
+from methodic._transfer import FileChangedError, FileIdentity, TransferError, send_range
 from methodic._types import UploadTarget
+from methodic.server import EmbeddedServer
 
 MiB = 1 << 20
 
@@ -134,3 +137,45 @@ async def test_a_range_past_the_end_of_the_file_fails_as_changed(tmp_path: Path)
         server.close()
         await server.wait_closed()
     assert sum(progress) == 0 and peer.bodies == []
+
+
+def _granted_target(srv: EmbeddedServer, size: int) -> UploadTarget:
+    """A presigned PUT target for one ``size``-byte component of a new pending asset."""
+    with httpx.Client(base_url=srv.url or "", headers={"Authorization": f"Bearer {srv.api_key}"},
+                      trust_env=False) as api:
+        experiment = api.post("/api/v1/experiments", json={"name": "refusals"}).json()
+        run_id = api.put(f"/api/v1/experiments/{experiment['id']}/runs/0/0").json()["id"]
+        created = api.post(f"/api/v1/runs/{run_id}/assets", json={
+            "asset_id": uuid.uuid4().hex, "asset_type": "checkpoint", "metadata": {},
+            "components": [{"path": "f.bin", "size": size}], "presign": True,
+        })
+        assert created.status_code == 201, created.text
+        return UploadTarget.from_json(created.json()["targets"][0])
+
+
+@pytest.mark.parametrize("case", ["expired", "tampered"])
+async def test_a_refusal_before_the_body_reaches_the_caller_with_the_servers_words(
+        case: str, tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(6 * MiB))
+    st = path.stat()
+    identity = FileIdentity(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    with EmbeddedServer(tmp_path / "srv", presign_ttl=1.0) as srv:
+        target = await asyncio.to_thread(_granted_target, srv, 6 * MiB)
+        if case == "expired":
+            await asyncio.sleep(2.2)
+        else:
+            target = dataclasses.replace(target, url=target.url.replace("sig=", "sig=0"))
+        progress: list[int] = []
+        connections = Connections()
+        try:
+            async with httpx.AsyncClient() as http:
+                with pytest.raises(TransferError) as caught:
+                    await send_range(http, target, identity, TokenBucket(None), progress.append,
+                                     connections)
+        finally:
+            connections.close()
+    assert "HTTP 403" in str(caught.value)
+    assert caught.value.expired is (case == "expired")
+    assert not caught.value.transient
+    assert sum(progress) == 0  # whatever was handed to the socket is taken back
