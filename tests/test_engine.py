@@ -136,6 +136,33 @@ def test_a_component_waiting_for_its_retry_is_queued(server, tmp_path: Path) -> 
     assert "503" in (events[2].error or "")
 
 
+def test_a_just_started_asset_has_no_rate_nor_eta_until_its_meter_settles(server, tmp_path: Path) -> None:
+    # One worker: the second asset waits (uploading, nothing sent) while the first goes, as in
+    # a queue of checkpoints; when its bytes start, its first samples would say little.
+    size, cap = 6 * MiB, 1.5e6
+    first = make_checkpoint(tmp_path / "first", {"a.bin": 3 * MiB})
+    second = make_checkpoint(tmp_path / "second", {"b.bin": size})
+    seen = []
+    with Chronicle(server.url, server.api_key, max_upload_workers=1, max_bandwidth=cap) as chronicle:
+        run = fresh_run(chronicle)
+        run.register_and_upload_async(first)
+        handle = run.register_and_upload_async(second)
+        while not handle.done():
+            snap = chronicle.snapshot()
+            seen += [(time.monotonic(), a) for a in snap.assets if a.asset_id == handle.asset_id]
+            time.sleep(0.05)
+        handle.result(timeout=30)
+    moving = [(at, a) for at, a in seen if a.state == "uploading" and a.bytes_done > 0]
+    started_at, started = moving[0]
+    assert started.rate is None and started.eta is None  # not "16 B/s, ETA 29d"
+    rated = [(at, a) for at, a in moving if a.rate is not None]
+    assert rated, "a rate once a few seconds were measured"
+    assert rated[0][0] - started_at >= 1.0  # two one-second samples after the first bytes
+    for _, a in rated:
+        assert 0.6 * cap <= a.rate <= 1.4 * cap, a.rate
+        assert a.eta == pytest.approx((size - a.bytes_done) / a.rate)
+
+
 def test_client_error_fails_at_once_with_the_servers_message(server, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 1000})
     server.faults.add(status=400, count=10)

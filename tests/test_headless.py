@@ -269,5 +269,5 @@ def test_reporter_lines_and_colours(monkeypatch: pytest.MonkeyPatch) -> None:
     lines = err.getvalue().splitlines()
     assert "retry checkpoint-1000/a.bin: attempt 1 failed (HTTP 503); next in 0.5s" in lines[0]
     assert lines[0].startswith("\x1b[33m") and lines[1].startswith("\x1b[32m")
-    assert "status 1/5 assets finalized, 18/40 files, 148.0/300.0 MB (49%), 24.6 MB/s" in lines[2]
+    assert "status 1/5 assets finalized, 18/40 files, 148.3/300.0 MB (49%), 24.6 MB/s" in lines[2]
     assert "1 failed, 1 paused" in lines[2]

@@ -35,7 +35,7 @@ def _components(done_upto: int, *, failed: bool = False) -> tuple[ComponentSnaps
     return tuple(comps)
 
 
-def asset(n: int, state: str, done: int, total: int, files: tuple[int, int], rate: float = 0.0,
+def asset(n: int, state: str, done: int, total: int, files: tuple[int, int], rate: float | None = None,
           eta: float | None = None, error: str | None = None,
           components: tuple[ComponentSnapshot, ...] = ()) -> AssetSnapshot:
     return AssetSnapshot(
@@ -53,7 +53,7 @@ def sample_snapshot() -> PoolSnapshot:
         asset(3, "failed", 52 * MB, 60 * MB, (6, 8), error="optimizer.pt: HTTP 503 (after 3 attempts)",
               components=_components(4, failed=True)),
         asset(4, "paused", 5 * MB, 60 * MB, (1, 8)),
-        asset(5, "registered", 0, 60 * MB, (0, 8)),
+        asset(5, "uploading", 300_000, 60 * MB, (0, 8)),  # just started: no rate or ETA yet
     )
     history = tuple(float((i * 7) % 25) * MB for i in range(60))
     return PoolSnapshot(assets=assets, rate=24.6 * MB, history=history, total_sent=148 * MB,

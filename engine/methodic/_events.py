@@ -131,7 +131,15 @@ class EventBus:
 
 
 class RateMeter:
-    """Bytes per second as an EWMA, sampled on a timer, with a 60-sample history for sparklines."""
+    """Bytes per second as an EWMA, sampled on a timer, with a 60-sample history for sparklines.
+
+    The first sample that sees bytes covers an interval only partly busy, so it says little:
+    from there the rate is the plain average since that sample, for ``SETTLE_SAMPLES``
+    samples, and the EWMA goes on from that. ``settled`` tells when the rate is worth showing
+    (before, a just-started transfer would show a tiny rate and an ETA of days).
+    """
+
+    SETTLE_SAMPLES = 2
 
     def __init__(self, alpha: float = 0.3, history: int = 60) -> None:
         self.alpha = alpha
@@ -140,6 +148,12 @@ class RateMeter:
         self.history: deque[float] = deque(maxlen=history)
         self._last_total = 0
         self._last_at = time.monotonic()
+        self._flow: tuple[int, float] | None = None  # (total, when) at the first sample with bytes
+        self._flow_samples = 0  # samples since that one
+
+    @property
+    def settled(self) -> bool:
+        return self._flow_samples >= self.SETTLE_SAMPLES
 
     def add(self, n: int) -> None:
         self.total += n
@@ -150,7 +164,13 @@ class RateMeter:
         if dt <= 0:
             return self.rate
         instant = max(self.total - self._last_total, 0) / dt
-        self.rate = instant if not self.history else self.alpha * instant + (1 - self.alpha) * self.rate
+        if self._flow is not None and not self.settled:
+            self._flow_samples += 1
+            self.rate = max(self.total - self._flow[0], 0) / (now - self._flow[1])
+        else:
+            if self._flow is None and self.total > self._last_total:
+                self._flow = (self.total, now)
+            self.rate = instant if not self.history else self.alpha * instant + (1 - self.alpha) * self.rate
         self.history.append(self.rate)
         self._last_total, self._last_at = self.total, now
         return self.rate
@@ -178,7 +198,7 @@ class AssetSnapshot:
     component_count: int
     bytes_done: int
     bytes_total: int
-    rate: float
+    rate: float | None  # None unless uploading with a settled rate meter (a few seconds of data)
     eta: float | None
     last_error: str | None
     components: tuple[ComponentSnapshot, ...] = ()

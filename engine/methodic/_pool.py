@@ -155,12 +155,14 @@ class AssetUpload:
         comps = self.components.values()
         done = sum(c.bytes_done for c in comps)
         total = sum(c.size for c in comps)
-        rate = self.meter.rate if self.state == "uploading" else 0.0
+        # No rate (nor ETA) until the meter has a few seconds of transfer: a first sample
+        # would show a tiny rate and an ETA of days.
+        rate = self.meter.rate if self.state == "uploading" and self.meter.settled else None
         return AssetSnapshot(
             asset_id=self.asset_id, asset_type=self.asset_type, local_dir=self.local_dir,
             state=self.state, components_done=self.completed,
             component_count=len(self.components), bytes_done=done, bytes_total=total, rate=rate,
-            eta=(total - done) / rate if rate > 0 else None, last_error=self.last_error,
+            eta=(total - done) / rate if rate else None, last_error=self.last_error,
             components=tuple(c.snapshot() for c in comps) if with_components else (),
         )
 

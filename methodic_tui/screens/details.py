@@ -19,15 +19,15 @@ def info_text(a: AssetSnapshot | None) -> Text:
     if a is None:
         return Text("this asset is no longer in the upload pool", style="dim")
     text = Text(no_wrap=False)
-    text.append(fmt.name_of(a), "bold")
-    text.append(f"  {a.asset_type}  ", "dim")
+    text.append(f"{fmt.name_of(a)}  ", "bold")  # runs start with no space (SVG renderers drop it)
+    text.append(f"{a.asset_type}  ", "dim")
     text.append(a.state, STATE_STYLES.get(a.state, ""))
     text.append(f"\n{a.asset_id}", "dim")
     if a.local_dir:
         text.append(f"  {a.local_dir}", "dim")
     text.append(f"\n{a.components_done}/{a.component_count} files stored, "
                 f"{fmt.size_pair(a.bytes_done, a.bytes_total)} ({fmt.percent(a.bytes_done, a.bytes_total)})")
-    if a.state == "uploading" and a.rate > 0:
+    if a.state == "uploading" and a.rate:
         text.append(f", {fmt.rate(a.rate)}, ETA {fmt.long_duration(a.eta)}")
     if a.last_error:
         text.append(f"\nlast error: {a.last_error}", "red")

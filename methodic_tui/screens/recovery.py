@@ -52,8 +52,8 @@ def missing_text(t: TrackedAsset | None) -> Text:
     if t is None:
         return Text("")
     text = Text()
-    text.append(fmt.asset_name(t.asset_id, t.local_dir), "bold")
-    text.append(f"  {t.asset_id}", "dim")
+    text.append(f"{fmt.asset_name(t.asset_id, t.local_dir)}  ", "bold")  # runs start with no space
+    text.append(t.asset_id, "dim")
     if t.local_dir:
         text.append(f"  {t.local_dir}", "dim")
     missing = t.missing

@@ -64,49 +64,57 @@ class StatusHeader(LiveText):
         self.show(header_text(labels, snap, read_only))
 
 
+def _field(text: Text, value: str, style: str = "", label: str = "") -> None:
+    """Append `` │ label value``: a dim bar sets each field off from the one before.
+
+    No styled run starts with spaces before its glyphs (SVG renderers may drop those).
+    """
+    text.append(" ")
+    text.append(f"│ {label} " if label else "│ ", "dim")
+    text.append(value, style)
+
+
 def header_text(labels: Labels, snap: PoolSnapshot, read_only: str | None) -> Text:
     where = Text(no_wrap=True, overflow="ellipsis")
     where.append(" methodic ", "bold reverse")
     if read_only:
+        where.append(" ")
         where.append(" READ-ONLY ", "bold black on yellow")
     if labels.mode:
-        where.append(f" {labels.mode}", "bold")
+        where.append(" ")
+        where.append(labels.mode, "bold")
     if labels.server:
-        where.append("  server ", "dim")
-        where.append(labels.server)
+        _field(where, labels.server, label="server")
     if labels.run:
-        where.append("  run ", "dim")
-        where.append(labels.run)
+        _field(where, labels.run, label="run")
     if snap.workers:
-        where.append("  workers ", "dim")
-        where.append(str(snap.workers))
+        _field(where, str(snap.workers), label="workers")
     if labels.tracker:
-        where.append("  tracker ", "dim")
-        where.append(labels.tracker)
+        _field(where, labels.tracker, label="tracker")
 
     counts = fmt.count_states(snap)
     assets = [a for a in snap.assets if a.state != "discarded"]
     done = sum(a.bytes_done for a in assets)
     total = sum(a.bytes_total for a in assets)
     how = Text(no_wrap=True, overflow="ellipsis")
-    how.append(" ↑ ", "bold")
+    how.append(" ")
+    how.append("↑ ", "bold")
     how.append(fmt.rate(snap.rate) if snap.rate > 0 else "idle", "bold cyan")
-    how.append("  ETA ", "dim")
-    how.append(fmt.long_duration(snap.eta))
-    how.append(f"  {fmt.size_pair(done, total)} {fmt.percent(done, total)}")
-    how.append(f"  {counts.get('finalized', 0)}/{len(assets)} done")
+    _field(how, fmt.long_duration(snap.eta), label="ETA")
+    _field(how, f"{fmt.size_pair(done, total)} {fmt.percent(done, total)}")
+    _field(how, f"{counts.get('finalized', 0)}/{len(assets)} done")
     paused = counts.get("paused", 0)
     if counts.get("failed"):
-        how.append(f"  {counts['failed']} failed", "bold red")
+        _field(how, f"{counts['failed']} failed", "bold red")
     if paused and paused == len(assets) - counts.get("finalized", 0) - counts.get("failed", 0):
-        how.append("  PAUSED", "bold black on yellow")
+        _field(how, "PAUSED", "bold black on yellow")
     elif paused:
-        how.append(f"  {paused} paused", "yellow")
+        _field(how, f"{paused} paused", "yellow")
     if counts.get("interrupted"):
-        how.append(f"  {counts['interrupted']} from an earlier process (u resumes)", "yellow")
-    how.append(f"  {fmt.cap(snap.bandwidth_cap)}", "dim")
+        _field(how, f"{counts['interrupted']} from an earlier process (u resumes)", "yellow")
+    _field(how, fmt.cap(snap.bandwidth_cap), "dim")
     if assets and counts.get("finalized", 0) == len(assets):
-        how.append("  ✓ all finalized (q quits)", "bold green")
+        _field(how, "✓ all finalized (q quits)", "bold green")
     text = Text("\n", no_wrap=True, overflow="ellipsis").join([where, how])
     text.no_wrap = True
     return text

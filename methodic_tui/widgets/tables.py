@@ -54,7 +54,8 @@ def cell(content: str | Text, style: str = "", right: bool = False) -> Text:
 def name_cell(name: str, asset_type: str, width: int) -> Text:
     """The asset's name in bold, and its type when the column has room for both."""
     fits = len(name) + len(asset_type) + 2 <= width
-    return cell(Text.assemble((name, "bold"), (f" {asset_type}" if fits else "", "dim")))
+    # The space ends the name's run: a run starting with spaces may lose them in an SVG.
+    return cell(Text.assemble((f"{name} " if fits else name, "bold"), (asset_type if fits else "", "dim")))
 
 
 def state_cell(state: str) -> Text:
