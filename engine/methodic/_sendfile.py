@@ -1,9 +1,9 @@
 """PUT a byte range of a file over plain HTTP/1.1 with the body sent by sendfile(2).
 
 The body never passes through Python on its way out: ``loop.sock_sendfile`` moves it from the
-page cache to the socket a slice at a time, while a worker thread reads the same slice into one
-reused buffer (``os.preadv``) and hashes it, so sending and hashing overlap and no per-chunk
-objects are made. The request head and the response are handled by h11. This path serves
+page cache to the socket a slice at a time, while a thread reads the same range into one reused
+buffer (``os.preadv``) and hashes it, so sending and hashing overlap and no per-chunk objects
+are made. The request head and the response are handled by h11. This path serves
 ``http://`` targets that no proxy applies to; everything else goes through httpx
 (``methodic._transfer``). Idle keep-alive connections are kept per (host, port) by
 ``Connections``, which the upload pool owns.
@@ -15,7 +15,9 @@ import asyncio
 import hashlib
 import os
 import socket
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
 from urllib.parse import urlsplit
@@ -30,6 +32,9 @@ SLICE = 4 << 20  # bytes per sendfile call: the unit of progress and of the stal
 READ_BUFFER = 1 << 20  # the hashing thread's reused buffer
 MIN_CAPPED_SLICE = 64 << 10
 IDLE_PER_HOST = 32
+# Hashing threads, apart from asyncio's default executor: a hash holds its thread for as long
+# as its range takes to send, and must not keep file opens and closes waiting.
+_HASHERS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="methodic-sha256")
 USER_AGENT = "methodic"
 
 
@@ -109,17 +114,43 @@ class _Length:
         return self.n
 
 
-def hash_slice(fd: int, buffer: bytearray, hasher: hashlib._Hash, offset: int, n: int) -> bool:
-    """Feed ``n`` bytes of the file at ``offset`` to ``hasher``; False if the file is shorter."""
-    view = memoryview(buffer)
-    while n:
-        got = os.preadv(fd, [view[: min(n, len(buffer))]], offset)
-        if got == 0:
-            return False
-        hasher.update(view[:got])
-        offset += got
-        n -= got
-    return True
+class _RangeHash:
+    """sha256 of a file range, computed on its own thread while the range is being sent.
+
+    The thread reads the range into one reused buffer (``os.preadv``) at its own pace, so
+    sending and hashing overlap over the whole range rather than slice by slice.
+    """
+
+    def __init__(self, fd: int, offset: int, length: int, hasher: hashlib._Hash) -> None:
+        self._stop = threading.Event()
+        self._future = asyncio.wrap_future(
+            _HASHERS.submit(self._run, fd, offset, length, hasher))
+
+    def _run(self, fd: int, offset: int, length: int, hasher: hashlib._Hash) -> bool:
+        """True once all of the range is hashed; False if the file is shorter, or on stop."""
+        buffer = bytearray(min(READ_BUFFER, length))
+        view = memoryview(buffer)
+        while length:
+            if self._stop.is_set():
+                return False
+            try:
+                got = os.preadv(fd, [view[: min(length, len(buffer))]], offset)
+            except OSError:
+                return False
+            if got == 0:
+                return False
+            hasher.update(view[:got])
+            offset += got
+            length -= got
+        return True
+
+    async def complete(self) -> bool:
+        return await self._future
+
+    async def stop(self) -> None:
+        """Stop early and wait until the thread no longer reads the file."""
+        self._stop.set()
+        await asyncio.wait([self._future])
 
 
 async def put_file_range(
@@ -142,8 +173,28 @@ async def put_file_range(
     headers = [("Host", url.netloc), ("User-Agent", USER_AGENT),
                ("Content-Length", str(target.length)), *target.headers.items()]
     request = h11.Request(method=target.method, target=path, headers=headers)
+    hashing = _RangeHash(f.fileno(), target.offset, target.length, hasher)
+    try:
+        response = await _put(connections, host, port, request, target, f, bucket, on_bytes, timeout)
+        if response.status_code < 300 and not await hashing.complete():
+            raise EOFError
+        return response
+    finally:
+        await hashing.stop()
+
+
+async def _put(
+    connections: Connections,
+    host: str,
+    port: int,
+    request: h11.Request,
+    target: UploadTarget,
+    f: BinaryIO,
+    bucket: TokenBucket,
+    on_bytes: Callable[[int], None],
+    timeout: float,
+) -> httpx.Response:
     loop = asyncio.get_running_loop()
-    buffer = bytearray(min(READ_BUFFER, target.length))
     sent = 0
     for attempt in range(2):
         try:
@@ -157,14 +208,10 @@ async def put_file_range(
                 while remaining:
                     n = min(_slice(bucket), remaining)
                     await bucket.take(n)
-                    hashing = loop.run_in_executor(None, hash_slice, f.fileno(), buffer, hasher, offset, n)
-                    try:
-                        conn.protocol.send_with_data_passthrough(h11.Data(data=_Length(n)))  # type: ignore[arg-type]
-                        async with asyncio.timeout(timeout):
-                            moved = await loop.sock_sendfile(conn.sock, f, offset, n, fallback=False)
-                    finally:
-                        complete = await hashing
-                    if moved < n or not complete:
+                    conn.protocol.send_with_data_passthrough(h11.Data(data=_Length(n)))  # type: ignore[arg-type]
+                    async with asyncio.timeout(timeout):
+                        moved = await loop.sock_sendfile(conn.sock, f, offset, n, fallback=False)
+                    if moved < n:
                         raise EOFError
                     offset, remaining, sent = offset + n, remaining - n, sent + n
                     on_bytes(n)
