@@ -683,36 +683,74 @@ def test_bytes_lost_after_upload_are_caught_at_finalize(
     assert reasons["b"].startswith("checksum mismatch")
 
 
-def test_finalize_trusts_receipts_of_files_unchanged_since_this_process_hashed_them(
-    server: EmbeddedServer, api: httpx.Client, run_id: str
-) -> None:
-    """Finalize reads back only what this process did not hash on receipt (same inode, size, mtime).
-
-    Bytes changed behind the server's back with their mtime restored pass in the same process
-    (finalize does not re-read them) and are caught once the server has restarted.
-    """
-    created = create_asset(api, run_id, [{"path": "a", "size": 4}])
+def _store_then_alter_behind_the_servers_back(
+    server: EmbeddedServer, api: httpx.Client, run_id: str, component: dict[str, Any]
+) -> str:
+    """A pending asset whose stored bytes were changed in place, with their mtime put back."""
+    data = b"d" * component["size"]
+    created = create_asset(api, run_id, [component])
     asset_id = created.json()["asset_id"]
-    assert put(created.json()["targets"][0], b"data").status_code == 201
-    [stored] = stored_files(server)
-    st = stored.stat()
-    with open(stored, "r+b") as f:
-        f.write(b"DATA")
-    os.utime(stored, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert api.post(f"/api/v1/assets/{asset_id}/finalize").status_code == 200
-
-    created = create_asset(api, run_id, [{"path": "a", "size": 4}])
-    asset_id = created.json()["asset_id"]
-    assert put(created.json()["targets"][0], b"data").status_code == 201
+    for target in created.json()["targets"]:
+        assert put(target, data).status_code == 201
     [stored] = [p for p in stored_files(server) if asset_id in str(p)]
     st = stored.stat()
     with open(stored, "r+b") as f:
-        f.write(b"DATA")
+        f.write(b"D")
     os.utime(stored, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return asset_id
+
+
+@pytest.mark.parametrize("part_size", [None, 4], ids=["whole", "parts"])
+def test_finalize_trusts_receipts_of_files_unchanged_since_this_process_hashed_them(
+    server: EmbeddedServer, api: httpx.Client, run_id: str, part_size: int | None
+) -> None:
+    """Finalize re-checks only what this process did not hash on receipt (same inode, size, mtime).
+
+    Bytes changed behind the server's back with their mtime restored pass in the same process
+    (finalize does not re-read them) and are caught once the server has restarted, as it does
+    after the power cut that could lose unsynced bytes.
+    """
+    component = {"path": "a", "size": 10, "part_size": part_size}
+    trusted = _store_then_alter_behind_the_servers_back(server, api, run_id, component)
+    assert api.post(f"/api/v1/assets/{trusted}/finalize").status_code == 200
+
+    checked = _store_then_alter_behind_the_servers_back(server, api, run_id, component)
     server.stop()
     server.start()
+    error = assert_error(api.post(f"/api/v1/assets/{checked}/finalize"), 409, "asset_incomplete")
+    [missing] = error["missing"]
+    assert missing["reason"].startswith("checksum mismatch")
+    if part_size:
+        assert missing["parts_missing"] == [1]
+
+
+def test_a_part_resend_cut_short_makes_finalize_read_the_file_back(
+    server: EmbeddedServer, api: httpx.Client, run_id: str
+) -> None:
+    """A failed PUT that overwrote part of a stored part: the receipts no longer vouch for it."""
+    size, part = 4 * 1024 * 1024, 2 * 1024 * 1024
+    created = create_asset(api, run_id, [{"path": "m", "size": size, "part_size": part}])
+    asset_id = created.json()["asset_id"]
+    targets = created.json()["targets"]
+    for target in targets:
+        assert put(target, b"m" * size).status_code == 201
+    [stored] = stored_files(server)
+    st = stored.stat()
+    url = urlsplit(targets[0]["url"])
+    assert url.hostname is not None and url.port is not None
+    with socket.create_connection((url.hostname, url.port), timeout=5) as sock:
+        head = f"PUT {url.path}?{url.query} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Length: {part}\r\n\r\n"
+        sock.sendall(head.encode() + b"X" * (part * 3 // 4))  # other bytes, then the line drops
+        time.sleep(0.3)  # the listener writes the buffers it filled
+    deadline = time.monotonic() + 5
+    while stored.read_bytes()[:1] != b"X" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # As if it all happened within one tick of the file clock: the stamp alone cannot tell.
+    os.utime(stored, ns=(st.st_atime_ns, st.st_mtime_ns))
+    time.sleep(0.3)  # the aborted upload is released
     error = assert_error(api.post(f"/api/v1/assets/{asset_id}/finalize"), 409, "asset_incomplete")
-    assert error["missing"][0]["reason"].startswith("checksum mismatch")
+    [missing] = error["missing"]
+    assert missing["reason"].startswith("checksum mismatch") and missing["parts_missing"] == [1]
 
 
 def test_unknown_path_in_checksums_is_400(api: httpx.Client, run_id: str) -> None:

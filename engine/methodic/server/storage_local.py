@@ -122,15 +122,46 @@ class _LengthBoundUpload:
             return Received(size=self._received, sha256=self._hash.hexdigest())
 
 
-_Stamp = tuple[int, int, int, str]  # inode, size, mtime_ns, sha256 of a file hashed on receipt
+_Stamp = tuple[int, int, int, str]  # inode, size, mtime_ns, and the sha256 or PARTS
+PARTS = "parts"  # the stamp of a parted file: its parts' own receipts hold their sha256
 
 
-def _stamp(st: os.stat_result, sha256: str) -> _Stamp:
-    return (st.st_ino, st.st_size, st.st_mtime_ns, sha256)
+class _Hashed:
+    """Files whose bytes this process hashed as they arrived, as the files were then.
+
+    A file is trusted at finalize while its inode, size and mtime are what they were at its
+    last receipt. A part upload that wrote bytes and then failed tears its file: whatever it
+    overwrote is no longer known, so the file is read back whatever its stamp says.
+    """
+
+    def __init__(self) -> None:
+        self._stamps: dict[Path, _Stamp] = {}
+        self._torn: set[Path] = set()
+
+    def record(self, file: Path, sha256: str) -> None:
+        if file not in self._torn:
+            st = os.stat(file)
+            self._stamps[file] = (st.st_ino, st.st_size, st.st_mtime_ns, sha256)
+
+    def tear(self, file: Path) -> None:
+        self._torn.add(file)
+        self._stamps.pop(file, None)
+
+    def holds(self, file: Path, st: os.stat_result, sha256: str | None) -> bool:
+        return sha256 is not None and self._stamps.get(file) == (
+            st.st_ino, st.st_size, st.st_mtime_ns, sha256)
+
+    def forget(self, file: Path) -> None:
+        self._stamps.pop(file, None)
+        self._torn.discard(file)
+
+    def forget_under(self, directory: Path) -> None:
+        for file in [f for f in [*self._stamps, *self._torn] if f.is_relative_to(directory)]:
+            self.forget(file)
 
 
 class _ObjectUpload(_LengthBoundUpload):
-    def __init__(self, tmp: Path, final: Path, length: int, hashed: dict[Path, _Stamp]) -> None:
+    def __init__(self, tmp: Path, final: Path, length: int, hashed: _Hashed) -> None:
         super().__init__(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), length)
         self._tmp = tmp
         self._final = final
@@ -143,7 +174,7 @@ class _ObjectUpload(_LengthBoundUpload):
         with self._lock:
             _private_dir(self._final.parent)
             os.replace(self._tmp, self._final)
-            self._hashed[self._final] = _stamp(os.stat(self._final), self._hash.hexdigest())
+            self._hashed.record(self._final, self._hash.hexdigest())
 
     def abort(self) -> None:
         with self._lock:
@@ -152,20 +183,28 @@ class _ObjectUpload(_LengthBoundUpload):
 
 
 class _PartUpload(_LengthBoundUpload):
-    def __init__(self, file: Path, offset: int, length: int) -> None:
+    def __init__(self, file: Path, offset: int, length: int, hashed: _Hashed) -> None:
         _private_dir(file.parent)
         super().__init__(os.open(file, os.O_WRONLY | os.O_CREAT, 0o600), length)
+        self._file = file
         self._offset = offset
+        self._hashed = hashed
+        self._committed = False
 
     def _write(self, fd: int, data: bytes, position: int) -> None:
         _write_all(fd, data, self._offset + position)
 
     def commit(self) -> None:
-        pass  # the bytes are already at their offset; the part becomes stored once recorded
+        # The bytes are already at their offset; the part becomes stored once recorded.
+        with self._lock:
+            self._committed = True
+            self._hashed.record(self._file, PARTS)
 
     def abort(self) -> None:
         with self._lock:
             self._close()
+            if self._received and not self._committed:
+                self._hashed.tear(self._file)
 
 
 class LocalStorage:
@@ -175,7 +214,7 @@ class LocalStorage:
         self.root = data_dir / "blobs"
         self.tmp = data_dir / "tmp"
         self._signer = signer
-        self._hashed: dict[Path, _Stamp] = {}  # whole-PUT files received by this process
+        self._hashed = _Hashed()
         _private_dir(self.root)
         _private_dir(self.tmp)
 
@@ -237,7 +276,7 @@ class LocalStorage:
         return _ObjectUpload(tmp, self._file(key), length, self._hashed)
 
     def open_part_upload(self, key: BlobKey, offset: int, length: int) -> Upload:
-        return _PartUpload(self._file(key), offset, length)
+        return _PartUpload(self._file(key), offset, length, self._hashed)
 
     def open_read(self, key: BlobKey) -> BinaryIO:
         return open(self._file(key), "rb")
@@ -268,24 +307,28 @@ class LocalStorage:
             stored = st.st_size
             if stored != c.size:
                 return Found(True, size=stored)
-            if c.stored_sha256 and self._hashed.get(self._file(key)) == _stamp(st, c.stored_sha256):
+            trusted = self._hashed.holds(
+                self._file(key), st, c.stored_sha256 if c.part_size is None else PARTS)
+            if trusted and c.part_size is None:
                 return Found(True, size=stored, sha256=c.stored_sha256)
-            whole = hashlib.sha256()
+            whole = hashlib.sha256()  # a parted file's whole sha256 is known only by reading it
             parts: list[str] = []
             step = c.part_size or max(c.size, 1)
             remaining = c.size
             while True:
-                part_hash = hashlib.sha256()
+                part_hash = None if trusted else hashlib.sha256()
                 in_part = min(step, remaining)
                 while in_part:
                     chunk = f.read(min(READ_CHUNK, in_part))
                     if not chunk:
                         raise OSError(f"{self._file(key)} shrank while being verified")
                     whole.update(chunk)
-                    part_hash.update(chunk)
+                    if part_hash is not None:
+                        part_hash.update(chunk)
                     in_part -= len(chunk)
                     remaining -= len(chunk)
-                parts.append(part_hash.hexdigest())
+                if part_hash is not None:
+                    parts.append(part_hash.hexdigest())
                 if remaining == 0:
                     break
         digest = whole.hexdigest()
@@ -300,7 +343,7 @@ class LocalStorage:
     ) -> list[tuple[Component, str]]:
         files = [self._file(c.key(asset_id)) for c in components]
         for file in files:
-            self._hashed.pop(file, None)
+            self._hashed.forget(file)
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(files)))) as pool:
             list(pool.map(_fsync_path, files))
         for directory in sorted({f.parent for f in files}):
@@ -312,11 +355,9 @@ class LocalStorage:
         return []
 
     def forget(self, key: BlobKey) -> None:
-        self._hashed.pop(self._file(key), None)
+        self._hashed.forget(self._file(key))
         self._file(key).unlink(missing_ok=True)
 
     def delete_asset(self, asset_id: str) -> None:
-        directory = self._asset_dir(asset_id)
-        for file in [f for f in self._hashed if f.is_relative_to(directory)]:
-            del self._hashed[file]
+        self._hashed.forget_under(self._asset_dir(asset_id))
         shutil.rmtree(self._asset_dir(asset_id), ignore_errors=True)
