@@ -1,7 +1,9 @@
 """The real engine as a Source: an AsyncChronicle (and, without --server-url, an embedded server).
 
-It runs on whatever event loop calls ``start`` (Textual's, or the headless runner's), so the
-dashboard needs no threads. A ``Job`` decides what gets uploaded.
+The engine (the Chronicle, its pool and the job) runs on an event loop of its own, in a thread,
+so that painting the dashboard never holds up a transfer: each control is one hop to that loop,
+and ``snapshot``/``poll_events`` are taken there, consistent at one instant. A ``Job`` decides
+what gets uploaded.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ import asyncio
 import contextlib
 import os
 from collections import deque
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from methodic import (
     Asset,
@@ -26,6 +29,7 @@ from methodic import (
     adopt_incomplete_uploads,
 )
 from methodic._events import Event, PoolSnapshot
+from methodic._sync import _LoopThread
 from methodic._tracker_ops import owner_alive
 from methodic_tui.format import size
 from methodic_tui.notices import Notice, capture_logging, restore_logging
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
     from methodic._pool import UploadPool
     from methodic.server import EmbeddedServer
 
+T = TypeVar("T")
 HELD_STATES = ("interrupted", "paused")
 PendingMode = Literal["hold", "start", "leave"]
 
@@ -93,6 +98,7 @@ class EngineSource(Source):
         self._stopped_by: dict[str, int | None] = {}  # owner_pid of each asset before adopting
         self._logging: tuple[logging.Handler, list[logging.Handler]] | None = None
         self._closed = False
+        self._engine: _LoopThread | None = None
         self.job_error: str | None = None  # the job itself stopped on an error
 
     # -------------------------------------------------- lifecycle
@@ -100,8 +106,34 @@ class EngineSource(Source):
     def notice(self, level: str, message: str, asset_id: str | None = None) -> None:
         self._notices.append(Notice(asset_id, level, message))
 
+    async def _on_engine(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the engine's loop and wait for it from this one."""
+        if self._engine is None or self._on_engine_thread():
+            return await coro
+        return await asyncio.wrap_future(self._engine.submit(coro))
+
+    def _on_engine_now(self, fn: Callable[[], T]) -> T:
+        """Call ``fn`` on the engine's loop and block until it returns (a few microseconds)."""
+        if self._engine is None or self._on_engine_thread():
+            return fn()
+
+        async def call() -> T:
+            return fn()
+
+        return self._engine.call(call())
+
+    def _on_engine_thread(self) -> bool:
+        try:
+            return self._engine is not None and asyncio.get_running_loop() is self._engine.loop
+        except RuntimeError:
+            return False
+
     async def start(self) -> None:
         self._logging = capture_logging(self._notices)
+        self._engine = _LoopThread()
+        await self._on_engine(self._start())
+
+    async def _start(self) -> None:
         opts = self.options
         url, key = opts.server_url, opts.api_key
         if url is None:
@@ -172,6 +204,15 @@ class EngineSource(Source):
         if self._closed:
             return
         self._closed = True
+        try:
+            await self._on_engine(self._close())
+        finally:
+            if self._engine is not None:
+                await asyncio.to_thread(self._engine.stop)
+            if self._logging is not None:
+                restore_logging(*self._logging)
+
+    async def _close(self) -> None:
         if self._job_task is not None:
             self._job_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -187,17 +228,15 @@ class EngineSource(Source):
             if self.server is not None:
                 await asyncio.to_thread(self.server.stop)
             self.job.cleanup()
-            if self._logging is not None:
-                restore_logging(*self._logging)
 
     # -------------------------------------------------- for jobs
 
     async def upload_dir(self, local_dir: Path, asset_type: str | None = None,
                          **metadata: Any) -> AsyncUploadHandle:
         assert self.run is not None, "this job does not upload into a run"
-        return await self.run.register_and_upload_async(
+        return await self._on_engine(self.run.register_and_upload_async(
             os.fspath(local_dir), asset_type=asset_type or self.options.asset_type,
-            upload_tracker=self.tracker, **metadata)
+            upload_tracker=self.tracker, **metadata))
 
     @property
     def job_done(self) -> bool:
@@ -213,21 +252,29 @@ class EngineSource(Source):
     def snapshot(self, detail: str | None = None) -> PoolSnapshot:
         if self.chronicle is None or self._closed:
             return EMPTY
-        return self.pool.snapshot(with_components=detail if detail is not None else False)
+        pool = self.pool
+        return self._on_engine_now(
+            lambda: pool.snapshot(with_components=detail if detail is not None else False))
 
     def poll_events(self) -> list[Event]:
-        events: list[Event] = self._sub.get_nowait() if self._sub is not None else []
+        sub = self._sub
+        events: list[Event] = self._on_engine_now(sub.get_nowait) if sub is not None else []
         while self._notices:
             events.append(self._notices.popleft())
         events.sort(key=lambda e: e.at)
         return events
 
     def pending(self) -> list[TrackedAsset]:
-        if self.chronicle is None:
+        if self.chronicle is None or self._closed:
             return []
-        assets = self.pool.assets
-        return [t for t in self._tracked if t.asset_id in self._adopted
-                and t.asset_id in assets and assets[t.asset_id].state in HELD_STATES]
+        pool = self.pool
+
+        def held() -> list[TrackedAsset]:
+            assets = pool.assets
+            return [t for t in self._tracked if t.asset_id in self._adopted
+                    and t.asset_id in assets and assets[t.asset_id].state in HELD_STATES]
+
+        return self._on_engine_now(held)
 
     async def refresh_pending(self) -> None:
         if self.tracker is not None and self._adopted:
@@ -239,24 +286,25 @@ class EngineSource(Source):
         return (not self.job.continuous and self.job_done and super().settled())
 
     async def pause(self, asset_id: str | None = None) -> list[str]:
-        return list(await self.pool.pause(asset_id))
+        return list(await self._on_engine(self.pool.pause(asset_id)))
 
     async def resume(self, asset_id: str | None = None) -> list[str]:
-        return list(await self.pool.resume(asset_id))
+        return list(await self._on_engine(self.pool.resume(asset_id)))
 
     async def retry_failed(self, asset_id: str | None = None) -> list[str]:
-        return list(await self.pool.retry_failed(asset_id))
+        return list(await self._on_engine(self.pool.retry_failed(asset_id)))
 
     async def force_finalize(self, asset_id: str) -> Asset | None:
-        asset: Asset = await self.pool.force_finalize(asset_id)
+        asset: Asset = await self._on_engine(self.pool.force_finalize(asset_id))
         return asset
 
     async def discard(self, asset_id: str) -> None:
-        await self.pool.discard(asset_id)
+        await self._on_engine(self.pool.discard(asset_id))
 
     def set_bandwidth(self, rate: float | None) -> None:
-        assert self.chronicle is not None
-        self.chronicle.set_bandwidth(rate)
+        chronicle = self.chronicle
+        assert chronicle is not None
+        self._on_engine_now(lambda: chronicle.set_bandwidth(rate))
 
 
 def stopped_reason(t: TrackedAsset) -> str:
