@@ -4,7 +4,8 @@
 
 (a) Throughput: the same checkpoints uploaded to the same embedded server with the dashboard
     open (the real Textual app, headless via ``run_test``, refreshing at its normal 4 Hz) and
-    with ``--no-ui`` (the headless reporter), alternating, in one run. Goal: >= 0.95x.
+    with ``--no-ui`` (the headless reporter), alternating, in one run, measured while the middle
+    70% of the bytes move (start-up and finalize are fixed costs). Goal: >= 0.95x.
 (b) Refresh: one dashboard refresh (drain, patch every changed cell inside ``batch_update``)
     with 1,000 assets of 50 components each, every asset changed since the last refresh (the
     worst case), from constructed snapshots; and the same plus rendering the visible frame.
@@ -29,6 +30,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from methodic import ChronicleError
 from methodic._bandwidth import parse_rate
 from methodic._events import AssetSnapshot, ComponentSnapshot, PoolSnapshot
 from methodic.server import EmbeddedServer
@@ -61,42 +63,69 @@ def source_for(server: EmbeddedServer, tmp: Path, dirs: list[Path], tag: str) ->
     return EngineSource(opts, UploadJob(dirs))
 
 
-class Clock:
-    """Wall and CPU time from the moment the engine is up (its start, and the dashboard's own
-    start-up, are the same fixed cost whatever the size: not part of the throughput)."""
+class Window:
+    """Wall and CPU time while the middle of the bytes moves (from FROM to TO of the total).
 
-    def __init__(self, source: EngineSource) -> None:
-        self.wall = self.cpu = 0.0
-        start = source.start
+    Start-up (the engine's, the dashboard's first compose and paint) and the finalize at the
+    end are the same fixed cost whatever the size, so they are left out of both variants; a
+    sampler polls the pool's byte counter every 10 ms in both.
+    """
 
-        async def started() -> None:
-            await start()
-            self.wall, self.cpu = time.perf_counter(), time.process_time()
+    FROM, TO = 0.15, 0.85
 
-        source.start = started  # type: ignore[method-assign]
+    def __init__(self, source: EngineSource, total: int) -> None:
+        self.source, self.total = source, total
+        self.start: tuple[float, float, int] | None = None
+        self.end: tuple[float, float, int] | None = None
 
-    def stop(self) -> tuple[float, float]:
-        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+    async def sample(self) -> None:
+        while self.end is None:
+            await asyncio.sleep(0.01)
+            try:
+                sent = self.source.snapshot().total_sent
+            except ChronicleError:  # not open yet
+                continue
+            now = (time.perf_counter(), time.process_time(), sent)
+            if self.start is None and sent >= self.FROM * self.total:
+                self.start = now
+            elif self.start is not None and sent >= self.TO * self.total:
+                self.end = now
+
+    def result(self) -> tuple[float, float, int]:
+        """(wall s, CPU s, bytes) of the window."""
+        assert self.start is not None and self.end is not None, "the upload ended unsampled"
+        return (self.end[0] - self.start[0], self.end[1] - self.start[1],
+                self.end[2] - self.start[2])
 
 
-async def with_dashboard(source: EngineSource) -> tuple[float, float]:
-    clock = Clock(source)
+async def with_dashboard(source: EngineSource, total: int) -> tuple[float, float, int]:
+    window = Window(source, total)
     app = MethodicApp(source, watch_terminal=False, **APP_OPTIONS)
     async with app.run_test(size=(120, 40)):
         await app.ready.wait()
+        sampler = asyncio.create_task(window.sample())
         while not source.settled():
             # Not pilot.pause(): it forces a repaint each time, which the app itself never does.
             await asyncio.sleep(0.02)
-        took = clock.stop()
+        sampler.cancel()
     await source.close()
-    return took
+    return window.result()
 
 
-async def headless(source: EngineSource) -> tuple[float, float]:
-    clock = Clock(source)
-    code = await run_headless(source, Reporter(err=io.StringIO(), out=io.StringIO()), tick=0.02)
+async def headless(source: EngineSource, total: int) -> tuple[float, float, int]:
+    window = Window(source, total)
+
+    async def run() -> int:
+        return await run_headless(source, Reporter(err=io.StringIO(), out=io.StringIO()), tick=0.02)
+
+    task = asyncio.create_task(run())
+    while source.chronicle is None and not task.done():  # started inside run_headless
+        await asyncio.sleep(0.005)
+    sampler = asyncio.create_task(window.sample())
+    code = await task
+    sampler.cancel()
     assert code == 0
-    return clock.stop()
+    return window.result()
 
 
 def throughput(total: int, repeat: int) -> dict[str, object]:
@@ -106,24 +135,25 @@ def throughput(total: int, repeat: int) -> dict[str, object]:
         rounds: dict[str, list[float]] = {"dashboard": [], "no_ui": []}
         cpu: dict[str, list[float]] = {"dashboard": [], "no_ui": []}
         with EmbeddedServer(tmp / "server") as server:
-            asyncio.run(headless(source_for(server, tmp, dirs, "warmup")))
+            asyncio.run(headless(source_for(server, tmp, dirs, "warmup"), total))
             for i in range(repeat):
                 order = ["dashboard", "no_ui"] if i % 2 == 0 else ["no_ui", "dashboard"]
                 for kind in order:
                     src = source_for(server, tmp, dirs, f"{kind}{i}")
                     run = with_dashboard if kind == "dashboard" else headless
-                    wall, cpu_s = asyncio.run(run(src))  # CPU: client, server thread and UI
-                    rounds[kind].append(wall)
-                    cpu[kind].append(cpu_s)
+                    wall, cpu_s, moved = asyncio.run(run(src, total))  # CPU: engine, server, UI
+                    rounds[kind].append(moved / wall)
+                    cpu[kind].append(cpu_s / moved)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    med = {k: statistics.median(v) for k, v in rounds.items()}
-    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    rate = {k: statistics.median(v) for k, v in rounds.items()}
+    cpu_per_byte = {k: statistics.median(v) for k, v in cpu.items()}
     return {
-        "bytes": total, "repeat": repeat, "rounds_s": rounds, "cpu_s": cpu,
-        "cpu_ratio": med_cpu["dashboard"] / med_cpu["no_ui"],
-        "dashboard_MBps": total / med["dashboard"] / MB, "no_ui_MBps": total / med["no_ui"] / MB,
-        "ratio": med["no_ui"] / med["dashboard"],
+        "bytes": total, "repeat": repeat, "window": [Window.FROM, Window.TO],
+        "rounds_MBps": {k: [r / MB for r in v] for k, v in rounds.items()},
+        "cpu_ratio": cpu_per_byte["dashboard"] / cpu_per_byte["no_ui"],
+        "dashboard_MBps": rate["dashboard"] / MB, "no_ui_MBps": rate["no_ui"] / MB,
+        "ratio": rate["dashboard"] / rate["no_ui"],
     }
 
 
