@@ -88,7 +88,10 @@ class _OneShotServer:
         writer.close()
 
 
-async def test_a_connection_the_server_closed_is_not_reused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("by_sendfile", [True, False], ids=["sendfile", "httpx"])
+async def test_ranges_arrive_whole_and_a_closed_connection_is_not_reused(
+        by_sendfile: bool, tmp_path: Path) -> None:
+    """Both body paths: the sendfile one (pool connections) and httpx's (https, proxies)."""
     data = os.urandom(3 * MiB)
     path = tmp_path / "f.bin"
     path.write_bytes(data)
@@ -106,7 +109,7 @@ async def test_a_connection_the_server_closed_is_not_reused(tmp_path: Path) -> N
                                       offset=offset, length=length, expires_at=0.0)
                 await asyncio.sleep(0.05)  # the server has closed the previous connection
                 etag, digest = await send_range(http, target, identity, TokenBucket(None),
-                                                lambda n: None, connections)
+                                                lambda n: None, connections if by_sendfile else None)
                 assert digest == hashlib.sha256(data[offset:offset + length]).hexdigest()
                 assert etag is not None and etag.strip('"') == digest
     finally:
@@ -117,7 +120,9 @@ async def test_a_connection_the_server_closed_is_not_reused(tmp_path: Path) -> N
     assert peer.bodies == [data[:2 * MiB], data[MiB:3 * MiB]]
 
 
-async def test_a_range_past_the_end_of_the_file_fails_as_changed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("by_sendfile", [True, False], ids=["sendfile", "httpx"])
+async def test_a_range_past_the_end_of_the_file_fails_as_changed(by_sendfile: bool,
+                                                                 tmp_path: Path) -> None:
     path = tmp_path / "f.bin"
     path.write_bytes(os.urandom(2 * MiB))  # the registered size is right; the range is not:
     identity = FileIdentity(str(path), 2 * MiB, None, None)  # as if it shrank during the send
@@ -131,7 +136,8 @@ async def test_a_range_past_the_end_of_the_file_fails_as_changed(tmp_path: Path)
     try:
         async with httpx.AsyncClient() as http:
             with pytest.raises(FileChangedError, match="shrank"):
-                await send_range(http, target, identity, TokenBucket(None), progress.append, connections)
+                await send_range(http, target, identity, TokenBucket(None), progress.append,
+                                 connections if by_sendfile else None)
     finally:
         connections.close()
         server.close()

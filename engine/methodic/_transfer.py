@@ -89,31 +89,25 @@ async def send_range(
     """
     if target.length <= CHUNK_SIZE:
         return await _send_small(http, target, identity, bucket, on_bytes)
-    if connections is not None and _direct(target.url):
-        timeout = http.timeout.write or 60.0
-        return await _send_by_sendfile(connections, timeout, target, identity, bucket, on_bytes)
     identity.check()
     hasher = hashlib.sha256()
     sent = 0
-    f = await asyncio.to_thread(open, identity.local_path, "rb")
 
-    async def body() -> AsyncIterator[bytes]:
+    def counted(n: int) -> None:
         nonlocal sent
-        await asyncio.to_thread(f.seek, target.offset)
-        remaining = target.length
-        while remaining > 0:
-            n = min(CHUNK_SIZE, remaining)
-            await bucket.take(n)
-            chunk = await asyncio.to_thread(_read_hash, f, n, hasher)
-            if not chunk:
-                raise FileChangedError(f"{identity.local_path} shrank while it was being sent")
-            remaining -= len(chunk)
-            yield chunk
-            sent += len(chunk)
-            on_bytes(len(chunk))
+        sent += n
+        on_bytes(n)
 
+    f = await asyncio.to_thread(open, identity.local_path, "rb")
     try:
-        etag = await _put(http, target, body())
+        try:
+            if connections is not None and _direct(target.url):
+                etag = await _put_by_sendfile(connections, http.timeout.write or 60.0, target, f,
+                                              hasher, bucket, counted)
+            else:
+                etag = await _put(http, target, _streamed(f, target, hasher, bucket, counted))
+        except EOFError:
+            raise FileChangedError(f"{identity.local_path} shrank while it was being sent") from None
         identity.check()
         return _verified(etag, hasher.hexdigest())
     except BaseException:
@@ -122,6 +116,22 @@ async def send_range(
         raise
     finally:
         await asyncio.to_thread(f.close)
+
+
+async def _streamed(f: BinaryIO, target: UploadTarget, hasher: hashlib._Hash, bucket: TokenBucket,
+                    counted: Callable[[int], None]) -> AsyncIterator[bytes]:
+    """The range in 1 MiB chunks, each read and hashed in a thread (the httpx path)."""
+    await asyncio.to_thread(f.seek, target.offset)
+    remaining = target.length
+    while remaining > 0:
+        n = min(CHUNK_SIZE, remaining)
+        await bucket.take(n)
+        chunk = await asyncio.to_thread(_read_hash, f, n, hasher)
+        if not chunk:
+            raise EOFError
+        remaining -= len(chunk)
+        yield chunk
+        counted(len(chunk))
 
 
 def _direct(url: str) -> bool:
@@ -135,40 +145,14 @@ def _direct(url: str) -> bool:
     return bool(urllib.request.proxy_bypass(parts.host))
 
 
-async def _send_by_sendfile(
-    connections: Connections,
-    timeout: float,
-    target: UploadTarget,
-    identity: FileIdentity,
-    bucket: TokenBucket,
-    on_bytes: Callable[[int], None],
-) -> tuple[str | None, str]:
-    identity.check()
-    hasher = hashlib.sha256()
-    sent = 0
-
-    def counted(n: int) -> None:
-        nonlocal sent
-        sent += n
-        on_bytes(n)
-
-    f = await asyncio.to_thread(open, identity.local_path, "rb")
+async def _put_by_sendfile(connections: Connections, timeout: float, target: UploadTarget,
+                           f: BinaryIO, hasher: hashlib._Hash, bucket: TokenBucket,
+                           counted: Callable[[int], None]) -> str | None:
     try:
-        try:
-            response = await put_file_range(connections, target, f, hasher, bucket, counted, timeout)
-        except SendError as exc:
-            raise TransferError(str(exc), transient=True) from exc
-        except EOFError:
-            raise FileChangedError(f"{identity.local_path} shrank while it was being sent") from None
-        etag = _accepted(response)
-        identity.check()
-        return _verified(etag, hasher.hexdigest())
-    except BaseException:
-        if sent:
-            on_bytes(-sent)
-        raise
-    finally:
-        await asyncio.to_thread(f.close)
+        response = await put_file_range(connections, target, f, hasher, bucket, counted, timeout)
+    except SendError as exc:
+        raise TransferError(str(exc), transient=True) from exc
+    return _accepted(response)
 
 
 def _read_slice(identity: FileIdentity, offset: int, length: int) -> bytes:
