@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import hashlib
 import os
+import socket
 import uuid
 from pathlib import Path
 
@@ -185,3 +186,43 @@ async def test_a_refusal_before_the_body_reaches_the_caller_with_the_servers_wor
     assert caught.value.expired is (case == "expired")
     assert not caught.value.transient
     assert sum(progress) == 0  # whatever was handed to the socket is taken back
+
+
+async def test_a_slow_link_is_not_a_stall(tmp_path: Path) -> None:
+    """The stall timeout counts from the last byte the socket took, not per 4 MiB slice."""
+    data = os.urandom(16 * MiB)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    st = path.stat()
+    identity = FileIdentity(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    received = bytearray()
+
+    async def slow_reader(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b"content-length: %d" % len(data) in head.lower()
+        while len(received) < len(data):  # ~8 MB/s: a 4 MiB slice takes ~0.5 s
+            received.extend(await reader.read(64 * 1024))
+            await asyncio.sleep(0.008)
+        etag = hashlib.sha256(received).hexdigest()
+        writer.write(f'HTTP/1.1 200 OK\r\nContent-Length: 0\r\nETag: "{etag}"\r\n\r\n'.encode())
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(slow_reader, "127.0.0.1", 0)
+    for sock in server.sockets:  # small buffers, so the reader's pace is the sender's
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    port = server.sockets[0].getsockname()[1]
+    target = UploadTarget(path="f.bin", part=None, method="PUT", url=f"http://127.0.0.1:{port}/b",
+                          headers={}, offset=0, length=len(data), expires_at=0.0)
+    progress: list[int] = []
+    connections = Connections()
+    try:
+        async with httpx.AsyncClient(timeout=0.3) as http:  # the stall timeout: 0.3 s
+            _etag, digest = await send_range(http, target, identity, TokenBucket(None),
+                                             progress.append, connections)
+    finally:
+        connections.close()
+        server.close()
+        await server.wait_closed()
+    assert digest == hashlib.sha256(data).hexdigest() and bytes(received) == data
+    assert sum(progress) == len(data) and len(progress) > 4  # finer than one per 4 MiB slice

@@ -1,7 +1,7 @@
 """PUT a byte range of a file over plain HTTP/1.1 with the body sent by sendfile(2).
 
-The body never passes through Python on its way out: ``loop.sock_sendfile`` moves it from the
-page cache to the socket a slice at a time, while a thread reads the same range into one reused
+The body never passes through Python on its way out: sendfile(2) moves it from the page cache
+to the socket a slice at a time, while a thread reads the same range into one reused
 buffer (``os.preadv``) and hashes it, so sending and hashing overlap and no per-chunk objects
 are made. The request head and the response are handled by h11. This path serves
 ``http://`` targets that no proxy applies to; everything else goes through httpx
@@ -12,9 +12,12 @@ are made. The request head and the response are handled by h11. This path serves
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import os
 import socket
+import sys
+import termios
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +31,7 @@ import httpx
 from methodic._bandwidth import TokenBucket
 from methodic._types import UploadTarget
 
-SLICE = 4 << 20  # bytes per sendfile call: the unit of progress and of the stall timeout
+SLICE = 4 << 20  # bytes per turn of the send loop (and per take from the bandwidth cap)
 READ_BUFFER = 1 << 20  # the hashing thread's reused buffer
 MIN_CAPPED_SLICE = 64 << 10
 IDLE_PER_HOST = 32
@@ -209,12 +212,9 @@ async def _put(
                     n = min(_slice(bucket), remaining)
                     await bucket.take(n)
                     conn.protocol.send_with_data_passthrough(h11.Data(data=_Length(n)))  # type: ignore[arg-type]
-                    async with asyncio.timeout(timeout):
-                        moved = await loop.sock_sendfile(conn.sock, f, offset, n, fallback=False)
-                    if moved < n:
-                        raise EOFError
-                    offset, remaining, sent = offset + n, remaining - n, sent + n
-                    on_bytes(n)
+                    sent += await _sendfile(conn.sock, f.fileno(), offset, n, timeout, on_bytes)
+                    offset, remaining = offset + n, remaining - n
+                    await asyncio.sleep(0)  # a fast receiver never makes this wait: let others run
                 conn.protocol.send(h11.EndOfMessage())
             except (OSError, TimeoutError) as exc:
                 if reused and sent == 0 and isinstance(exc, ConnectionError):
@@ -238,6 +238,80 @@ async def _put(
     raise AssertionError("unreachable")
 
 
+async def _sendfile(sock: socket.socket, fd: int, offset: int, count: int, timeout: float,
+                    on_moved: Callable[[int], None]) -> int:
+    """Move ``count`` bytes of the file at ``offset`` to the socket with sendfile(2); ``count``.
+
+    Each sendfile call runs straight from the loop's writability callback, as in
+    ``loop.sock_sendfile``, but ``on_moved`` hears of every call's bytes, and TimeoutError
+    comes when the socket takes no byte for ``timeout`` (a stall, however slow the link), not
+    when the whole count takes longer. EOFError when the file ends first.
+    """
+    loop = asyncio.get_running_loop()
+    out = sock.fileno()
+    done: asyncio.Future[None] = loop.create_future()
+    left, last = count, loop.time()
+
+    def pump() -> None:
+        nonlocal offset, left, last
+        while left and not done.done():
+            try:
+                moved = os.sendfile(out, fd, offset, left)
+            except BlockingIOError:
+                return  # called again once the socket has room
+            except OSError as exc:
+                done.set_exception(exc)
+                return
+            if moved == 0:
+                done.set_exception(EOFError())
+                return
+            offset, left, last = offset + moved, left - moved, loop.time()
+            try:
+                on_moved(moved)
+            except Exception as exc:  # not lost in the loop's handler: the caller gets it
+                done.set_exception(exc)
+                return
+        if not done.done():
+            done.set_result(None)
+
+    pump()
+    if not done.done():
+        loop.add_writer(out, pump)
+        try:
+            while not done.done():
+                await asyncio.wait([done], timeout=max(0.0, last + timeout - loop.time()))
+                if not done.done() and loop.time() - last >= timeout:
+                    raise TimeoutError
+        finally:
+            loop.remove_writer(out)
+    done.result()
+    return count
+
+
+async def _recv(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float) -> bytes:
+    """The next bytes of the answer. While the body's tail still drains from our send queue
+    (a slow link), the peer is acknowledging bytes: only a wait with neither is a stall."""
+    unacked = _unacknowledged(sock)
+    while True:
+        try:
+            async with asyncio.timeout(timeout):
+                return await loop.sock_recv(sock, 65536)
+        except TimeoutError:
+            now = _unacknowledged(sock)
+            if now is None or unacked is None or now >= unacked:
+                raise
+            unacked = now
+
+
+def _unacknowledged(sock: socket.socket) -> int | None:
+    """Bytes in the socket's send queue the peer has not acknowledged (Linux SIOCOUTQ)."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return None
+    return int.from_bytes(raw, sys.byteorder, signed=True)
+
+
 def _describe(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, TimeoutError):
         return f"WriteTimeout: no progress for {timeout:g} s"
@@ -257,9 +331,7 @@ async def _response(conn: _Connection, timeout: float) -> httpx.Response:
     while True:
         event = protocol.next_event()
         if event is h11.NEED_DATA:
-            async with asyncio.timeout(timeout):
-                data = await loop.sock_recv(conn.sock, 65536)
-            protocol.receive_data(data)
+            protocol.receive_data(await _recv(loop, conn.sock, timeout))
         elif isinstance(event, h11.Response):
             status, headers = event.status_code, [(k.decode(), v.decode("latin-1")) for k, v in event.headers]
         elif isinstance(event, h11.Data):
