@@ -226,3 +226,28 @@ async def test_a_slow_link_is_not_a_stall(tmp_path: Path) -> None:
         await server.wait_closed()
     assert digest == hashlib.sha256(data).hexdigest() and bytes(received) == data
     assert sum(progress) == len(data) and len(progress) > 4  # finer than one per 4 MiB slice
+
+
+async def test_every_address_of_a_name_is_tried(tmp_path: Path) -> None:
+    """``localhost`` may resolve to ::1 first while the server listens on 127.0.0.1 only."""
+    peer = _OneShotServer()
+    server = await asyncio.start_server(peer.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    real = loop.getaddrinfo
+
+    async def v6_first(host, port, **kwargs):  # type: ignore[no-untyped-def]
+        v6 = (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0))
+        return [v6, *await real("127.0.0.1", port, **kwargs)]
+
+    loop.getaddrinfo = v6_first  # type: ignore[method-assign]
+    connections = Connections()
+    try:
+        conn, reused = await connections.acquire("localhost", port, 5.0)
+        assert not reused and conn.sock.getpeername()[:2] == ("127.0.0.1", port)
+        conn.sock.close()
+    finally:
+        del loop.getaddrinfo
+        connections.close()
+        server.close()
+        await server.wait_closed()

@@ -77,18 +77,28 @@ class Connections:
                 return conn, True
             conn.sock.close()
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        family, kind, proto, _name, address = infos[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            async with asyncio.timeout(timeout):
-                await loop.sock_connect(sock, address)
-        except BaseException:
-            sock.close()
-            raise
-        return _Connection(sock), False
+        async with asyncio.timeout(timeout):
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            failure: OSError | None = None
+            for family, kind, proto, _name, address in infos:  # e.g. ::1, then 127.0.0.1
+                try:
+                    sock = socket.socket(family, kind, proto)
+                except OSError as exc:  # e.g. no IPv6 on this host
+                    failure = exc
+                    continue
+                try:
+                    sock.setblocking(False)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    await loop.sock_connect(sock, address)
+                except OSError as exc:
+                    sock.close()
+                    failure = exc
+                    continue
+                except BaseException:
+                    sock.close()
+                    raise
+                return _Connection(sock), False
+        raise failure or OSError(f"no address for {host}")
 
     def release(self, host: str, port: int, conn: _Connection) -> None:
         """Keep the connection for the next request if HTTP allows it, else close it."""
