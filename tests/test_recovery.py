@@ -110,6 +110,29 @@ def test_drain_leaves_assets_a_live_process_owns_and_claims_the_others(server, t
     assert tracker.get_asset(owned).owner_pid == os.getpid()
 
 
+def test_an_owner_killed_but_not_yet_reaped_does_not_hold_its_uploads(server, tmp_path: Path) -> None:
+    """A SIGKILLed uploader is a zombie until its parent reaps it: it uploads nothing any more."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", {"a": 300_000})
+    tracker_path = tmp_path / "u.sqlite"
+    tracker = UploadTracker(tracker_path)
+    with Chronicle(server.url, server.api_key, max_bandwidth="1KB") as chronicle:
+        run = chronicle.run(chronicle.create_experiment("x"), 0, 0)
+        asset_id = run.register_and_upload_async(ckpt, upload_tracker=tracker).asset_id
+        time.sleep(0.3)
+    owner = claim_in_child(tracker_path, asset_id, hold=True)
+    owner.kill()  # not waited for: a zombie, as after `kill -9` under a supervisor that is slow to reap
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{owner.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with Chronicle(server.url, server.api_key) as chronicle:
+            report = drain_incomplete_uploads(chronicle, tracker)
+        assert report.skipped == {} and report.finalized == [asset_id]
+    finally:
+        owner.wait(10)
+
+
 def test_server_sigkilled_mid_upload_and_restarted_the_uploader_finishes(tmp_path: Path) -> None:
     data_dir, port = tmp_path / "served", free_port()
     url = f"http://127.0.0.1:{port}"

@@ -392,7 +392,14 @@ def owner_alive(pid: int | None) -> bool:
         return False
     except PermissionError:  # it exists, under another user
         return True
-    return True
+    # A killed uploader stays a zombie until its parent reaps it (or for good, when the
+    # parent ignores it): it has exited and uploads nothing.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no procfs: trust kill(0)
+        return True
+    return state != b"Z"
 
 
 @write_op
