@@ -65,8 +65,12 @@ async def drain(url: str, key: str, tracker: UploadTracker) -> dict[str, float]:
         total = time.perf_counter() - start
         watcher.cancel()
         assert report.ok and len(report.finalized) == 1, report
-        return {"first_upload_s": (first[0] - start) if first else float("nan"), "drain_s": total,
-                "bytes_resent": report.bytes_resent, "bytes_skipped": report.bytes_skipped}
+        return {
+            "first_upload_s": (first[0] - start) if first else float("nan"),
+            "drain_s": total,
+            "bytes_resent": report.bytes_resent,
+            "bytes_skipped": report.bytes_skipped,
+        }
 
 
 def one_round(n: int, size: int, tmp: Path) -> dict[str, float]:
@@ -76,8 +80,11 @@ def one_round(n: int, size: int, tmp: Path) -> dict[str, float]:
         tracker_path = tmp / "u.sqlite"
         total = n * size
         rate = str(int(total / 8))  # about 8 s for everything: kill after ~4 s
-        child = subprocess.Popen([sys.executable, "-c", CHILD, srv.url, srv.api_key, str(tracker_path),
-                                  str(ckpt), rate], stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, srv.url, srv.api_key, str(tracker_path), str(ckpt), rate],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert child.stdout is not None
         child.stdout.readline()
         time.sleep(4.0)
@@ -94,7 +101,9 @@ def one_round(n: int, size: int, tmp: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--components", type=int, default=10_000)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--repeat", type=int, default=3)
@@ -108,10 +117,23 @@ def main() -> None:
     print(f"{args.components} components of {args.size} B, {args.repeat} rounds (medians)")
     print(f"  uploading again after   {first:.2f} s   (goal < 2 s)")
     print(f"  whole drain             {whole:.2f} s")
-    print(f"  stored bytes re-sent    {sum(r['bytes_resent'] - r['missing_bytes'] for r in rounds)} B")
+    print(
+        f"  stored bytes re-sent    {sum(r['bytes_resent'] - r['missing_bytes'] for r in rounds)} B"
+    )
     out = Path(__file__).parent / "results" / "recovery.json"
-    out.write_text(json.dumps({"components": args.components, "size": args.size,
-                               "first_upload_s": first, "drain_s": whole, "rounds": rounds}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "components": args.components,
+                "size": args.size,
+                "first_upload_s": first,
+                "drain_s": whole,
+                "rounds": rounds,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

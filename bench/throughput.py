@@ -78,8 +78,9 @@ def child_put(spec: dict[str, Any]) -> dict[str, Any]:
             sent += n
 
         # The engine's real client configuration (limits, timeouts) and shared TokenBucket(None).
-        async with AsyncChronicle(server_url=spec["origin"], api_key="sk_bench_unused",
-                                  max_upload_workers=spec["workers"]) as chronicle:
+        async with AsyncChronicle(
+            server_url=spec["origin"], api_key="sk_bench_unused", max_upload_workers=spec["workers"]
+        ) as chronicle:
             queue: asyncio.Queue[int] = asyncio.Queue()
             for i in range(len(targets)):
                 queue.put_nowait(i)
@@ -90,13 +91,25 @@ def child_put(spec: dict[str, Any]) -> dict[str, Any]:
                     t = targets[i]
                     st = os.stat(t["local_path"])
                     identity = FileIdentity(t["local_path"], st.st_size, st.st_mtime_ns, st.st_ino)
-                    target = UploadTarget(path=t["name"], part=None, method="PUT", url=t["url"],
-                                          headers={}, offset=t["offset"], length=t["length"],
-                                          expires_at=time.time() + 3600)
+                    target = UploadTarget(
+                        path=t["name"],
+                        part=None,
+                        method="PUT",
+                        url=t["url"],
+                        headers={},
+                        offset=t["offset"],
+                        length=t["length"],
+                        expires_at=time.time() + 3600,
+                    )
                     # The pool's connections (the sendfile path) where this tree has them.
-                    more = [chronicle.pool.connections] if hasattr(chronicle.pool, "connections") else []
-                    _etag, digests[i] = await send_range(chronicle.http, target, identity,
-                                                         chronicle.bucket, on_bytes, *more)
+                    more = (
+                        [chronicle.pool.connections]
+                        if hasattr(chronicle.pool, "connections")
+                        else []
+                    )
+                    _etag, digests[i] = await send_range(
+                        chronicle.http, target, identity, chronicle.bucket, on_bytes, *more
+                    )
 
             rc0 = proc_cpu(spec["receiver_pids"])
             r0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -108,8 +121,13 @@ def child_put(spec: dict[str, Any]) -> dict[str, Any]:
         for i, t in enumerate(targets):
             if t.get("sha256") and digests[i] != t["sha256"]:
                 raise SystemExit(f"sha256 of {t['name']} is {digests[i]}, expected {t['sha256']}")
-        return {"wall": wall, "bytes": sent, "user": r1.ru_utime - r0.ru_utime,
-                "sys": r1.ru_stime - r0.ru_stime, "receiver_cpu": rc1 - rc0}
+        return {
+            "wall": wall,
+            "bytes": sent,
+            "user": r1.ru_utime - r0.ru_utime,
+            "sys": r1.ru_stime - r0.ru_stime,
+            "receiver_cpu": rc1 - rc0,
+        }
 
     return asyncio.run(main())
 
@@ -130,18 +148,24 @@ def child_e2e(spec: dict[str, Any]) -> dict[str, Any]:
             elif isinstance(event, RetryScheduled):
                 seen["retries"].append(event.cause[:200])
 
-    with Chronicle(server_url=spec["server_url"], api_key=spec["api_key"],
-                   max_upload_workers=spec["workers"], **options) as chronicle:
+    with Chronicle(
+        server_url=spec["server_url"],
+        api_key=spec["api_key"],
+        max_upload_workers=spec["workers"],
+        **options,
+    ) as chronicle:
         pool = chronicle.core.pool
-        watcher = asyncio.run_coroutine_threadsafe(watch(pool.events.subscribe()),
-                                                   chronicle._loop.loop)
+        watcher = asyncio.run_coroutine_threadsafe(
+            watch(pool.events.subscribe()), chronicle._loop.loop
+        )
         exp_id = chronicle.create_experiment("throughput-bench")
         run = chronicle.run(exp_id, variation=0, run=spec["run"])
         rc0 = proc_cpu(spec["receiver_pids"])
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
-        handle = run.register_and_upload_async(local_dir=Path(spec["local_dir"]),
-                                               asset_type="checkpoint", upload_tracker=tracker)
+        handle = run.register_and_upload_async(
+            local_dir=Path(spec["local_dir"]), asset_type="checkpoint", upload_tracker=tracker
+        )
         run.wait_for_uploads()
         asset = handle.result()
         t1 = time.perf_counter()
@@ -152,11 +176,19 @@ def child_e2e(spec: dict[str, Any]) -> dict[str, Any]:
     tracker.close()
     if asset.state != "finalized":
         raise SystemExit(f"asset {asset.asset_id} is {asset.state}, not finalized")
-    return {"wall": t1 - t0, "bytes": asset.total_size, "user": r1.ru_utime - r0.ru_utime,
-            "sys": r1.ru_stime - r0.ru_stime, "receiver_cpu": rc1 - rc0, "asset_id": asset.asset_id,
-            # from "all bytes stored" to "finalized": the server's verification
-            "finalize_s": t1 - seen["finalizing"] if seen["finalizing"] else None,
-            "bytes_sent": sent, "retries": len(seen["retries"]), "retry_causes": seen["retries"][:5]}
+    return {
+        "wall": t1 - t0,
+        "bytes": asset.total_size,
+        "user": r1.ru_utime - r0.ru_utime,
+        "sys": r1.ru_stime - r0.ru_stime,
+        "receiver_cpu": rc1 - rc0,
+        "asset_id": asset.asset_id,
+        # from "all bytes stored" to "finalized": the server's verification
+        "finalize_s": t1 - seen["finalizing"] if seen["finalizing"] else None,
+        "bytes_sent": sent,
+        "retries": len(seen["retries"]),
+        "retry_causes": seen["retries"][:5],
+    }
 
 
 def peak_rss_mb(pid: int | str = "self") -> float:
@@ -188,8 +220,9 @@ class Measured:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def run_process(argv: list[str], out: Path, err: Path, env: dict[str, str] | None = None
-                ) -> tuple[int, resource.struct_rusage, float, float]:
+def run_process(
+    argv: list[str], out: Path, err: Path, env: dict[str, str] | None = None
+) -> tuple[int, resource.struct_rusage, float, float]:
     """Run argv, stdout/stderr to files; (exit status, rusage from os.wait4, wall, peak RSS MB).
 
     The peak RSS is VmHWM polled while it runs (the last reading before exit; HWM only grows).
@@ -324,17 +357,22 @@ class Nginx:
     def start(self) -> Nginx:
         exe = shutil.which("nginx") or "/usr/sbin/nginx"
         if not os.path.exists(exe):
-            raise SystemExit("nginx not found: apt-get install -y nginx-light (it has the dav module)")
+            raise SystemExit(
+                "nginx not found: apt-get install -y nginx-light (it has the dav module)"
+            )
         self.prefix.mkdir(parents=True)
         self.sink.mkdir(parents=True)
         self.port = free_port()
         user = "user root;\n" if os.geteuid() == 0 else ""  # workers must write the sink
         conf = self.prefix / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(prefix=self.prefix, sink=self.sink, port=self.port,
-                                          user=user))
+        conf.write_text(
+            NGINX_CONF.format(prefix=self.prefix, sink=self.sink, port=self.port, user=user)
+        )
         self.proc = subprocess.Popen(
             [exe, "-p", str(self.prefix), "-c", str(conf), "-e", str(self.prefix / "error.log")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_http(self.origin)
         return self
@@ -372,11 +410,24 @@ class Server:
         self._log = open(log, "wb")  # noqa: SIM115
         env = dict(os.environ)
         if self.pythonpath:
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [self.pythonpath, env.get("PYTHONPATH")]))
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [self.pythonpath, env.get("PYTHONPATH")])
+            )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "methodic", "serve", "--data-dir", str(self.data_dir),
-             "--port", "0"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log, env=env,
+            [
+                sys.executable,
+                "-m",
+                "methodic",
+                "serve",
+                "--data-dir",
+                str(self.data_dir),
+                "--port",
+                "0",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
         )
         assert self.proc.stdout is not None
         deadline = time.monotonic() + 30
@@ -435,15 +486,16 @@ def write_file(path: Path, size: int, block: bytes, salt: int) -> str:
         while offset < size:
             chunk = block[: min(len(block), size - offset)]
             head = f"{salt}:{offset}:".encode()
-            chunk = head + chunk[len(head):]
+            chunk = head + chunk[len(head) :]
             f.write(chunk)
             hasher.update(chunk)
             offset += len(chunk)
     return hasher.hexdigest()
 
 
-def make_workload(base: Path, name: str, label: str, count: int, size: int, block: bytes,
-                  part_size: int) -> Workload:
+def make_workload(
+    base: Path, name: str, label: str, count: int, size: int, block: bytes, part_size: int
+) -> Workload:
     d = base / "src" / name
     d.mkdir(parents=True)
     files, digests = [], {}
@@ -487,31 +539,60 @@ class Bench:
         out, err = self.scratch / f"out{self.counter}", self.scratch / f"err{self.counter}"
         env = None
         if self.child_pythonpath:
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-                filter(None, [self.child_pythonpath, os.environ.get("PYTHONPATH")]))}
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(
+                    filter(None, [self.child_pythonpath, os.environ.get("PYTHONPATH")])
+                ),
+            }
         status, usage, _, _ = run_process(
-            [sys.executable, str(Path(__file__).resolve()), "--child", mode, str(spec_path)], out, err,
-            env=env)
+            [sys.executable, str(Path(__file__).resolve()), "--child", mode, str(spec_path)],
+            out,
+            err,
+            env=env,
+        )
         if status != 0:
             raise RuntimeError(f"engine child ({mode}) failed: {err.read_text()[-3000:]}")
         r = json.loads(out.read_text().strip().splitlines()[-1])
         return Measured(
-            wall=r["wall"], bytes=r["bytes"], cpu=r["user"] + r["sys"], rss_mb=r["peak_rss_mb"],
+            wall=r["wall"],
+            bytes=r["bytes"],
+            cpu=r["user"] + r["sys"],
+            rss_mb=r["peak_rss_mb"],
             receiver_cpu=r["receiver_cpu"],
-            extra={"user": r["user"], "sys": r["sys"],
-                   "process_cpu": usage.ru_utime + usage.ru_stime,
-                   **{k: r[k] for k in ("finalize_s", "bytes_sent", "retries", "retry_causes")
-                      if k in r}},
+            extra={
+                "user": r["user"],
+                "sys": r["sys"],
+                "process_cpu": usage.ru_utime + usage.ru_stime,
+                **{
+                    k: r[k]
+                    for k in ("finalize_s", "bytes_sent", "retries", "retry_causes")
+                    if k in r
+                },
+            },
         )
 
-    def _curl(self, pairs: list[tuple[Path, str]], parallel: int, receiver: list[int],
-              hash_alongside: bool = False) -> Measured:
+    def _curl(
+        self,
+        pairs: list[tuple[Path, str]],
+        parallel: int,
+        receiver: list[int],
+        hash_alongside: bool = False,
+    ) -> Measured:
         """curl PUTs ``pairs``; ``hash_alongside``: ``openssl dgst -sha256`` reads and hashes the
         same files at the same time (wall time and CPU of both): what the cheapest uploader
         that hashes what it sends would cost, the practical ceiling of a hashing client here."""
         self.counter += 1
-        argv = ["curl", "--silent", "--show-error", "--no-progress-meter", "-H", "Expect:",
-                "-w", "%{http_code}\\n"]
+        argv = [
+            "curl",
+            "--silent",
+            "--show-error",
+            "--no-progress-meter",
+            "-H",
+            "Expect:",
+            "-w",
+            "%{http_code}\\n",
+        ]
         if parallel > 1:
             argv += ["--parallel", "--parallel-immediate", "--parallel-max", str(parallel)]
         for path, url in pairs:
@@ -524,27 +605,49 @@ class Bench:
         status, usage, wall, peak = run_process(argv, out, err)
         rc1 = proc_cpu(receiver)
         codes = out.read_text().split()
-        if status != 0 or len(codes) != len(pairs) or any(c not in ("200", "201", "204") for c in codes):
-            raise RuntimeError(f"curl failed (exit {status}, codes {sorted(set(codes))}): "
-                               f"{err.read_text()[-2000:]}")
-        return Measured(wall=wall, bytes=sum(p.stat().st_size for p, _ in pairs),
-                        cpu=usage.ru_utime + usage.ru_stime, rss_mb=peak,
-                        receiver_cpu=rc1 - rc0,
-                        extra={"user": usage.ru_utime, "sys": usage.ru_stime})
+        if (
+            status != 0
+            or len(codes) != len(pairs)
+            or any(c not in ("200", "201", "204") for c in codes)
+        ):
+            raise RuntimeError(
+                f"curl failed (exit {status}, codes {sorted(set(codes))}): "
+                f"{err.read_text()[-2000:]}"
+            )
+        return Measured(
+            wall=wall,
+            bytes=sum(p.stat().st_size for p, _ in pairs),
+            cpu=usage.ru_utime + usage.ru_stime,
+            rss_mb=peak,
+            receiver_cpu=rc1 - rc0,
+            extra={"user": usage.ru_utime, "sys": usage.ru_stime},
+        )
 
-    def record(self, section: str, workload: Workload, variant: str, rep: int,
-               m: Measured) -> None:
-        row = {"section": section, "workload": workload.name, "variant": variant, "rep": rep,
-               "wall_s": m.wall, "bytes": m.bytes, "mb_s": m.bytes / m.wall / MB,
-               "cpu_s": m.cpu, "cpu_s_per_gb": m.cpu / (m.bytes / GB), "peak_rss_mb": m.rss_mb,
-               "receiver_cpu_s_per_gb": m.receiver_cpu / (m.bytes / GB), **m.extra}
+    def record(self, section: str, workload: Workload, variant: str, rep: int, m: Measured) -> None:
+        row = {
+            "section": section,
+            "workload": workload.name,
+            "variant": variant,
+            "rep": rep,
+            "wall_s": m.wall,
+            "bytes": m.bytes,
+            "mb_s": m.bytes / m.wall / MB,
+            "cpu_s": m.cpu,
+            "cpu_s_per_gb": m.cpu / (m.bytes / GB),
+            "peak_rss_mb": m.rss_mb,
+            "receiver_cpu_s_per_gb": m.receiver_cpu / (m.bytes / GB),
+            **m.extra,
+        }
         self.runs.append(row)
-        print(f"  {section:<6} {workload.name:<6} {variant:<28} rep {rep}: {row['mb_s']:7.0f} MB/s "
-              f"{row['cpu_s_per_gb']:5.2f} CPU s/GB {m.rss_mb:6.0f} MB RSS "
-              f"(receiver {row['receiver_cpu_s_per_gb']:.2f} s/GB)"
-              + (f" finalize {m.extra['finalize_s']:.1f} s" if m.extra.get("finalize_s") else "")
-              + (f" {m.extra['retries']} retries" if m.extra.get("retries") else ""),
-              file=sys.stderr, flush=True)
+        print(
+            f"  {section:<6} {workload.name:<6} {variant:<28} rep {rep}: {row['mb_s']:7.0f} MB/s "
+            f"{row['cpu_s_per_gb']:5.2f} CPU s/GB {m.rss_mb:6.0f} MB RSS "
+            f"(receiver {row['receiver_cpu_s_per_gb']:.2f} s/GB)"
+            + (f" finalize {m.extra['finalize_s']:.1f} s" if m.extra.get("finalize_s") else "")
+            + (f" {m.extra['retries']} retries" if m.extra.get("retries") else ""),
+            file=sys.stderr,
+            flush=True,
+        )
 
     # (a) nginx -------------------------------------------------------------------------
 
@@ -555,17 +658,31 @@ class Bench:
         origin = nginx.origin
 
         def whole_targets(prefix: str) -> list[dict[str, Any]]:
-            return [{"name": f.name, "url": f"{origin}/{prefix}/{f.name}", "local_path": str(f),
-                     "offset": 0, "length": f.stat().st_size, "sha256": w.sha256[f.name]}
-                    for f in w.files]
+            return [
+                {
+                    "name": f.name,
+                    "url": f"{origin}/{prefix}/{f.name}",
+                    "local_path": str(f),
+                    "offset": 0,
+                    "length": f.stat().st_size,
+                    "sha256": w.sha256[f.name],
+                }
+                for f in w.files
+            ]
 
         def part_targets(prefix: str) -> list[dict[str, Any]]:
             f = w.files[0]
             size = f.stat().st_size
-            return [{"name": f"{f.name}.{n}", "url": f"{origin}/{prefix}/{f.name}.{n:05d}",
-                     "local_path": str(f), "offset": (n - 1) * part,
-                     "length": min(part, size - (n - 1) * part)}
-                    for n in range(1, -(-size // part) + 1)]
+            return [
+                {
+                    "name": f"{f.name}.{n}",
+                    "url": f"{origin}/{prefix}/{f.name}.{n:05d}",
+                    "local_path": str(f),
+                    "offset": (n - 1) * part,
+                    "length": min(part, size - (n - 1) * part),
+                }
+                for n in range(1, -(-size // part) + 1)
+            ]
 
         def engine(targets: list[dict[str, Any]], n: int) -> Measured:
             return self._child("put", {"origin": origin, "workers": n, "targets": targets}, recv)
@@ -573,28 +690,36 @@ class Bench:
         if w.name == "many":
             return {
                 f"curl --parallel {workers}": lambda: self._curl(
-                    [(f, f"{origin}/curl/{f.name}") for f in w.files], workers, recv),
+                    [(f, f"{origin}/curl/{f.name}") for f in w.files], workers, recv
+                ),
                 f"sha256 + curl --parallel {workers}": lambda: self._curl(
-                    [(f, f"{origin}/curl/{f.name}") for f in w.files], workers, recv, True),
+                    [(f, f"{origin}/curl/{f.name}") for f in w.files], workers, recv, True
+                ),
                 f"engine send_range x{workers}": lambda: engine(whole_targets("engine"), workers),
             }
         variants = {
-            "curl, 1 stream": lambda: self._curl([(w.files[0], f"{origin}/curl/{w.files[0].name}")],
-                                                 1, recv),
+            "curl, 1 stream": lambda: self._curl(
+                [(w.files[0], f"{origin}/curl/{w.files[0].name}")], 1, recv
+            ),
             "sha256 + curl, 1 stream": lambda: self._curl(
-                [(w.files[0], f"{origin}/curl/{w.files[0].name}")], 1, recv, True),
+                [(w.files[0], f"{origin}/curl/{w.files[0].name}")], 1, recv, True
+            ),
             "engine send_range, 1 stream": lambda: engine(whole_targets("engine"), 1),
         }
         if w.part_files:
             variants[f"curl --parallel {workers}, parts"] = lambda: self._curl(
-                [(p, f"{origin}/curl/{p.name}") for p in w.part_files.values()], workers, recv)
+                [(p, f"{origin}/curl/{p.name}") for p in w.part_files.values()], workers, recv
+            )
             variants[f"engine send_range x{workers}, parts"] = lambda: engine(
-                part_targets("engine"), workers)
+                part_targets("engine"), workers
+            )
         return variants
 
     # (b) server ------------------------------------------------------------------------
 
-    def server_variants(self, server: Server, w: Workload, chronicles: dict[str, Any]) -> dict[str, Any]:
+    def server_variants(
+        self, server: Server, w: Workload, chronicles: dict[str, Any]
+    ) -> dict[str, Any]:
         from methodic import ComponentSpec
 
         workers = self.args.workers
@@ -602,9 +727,15 @@ class Bench:
 
         def engine(whole: bool) -> Measured:
             self.counter += 1
-            spec = {"server_url": server.url, "api_key": server.api_key, "workers": workers,
-                    "local_dir": str(w.dir), "tracker": str(self.scratch / f"t{self.counter}.sqlite"),
-                    "run": self.counter, "part_size": self.args.part_size}
+            spec = {
+                "server_url": server.url,
+                "api_key": server.api_key,
+                "workers": workers,
+                "local_dir": str(w.dir),
+                "tracker": str(self.scratch / f"t{self.counter}.sqlite"),
+                "run": self.counter,
+                "part_size": self.args.part_size,
+            }
             if whole:
                 spec["part_threshold"] = 1 << 62
             return self._child("e2e", spec, recv)
@@ -629,7 +760,9 @@ class Bench:
             m.extra["finalize_s"] = time.perf_counter() - t_fin
             wall = time.perf_counter() - t0
             r1 = resource.getrusage(resource.RUSAGE_SELF)
-            m.receiver_cpu = proc_cpu(recv) - rc0  # the API calls and finalize too, as for the engine
+            m.receiver_cpu = (
+                proc_cpu(recv) - rc0
+            )  # the API calls and finalize too, as for the engine
             if asset.state != "finalized":
                 raise RuntimeError(f"curl's asset is {asset.state}")
             api_cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
@@ -673,6 +806,7 @@ class Bench:
                 return fn()
             finally:
                 self.child_pythonpath = None
+
         return run
 
     def alternate(self, section: str, w: Workload, variants: dict[str, Any], after: Any) -> None:
@@ -702,25 +836,46 @@ def median_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((r["section"], r["workload"], r["variant"]), []).append(r)
     out = []
     for (section, workload, variant), rs in groups.items():
-        out.append({
-            "section": section, "workload": workload, "variant": variant, "runs": len(rs),
-            "bytes": rs[0]["bytes"],
-            **{k: statistics.median(r[k] for r in rs)
-               for k in ("mb_s", "cpu_s_per_gb", "peak_rss_mb", "receiver_cpu_s_per_gb")},
-            "mb_s_min": min(r["mb_s"] for r in rs), "mb_s_max": max(r["mb_s"] for r in rs),
-            "finalize_s": (statistics.median(r["finalize_s"] for r in rs)
-                           if all(r.get("finalize_s") for r in rs) else None),
-            "retries": sum(r.get("retries", 0) for r in rs),
-        })
+        out.append(
+            {
+                "section": section,
+                "workload": workload,
+                "variant": variant,
+                "runs": len(rs),
+                "bytes": rs[0]["bytes"],
+                **{
+                    k: statistics.median(r[k] for r in rs)
+                    for k in ("mb_s", "cpu_s_per_gb", "peak_rss_mb", "receiver_cpu_s_per_gb")
+                },
+                "mb_s_min": min(r["mb_s"] for r in rs),
+                "mb_s_max": max(r["mb_s"] for r in rs),
+                "finalize_s": (
+                    statistics.median(r["finalize_s"] for r in rs)
+                    if all(r.get("finalize_s") for r in rs)
+                    else None
+                ),
+                "retries": sum(r.get("retries", 0) for r in rs),
+            }
+        )
     return out
 
 
-def find(rows: list[dict[str, Any]], section: str, workload: str, prefix: str,
-         tree: str | None = None) -> dict[str, Any] | None:
+def find(
+    rows: list[dict[str, Any]], section: str, workload: str, prefix: str, tree: str | None = None
+) -> dict[str, Any] | None:
     suffix = f" [{tree}]" if tree else ""
-    return next((r for r in rows if r["section"] == section and r["workload"] == workload
-                 and r["variant"].startswith(prefix) and r["variant"].endswith(suffix)
-                 and (tree or not r["variant"].endswith("]"))), None)
+    return next(
+        (
+            r
+            for r in rows
+            if r["section"] == section
+            and r["workload"] == workload
+            and r["variant"].startswith(prefix)
+            and r["variant"].endswith(suffix)
+            and (tree or not r["variant"].endswith("]"))
+        ),
+        None,
+    )
 
 
 PAIRS = [  # (section, workload, engine variant prefix, curl variant prefix, checks CPU)
@@ -736,37 +891,64 @@ PAIRS = [  # (section, workload, engine variant prefix, curl variant prefix, che
 ]
 
 
-def evaluate(rows: list[dict[str, Any]], rss: list[dict[str, Any]],
-             trees: list[str]) -> list[dict[str, Any]]:
+def evaluate(
+    rows: list[dict[str, Any]], rss: list[dict[str, Any]], trees: list[str]
+) -> list[dict[str, Any]]:
     goals = []
     for (section, workload, eng, ref, cpu), tree in (
-            (pair, tree) for tree in [None, *trees] for pair in PAIRS):
+        (pair, tree) for tree in [None, *trees] for pair in PAIRS
+    ):
         e, c = find(rows, section, workload, eng, tree), find(rows, section, workload, ref)
         if e is None or c is None:
             continue
         ratio = e["mb_s"] / c["mb_s"]
-        goal = {"section": section, "workload": workload, "tree": tree,
-                "engine": e["variant"], "curl": c["variant"],
-                "throughput_ratio": ratio, "throughput_pass": ratio >= GOAL_THROUGHPUT}
+        goal = {
+            "section": section,
+            "workload": workload,
+            "tree": tree,
+            "engine": e["variant"],
+            "curl": c["variant"],
+            "throughput_ratio": ratio,
+            "throughput_pass": ratio >= GOAL_THROUGHPUT,
+        }
         if cpu:
             cr = e["cpu_s_per_gb"] / c["cpu_s_per_gb"]
             goal.update(cpu_ratio=cr, cpu_pass=cr <= GOAL_CPU)
         goals.append(goal)
-    engine_rss = [r["peak_rss_mb"] for r in rows
-                  if r["variant"].startswith("engine") and not r["variant"].endswith("]")]
+    engine_rss = [
+        r["peak_rss_mb"]
+        for r in rows
+        if r["variant"].startswith("engine") and not r["variant"].endswith("]")
+    ]
     engine_rss += [r["peak_rss_mb"] for r in rss]
     if engine_rss:
-        goals.append({"section": "rss", "max_engine_peak_rss_mb": max(engine_rss),
-                      "rss_pass": max(engine_rss) < GOAL_RSS_MB})
+        goals.append(
+            {
+                "section": "rss",
+                "max_engine_peak_rss_mb": max(engine_rss),
+                "rss_pass": max(engine_rss) < GOAL_RSS_MB,
+            }
+        )
     if len(rss) >= 2:
         spread = max(r["peak_rss_mb"] for r in rss) - min(r["peak_rss_mb"] for r in rss)
-        goals.append({"section": "rss-flat", "spread_mb": spread, "flat_pass": spread <= RSS_FLAT_MB,
-                      "sizes": [r["size_gib"] for r in rss]})
+        goals.append(
+            {
+                "section": "rss-flat",
+                "spread_mb": spread,
+                "flat_pass": spread <= RSS_FLAT_MB,
+                "sizes": [r["size_gib"] for r in rss],
+            }
+        )
     return goals
 
 
-def print_report(rows: list[dict[str, Any]], rss: list[dict[str, Any]], goals: list[dict[str, Any]],
-                 labels: dict[str, str], trees: list[str]) -> None:
+def print_report(
+    rows: list[dict[str, Any]],
+    rss: list[dict[str, Any]],
+    goals: list[dict[str, Any]],
+    labels: dict[str, str],
+    trees: list[str],
+) -> None:
     refs = {}
     for section, workload, eng, ref, _ in PAIRS:
         for tree in [None, *trees]:
@@ -774,38 +956,52 @@ def print_report(rows: list[dict[str, Any]], rss: list[dict[str, Any]], goals: l
             if c and e:  # the table compares with plain curl (the first pair)
                 refs.setdefault((section, workload, e["variant"]), c)
     print()
-    print("| receiver | files | client | MB/s | vs curl | CPU s/GB | vs curl | peak RSS MB "
-          "| receiver CPU s/GB | of which finalize, s |")
+    print(
+        "| receiver | files | client | MB/s | vs curl | CPU s/GB | vs curl | peak RSS MB "
+        "| receiver CPU s/GB | of which finalize, s |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         c = refs.get((r["section"], r["workload"], r["variant"]))
         vs = f"{r['mb_s'] / c['mb_s']:.2f}x" if c else ""
         vs_cpu = f"{r['cpu_s_per_gb'] / c['cpu_s_per_gb']:.2f}x" if c else ""
         receiver = "nginx WebDAV" if r["section"] == "nginx" else "methodic serve"
-        print(f"| {receiver} | {labels[r['workload']]} | {r['variant']} | {r['mb_s']:.0f} | {vs} "
-              f"| {r['cpu_s_per_gb']:.2f} | {vs_cpu} | {r['peak_rss_mb']:.0f} "
-              f"| {r['receiver_cpu_s_per_gb']:.2f} "
-              f"| {'' if r['finalize_s'] is None else format(r['finalize_s'], '.1f')} |")
+        print(
+            f"| {receiver} | {labels[r['workload']]} | {r['variant']} | {r['mb_s']:.0f} | {vs} "
+            f"| {r['cpu_s_per_gb']:.2f} | {vs_cpu} | {r['peak_rss_mb']:.0f} "
+            f"| {r['receiver_cpu_s_per_gb']:.2f} "
+            f"| {'' if r['finalize_s'] is None else format(r['finalize_s'], '.1f')} |"
+        )
     for r in rss:
-        print(f"| methodic serve | 1 x {r['size_gib']:g} GiB (sparse) | engine x{r['workers']} (defaults) "
-              f"| {r['mb_s']:.0f} | | {r['cpu_s_per_gb']:.2f} | | {r['peak_rss_mb']:.0f} | | |")
+        print(
+            f"| methodic serve | 1 x {r['size_gib']:g} GiB (sparse) | engine x{r['workers']} (defaults) "
+            f"| {r['mb_s']:.0f} | | {r['cpu_s_per_gb']:.2f} | | {r['peak_rss_mb']:.0f} | | |"
+        )
     print()
     for g in goals:
         if g["section"] in ("nginx", "server"):
-            line = (f"- {g['section']}, {labels[g['workload']]}: {g['engine']} at "
-                    f"{g['throughput_ratio']:.2f}x {g['curl']}'s throughput "
-                    f"(goal >= {GOAL_THROUGHPUT}x): {'PASS' if g['throughput_pass'] else 'FAIL'}")
+            line = (
+                f"- {g['section']}, {labels[g['workload']]}: {g['engine']} at "
+                f"{g['throughput_ratio']:.2f}x {g['curl']}'s throughput "
+                f"(goal >= {GOAL_THROUGHPUT}x): {'PASS' if g['throughput_pass'] else 'FAIL'}"
+            )
             if "cpu_ratio" in g:
-                line += (f"; {g['cpu_ratio']:.2f}x its CPU/GB (goal <= {GOAL_CPU}x): "
-                         f"{'PASS' if g['cpu_pass'] else 'FAIL'}")
+                line += (
+                    f"; {g['cpu_ratio']:.2f}x its CPU/GB (goal <= {GOAL_CPU}x): "
+                    f"{'PASS' if g['cpu_pass'] else 'FAIL'}"
+                )
             print(line)
         elif g["section"] == "rss":
-            print(f"- engine peak RSS, every run: max {g['max_engine_peak_rss_mb']:.0f} MB "
-                  f"(goal < {GOAL_RSS_MB:.0f} MB): {'PASS' if g['rss_pass'] else 'FAIL'}")
+            print(
+                f"- engine peak RSS, every run: max {g['max_engine_peak_rss_mb']:.0f} MB "
+                f"(goal < {GOAL_RSS_MB:.0f} MB): {'PASS' if g['rss_pass'] else 'FAIL'}"
+            )
         else:
-            print(f"- engine peak RSS for {' and '.join(f'{s:g} GiB' for s in g['sizes'])}: "
-                  f"spread {g['spread_mb']:.1f} MB (goal: the same, within {RSS_FLAT_MB:.0f} MB): "
-                  f"{'PASS' if g['flat_pass'] else 'FAIL'}")
+            print(
+                f"- engine peak RSS for {' and '.join(f'{s:g} GiB' for s in g['sizes'])}: "
+                f"spread {g['spread_mb']:.1f} MB (goal: the same, within {RSS_FLAT_MB:.0f} MB): "
+                f"{'PASS' if g['flat_pass'] else 'FAIL'}"
+            )
 
 
 def pick_base(need: int) -> Path:
@@ -815,7 +1011,9 @@ def pick_base(need: int) -> Path:
             st = os.statvfs(candidate)
             if st.f_bavail * st.f_frsize > need:
                 return Path(tempfile.mkdtemp(prefix="methodic-throughput-", dir=candidate))
-    raise SystemExit(f"no scratch space with {need / GiB:.0f} GiB free (tmpfs or {tempfile.gettempdir()})")
+    raise SystemExit(
+        f"no scratch space with {need / GiB:.0f} GiB free (tmpfs or {tempfile.gettempdir()})"
+    )
 
 
 def machine() -> dict[str, Any]:
@@ -823,48 +1021,82 @@ def machine() -> dict[str, Any]:
 
     import methodic
 
-    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                         capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "engine"],
-                           capture_output=True, text=True).stdout.strip()
-    curl = subprocess.run(["curl", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    rev = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "engine"], capture_output=True, text=True
+    ).stdout.strip()
+    curl = subprocess.run(["curl", "--version"], capture_output=True, text=True).stdout.split("\n")[
+        0
+    ]
     model = ""
     with contextlib.suppress(OSError):
-        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), "")
+        model = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            "",
+        )
     return {
         "machine": f"{platform.machine()} {model}, {os.cpu_count()} CPUs, "
-                   f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GiB:.0f} GiB RAM",
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GiB:.0f} GiB RAM",
         "kernel": platform.release(),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "httpx": httpx.__version__, "methodic": methodic.__version__,
-        "git": rev + (" (engine modified)" if dirty else ""), "curl": " ".join(curl.split()[:2]),
+        "httpx": httpx.__version__,
+        "methodic": methodic.__version__,
+        "git": rev + (" (engine modified)" if dirty else ""),
+        "curl": " ".join(curl.split()[:2]),
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run, < 1 min")
-    parser.add_argument("--repeat", type=int, default=None, help="runs per variant (default 5; --quick 2)")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="unrecorded rounds before each workload (default 1; --quick 0)")
+    parser.add_argument(
+        "--repeat", type=int, default=None, help="runs per variant (default 5; --quick 2)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="unrecorded rounds before each workload (default 1; --quick 0)",
+    )
     parser.add_argument("--workers", type=int, default=8, help="parallel streams for both clients")
     parser.add_argument("--part-size", type=int, default=16, help="MiB (the engine's default)")
     parser.add_argument("--only", default="nginx,server,rss", help="comma list of nginx,server,rss")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="JSON results (default bench/results/throughput.json; --quick: none)")
-    parser.add_argument("--server-pythonpath", default=None, metavar="DIR",
-                        help="run `methodic serve` from another source tree (DIR/methodic)")
-    parser.add_argument("--engine-tree", action="append", default=[], metavar="NAME=DIR",
-                        type=lambda v: tuple(v.split("=", 1)),
-                        help="also run every engine variant with DIR first on PYTHONPATH "
-                             "(an engine change to compare, in the same run); repeatable")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="JSON results (default bench/results/throughput.json; --quick: none)",
+    )
+    parser.add_argument(
+        "--server-pythonpath",
+        default=None,
+        metavar="DIR",
+        help="run `methodic serve` from another source tree (DIR/methodic)",
+    )
+    parser.add_argument(
+        "--engine-tree",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        type=lambda v: tuple(v.split("=", 1)),
+        help="also run every engine variant with DIR first on PYTHONPATH "
+        "(an engine change to compare, in the same run); repeatable",
+    )
     parser.add_argument("--child", nargs=2, metavar=("MODE", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child_main(*args.child)
         return
     from methodic import ChronicleError as ChronicleErrorType
+
     if args.repeat is None:
         args.repeat = 2 if args.quick else 5
     if args.warmup is None:
@@ -882,6 +1114,7 @@ def main() -> None:
     # Sources plus one run's sink; the sources are deleted before the RSS runs' sinks fill up.
     need = max(total + max(many[0] * many[1], single), max(rss_sizes) if "rss" in sections else 0)
     base = pick_base(need + GiB)
+
     # SIGTERM/SIGHUP clean up like Ctrl-C does.
     def interrupted(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -915,22 +1148,30 @@ def main() -> None:
         def run_nginx() -> None:
             nonlocal nginx
             nginx = Nginx(base).start()
-            print(f"(a) nginx {nginx.version()} WebDAV at {nginx.origin}", file=sys.stderr, flush=True)
+            print(
+                f"(a) nginx {nginx.version()} WebDAV at {nginx.origin}", file=sys.stderr, flush=True
+            )
             for w in workloads:
-                bench.alternate("nginx", w, bench.nginx_variants(nginx, w), lambda: clear_dir(nginx.sink))
+                bench.alternate(
+                    "nginx", w, bench.nginx_variants(nginx, w), lambda: clear_dir(nginx.sink)
+                )
             nginx.stop()
 
         def run_server() -> None:
             from methodic import Chronicle
 
             runs = {}
-            for layout, opts in (("whole", {"part_threshold": 1 << 62}),
-                                 ("parts", {"part_size": args.part_size})):
+            for layout, opts in (
+                ("whole", {"part_threshold": 1 << 62}),
+                ("parts", {"part_size": args.part_size}),
+            ):
                 c = Chronicle(server_url=server.url, api_key=server.api_key, **opts)
                 chronicles.append(c)
                 runs[layout] = c.run(c.create_experiment("throughput-bench-curl"), 0, len(runs))
             for w in workloads:
-                bench.alternate("server", w, bench.server_variants(server, w, runs), server.clear_blobs)
+                bench.alternate(
+                    "server", w, bench.server_variants(server, w, runs), server.clear_blobs
+                )
 
         def run_rss() -> None:
             shutil.rmtree(base / "src", ignore_errors=True)  # room for the stored copies
@@ -940,18 +1181,34 @@ def main() -> None:
                 with open(d / "model.safetensors", "wb") as f:
                     f.truncate(size)  # sparse: reads as zeros, costs no memory on tmpfs
                 bench.counter += 1
-                spec = {"server_url": server.url, "api_key": server.api_key, "workers": args.workers,
-                        "local_dir": str(d), "tracker": str(bench.scratch / f"t{bench.counter}.sqlite"),
-                        "run": 1000 + bench.counter}
+                spec = {
+                    "server_url": server.url,
+                    "api_key": server.api_key,
+                    "workers": args.workers,
+                    "local_dir": str(d),
+                    "tracker": str(bench.scratch / f"t{bench.counter}.sqlite"),
+                    "run": 1000 + bench.counter,
+                }
                 try:
                     m = bench._child("e2e", spec, [server.proc.pid])
                 finally:
                     server.clear_blobs()
                     shutil.rmtree(d, ignore_errors=True)
-                rss.append({"size_gib": size / GiB, "workers": args.workers, "mb_s": m.bytes / m.wall / MB,
-                            "cpu_s_per_gb": m.cpu / (m.bytes / GB), "peak_rss_mb": m.rss_mb})
-                print(f"  rss    {size / GiB:g} GiB: {m.rss_mb:.0f} MB peak RSS, "
-                      f"{m.bytes / m.wall / MB:.0f} MB/s", file=sys.stderr, flush=True)
+                rss.append(
+                    {
+                        "size_gib": size / GiB,
+                        "workers": args.workers,
+                        "mb_s": m.bytes / m.wall / MB,
+                        "cpu_s_per_gb": m.cpu / (m.bytes / GB),
+                        "peak_rss_mb": m.rss_mb,
+                    }
+                )
+                print(
+                    f"  rss    {size / GiB:g} GiB: {m.rss_mb:.0f} MB peak RSS, "
+                    f"{m.bytes / m.wall / MB:.0f} MB/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
         def start_server() -> None:
             nonlocal server
@@ -982,19 +1239,31 @@ def main() -> None:
     trees = [name for name, _ in args.engine_tree]
     goals = evaluate(rows, rss, trees)
     print_report(rows, rss, goals, labels, trees)
-    print(f"\nload average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after, "
-          f"on {os.cpu_count()} CPUs")
+    print(
+        f"\nload average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after, "
+        f"on {os.cpu_count()} CPUs"
+    )
     result = {
         **machine(),
         "engine_trees": dict(args.engine_tree),
-        "quick": args.quick, "repeat": args.repeat, "warmup": args.warmup, "workers": args.workers,
-        "part_size": args.part_size, "scratch_fs": str(base.parent),
-        "loadavg_before": load_before, "loadavg_after": load_after,
-        "medians": rows, "rss": rss, "goals": goals, "runs": bench.runs,
+        "quick": args.quick,
+        "repeat": args.repeat,
+        "warmup": args.warmup,
+        "workers": args.workers,
+        "part_size": args.part_size,
+        "scratch_fs": str(base.parent),
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+        "medians": rows,
+        "rss": rss,
+        "goals": goals,
+        "runs": bench.runs,
     }
     if bench.failed:
-        result["failed"] = [{"section": k[0], "workload": k[1], "variant": k[2], "error": v}
-                            for k, v in bench.failed.items()]
+        result["failed"] = [
+            {"section": k[0], "workload": k[1], "variant": k[2], "error": v}
+            for k, v in bench.failed.items()
+        ]
         for k, v in bench.failed.items():
             print(f"- FAILED {' / '.join(k)}: {v[:300]}")
     output = args.output or (None if args.quick else ROOT / "results" / "throughput.json")

@@ -34,7 +34,9 @@ def phase(result_registered: bool, finished: bool, resent: int, bytes_up: int) -
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--max-delay", type=float, default=3.2)
     parser.add_argument("--seed", type=int, default=1)
@@ -50,20 +52,37 @@ def main() -> int:
                 with counted_server(work / "server") as (srv, proxy):
                     r = kill_round(work, srv.url, srv.url, srv.api_key, delay, proxy, seed=i)
                 where = phase(r.registered, r.finished_before_kill, r.resent, r.bytes_up)
-                rows.append({"round": i, "kill_after": delay, "phase": where, "resent": r.resent,
-                             "bytes_up": r.bytes_up, "ok": True})
-                print(f"round {i:4d}  kill at {delay:5.2f}s  {where:<20} re-sent {r.resent:>10,} B"
-                      f"  on the wire {r.bytes_up:>11,} B  ok", flush=True)
+                rows.append(
+                    {
+                        "round": i,
+                        "kill_after": delay,
+                        "phase": where,
+                        "resent": r.resent,
+                        "bytes_up": r.bytes_up,
+                        "ok": True,
+                    }
+                )
+                print(
+                    f"round {i:4d}  kill at {delay:5.2f}s  {where:<20} re-sent {r.resent:>10,} B"
+                    f"  on the wire {r.bytes_up:>11,} B  ok",
+                    flush=True,
+                )
             except AssertionError as exc:
                 failures += 1
                 rows.append({"round": i, "kill_after": delay, "ok": False, "error": repr(exc)})
                 print(f"round {i:4d}  kill at {delay:5.2f}s  FAILED: {exc!r}", flush=True)
     total = sum(LAYOUT.values())
-    wire = [r["bytes_up"] / total for r in rows if r.get("ok") and r["phase"] != "before registration"]
+    wire = [
+        r["bytes_up"] / total for r in rows if r.get("ok") and r["phase"] != "before registration"
+    ]
     summary = {
-        "rounds": args.rounds, "failures": failures, "seconds": round(time.monotonic() - started, 1),
-        "phases": {p: sum(1 for r in rows if r.get("phase") == p) for p in
-                   ("before registration", "mid-upload", "around finalize", "after finalize")},
+        "rounds": args.rounds,
+        "failures": failures,
+        "seconds": round(time.monotonic() - started, 1),
+        "phases": {
+            p: sum(1 for r in rows if r.get("phase") == p)
+            for p in ("before registration", "mid-upload", "around finalize", "after finalize")
+        },
         "median_wire_bytes_per_checkpoint_byte": statistics.median(wire) if wire else None,
         "max_wire_bytes_per_checkpoint_byte": max(wire) if wire else None,
     }

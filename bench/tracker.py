@@ -21,9 +21,17 @@ from methodic import _tracker_ops as ops
 
 
 def components(n: int) -> list[ComponentSpec]:
-    return [ComponentSpec(f"shards/model-{i:06d}.safetensors", f"/ckpt/shards/model-{i:06d}.safetensors",
-                          1_000_000 + i, None, 1_700_000_000_000_000_000 + i, 10_000 + i)
-            for i in range(n)]
+    return [
+        ComponentSpec(
+            f"shards/model-{i:06d}.safetensors",
+            f"/ckpt/shards/model-{i:06d}.safetensors",
+            1_000_000 + i,
+            None,
+            1_700_000_000_000_000_000 + i,
+            10_000 + i,
+        )
+        for i in range(n)
+    ]
 
 
 def raw_executemany(db: Path, specs: list[ComponentSpec]) -> float:
@@ -34,12 +42,17 @@ def raw_executemany(db: Path, specs: list[ComponentSpec]) -> float:
     conn.executescript(ops.MIGRATIONS[0])
     start = time.perf_counter()
     conn.execute("BEGIN IMMEDIATE")
-    conn.execute("INSERT INTO assets (asset_id, asset_type, state, created_at, updated_at)"
-                 " VALUES ('A', 'checkpoint', 'registered', 0, 0)")
+    conn.execute(
+        "INSERT INTO assets (asset_id, asset_type, state, created_at, updated_at)"
+        " VALUES ('A', 'checkpoint', 'registered', 0, 0)"
+    )
     conn.executemany(
         "INSERT INTO components (asset_id, path, local_path, size, sha256, mtime_ns, inode, part_size)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        [("A", s.path, str(s.local_path), s.size, s.sha256, s.mtime_ns, s.inode, None) for s in specs],
+        [
+            ("A", s.path, str(s.local_path), s.size, s.sha256, s.mtime_ns, s.inode, None)
+            for s in specs
+        ],
     )
     conn.execute("COMMIT")
     elapsed = time.perf_counter() - start
@@ -84,8 +97,10 @@ def main() -> None:
     }
     print(f"{'operation':<40}{'median s':>10}")
     print(f"{'raw sqlite3 executemany':<40}{result['raw_executemany_s']:>10.3f}")
-    print(f"{'UploadTracker.register_components':<40}{result['register_components_s']:>10.3f}"
-          f"   ({result['ratio']:.2f}x raw)")
+    print(
+        f"{'UploadTracker.register_components':<40}{result['register_components_s']:>10.3f}"
+        f"   ({result['ratio']:.2f}x raw)"
+    )
     print(f"{'UploadTracker.get_pending_uploads':<40}{result['get_pending_uploads_s']:>10.3f}")
     out = Path(__file__).parent / "results" / "tracker.json"
     out.parent.mkdir(exist_ok=True)

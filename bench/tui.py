@@ -58,8 +58,13 @@ def make_checkpoints(root: Path, total: int) -> list[Path]:
 
 def source_for(server: EmbeddedServer, tmp: Path, dirs: list[Path], tag: str) -> EngineSource:
     assert server.url and server.api_key
-    opts = Options(server_url=server.url, api_key=server.api_key, tracker=tmp / f"{tag}.sqlite",
-                   workers=8, experiment=f"bench-{tag}")
+    opts = Options(
+        server_url=server.url,
+        api_key=server.api_key,
+        tracker=tmp / f"{tag}.sqlite",
+        workers=8,
+        experiment=f"bench-{tag}",
+    )
     return EngineSource(opts, UploadJob(dirs))
 
 
@@ -94,8 +99,11 @@ class Window:
     def result(self) -> tuple[float, float, int]:
         """(wall s, CPU s, bytes) of the window."""
         assert self.start is not None and self.end is not None, "the upload ended unsampled"
-        return (self.end[0] - self.start[0], self.end[1] - self.start[1],
-                self.end[2] - self.start[2])
+        return (
+            self.end[0] - self.start[0],
+            self.end[1] - self.start[1],
+            self.end[2] - self.start[2],
+        )
 
 
 async def with_dashboard(source: EngineSource, total: int) -> tuple[float, float, int]:
@@ -149,10 +157,13 @@ def throughput(total: int, repeat: int) -> dict[str, object]:
     rate = {k: statistics.median(v) for k, v in rounds.items()}
     cpu_per_byte = {k: statistics.median(v) for k, v in cpu.items()}
     return {
-        "bytes": total, "repeat": repeat, "window": [Window.FROM, Window.TO],
+        "bytes": total,
+        "repeat": repeat,
+        "window": [Window.FROM, Window.TO],
         "rounds_MBps": {k: [r / MB for r in v] for k, v in rounds.items()},
         "cpu_ratio": cpu_per_byte["dashboard"] / cpu_per_byte["no_ui"],
-        "dashboard_MBps": rate["dashboard"] / MB, "no_ui_MBps": rate["no_ui"] / MB,
+        "dashboard_MBps": rate["dashboard"] / MB,
+        "no_ui_MBps": rate["no_ui"] / MB,
         "ratio": rate["dashboard"] / rate["no_ui"],
     }
 
@@ -168,18 +179,44 @@ def fleet(n_assets: int, n_components: int, step: int, detail: int) -> PoolSnaps
         done = min(size, (i * 7919 + step * 1_310_000) % size)
         comps: tuple[ComponentSnapshot, ...] = ()
         if i == detail:
-            comps = tuple(ComponentSnapshot(f"shards/model-{j:05d}.safetensors", "uploading",
-                                            min(size // n_components, done // n_components + j),
-                                            size // n_components, 0, 0, 1, None)
-                          for j in range(n_components))
-        assets.append(AssetSnapshot(
-            asset_id=f"asset-{i:06d}", asset_type="checkpoint", local_dir=f"/ckpt/checkpoint-{i}",
-            state="uploading", components_done=done * n_components // size,
-            component_count=n_components, bytes_done=done, bytes_total=size,
-            rate=1e6 + step + i, eta=(size - done) / (1e6 + step + i), last_error=None,
-            components=comps))
-    return PoolSnapshot(assets=tuple(assets), rate=8e8 + step, history=tuple(range(60)),
-                        total_sent=step, bandwidth_cap=None, workers=8, active_transfers=8)
+            comps = tuple(
+                ComponentSnapshot(
+                    f"shards/model-{j:05d}.safetensors",
+                    "uploading",
+                    min(size // n_components, done // n_components + j),
+                    size // n_components,
+                    0,
+                    0,
+                    1,
+                    None,
+                )
+                for j in range(n_components)
+            )
+        assets.append(
+            AssetSnapshot(
+                asset_id=f"asset-{i:06d}",
+                asset_type="checkpoint",
+                local_dir=f"/ckpt/checkpoint-{i}",
+                state="uploading",
+                components_done=done * n_components // size,
+                component_count=n_components,
+                bytes_done=done,
+                bytes_total=size,
+                rate=1e6 + step + i,
+                eta=(size - done) / (1e6 + step + i),
+                last_error=None,
+                components=comps,
+            )
+        )
+    return PoolSnapshot(
+        assets=tuple(assets),
+        rate=8e8 + step,
+        history=tuple(range(60)),
+        total_sent=step,
+        bandwidth_cap=None,
+        workers=8,
+        active_transfers=8,
+    )
 
 
 async def refresh(n_assets: int, n_components: int, repeat: int) -> dict[str, object]:
@@ -205,9 +242,14 @@ async def refresh(n_assets: int, n_components: int, repeat: int) -> dict[str, ob
             await pilot.pause()
         rows = app.screen.query_one("#assets").row_count
     assert rows == n_assets
-    return {"assets": n_assets, "components": n_components, "repeat": repeat,
-            "patch_ms": statistics.median(patch) * 1000, "patch_max_ms": max(patch) * 1000,
-            "frame_ms": statistics.median(frame) * 1000}
+    return {
+        "assets": n_assets,
+        "components": n_components,
+        "repeat": repeat,
+        "patch_ms": statistics.median(patch) * 1000,
+        "patch_max_ms": max(patch) * 1000,
+        "frame_ms": statistics.median(frame) * 1000,
+    }
 
 
 def main() -> None:
@@ -217,8 +259,12 @@ def main() -> None:
     parser.add_argument("--assets", type=int, default=1000)
     parser.add_argument("--components", type=int, default=50)
     parser.add_argument("--refreshes", type=int, default=30)
-    parser.add_argument("--refresh-hz", type=float, default=None,
-                        help="the dashboard's refresh rate (default: the app's)")
+    parser.add_argument(
+        "--refresh-hz",
+        type=float,
+        default=None,
+        help="the dashboard's refresh rate (default: the app's)",
+    )
     args = parser.parse_args()
     if args.refresh_hz:
         APP_OPTIONS["refresh_hz"] = args.refresh_hz
@@ -230,7 +276,9 @@ def main() -> None:
     rf = asyncio.run(refresh(args.assets, args.components, args.refreshes))
     result = {
         "machine": f"{platform.machine()} {platform.python_implementation()} {platform.python_version()}",
-        "cpus": os.cpu_count(), "throughput": tp, "refresh": rf,
+        "cpus": os.cpu_count(),
+        "throughput": tp,
+        "refresh": rf,
     }
     print(f"{'measure':<52}{'median':>12}{'goal':>12}")
     print(f"{'upload, --no-ui (MB/s)':<52}{tp['no_ui_MBps']:>12.1f}")

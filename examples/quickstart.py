@@ -49,8 +49,12 @@ def digest(root: Path) -> dict[str, str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-mb", type=int, default=256, help="checkpoint size in MB (default 256)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--size-mb", type=int, default=256, help="checkpoint size in MB (default 256)"
+    )
     parser.add_argument("--workers", type=int, default=8)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="methodic-quickstart-") as tmp:
@@ -60,19 +64,25 @@ def main() -> int:
         with EmbeddedServer(base / "server") as server:
             print(f"embedded Chronicle server at {server.url} (data in {server.data_dir})")
             tracker = UploadTracker(db_path=base / "uploads.sqlite")
-            with Chronicle(server_url=server.url, api_key=server.api_key,
-                           max_upload_workers=args.workers) as chronicle:
+            with Chronicle(
+                server_url=server.url, api_key=server.api_key, max_upload_workers=args.workers
+            ) as chronicle:
                 exp_id = chronicle.create_experiment("quickstart")
                 run = chronicle.run(exp_id, variation=0, run=0)
                 started = time.perf_counter()
-                handle = run.register_and_upload_async(local_dir=ckpt, asset_type="checkpoint",
-                                                       upload_tracker=tracker)
-                print(f"registered {ckpt.name} as asset {handle.asset_id}; uploading in the background")
+                handle = run.register_and_upload_async(
+                    local_dir=ckpt, asset_type="checkpoint", upload_tracker=tracker
+                )
+                print(
+                    f"registered {ckpt.name} as asset {handle.asset_id}; uploading in the background"
+                )
                 run.wait_for_uploads()
                 run.succeed()
                 elapsed = time.perf_counter() - started
-                print(f"finalized {humanize.naturalsize(size)} in {elapsed:.2f} s "
-                      f"({humanize.naturalsize(size / elapsed)}/s); run is {run.status}")
+                print(
+                    f"finalized {humanize.naturalsize(size)} in {elapsed:.2f} s "
+                    f"({humanize.naturalsize(size / elapsed)}/s); run is {run.status}"
+                )
                 assert tracker.get_pending_uploads() == []
                 dest = run.download_asset(handle.asset_id, base / "download")
         same = digest(dest) == digest(ckpt)

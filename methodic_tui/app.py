@@ -46,11 +46,20 @@ def _bindings() -> list[Binding]:
             continue
         group = Binding.Group(spec.group, compact=True) if spec.group else None
         first, *rest = spec.keys.split(",")
-        out.append(Binding(first, spec.action, spec.label, show=spec.show,
-                           key_display=spec.key_display, group=group))
+        out.append(
+            Binding(
+                first,
+                spec.action,
+                spec.label,
+                show=spec.show,
+                key_display=spec.key_display,
+                group=group,
+            )
+        )
         for key in rest:  # alternatives: same action, not repeated in the footer
-            out.append(Binding(key, spec.action, spec.label, show=False,
-                               priority=key.startswith("ctrl+")))
+            out.append(
+                Binding(key, spec.action, spec.label, show=False, priority=key.startswith("ctrl+"))
+            )
     return out
 
 
@@ -60,9 +69,15 @@ class MethodicApp(OperatorActions, App[int]):
     BINDINGS = _bindings()
     COMMANDS = App.COMMANDS | {MethodicCommands}
 
-    def __init__(self, source: Source, *, start_on_recovery: bool = False,
-                 refresh_hz: float = 4.0, clock: Callable[[], float] = time.time,
-                 watch_terminal: bool = True) -> None:
+    def __init__(
+        self,
+        source: Source,
+        *,
+        start_on_recovery: bool = False,
+        refresh_hz: float = 4.0,
+        clock: Callable[[], float] = time.time,
+        watch_terminal: bool = True,
+    ) -> None:
         super().__init__()
         self.source = source
         self.start_on_recovery = start_on_recovery
@@ -145,8 +160,9 @@ class MethodicApp(OperatorActions, App[int]):
 
     # ------------------------------------------------------------ refresh
 
-    def _entry(self, level: str, text: str, asset_id: str | None = None,
-               at: float | None = None) -> LogEntry:
+    def _entry(
+        self, level: str, text: str, asset_id: str | None = None, at: float | None = None
+    ) -> LogEntry:
         return LogEntry(self.clock() if at is None else at, level, text, asset_id)
 
     def asset_label(self, asset_id: str | None) -> str:

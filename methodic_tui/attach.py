@@ -28,20 +28,24 @@ from methodic_tui.source import EMPTY, Labels, Source
 
 DONE_STATES = ("finalized", "discarded")
 RECENT = 3600.0  # finished assets stay listed for an hour
-READ_ONLY = ("attached: controls act in the process that uploads; this view only watches "
-             "(stop that process and run `methodic-tui resume` to take over)")
+READ_ONLY = (
+    "attached: controls act in the process that uploads; this view only watches "
+    "(stop that process and run `methodic-tui resume` to take over)"
+)
 
 
 def component_snapshot(c: TrackedComponent) -> ComponentSnapshot:
     parts = math.ceil(c.size / c.part_size) if c.part_size else 0
     done = c.size if c.state == "completed" else c.bytes_sent
-    return ComponentSnapshot(c.path, c.state, done, c.size, len(c.parts_done), parts,
-                             c.attempts, c.last_error)
+    return ComponentSnapshot(
+        c.path, c.state, done, c.size, len(c.parts_done), parts, c.attempts, c.last_error
+    )
 
 
 class AttachSource(Source):
-    def __init__(self, tracker_path: Path, *, poll: float = 1.0,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, tracker_path: Path, *, poll: float = 1.0, clock: Callable[[], float] = time.time
+    ) -> None:
         self.path = tracker_path
         self.poll = poll
         self.clock = clock
@@ -81,7 +85,9 @@ class AttachSource(Source):
         detail = self._detail
         if detail is not None:
             full = await asyncio.to_thread(self.tracker.get_asset, detail)
-            self._detail_components = tuple(component_snapshot(c) for c in full.components) if full else ()
+            self._detail_components = (
+                tuple(component_snapshot(c) for c in full.components) if full else ()
+            )
         shown = [t for t in tracked if t.state not in DONE_STATES or t.updated_at >= self._since]
         total = sum(t.bytes_sent for t in shown)
         if first:
@@ -92,10 +98,15 @@ class AttachSource(Source):
             self.meter.add(max(total - self.meter.total, 0))
             self.meter.sample()
         assets = tuple(self._asset(t, first, detail) for t in shown)
-        self._snapshot = PoolSnapshot(assets=assets, rate=self.meter.rate,
-                                      history=tuple(self.meter.history), total_sent=total,
-                                      bandwidth_cap=None, workers=0,
-                                      active_transfers=sum(a.state == "uploading" for a in assets))
+        self._snapshot = PoolSnapshot(
+            assets=assets,
+            rate=self.meter.rate,
+            history=tuple(self.meter.history),
+            total_sent=total,
+            bandwidth_cap=None,
+            workers=0,
+            active_transfers=sum(a.state == "uploading" for a in assets),
+        )
 
     def _asset(self, t: TrackedAsset, first: bool, detail: str | None) -> AssetSnapshot:
         now = time.monotonic()
@@ -103,18 +114,26 @@ class AttachSource(Source):
         if not first and prev != t.state:
             self._events.append(AssetStateChanged(t.asset_id, t.state, t.last_error))
             if t.state == "finalized":
-                self._events.append(AssetFinalized(t.asset_id, t.asset_type, t.total_bytes,
-                                                   t.component_count))
+                self._events.append(
+                    AssetFinalized(t.asset_id, t.asset_type, t.total_bytes, t.component_count)
+                )
         self._states[t.asset_id] = t.state
         done = t.total_bytes if t.state == "finalized" else t.bytes_sent
         last_bytes, last_at = self._bytes.get(t.asset_id, (done, now))
         rate = (done - last_bytes) / (now - last_at) if now > last_at and done > last_bytes else 0.0
         self._bytes[t.asset_id] = (done, now)
         return AssetSnapshot(
-            asset_id=t.asset_id, asset_type=t.asset_type, local_dir=t.local_dir, state=t.state,
-            components_done=t.completed_count, component_count=t.component_count,
-            bytes_done=done, bytes_total=t.total_bytes, rate=rate,
-            eta=(t.total_bytes - done) / rate if rate > 0 else None, last_error=t.last_error,
+            asset_id=t.asset_id,
+            asset_type=t.asset_type,
+            local_dir=t.local_dir,
+            state=t.state,
+            components_done=t.completed_count,
+            component_count=t.component_count,
+            bytes_done=done,
+            bytes_total=t.total_bytes,
+            rate=rate,
+            eta=(t.total_bytes - done) / rate if rate > 0 else None,
+            last_error=t.last_error,
             components=self._detail_components if t.asset_id == detail else (),
         )
 

@@ -73,32 +73,73 @@ def _common(parser: argparse.ArgumentParser, top: bool) -> None:
     # SUPPRESS keeps the subcommand's absent flags from hiding the top level's.
     d = argparse.SUPPRESS
     g = parser.add_argument_group("common options") if not top else parser
-    g.add_argument("--server-url", default=d, metavar="URL",
-                   help="Chronicle server (env METHODIC_SERVER_URL); none: an embedded server")
+    g.add_argument(
+        "--server-url",
+        default=d,
+        metavar="URL",
+        help="Chronicle server (env METHODIC_SERVER_URL); none: an embedded server",
+    )
     g.add_argument("--api-key", default=d, metavar="KEY", help="API key (env METHODIC_API_KEY)")
-    g.add_argument("--tracker", type=Path, default=d, metavar="PATH",
-                   help=f"upload tracker (env METHODIC_TRACKER, default ./{DEFAULT_TRACKER})")
-    g.add_argument("--workers", type=_positive_int, default=d, metavar="N",
-                   help="transfers at once (default 8)")
-    g.add_argument("--max-bandwidth", type=_bytes, default=d, metavar="RATE",
-                   help="cap for all transfers, e.g. 200MB (bytes/s); 0: no cap")
-    g.add_argument("--no-ui", action="store_true", default=d,
-                   help="no dashboard: status lines on stderr (the default when not on a terminal)")
-    g.add_argument("--json", action="store_true", default=d,
-                   help="JSON lines on stdout instead of text (implies --no-ui)")
+    g.add_argument(
+        "--tracker",
+        type=Path,
+        default=d,
+        metavar="PATH",
+        help=f"upload tracker (env METHODIC_TRACKER, default ./{DEFAULT_TRACKER})",
+    )
+    g.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=d,
+        metavar="N",
+        help="transfers at once (default 8)",
+    )
+    g.add_argument(
+        "--max-bandwidth",
+        type=_bytes,
+        default=d,
+        metavar="RATE",
+        help="cap for all transfers, e.g. 200MB (bytes/s); 0: no cap",
+    )
+    g.add_argument(
+        "--no-ui",
+        action="store_true",
+        default=d,
+        help="no dashboard: status lines on stderr (the default when not on a terminal)",
+    )
+    g.add_argument(
+        "--json",
+        action="store_true",
+        default=d,
+        help="JSON lines on stdout instead of text (implies --no-ui)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="The methodic upload dashboard (and its headless twin).")
+    parser = _Parser(
+        prog=PROG, description="The methodic upload dashboard (and its headless twin)."
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     _common(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    demo = sub.add_parser("demo", help="upload synthetic checkpoints to a throwaway embedded server")
-    demo.add_argument("--size", type=_bytes, default=None, metavar="SIZE",
-                      help="total size of the checkpoints (default 300MB)")
-    demo.add_argument("--every", type=_seconds, default=1.0, metavar="SECONDS",
-                      help="time between two checkpoints, as a training loop writes them (default 1)")
+    demo = sub.add_parser(
+        "demo", help="upload synthetic checkpoints to a throwaway embedded server"
+    )
+    demo.add_argument(
+        "--size",
+        type=_bytes,
+        default=None,
+        metavar="SIZE",
+        help="total size of the checkpoints (default 300MB)",
+    )
+    demo.add_argument(
+        "--every",
+        type=_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="time between two checkpoints, as a training loop writes them (default 1)",
+    )
 
     upload = sub.add_parser("upload", help="upload checkpoint directories")
     upload.add_argument("dirs", nargs="+", type=Path, metavar="DIR")
@@ -108,9 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     watch = sub.add_parser("watch", help="upload each new checkpoint directory once it is complete")
     watch.add_argument("dir", type=Path, metavar="DIR")
     watch.add_argument("--pattern", default="checkpoint-*", help="directory names to upload")
-    watch.add_argument("--settle", type=_seconds, default=30.0, metavar="SECONDS",
-                       help="complete after this long without change, if no marker file "
-                            "(.complete, COMPLETE) appears first (default 30)")
+    watch.add_argument(
+        "--settle",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="complete after this long without change, if no marker file "
+        "(.complete, COMPLETE) appears first (default 30)",
+    )
     watch.add_argument("--asset-type", default="checkpoint")
     _run_options(watch)
 
@@ -123,8 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experiment", default="uploads", metavar="ID|NAME",
-                   help="experiment to upload into, created if missing (default: uploads)")
+    p.add_argument(
+        "--experiment",
+        default="uploads",
+        metavar="ID|NAME",
+        help="experiment to upload into, created if missing (default: uploads)",
+    )
     p.add_argument("--variation", type=_index, default=0, metavar="N")
     p.add_argument("--run", type=_index, default=0, metavar="N")
 
@@ -134,7 +184,8 @@ def options_from(args: argparse.Namespace) -> Options:
     opts = Options(
         server_url=getattr(args, "server_url", None) or env.get("METHODIC_SERVER_URL") or None,
         api_key=getattr(args, "api_key", None) or env.get("METHODIC_API_KEY") or None,
-        tracker=getattr(args, "tracker", None) or Path(env.get("METHODIC_TRACKER") or DEFAULT_TRACKER),
+        tracker=getattr(args, "tracker", None)
+        or Path(env.get("METHODIC_TRACKER") or DEFAULT_TRACKER),
         workers=getattr(args, "workers", 8),
         max_bandwidth=getattr(args, "max_bandwidth", None),
         experiment=getattr(args, "experiment", "uploads"),
@@ -163,8 +214,9 @@ def make_source(args: argparse.Namespace, opts: Options, headless: bool) -> Sour
         if not hasattr(args, "max_bandwidth"):
             opts.max_bandwidth = DEFAULT_BANDWIDTH
         size = args.size or DEFAULT_SIZE
-        return EngineSource(opts, DemoJob(total_size=int(size), interval=args.every),
-                            pending="leave")
+        return EngineSource(
+            opts, DemoJob(total_size=int(size), interval=args.every), pending="leave"
+        )
     if command == "upload":
         problem = check_dirs(args.dirs)
         if problem:
@@ -177,8 +229,11 @@ def make_source(args: argparse.Namespace, opts: Options, headless: bool) -> Sour
         problem = check_dirs([args.dir])
         if problem:
             raise UsageError(problem)
-        return EngineSource(opts, WatchJob(args.dir, args.pattern, args.settle),
-                            pending="leave" if headless else "hold")
+        return EngineSource(
+            opts,
+            WatchJob(args.dir, args.pattern, args.settle),
+            pending="leave" if headless else "hold",
+        )
     assert command == "resume"
     return EngineSource(opts, ResumeJob(), pending="start" if headless else "hold")
 

@@ -25,5 +25,9 @@ class MethodicCommands(Provider):
         for spec in ACTIONS:
             score = matcher.match(spec.title)
             if score > 0:
-                yield Hit(score, matcher.highlight(spec.title), partial(self._run, spec),
-                          help=self._help(spec))
+                yield Hit(
+                    score,
+                    matcher.highlight(spec.title),
+                    partial(self._run, spec),
+                    help=self._help(spec),
+                )

@@ -83,15 +83,19 @@ class DemoJob(BaseJob):
     async def run(self, source: EngineSource) -> None:
         if source.server is not None:
             source.server.faults.add(status=503)
-            source.notice("info", "demo: the server will refuse the first upload once "
-                                  "(503 Service Unavailable) to show a retry")
+            source.notice(
+                "info",
+                "demo: the server will refuse the first upload once "
+                "(503 Service Unavailable) to show a retry",
+            )
         else:
             source.notice("info", "demo: with --server-url no fault is injected")
         files = self.files
         for i in range(1, self.checkpoints + 1):
             step = i * 1000
             ckpt = await asyncio.to_thread(
-                write_checkpoint, self.root / "checkpoints" / f"checkpoint-{step}", files, step)
+                write_checkpoint, self.root / "checkpoints" / f"checkpoint-{step}", files, step
+            )
             await source.upload_dir(ckpt)
             if i < self.checkpoints:
                 await asyncio.sleep(self.interval)

@@ -167,8 +167,11 @@ class EngineSource(Source):
             raise ConfigError(f"cannot start the embedded server in {data_dir}: {exc}") from None
         self.server = server
         assert server.url is not None and server.api_key is not None
-        self.notice("info", f"no --server-url: started an embedded Chronicle server at {server.url} "
-                            f"(data in {data_dir}); its port changes each start")
+        self.notice(
+            "info",
+            f"no --server-url: started an embedded Chronicle server at {server.url} "
+            f"(data in {data_dir}); its port changes each start",
+        )
         return server.url, server.api_key
 
     async def _take_pending(self) -> None:
@@ -177,14 +180,18 @@ class EngineSource(Source):
             waiting = await asyncio.to_thread(self.tracker.list_assets, None)
             n = sum(1 for a in waiting if a.state not in ("finalized", "discarded"))
             if n:
-                self.notice("warn", f"{n} unfinished uploads from an earlier process are in "
-                                    f"{self.options.tracker}; `methodic-tui resume` finishes them")
+                self.notice(
+                    "warn",
+                    f"{n} unfinished uploads from an earlier process are in "
+                    f"{self.options.tracker}; `methodic-tui resume` finishes them",
+                )
             return
         # Adopting claims them (owner_pid becomes this process): keep who left them, for "why".
         before = await asyncio.to_thread(self.tracker.list_assets, None)
         self._stopped_by = {t.asset_id: t.owner_pid for t in before}
-        adopted = await adopt_incomplete_uploads(self.chronicle, self.tracker, self.report,
-                                                 start=self.pending_mode == "start")
+        adopted = await adopt_incomplete_uploads(
+            self.chronicle, self.tracker, self.report, start=self.pending_mode == "start"
+        )
         self._adopted = {up.asset_id for up in adopted}
         for asset_id, why in self.report.failed.items():
             self.notice("error", f"cannot resume {asset_id}: {why}", asset_id)
@@ -231,12 +238,18 @@ class EngineSource(Source):
 
     # -------------------------------------------------- for jobs
 
-    async def upload_dir(self, local_dir: Path, asset_type: str | None = None,
-                         **metadata: Any) -> AsyncUploadHandle:
+    async def upload_dir(
+        self, local_dir: Path, asset_type: str | None = None, **metadata: Any
+    ) -> AsyncUploadHandle:
         assert self.run is not None, "this job does not upload into a run"
-        return await self._on_engine(self.run.register_and_upload_async(
-            os.fspath(local_dir), asset_type=asset_type or self.options.asset_type,
-            upload_tracker=self.tracker, **metadata))
+        return await self._on_engine(
+            self.run.register_and_upload_async(
+                os.fspath(local_dir),
+                asset_type=asset_type or self.options.asset_type,
+                upload_tracker=self.tracker,
+                **metadata,
+            )
+        )
 
     @property
     def job_done(self) -> bool:
@@ -254,7 +267,8 @@ class EngineSource(Source):
             return EMPTY
         pool = self.pool
         return self._on_engine_now(
-            lambda: pool.snapshot(with_components=detail if detail is not None else False))
+            lambda: pool.snapshot(with_components=detail if detail is not None else False)
+        )
 
     def poll_events(self) -> list[Event]:
         sub = self._sub
@@ -271,19 +285,25 @@ class EngineSource(Source):
 
         def held() -> list[TrackedAsset]:
             assets = pool.assets
-            return [t for t in self._tracked if t.asset_id in self._adopted
-                    and t.asset_id in assets and assets[t.asset_id].state in HELD_STATES]
+            return [
+                t
+                for t in self._tracked
+                if t.asset_id in self._adopted
+                and t.asset_id in assets
+                and assets[t.asset_id].state in HELD_STATES
+            ]
 
         return self._on_engine_now(held)
 
     async def refresh_pending(self) -> None:
         if self.tracker is not None and self._adopted:
             tracked = await asyncio.to_thread(self.tracker.get_pending_uploads)
-            self._tracked = [replace(t, owner_pid=self._stopped_by.get(t.asset_id, t.owner_pid))
-                             for t in tracked]
+            self._tracked = [
+                replace(t, owner_pid=self._stopped_by.get(t.asset_id, t.owner_pid)) for t in tracked
+            ]
 
     def settled(self) -> bool:
-        return (not self.job.continuous and self.job_done and super().settled())
+        return not self.job.continuous and self.job_done and super().settled()
 
     async def pause(self, asset_id: str | None = None) -> list[str]:
         return list(await self._on_engine(self.pool.pause(asset_id)))
@@ -324,4 +344,3 @@ def stopped_reason(t: TrackedAsset) -> str:
 def missing_summary(t: TrackedAsset) -> str:
     left = t.component_count - t.completed_count
     return f"{left}/{t.component_count} files, {size(max(t.total_bytes - t.bytes_sent, 0))}"
-

@@ -130,11 +130,12 @@ def describe_event(event: Event, name: NameLookup) -> tuple[str, str] | None:
     """
     who = name(event.asset_id)
     if isinstance(event, RetryScheduled):
-        return "warn", (f"retry {who}/{event.path}: attempt {event.attempt} failed "
-                        f"({event.cause}); next in {event.delay:.1f}s")
+        return "warn", (
+            f"retry {who}/{event.path}: attempt {event.attempt} failed "
+            f"({event.cause}); next in {event.delay:.1f}s"
+        )
     if isinstance(event, AssetFinalized):
-        return "ok", (f"finalized {who}: {event.component_count} files, "
-                      f"{size(event.total_size)}")
+        return "ok", (f"finalized {who}: {event.component_count} files, {size(event.total_size)}")
     if isinstance(event, AssetStateChanged):
         return _describe_state(who, event)
     if isinstance(event, Notice):

@@ -94,8 +94,9 @@ class Reporter:
 
     def summary(self, snapshot: PoolSnapshot, code: int, message: str) -> None:
         if self.json_lines:
-            self._json({**status_json(snapshot), "event": "summary", "exit_code": code,
-                        "message": message})
+            self._json(
+                {**status_json(snapshot), "event": "summary", "exit_code": code, "message": message}
+            )
         else:
             self._human("error" if code else "ok", message, time.time())
 
@@ -103,18 +104,27 @@ class Reporter:
 def status_json(snapshot: PoolSnapshot) -> dict[str, Any]:
     assets = [a for a in snapshot.assets if a.state != "discarded"]
     return {
-        "event": "status", "at": time.time(), "assets": len(assets),
+        "event": "status",
+        "at": time.time(),
+        "assets": len(assets),
         "states": fmt.count_states(snapshot),
         "components_done": sum(a.components_done for a in assets),
         "components": sum(a.component_count for a in assets),
         "bytes_done": sum(a.bytes_done for a in assets),
         "bytes_total": sum(a.bytes_total for a in assets),
-        "rate": snapshot.rate, "eta": snapshot.eta,
+        "rate": snapshot.rate,
+        "eta": snapshot.eta,
     }
 
 
-async def run_headless(source: Source, reporter: Reporter, *, status_every: float = 2.0,
-                       tick: float = 0.25, resume_hint: str = "methodic-tui resume") -> int:
+async def run_headless(
+    source: Source,
+    reporter: Reporter,
+    *,
+    status_every: float = 2.0,
+    tick: float = 0.25,
+    resume_hint: str = "methodic-tui resume",
+) -> int:
     """Run until the source settles or a signal arrives; returns the exit status.
 
     On SIGINT/SIGTERM/SIGHUP the pool is stopped (the tracker flushed) before returning
@@ -145,8 +155,9 @@ async def run_headless(source: Source, reporter: Reporter, *, status_every: floa
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopped.wait(), tick)
         snap = _drain(source, reporter)
-        code, message = _outcome(source, reporter, snap, received, resume_hint,
-                                 time.monotonic() - started)
+        code, message = _outcome(
+            source, reporter, snap, received, resume_hint, time.monotonic() - started
+        )
     finally:
         await source.close()  # stops the pool: the tracker is flushed before we exit
         for sig in STOP_SIGNALS:
@@ -155,18 +166,29 @@ async def run_headless(source: Source, reporter: Reporter, *, status_every: floa
     return code
 
 
-def _outcome(source: Source, reporter: Reporter, snap: PoolSnapshot, received: list[int],
-             resume_hint: str, elapsed: float) -> tuple[int, str]:
+def _outcome(
+    source: Source,
+    reporter: Reporter,
+    snap: PoolSnapshot,
+    received: list[int],
+    resume_hint: str,
+    elapsed: float,
+) -> tuple[int, str]:
     if received:
         sig = signal.Signals(received[0])
         left = sum(1 for a in snap.assets if a.state not in ("finalized", "discarded"))
-        return 128 + sig.value, (f"stopped by {sig.name}: {left} unfinished uploads stay "
-                                 f"resumable (`{resume_hint}` continues them)")
+        return 128 + sig.value, (
+            f"stopped by {sig.name}: {left} unfinished uploads stay "
+            f"resumable (`{resume_hint}` continues them)"
+        )
     failed = [a for a in snap.assets if a.state == "failed"]
     took = fmt.long_duration(elapsed)
     if failed:
         names = ", ".join(reporter.name(a.asset_id) for a in failed)
-        return EXIT_FAILED, f"done in {took}: {len(failed)} failed ({names}); `{resume_hint}` retries them"
+        return (
+            EXIT_FAILED,
+            f"done in {took}: {len(failed)} failed ({names}); `{resume_hint}` retries them",
+        )
     job_error = getattr(source, "job_error", None)
     if job_error:
         return EXIT_FAILED, f"stopped: {job_error}"

@@ -27,8 +27,9 @@ if TYPE_CHECKING:
     from methodic_tui.app import MethodicApp
 
 OUR_ACTIONS = frozenset(spec.action for spec in ACTIONS)
-RECOVERY_ACTIONS = frozenset({"resume_pending", "force_finalize", "discard", "help",
-                              "request_quit", "recovery"})
+RECOVERY_ACTIONS = frozenset(
+    {"resume_pending", "force_finalize", "discard", "help", "request_quit", "recovery"}
+)
 
 
 class OperatorActions:
@@ -61,7 +62,9 @@ class OperatorActions:
             self.notify("No asset selected.", severity="warning")
         return a
 
-    def control(self: MethodicApp, coro: Awaitable[Any], done: Callable[[Any], None] | None = None) -> None:
+    def control(
+        self: MethodicApp, coro: Awaitable[Any], done: Callable[[Any], None] | None = None
+    ) -> None:
         """Run an engine control in the background; report what it did, or why it could not."""
 
         async def run() -> None:
@@ -71,8 +74,12 @@ class OperatorActions:
                 self.notify(str(exc), title="read-only", severity="warning")
             except AssetIncompleteError as exc:
                 missing = ", ".join(exc.missing[:5]) + (" ..." if len(exc.missing) > 5 else "")
-                self.notify(f"The server refused: not every file is stored (missing {missing}).",
-                            title="not finalized", severity="error", timeout=8)
+                self.notify(
+                    f"The server refused: not every file is stored (missing {missing}).",
+                    title="not finalized",
+                    severity="error",
+                    timeout=8,
+                )
             except ChronicleError as exc:
                 self.notify(str(exc), title="failed", severity="error", timeout=8)
             else:
@@ -129,7 +136,9 @@ class OperatorActions:
             return done
 
         def report(ids: list[str]) -> None:
-            names = ", ".join(self.asset_label(i) for i in ids[:4]) + (" ..." if len(ids) > 4 else "")
+            names = ", ".join(self.asset_label(i) for i in ids[:4]) + (
+                " ..." if len(ids) > 4 else ""
+            )
             self.note("info", f"resumed {names}" if ids else "nothing to resume")
 
         self.control(resume_each(), report)
@@ -147,9 +156,12 @@ class OperatorActions:
         if not any(a.state == "failed" for a in self._fresh().assets):
             self.notify("Nothing has failed.")
             return
-        self.control(self.source.retry_failed(None),
-                     lambda ids: self.note("info", f"retrying {len(ids)} failed "
-                                                   f"asset{'s' if len(ids) != 1 else ''}"))
+        self.control(
+            self.source.retry_failed(None),
+            lambda ids: self.note(
+                "info", f"retrying {len(ids)} failed asset{'s' if len(ids) != 1 else ''}"
+            ),
+        )
 
     def action_force_finalize(self: MethodicApp) -> None:
         a = self._need_selected()
@@ -159,15 +171,19 @@ class OperatorActions:
         if a.state == "finalized":
             self.notify(f"{name} is already finalized.")
             return
-        body = (f"Ask the server to finalize {name} now, whatever the local tracker says "
-                f"({a.components_done}/{a.component_count} files stored here).\n\nThe server "
-                "still checks that every file is in storage; if any is missing it refuses and "
-                "nothing changes. Consumers see the asset as soon as it is finalized.")
+        body = (
+            f"Ask the server to finalize {name} now, whatever the local tracker says "
+            f"({a.components_done}/{a.component_count} files stored here).\n\nThe server "
+            "still checks that every file is in storage; if any is missing it refuses and "
+            "nothing changes. Consumers see the asset as soon as it is finalized."
+        )
 
         def answered(yes: bool | None) -> None:
             if yes:
-                self.control(self.source.force_finalize(a.asset_id),
-                             lambda _: self.note("ok", f"force-finalized {name}", a.asset_id))
+                self.control(
+                    self.source.force_finalize(a.asset_id),
+                    lambda _: self.note("ok", f"force-finalized {name}", a.asset_id),
+                )
 
         self.push_screen(ConfirmScreen(f"Force-finalize {name}?", body, yes="Finalize"), answered)
 
@@ -179,9 +195,11 @@ class OperatorActions:
         if a.state in ("finalized", "discarded"):
             self.notify(f"{name} is {a.state}: it cannot be discarded.")
             return
-        body = (f"Stop uploading {name}, forget it in the tracker and delete the pending asset "
-                "on the server, with every byte already sent.\n\nThe local files are not "
-                "touched. This cannot be undone.")
+        body = (
+            f"Stop uploading {name}, forget it in the tracker and delete the pending asset "
+            "on the server, with every byte already sent.\n\nThe local files are not "
+            "touched. This cannot be undone."
+        )
 
         def answered(yes: bool | None) -> None:
             if yes:
@@ -238,16 +256,21 @@ class OperatorActions:
         what = ", ".join(f"{n} {state}" for state, n in sorted(left.items()))
         job = getattr(self.source, "job", None)
         if job is not None and not job.resumable:
-            body = (f"{total} uploads are not finished ({what}). The demo deletes its temporary "
-                    "server and checkpoints when it exits.")
+            body = (
+                f"{total} uploads are not finished ({what}). The demo deletes its temporary "
+                "server and checkpoints when it exits."
+            )
         else:
             tracker = self.source.labels.tracker
-            body = (f"{total} uploads are not finished ({what}). They stay resumable: "
-                    f"`methodic-tui resume --tracker {tracker}` sends only what the server lacks.")
+            body = (
+                f"{total} uploads are not finished ({what}). They stay resumable: "
+                f"`methodic-tui resume --tracker {tracker}` sends only what the server lacks."
+            )
 
         def answered(yes: bool | None) -> None:
             if yes:
                 self.leave(0)
 
-        self.push_screen(ConfirmScreen("Quit now?", body, yes="Quit", no="Stay", danger=False),
-                         answered)
+        self.push_screen(
+            ConfirmScreen("Quit now?", body, yes="Quit", no="Stay", danger=False), answered
+        )

@@ -27,8 +27,10 @@ class Options:
     retry: RetryPolicy | None = None
 
     def chronicle_kwargs(self) -> dict[str, object]:
-        kwargs: dict[str, object] = {"max_upload_workers": self.workers,
-                                     "max_bandwidth": self.max_bandwidth}
+        kwargs: dict[str, object] = {
+            "max_upload_workers": self.workers,
+            "max_bandwidth": self.max_bandwidth,
+        }
         if self.retry is not None:
             kwargs["retry"] = self.retry
         if self.part_threshold is not None:

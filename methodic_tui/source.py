@@ -15,8 +15,9 @@ from methodic import Asset, ChronicleError, TrackedAsset
 from methodic._events import Event, PoolSnapshot
 from methodic_tui.format import ACTIVE_STATES
 
-EMPTY = PoolSnapshot(assets=(), rate=0.0, history=(), total_sent=0, bandwidth_cap=None,
-                     workers=0, active_transfers=0)
+EMPTY = PoolSnapshot(
+    assets=(), rate=0.0, history=(), total_sent=0, bandwidth_cap=None, workers=0, active_transfers=0
+)
 
 
 class ReadOnlyError(ChronicleError):
@@ -116,8 +117,12 @@ class StaticSource(Source):
         if detail is None:
             return self.fixed
         # Like the pool: components only for the asset asked about.
-        return replace(self.fixed, assets=tuple(
-            a if a.asset_id == detail else replace(a, components=()) for a in self.fixed.assets))
+        return replace(
+            self.fixed,
+            assets=tuple(
+                a if a.asset_id == detail else replace(a, components=()) for a in self.fixed.assets
+            ),
+        )
 
     def poll_events(self) -> list[Event]:
         if self._delivered:

@@ -23,7 +23,9 @@ def collect(tracker_path: Path) -> tuple[list[TrackedAsset], list[TrackedAsset]]
         return tracker.list_assets(), tracker.get_pending_uploads()
 
 
-def as_json(tracker_path: Path, assets: list[TrackedAsset], pending: list[TrackedAsset]) -> dict[str, Any]:
+def as_json(
+    tracker_path: Path, assets: list[TrackedAsset], pending: list[TrackedAsset]
+) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for a in assets:
         counts[a.state] = counts.get(a.state, 0) + 1
@@ -34,19 +36,29 @@ def as_json(tracker_path: Path, assets: list[TrackedAsset], pending: list[Tracke
         "bytes_total": sum(a.total_bytes for a in assets),
         "bytes_sent": sum(a.bytes_sent for a in assets),
         "unfinished": [
-            {"asset_id": t.asset_id, "name": fmt.asset_name(t.asset_id, t.local_dir),
-             "asset_type": t.asset_type, "state": t.state, "local_dir": t.local_dir,
-             "created_at": t.created_at, "updated_at": t.updated_at,
-             "components": t.component_count, "components_done": t.completed_count,
-             "bytes_total": t.total_bytes, "bytes_sent": t.bytes_sent,
-             "missing": [c.path for c in t.missing], "why": stopped_reason(t)}
+            {
+                "asset_id": t.asset_id,
+                "name": fmt.asset_name(t.asset_id, t.local_dir),
+                "asset_type": t.asset_type,
+                "state": t.state,
+                "local_dir": t.local_dir,
+                "created_at": t.created_at,
+                "updated_at": t.updated_at,
+                "components": t.component_count,
+                "components_done": t.completed_count,
+                "bytes_total": t.total_bytes,
+                "bytes_sent": t.bytes_sent,
+                "missing": [c.path for c in t.missing],
+                "why": stopped_reason(t),
+            }
             for t in pending
         ],
     }
 
 
-def render(tracker_path: Path, assets: list[TrackedAsset], pending: list[TrackedAsset],
-           now: float) -> list[str]:
+def render(
+    tracker_path: Path, assets: list[TrackedAsset], pending: list[TrackedAsset], now: float
+) -> list[str]:
     counts: dict[str, int] = {}
     for a in assets:
         counts[a.state] = counts.get(a.state, 0) + 1
@@ -54,8 +66,10 @@ def render(tracker_path: Path, assets: list[TrackedAsset], pending: list[Tracked
     lines = [f"{tracker_path}: {len(assets)} assets ({states})"]
     for t in pending:
         name = fmt.asset_name(t.asset_id, t.local_dir)
-        lines.append(f"  {name} [{t.state}] {t.asset_id}: missing {missing_summary(t)}; "
-                     f"started {fmt.age(t.created_at, now)}; {stopped_reason(t)}")
+        lines.append(
+            f"  {name} [{t.state}] {t.asset_id}: missing {missing_summary(t)}; "
+            f"started {fmt.age(t.created_at, now)}; {stopped_reason(t)}"
+        )
     if pending:
         lines.append("  `methodic-tui resume` finishes them")
     return lines

@@ -57,9 +57,13 @@ class DirWatcher:
             entries = sorted(os.scandir(self.root), key=lambda e: e.name)
         except FileNotFoundError:
             return []
-        return [Path(e.path).absolute() for e in entries
-                if e.is_dir(follow_symlinks=False) and fnmatch.fnmatch(e.name, self.pattern)
-                and os.fspath(Path(e.path).absolute()) not in self.seen]
+        return [
+            Path(e.path).absolute()
+            for e in entries
+            if e.is_dir(follow_symlinks=False)
+            and fnmatch.fnmatch(e.name, self.pattern)
+            and os.fspath(Path(e.path).absolute()) not in self.seen
+        ]
 
     def complete(self, now: float) -> list[Path]:
         ready: list[Path] = []
@@ -94,11 +98,18 @@ class WatchJob(BaseJob):
     async def run(self, source: EngineSource) -> None:
         assert source.tracker is not None
         known = await asyncio.to_thread(source.tracker.list_assets, None)
-        watcher = DirWatcher(self.root.expanduser().absolute(), self.pattern, self.settle,
-                             seen={os.fspath(Path(a.local_dir).absolute()) for a in known if a.local_dir})
+        watcher = DirWatcher(
+            self.root.expanduser().absolute(),
+            self.pattern,
+            self.settle,
+            seen={os.fspath(Path(a.local_dir).absolute()) for a in known if a.local_dir},
+        )
         interval = self.poll or min(max(self.settle / 4, 0.2), 2.0)
-        source.notice("info", f"watching {watcher.root} for {self.pattern!r} (complete: a marker "
-                              f"file {'/'.join(MARKERS[:2])} or no change for {self.settle:g}s)")
+        source.notice(
+            "info",
+            f"watching {watcher.root} for {self.pattern!r} (complete: a marker "
+            f"file {'/'.join(MARKERS[:2])} or no change for {self.settle:g}s)",
+        )
         loop = asyncio.get_running_loop()
         while True:
             for d in await asyncio.to_thread(watcher.complete, loop.time()):

@@ -56,8 +56,9 @@ async def select_uploading(app: MethodicApp, pilot: Pilot) -> None:
 
 
 async def demo_shots(out: Path, size: tuple[int, int], *, full: bool) -> None:
-    source = EngineSource(Options(max_bandwidth=20 * MB), DemoJob(total_size=300 * MB, interval=0.7),
-                          pending="leave")
+    source = EngineSource(
+        Options(max_bandwidth=20 * MB), DemoJob(total_size=300 * MB, interval=0.7), pending="leave"
+    )
     app = MethodicApp(source, watch_terminal=False)
     suffix = "" if size == WIDE else f"-{size[0]}x{size[1]}"
     try:
@@ -93,15 +94,17 @@ async def recovery_shots(out: Path, tmp: Path) -> None:
             files["optimizer.pt"] = 12 * MB
             for step in (1000, 2000, 3000):
                 ckpt = await asyncio.to_thread(
-                    write_checkpoint, tmp / "out" / f"checkpoint-{step}", files, step)
+                    write_checkpoint, tmp / "out" / f"checkpoint-{step}", files, step
+                )
                 await run.register_and_upload_async(ckpt, upload_tracker=tracker)
             while chronicle.pool.snapshot().bytes_done < 30 * MB:
                 await asyncio.sleep(0.05)
             await chronicle.pool.pause(chronicle.pool.snapshot().assets[-1].asset_id)
         tracker.close()  # the process "stopped" here: the uploads are unfinished
         for size, name in ((WIDE, "recovery.svg"), (NARROW, "recovery-80x24.svg")):
-            opts = Options(server_url=server.url, api_key=server.api_key,
-                           tracker=tmp / "uploads.sqlite")
+            opts = Options(
+                server_url=server.url, api_key=server.api_key, tracker=tmp / "uploads.sqlite"
+            )
             source = EngineSource(opts, ResumeJob())
             app = MethodicApp(source, start_on_recovery=True, watch_terminal=False)
             try:
@@ -128,6 +131,8 @@ async def main(out: Path) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "screenshots")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent.parent / "screenshots"
+    )
     logging.disable(logging.WARNING)
     asyncio.run(main(parser.parse_args().out))

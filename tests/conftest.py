@@ -42,7 +42,10 @@ def served(tmp_path: Path) -> Iterator[Served]:
     port = free_port()
     proc = subprocess.Popen(
         methodic_cmd("serve", "--data-dir", str(data_dir), "--port", str(port)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
     )
     try:
         url = f"http://127.0.0.1:{port}"

@@ -95,9 +95,12 @@ if sys.argv[3] == "hold":
 def claim_in_child(tracker_path: Path, asset_id: str, *, hold: bool) -> subprocess.Popen[str]:
     """Another process becomes the tracker owner of ``asset_id``; with ``hold`` it stays alive
     (kill it), without it has exited and been reaped when this returns (its pid is dead)."""
-    proc = subprocess.Popen([sys.executable, "-c", _CLAIMER, str(tracker_path), asset_id,
-                             "hold" if hold else "exit"], stdout=subprocess.PIPE, text=True,
-                            env=subprocess_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CLAIMER, str(tracker_path), asset_id, "hold" if hold else "exit"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "claimed"
     if not hold:
         assert proc.wait(30) == 0

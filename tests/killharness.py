@@ -30,8 +30,13 @@ from methodic.server import EmbeddedServer
 MiB = 1 << 20
 PART = 5 * MiB
 WORKERS = 2
-LAYOUT = {"model.safetensors": 12 * MiB + 333, "optimizer.pt": 2 * MiB, "config.json": 211,
-          "rng/state-0.pt": 70_000, "rng/state-1.pt": 70_001}
+LAYOUT = {
+    "model.safetensors": 12 * MiB + 333,
+    "optimizer.pt": 2 * MiB,
+    "config.json": 211,
+    "rng/state-0.pt": 70_000,
+    "rng/state-1.pt": 70_001,
+}
 OPTS = f"part_threshold={8 * MiB}, part_size={PART}, max_upload_workers={WORKERS}"
 
 UPLOADER = textwrap.dedent(f"""
@@ -65,8 +70,10 @@ DRAINER = textwrap.dedent(f"""
 def counted_server(data_dir: Path) -> Iterator[tuple[EmbeddedServer, FaultProxy]]:
     """An embedded server whose presigned blob URLs cross a byte-counting FaultProxy."""
     blob_port = free_port()
-    with FaultProxy("127.0.0.1", blob_port) as proxy, \
-            EmbeddedServer(data_dir, blob_port=blob_port, public_blob_url=proxy.url) as srv:
+    with (
+        FaultProxy("127.0.0.1", blob_port) as proxy,
+        EmbeddedServer(data_dir, blob_port=blob_port, public_blob_url=proxy.url) as srv,
+    ):
         yield srv, proxy
 
 
@@ -81,17 +88,25 @@ class RoundResult:
 
 
 def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          timeout=timeout, env=subprocess_env())
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=subprocess_env(),
+    )
 
 
 class Api:
     def __init__(self, url: str, key: str) -> None:
-        self.client = httpx.Client(base_url=f"{url}/api/v1", headers={"Authorization": f"Bearer {key}"},
-                                   timeout=30)
+        self.client = httpx.Client(
+            base_url=f"{url}/api/v1", headers={"Authorization": f"Bearer {key}"}, timeout=30
+        )
 
     def assets(self, include_pending: bool) -> list[dict[str, object]]:
-        exps = self.client.get("/experiments", params={"name": "kill-harness"}).json()["experiments"]
+        exps = self.client.get("/experiments", params={"name": "kill-harness"}).json()[
+            "experiments"
+        ]
         if not exps:
             return []
         run = self.client.put(f"/experiments/{exps[0]['id']}/runs/0/0").json()
@@ -107,15 +122,28 @@ class Api:
         return dest
 
 
-def kill_round(workdir: Path, proxy_url: str, api_url: str, key: str, kill_after: float,
-               proxy: object, rate: str = "6MB", seed: int = 0) -> RoundResult:
+def kill_round(
+    workdir: Path,
+    proxy_url: str,
+    api_url: str,
+    key: str,
+    kill_after: float,
+    proxy: object,
+    rate: str = "6MB",
+    seed: int = 0,
+) -> RoundResult:
     """One round: upload, SIGKILL after ``kill_after`` s, check what is visible, drain, check."""
     ckpt = make_checkpoint(workdir / "ckpt", LAYOUT, seed=seed)
     tracker = workdir / "uploads.sqlite"
     api = Api(api_url, key)
     start_up = proxy.bytes_up  # type: ignore[attr-defined]
-    child = subprocess.Popen([sys.executable, "-c", UPLOADER, proxy_url, key, str(tracker), str(ckpt), rate],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    child = subprocess.Popen(
+        [sys.executable, "-c", UPLOADER, proxy_url, key, str(tracker), str(ckpt), rate],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
     deadline = time.monotonic() + kill_after
     while time.monotonic() < deadline and child.poll() is None:
         check_nothing_incomplete_visible(api)
@@ -141,8 +169,11 @@ def kill_round(workdir: Path, proxy_url: str, api_url: str, key: str, kill_after
         assert len(listed) == 1, listed
         dest = api.download(str(listed[0]["asset_id"]), workdir / "download")
         assert tree_digest(dest) == tree_digest(ckpt)
-        check = run_python("import sys; from methodic import UploadTracker; "
-                           "print(len(UploadTracker(sys.argv[1]).get_pending_uploads()))", str(tracker))
+        check = run_python(
+            "import sys; from methodic import UploadTracker; "
+            "print(len(UploadTracker(sys.argv[1]).get_pending_uploads()))",
+            str(tracker),
+        )
         assert check.stdout.strip() == "0", check
     else:
         assert listed == []  # the tracker row is written before the server hears of the asset
@@ -152,7 +183,9 @@ def kill_round(workdir: Path, proxy_url: str, api_url: str, key: str, kill_after
     slack = WORKERS * PART + 512 * 1024
     if registered:
         assert bytes_up <= total + slack, (bytes_up, total)
-    return RoundResult(kill_after, registered, finished, int(report["bytes_resent"]), bytes_up, report)
+    return RoundResult(
+        kill_after, registered, finished, int(report["bytes_resent"]), bytes_up, report
+    )
 
 
 def _tracker_has_asset(path: Path) -> bool:

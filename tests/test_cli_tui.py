@@ -30,8 +30,15 @@ class Terminal:
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         env = tui_env(tmp_path, TERM="xterm-256color")
         self.proc = subprocess.Popen(
-            tui_cmd(*args), stdin=slave, stdout=slave, stderr=slave, env=env, cwd=tmp_path,
-            start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+            tui_cmd(*args),
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            cwd=tmp_path,
+            start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+        )
         os.close(slave)
         self.output = bytearray()
         self._stop = threading.Event()
@@ -96,12 +103,27 @@ def test_demo_in_a_terminal_finishes_and_q_quits(tmp_path: Path, terminals) -> N
 
 
 def test_a_dropped_terminal_exits_cleanly_and_the_upload_stays_resumable(
-        server, tmp_path: Path, terminals) -> None:
+    server, tmp_path: Path, terminals
+) -> None:
     ckpt = make_checkpoint(tmp_path / "checkpoint-1", {f"s{i}.bin": MiB // 2 for i in range(16)})
     tracker_path = tmp_path / "u.sqlite"
-    term = Terminal(["upload", str(ckpt), "--server-url", server.url, "--api-key", server.api_key,
-                     "--tracker", str(tracker_path), "--max-bandwidth", "1MB", "--workers", "2"],
-                    tmp_path)
+    term = Terminal(
+        [
+            "upload",
+            str(ckpt),
+            "--server-url",
+            server.url,
+            "--api-key",
+            server.api_key,
+            "--tracker",
+            str(tracker_path),
+            "--max-bandwidth",
+            "1MB",
+            "--workers",
+            "2",
+        ],
+        tmp_path,
+    )
     terminals.append(term)
     term.wait_for("uploading")
     deadline = time.monotonic() + 20
@@ -119,9 +141,20 @@ def test_a_dropped_terminal_exits_cleanly_and_the_upload_stays_resumable(
         (left,) = tracker.get_pending_uploads()
     assert 0 < left.completed_count < 16
     resumed = subprocess.run(
-        tui_cmd("resume", "--server-url", server.url, "--api-key", server.api_key,
-                "--tracker", str(tracker_path)),
-        capture_output=True, text=True, timeout=60, env=tui_env(tmp_path))
+        tui_cmd(
+            "resume",
+            "--server-url",
+            server.url,
+            "--api-key",
+            server.api_key,
+            "--tracker",
+            str(tracker_path),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=tui_env(tmp_path),
+    )
     assert resumed.returncode == 0, resumed.stderr
     with UploadTracker(tracker_path) as tracker:
         assert tracker.get_pending_uploads() == []
@@ -129,8 +162,21 @@ def test_a_dropped_terminal_exits_cleanly_and_the_upload_stays_resumable(
 
 def test_sigterm_stops_the_dashboard_cleanly(server, tmp_path: Path, terminals) -> None:
     ckpt = make_checkpoint(tmp_path / "checkpoint-1", {"a.bin": 4 * MiB})
-    term = Terminal(["upload", str(ckpt), "--server-url", server.url, "--api-key", server.api_key,
-                     "--tracker", str(tmp_path / "u.sqlite"), "--max-bandwidth", "500KB"], tmp_path)
+    term = Terminal(
+        [
+            "upload",
+            str(ckpt),
+            "--server-url",
+            server.url,
+            "--api-key",
+            server.api_key,
+            "--tracker",
+            str(tmp_path / "u.sqlite"),
+            "--max-bandwidth",
+            "500KB",
+        ],
+        tmp_path,
+    )
     terminals.append(term)
     term.wait_for("uploading")
     term.proc.send_signal(signal.SIGTERM)
@@ -142,8 +188,19 @@ def test_sigterm_stops_the_dashboard_cleanly(server, tmp_path: Path, terminals) 
 def test_a_wrong_key_in_the_dashboard_is_one_line_exit_2(server, tmp_path: Path, terminals) -> None:
     ckpt = make_checkpoint(tmp_path / "checkpoint-1", {"a.bin": 10})
     bad = "sk_agent_NOTTHEKEY000000"
-    term = Terminal(["upload", str(ckpt), "--server-url", server.url, "--api-key", bad,
-                     "--tracker", str(tmp_path / "u.sqlite")], tmp_path)
+    term = Terminal(
+        [
+            "upload",
+            str(ckpt),
+            "--server-url",
+            server.url,
+            "--api-key",
+            bad,
+            "--tracker",
+            str(tmp_path / "u.sqlite"),
+        ],
+        tmp_path,
+    )
     terminals.append(term)
     assert term.proc.wait(30) == 2
     time.sleep(0.2)
@@ -153,6 +210,7 @@ def test_a_wrong_key_in_the_dashboard_is_one_line_exit_2(server, tmp_path: Path,
 
 
 def test_python_dash_m_and_version(tmp_path: Path) -> None:
-    result = subprocess.run(tui_cmd("--version"), capture_output=True, text=True, timeout=30,
-                            env=tui_env(tmp_path))
+    result = subprocess.run(
+        tui_cmd("--version"), capture_output=True, text=True, timeout=30, env=tui_env(tmp_path)
+    )
     assert result.returncode == 0 and result.stdout.startswith("methodic-tui ")

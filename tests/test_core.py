@@ -99,7 +99,11 @@ def test_large_file_goes_in_parts(any_server, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", {"big.bin": 23 * MiB + 5, "small.bin": 10})
     tracker = UploadTracker(tmp_path / "u.sqlite")
     with Chronicle(
-        any_server.url, any_server.api_key, max_upload_workers=4, part_threshold=8 * MiB, part_size=5 * MiB
+        any_server.url,
+        any_server.api_key,
+        max_upload_workers=4,
+        part_threshold=8 * MiB,
+        part_size=5 * MiB,
     ) as chronicle:
         run = chronicle.run(chronicle.create_experiment("parts"), 0, 0)
         handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
@@ -328,19 +332,24 @@ class _IdLookupFails:
         self.httpd.server_close()
 
 
-@pytest.mark.parametrize(("status", "error", "lookups"), [
-    (404, None, 1),
-    (401, AuthenticationError, 1),
-    (503, ServerError, 3),  # retried, then raised
-    (500, ServerError, 3),
-    (0, ServerError, 3),  # no answer at all
-])
+@pytest.mark.parametrize(
+    ("status", "error", "lookups"),
+    [
+        (404, None, 1),
+        (401, AuthenticationError, 1),
+        (503, ServerError, 3),  # retried, then raised
+        (500, ServerError, 3),
+        (0, ServerError, 3),  # no answer at all
+    ],
+)
 async def test_find_experiment_raises_every_error_but_not_found(
-        status: int, error: type[Exception] | None, lookups: int) -> None:
+    status: int, error: type[Exception] | None, lookups: int
+) -> None:
     stub = _IdLookupFails(status)
     try:
-        async with AsyncChronicle(stub.url, "sk_test",
-                                  retry=RetryPolicy(max_attempts=3, base=0.01, cap=0.02)) as chronicle:
+        async with AsyncChronicle(
+            stub.url, "sk_test", retry=RetryPolicy(max_attempts=3, base=0.01, cap=0.02)
+        ) as chronicle:
             if error is None:
                 assert await chronicle.find_experiment("some-id") is None
             else:

@@ -44,11 +44,15 @@ def fresh_run(chronicle: Chronicle, name: str = "engine"):
     return chronicle.run(chronicle.create_experiment(name), 0, 0)
 
 
-def test_connections_cut_mid_body_are_retried_to_identical_bytes(any_server, any_proxy, tmp_path: Path) -> None:
+def test_connections_cut_mid_body_are_retried_to_identical_bytes(
+    any_server, any_proxy, tmp_path: Path
+) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", {f"s{i}.bin": 900_000 + i for i in range(6)})
     any_proxy.cut_after(300_000, connections=4)
     tracker = UploadTracker(tmp_path / "u.sqlite")
-    with Chronicle(any_proxy.url, any_server.api_key, max_upload_workers=3, retry=FAST_RETRY) as chronicle:
+    with Chronicle(
+        any_proxy.url, any_server.api_key, max_upload_workers=3, retry=FAST_RETRY
+    ) as chronicle:
         sub = chronicle.core.pool.events.subscribe()
         run = fresh_run(chronicle)
         handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
@@ -63,11 +67,19 @@ def test_connections_cut_mid_body_are_retried_to_identical_bytes(any_server, any
 
 
 @pytest.mark.parametrize("storage_backend", ["local"])  # the local blob listener
-def test_bytes_corrupted_in_transit_are_caught_and_sent_again(any_server, any_proxy, tmp_path: Path) -> None:
+def test_bytes_corrupted_in_transit_are_caught_and_sent_again(
+    any_server, any_proxy, tmp_path: Path
+) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", {"big.bin": 11 * MiB, "small.bin": 3 * MiB})
     any_proxy.corrupt(after=2 * MiB)
-    with Chronicle(any_proxy.url, any_server.api_key, max_upload_workers=1, retry=FAST_RETRY,
-                   part_threshold=8 * MiB, part_size=5 * MiB) as chronicle:
+    with Chronicle(
+        any_proxy.url,
+        any_server.api_key,
+        max_upload_workers=1,
+        retry=FAST_RETRY,
+        part_threshold=8 * MiB,
+        part_size=5 * MiB,
+    ) as chronicle:
         sub = chronicle.core.pool.events.subscribe()
         run = fresh_run(chronicle)
         handle = run.register_and_upload_async(ckpt)
@@ -84,7 +96,9 @@ def test_stalled_transfer_is_aborted_and_retried(any_server, any_proxy, tmp_path
     ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 3 * MiB})
     any_proxy.stall(30.0, after=1 * MiB)
     started = time.monotonic()
-    with Chronicle(any_proxy.url, any_server.api_key, retry=FAST_RETRY, stall_timeout=1.5) as chronicle:
+    with Chronicle(
+        any_proxy.url, any_server.api_key, retry=FAST_RETRY, stall_timeout=1.5
+    ) as chronicle:
         sub = chronicle.core.pool.events.subscribe()
         run = fresh_run(chronicle)
         run.register_and_upload_async(ckpt).result(timeout=25)
@@ -93,7 +107,9 @@ def test_stalled_transfer_is_aborted_and_retried(any_server, any_proxy, tmp_path
     assert any("Timeout" in c for c in causes), causes
 
 
-def test_service_unavailable_and_429_are_retried_honouring_retry_after(server, tmp_path: Path) -> None:
+def test_service_unavailable_and_429_are_retried_honouring_retry_after(
+    server, tmp_path: Path
+) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 1000, "b.bin": 2000})
     server.faults.add(status=503, count=1)
     server.faults.add(status=429, count=1, retry_after=1.0)
@@ -127,23 +143,31 @@ def test_a_component_waiting_for_its_retry_is_queued(server, tmp_path: Path) -> 
         assert waiting.state == "queued" and "503" in (waiting.last_error or "")
         assert chronicle.snapshot().assets[0].state == "uploading"  # the asset is not paused
         handle.result(timeout=30)
-        events = [e for e in sub.get_nowait() if isinstance(e, ComponentStateChanged | RetryScheduled)]
+        events = [
+            e for e in sub.get_nowait() if isinstance(e, ComponentStateChanged | RetryScheduled)
+        ]
     assert [(e.kind, getattr(e, "state", None)) for e in events] == [
-        ("ComponentStateChanged", "uploading"), ("RetryScheduled", None),
-        ("ComponentStateChanged", "queued"), ("ComponentStateChanged", "uploading"),
+        ("ComponentStateChanged", "uploading"),
+        ("RetryScheduled", None),
+        ("ComponentStateChanged", "queued"),
+        ("ComponentStateChanged", "uploading"),
         ("ComponentStateChanged", "completed"),
     ]
     assert "503" in (events[2].error or "")
 
 
-def test_a_just_started_asset_has_no_rate_nor_eta_until_its_meter_settles(server, tmp_path: Path) -> None:
+def test_a_just_started_asset_has_no_rate_nor_eta_until_its_meter_settles(
+    server, tmp_path: Path
+) -> None:
     # One worker: the second asset waits (uploading, nothing sent) while the first goes, as in
     # a queue of checkpoints; when its bytes start, its first samples would say little.
     size, cap = 6 * MiB, 1.5e6
     first = make_checkpoint(tmp_path / "first", {"a.bin": 3 * MiB})
     second = make_checkpoint(tmp_path / "second", {"b.bin": size})
     seen = []
-    with Chronicle(server.url, server.api_key, max_upload_workers=1, max_bandwidth=cap) as chronicle:
+    with Chronicle(
+        server.url, server.api_key, max_upload_workers=1, max_bandwidth=cap
+    ) as chronicle:
         run = fresh_run(chronicle)
         run.register_and_upload_async(first)
         handle = run.register_and_upload_async(second)
@@ -179,7 +203,9 @@ def test_client_error_fails_at_once_with_the_servers_message(server, tmp_path: P
 
 
 @pytest.mark.parametrize("storage_backend", ["local"])  # the local blob listener
-def test_retries_exhausted_then_retry_failed_finishes(any_server, any_proxy, tmp_path: Path) -> None:
+def test_retries_exhausted_then_retry_failed_finishes(
+    any_server, any_proxy, tmp_path: Path
+) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 600_000})
     any_proxy.cut_after(100_000, connections=50)
     tracker = UploadTracker(tmp_path / "u.sqlite")
@@ -203,21 +229,27 @@ def test_parts_resume_sends_only_the_missing_parts(any_server, any_proxy, tmp_pa
     ckpt = make_checkpoint(tmp_path / "ckpt", {"big.bin": 40 * MiB})
     tracker = UploadTracker(tmp_path / "u.sqlite")
     opts = dict(part_threshold=8 * MiB, part_size=5 * MiB, retry=FAST_RETRY)
-    with Chronicle(any_proxy.url, any_server.api_key, max_upload_workers=2, max_bandwidth="12MB", **opts) as chronicle:
+    with Chronicle(
+        any_proxy.url, any_server.api_key, max_upload_workers=2, max_bandwidth="12MB", **opts
+    ) as chronicle:
         run = fresh_run(chronicle)
         handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
         wait_until(lambda: len(tracker.get_asset(handle.asset_id).components[0].parts_done) >= 3)
     # The Chronicle closed mid-upload: some parts stored, others not.
     done = tracker.get_asset(handle.asset_id).components[0].parts_done
-    remote = httpx.get(f"{any_server.url}/api/v1/assets/{handle.asset_id}",
-                       headers={"Authorization": f"Bearer {any_server.api_key}"}).json()
+    remote = httpx.get(
+        f"{any_server.url}/api/v1/assets/{handle.asset_id}",
+        headers={"Authorization": f"Bearer {any_server.api_key}"},
+    ).json()
     stored = set(remote["components"][0]["parts_stored"])
     assert done <= stored and 3 <= len(stored) < 8
     before = any_proxy.bytes_up
     with Chronicle(any_proxy.url, any_server.api_key, **opts) as chronicle:
         report = drain_incomplete_uploads(chronicle, tracker)
         assert report.finalized == [handle.asset_id] and report.ok
-        dest = chronicle.run(run.experiment_id, 0, 0).download_asset(handle.asset_id, tmp_path / "dl")
+        dest = chronicle.run(run.experiment_id, 0, 0).download_asset(
+            handle.asset_id, tmp_path / "dl"
+        )
     resent = any_proxy.bytes_up - before
     missing = 40 * MiB - len(stored) * 5 * MiB
     assert report.bytes_skipped == len(stored) * 5 * MiB
@@ -230,9 +262,12 @@ def test_expired_targets_are_presigned_again(tmp_path: Path) -> None:
     from methodic.server import EmbeddedServer
 
     ckpt = make_checkpoint(tmp_path / "ckpt", {f"f{i}.bin": 400_000 for i in range(8)})
-    with EmbeddedServer(tmp_path / "srv", presign_ttl=2.0) as srv, \
-            Chronicle(srv.url, srv.api_key, max_upload_workers=1, max_bandwidth="800KB",
-                      retry=FAST_RETRY) as chronicle:
+    with (
+        EmbeddedServer(tmp_path / "srv", presign_ttl=2.0) as srv,
+        Chronicle(
+            srv.url, srv.api_key, max_upload_workers=1, max_bandwidth="800KB", retry=FAST_RETRY
+        ) as chronicle,
+    ):
         sub = chronicle.core.pool.events.subscribe()
         run = fresh_run(chronicle)
         handle = run.register_and_upload_async(ckpt)
@@ -251,7 +286,9 @@ def test_expired_targets_are_presigned_again(tmp_path: Path) -> None:
 def test_pause_stops_transfers_and_resume_finishes(server, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", {f"s{i}.bin": 2 * MiB for i in range(4)})
     tracker = UploadTracker(tmp_path / "u.sqlite")
-    with Chronicle(server.url, server.api_key, max_upload_workers=2, max_bandwidth="4MB") as chronicle:
+    with Chronicle(
+        server.url, server.api_key, max_upload_workers=2, max_bandwidth="4MB"
+    ) as chronicle:
         run = fresh_run(chronicle)
         handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
         wait_until(lambda: chronicle.snapshot().bytes_done > 300_000)
@@ -286,16 +323,20 @@ def test_paused_asset_stays_paused_across_a_restart(server, tmp_path: Path) -> N
 def test_force_finalize_succeeds_when_storage_is_complete(any_server, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 3 * MiB, "b.bin": 1000})
     tracker = UploadTracker(tmp_path / "u.sqlite")
-    with Chronicle(any_server.url, any_server.api_key, max_upload_workers=1, max_bandwidth="1MB") as chronicle:
+    with Chronicle(
+        any_server.url, any_server.api_key, max_upload_workers=1, max_bandwidth="1MB"
+    ) as chronicle:
         run = fresh_run(chronicle)
         handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
         wait_until(lambda: chronicle.snapshot().bytes_done > 0)
         chronicle.pause(handle.asset_id)
         # Out of band, someone stores every byte (e.g. another tool): the server can finalize.
         auth = {"Authorization": f"Bearer {any_server.api_key}"}
-        targets = httpx.post(f"{any_server.url}/api/v1/assets/{handle.asset_id}/presign", headers=auth,
-                             json={"targets": [{"path": "a.bin", "part": None},
-                                               {"path": "b.bin", "part": None}]}).json()["targets"]
+        targets = httpx.post(
+            f"{any_server.url}/api/v1/assets/{handle.asset_id}/presign",
+            headers=auth,
+            json={"targets": [{"path": "a.bin", "part": None}, {"path": "b.bin", "part": None}]},
+        ).json()["targets"]
         for t in targets:
             httpx.put(t["url"], content=(ckpt / t["path"]).read_bytes()).raise_for_status()
         asset = chronicle.force_finalize(handle.asset_id)
@@ -308,7 +349,9 @@ def test_force_finalize_succeeds_when_storage_is_complete(any_server, tmp_path: 
 def test_force_finalize_refused_lists_what_is_missing(server, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 4 * MiB, "b.bin": 1000})
     tracker = UploadTracker(tmp_path / "u.sqlite")
-    with Chronicle(server.url, server.api_key, max_upload_workers=1, max_bandwidth="1MB") as chronicle:
+    with Chronicle(
+        server.url, server.api_key, max_upload_workers=1, max_bandwidth="1MB"
+    ) as chronicle:
         run = fresh_run(chronicle)
         handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
         wait_until(lambda: chronicle.snapshot().bytes_done > 0)
@@ -339,7 +382,9 @@ def test_discard_stops_forgets_and_aborts_on_the_server(any_server, tmp_path: Pa
 
 def test_bandwidth_cap_holds_across_workers(server, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", {f"s{i}.bin": 2 * MiB for i in range(6)})
-    with Chronicle(server.url, server.api_key, max_upload_workers=4, max_bandwidth="4MiB") as chronicle:
+    with Chronicle(
+        server.url, server.api_key, max_upload_workers=4, max_bandwidth="4MiB"
+    ) as chronicle:
         run = fresh_run(chronicle)
         started = time.monotonic()
         run.register_and_upload_async(ckpt).result(timeout=60)
@@ -350,7 +395,9 @@ def test_bandwidth_cap_holds_across_workers(server, tmp_path: Path) -> None:
 def test_a_file_changed_after_registration_fails_clearly(server, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 2 * MiB, "z.bin": 1000})
     tracker = UploadTracker(tmp_path / "u.sqlite")
-    with Chronicle(server.url, server.api_key, max_upload_workers=1, max_bandwidth="2MB") as chronicle:
+    with Chronicle(
+        server.url, server.api_key, max_upload_workers=1, max_bandwidth="2MB"
+    ) as chronicle:
         run = fresh_run(chronicle)
         handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
         with open(ckpt / "z.bin", "ab") as f:  # still queued behind a.bin
@@ -363,14 +410,19 @@ def test_a_file_changed_after_registration_fails_clearly(server, tmp_path: Path)
 
 
 async def test_events_are_throttled_and_snapshot_is_consistent(server, tmp_path: Path) -> None:
-    ckpt = await asyncio.to_thread(make_checkpoint, tmp_path / "ckpt", {"a.bin": 6 * MiB, "b.bin": 10})
+    ckpt = await asyncio.to_thread(
+        make_checkpoint, tmp_path / "ckpt", {"a.bin": 6 * MiB, "b.bin": 10}
+    )
     async with AsyncChronicle(server.url, server.api_key, max_bandwidth="4MB") as chronicle:
         sub = chronicle.pool.events.subscribe()
         run = await chronicle.run(await chronicle.create_experiment("events"), 0, 0)
         started = time.monotonic()
         handle = await run.register_and_upload_async(ckpt)
         snap = chronicle.pool.snapshot(with_components=True)
-        assert snap.assets[0].asset_id == handle.asset_id and snap.assets[0].bytes_total == 6 * MiB + 10
+        assert (
+            snap.assets[0].asset_id == handle.asset_id
+            and snap.assets[0].bytes_total == 6 * MiB + 10
+        )
         await handle.result(timeout=30)
         elapsed = time.monotonic() - started
         events = sub.get_nowait()

@@ -67,8 +67,11 @@ class TrackerMachine(RuleBasedStateMachine):
 
     # ---- registration ---------------------------------------------------------------------
 
-    @rule(target=asset_ids, paths=st.lists(PATHS, min_size=1, max_size=4, unique=True),
-          seal=st.booleans())
+    @rule(
+        target=asset_ids,
+        paths=st.lists(PATHS, min_size=1, max_size=4, unique=True),
+        seal=st.booleans(),
+    )
     def register_new(self, paths: list[str], seal: bool) -> str:
         self.counter += 1
         asset_id = f"asset-{self.counter}"
@@ -78,16 +81,23 @@ class TrackerMachine(RuleBasedStateMachine):
         )
         return asset_id
 
-    @rule(asset_id=asset_ids, paths=st.lists(PATHS, min_size=1, max_size=3, unique=True),
-          seal=st.booleans())
+    @rule(
+        asset_id=asset_ids,
+        paths=st.lists(PATHS, min_size=1, max_size=3, unique=True),
+        seal=st.booleans(),
+    )
     def register_more(self, asset_id: str, paths: list[str], seal: bool) -> None:
         asset = self.model[asset_id]
-        refused = (asset.sealed or asset.state in ("finalized", "discarded")
-                   or bool(set(paths) & set(asset.components)))
+        refused = (
+            asset.sealed
+            or asset.state in ("finalized", "discarded")
+            or bool(set(paths) & set(asset.components))
+        )
         if refused:
             with pytest.raises(InvalidInputError):
-                self.tracker.register_components(asset_id, self._specs(paths), asset_type="ckpt",
-                                                 seal=seal)
+                self.tracker.register_components(
+                    asset_id, self._specs(paths), asset_type="ckpt", seal=seal
+                )
             return  # all or nothing: the model is unchanged, and so must the tracker be
         self.tracker.register_components(asset_id, self._specs(paths), asset_type="ckpt", seal=seal)
         asset.sealed = seal
@@ -112,15 +122,20 @@ class TrackerMachine(RuleBasedStateMachine):
         if component is not None:
             component.state = state
 
-    @rule(asset_id=asset_ids, paths=st.lists(PATHS, max_size=5, unique=True), state=COMPONENT_STATES)
+    @rule(
+        asset_id=asset_ids, paths=st.lists(PATHS, max_size=5, unique=True), state=COMPONENT_STATES
+    )
     def mark_components(self, asset_id: str, paths: list[str], state: str) -> None:
         self.tracker._execute(ops.mark_components(asset_id, paths, state, sizes_done=True))
         for p in paths:
             if p in self.model[asset_id].components:
                 self.model[asset_id].components[p].state = state
 
-    @rule(asset_id=asset_ids, state=ASSET_STATES,
-          only_from=st.one_of(st.none(), st.lists(ASSET_STATES, min_size=1, max_size=3)))
+    @rule(
+        asset_id=asset_ids,
+        state=ASSET_STATES,
+        only_from=st.one_of(st.none(), st.lists(ASSET_STATES, min_size=1, max_size=3)),
+    )
     def set_asset_state(self, asset_id: str, state: str, only_from: list[str] | None) -> None:
         changed = self.tracker._execute(ops.set_asset_state(asset_id, state, only_from=only_from))
         asset = self.model[asset_id]
@@ -132,8 +147,11 @@ class TrackerMachine(RuleBasedStateMachine):
     @rule(asset_id=asset_ids)
     def reset_failed(self, asset_id: str) -> None:
         reset = self.tracker._execute(ops.reset_failed(asset_id))
-        expected = {p for p, c in self.model[asset_id].components.items()
-                    if c.state in ("failed", "uploading")}
+        expected = {
+            p
+            for p, c in self.model[asset_id].components.items()
+            if c.state in ("failed", "uploading")
+        }
         assert set(reset) == expected
         for p in expected:
             self.model[asset_id].components[p].state = "queued"
@@ -182,17 +200,25 @@ class TrackerMachine(RuleBasedStateMachine):
             assert {c.path: set(c.parts_done) for c in tracked.components} == {
                 p: c.parts for p, c in model.components.items()
             }
-            complete = model.sealed and all(c.state == "completed" for c in model.components.values())
+            complete = model.sealed and all(
+                c.state == "completed" for c in model.components.values()
+            )
             assert self.reader.all_components_completed(asset_id) == complete
         summaries = {a.asset_id: a for a in self.reader.list_assets()}
         for asset_id, model in self.model.items():
             s = summaries[asset_id]
             assert s.component_count == len(model.components)
-            assert s.completed_count == sum(c.state == "completed" for c in model.components.values())
+            assert s.completed_count == sum(
+                c.state == "completed" for c in model.components.values()
+            )
 
 
 TrackerMachine.TestCase.settings = settings(
-    max_examples=40, stateful_step_count=25, deadline=None, derandomize=True, database=None,
+    max_examples=40,
+    stateful_step_count=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
     suppress_health_check=list(HealthCheck),
 )
 test_tracker_state_machine = TrackerMachine.TestCase

@@ -29,8 +29,12 @@ METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 
 
 def connect(srv: EmbeddedServer) -> httpx.Client:
-    return httpx.Client(base_url=srv.url or "", headers={"Authorization": f"Bearer {srv.api_key}"},
-                        timeout=30, trust_env=False)
+    return httpx.Client(
+        base_url=srv.url or "",
+        headers={"Authorization": f"Bearer {srv.api_key}"},
+        timeout=30,
+        trust_env=False,
+    )
 
 
 @pytest.fixture
@@ -42,8 +46,13 @@ def api(server: EmbeddedServer) -> Iterator[httpx.Client]:
 def new_asset(api: httpx.Client, components: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     exp = api.post("/api/v1/experiments", json={"name": "hardening"}).json()["id"]
     run = api.put(f"/api/v1/experiments/{exp}/runs/0/0").json()["id"]
-    body = {"asset_id": uuid.uuid4().hex, "asset_type": "x", "components": components,
-            "presign": True, **extra}
+    body = {
+        "asset_id": uuid.uuid4().hex,
+        "asset_type": "x",
+        "components": components,
+        "presign": True,
+        **extra,
+    }
     return dict(api.post(f"/api/v1/runs/{run}/assets", json=body).json())
 
 
@@ -68,7 +77,14 @@ def test_every_route_but_healthz_and_openapi_requires_a_key(server: EmbeddedServ
         spec = anonymous.get("/openapi.json")
         assert spec.status_code == 200
         paths = [re.sub(r"\{[^}]+\}", "x1", p) for p in spec.json()["paths"] if p != "/healthz"]
-        paths += ["/docs", "/docs/oauth2-redirect", "/redoc", "/", "/api/v1/no-such-route", "/admin"]
+        paths += [
+            "/docs",
+            "/docs/oauth2-redirect",
+            "/redoc",
+            "/",
+            "/api/v1/no-such-route",
+            "/admin",
+        ]
         wrong = {"Authorization": "Bearer sk_agent_wrong-key-000000000000"}
         for path in paths:
             for method in METHODS:
@@ -89,9 +105,13 @@ def test_keys_are_hashed_at_rest_and_never_written_elsewhere(tmp_path: Path) -> 
     with EmbeddedServer(tmp_path / "given", api_key=given_key) as srv, connect(srv) as api:
         api.post("/api/v1/experiments", json={"name": "e"}).raise_for_status()
     assert generated is not None
-    for data_dir, key, allowed in ((tmp_path / "generated", generated, {"api_key"}),
-                                   (tmp_path / "given", given_key, set())):
-        holders = {p.name for p in data_dir.rglob("*") if p.is_file() and key.encode() in p.read_bytes()}
+    for data_dir, key, allowed in (
+        (tmp_path / "generated", generated, {"api_key"}),
+        (tmp_path / "given", given_key, set()),
+    ):
+        holders = {
+            p.name for p in data_dir.rglob("*") if p.is_file() and key.encode() in p.read_bytes()
+        }
         assert holders == allowed
 
 
@@ -129,9 +149,17 @@ def test_tampered_re_pointed_or_misused_urls_are_403_and_store_nothing(
         ("PUT", with_query(part1["url"], sig=sig[::-1]), data[:4]),  # tampered signature
         ("PUT", with_query(part1["url"], part="2", off="4"), data[4:8]),  # another part
         ("PUT", with_query(part1["url"], len="3"), data[:3]),  # another length
-        ("PUT", with_query(part1["url"], exp=str(int(time.time()) + 86400)), data[:4]),  # longer life
+        (
+            "PUT",
+            with_query(part1["url"], exp=str(int(time.time()) + 86400)),
+            data[:4],
+        ),  # longer life
         ("PUT", part1["url"].replace("/m?", "/o?"), data[:4]),  # another component
-        ("PUT", part1["url"].replace(asset["asset_id"], other["asset_id"]), data[:4]),  # another asset
+        (
+            "PUT",
+            part1["url"].replace(asset["asset_id"], other["asset_id"]),
+            data[:4],
+        ),  # another asset
         ("PUT", whole["url"].split("&sig=")[0], data),  # no signature
         ("GET", whole["url"], b""),  # a PUT grant is not a GET grant
         ("POST", whole["url"], data),
@@ -162,8 +190,13 @@ def test_an_expired_url_is_403_and_stores_nothing(tmp_path: Path) -> None:
 
 
 def test_bodies_and_manifests_over_the_limits_are_413(tmp_path: Path) -> None:
-    config = ServerConfig(data_dir=tmp_path / "s", port=0, max_json_body=64 * 1024,
-                          max_components_per_asset=10, max_presign_batch=5)
+    config = ServerConfig(
+        data_dir=tmp_path / "s",
+        port=0,
+        max_json_body=64 * 1024,
+        max_components_per_asset=10,
+        max_presign_batch=5,
+    )
     with EmbeddedServer.from_config(config) as srv, connect(srv) as api:
         big = {"name": "x" * (65 * 1024)}
         assert api.post("/api/v1/experiments", json=big).status_code == 413
@@ -192,17 +225,25 @@ def path_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Embe
         yield srv, api.put(f"/api/v1/experiments/{exp}/runs/0/0").json()["id"]
 
 
-_PATH_ALPHABET = st.sampled_from(["a", "b", "/", ".", "..", "\\", "\x00", " ", "é", "\ud800", "~", "x" * 300])
+_PATH_ALPHABET = st.sampled_from(
+    ["a", "b", "/", ".", "..", "\\", "\x00", " ", "é", "\ud800", "~", "x" * 300]
+)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(parts=st.lists(_PATH_ALPHABET, min_size=0, max_size=8))
 def test_component_paths_are_validated_by_the_server(
     path_server: tuple[EmbeddedServer, str], parts: list[str]
 ) -> None:
     srv, run_id = path_server
     path = "".join(parts)
-    body = {"asset_id": uuid.uuid4().hex, "asset_type": "x", "components": [{"path": path, "size": 1}]}
+    body = {
+        "asset_id": uuid.uuid4().hex,
+        "asset_type": "x",
+        "components": [{"path": path, "size": 1}],
+    }
     with connect(srv) as api:
         try:
             content = httpx.Request("POST", "/", json=body).content
@@ -210,8 +251,11 @@ def test_component_paths_are_validated_by_the_server(
             content = None
         if content is None:
             return
-        response = api.post(f"/api/v1/runs/{run_id}/assets", content=content,
-                            headers={"Content-Type": "application/json"})
+        response = api.post(
+            f"/api/v1/runs/{run_id}/assets",
+            content=content,
+            headers={"Content-Type": "application/json"},
+        )
     bad = component_path_problem(path) is not None
     assert response.status_code == (400 if bad else 201), (path, response.text)
 
@@ -249,9 +293,13 @@ def _serve_stderrs(tmp_path: Path, *variants: list[str]) -> list[str]:
     """Start `methodic serve` once per variant (at the same time), stop each once it serves."""
     procs = [
         subprocess.Popen(
-            methodic_cmd("serve", "--data-dir", str(tmp_path / f"d{i}"), "--port", str(free_port()),
-                         *args),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+            methodic_cmd(
+                "serve", "--data-dir", str(tmp_path / f"d{i}"), "--port", str(free_port()), *args
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=subprocess_env(),
         )
         for i, args in enumerate(variants)
     ]
@@ -287,8 +335,11 @@ SECRET_PATTERNS = (r"sig=[0-9a-f]{16}", r"X-Amz-Signature=[0-9a-f]{16}", r"sk_ag
 
 
 def _secrets_in(lines: list[str], extra: list[str]) -> list[str]:
-    return [line for line in lines
-            if any(re.search(p, line) for p in SECRET_PATTERNS) or any(s in line for s in extra)]
+    return [
+        line
+        for line in lines
+        if any(re.search(p, line) for p in SECRET_PATTERNS) or any(s in line for s in extra)
+    ]
 
 
 def _full_upload(url: str, key: str, tmp_path: Path) -> None:
@@ -296,13 +347,21 @@ def _full_upload(url: str, key: str, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 1000, "big.bin": 11 * MiB})
     with Chronicle(url, key, part_threshold=8 * MiB, part_size=5 * MiB) as chronicle:
         run = chronicle.run(chronicle.create_experiment("logs"), 0, 0)
-        handle = run.register_and_upload_async(ckpt, upload_tracker=UploadTracker(tmp_path / "u.sqlite"))
+        handle = run.register_and_upload_async(
+            ckpt, upload_tracker=UploadTracker(tmp_path / "u.sqlite")
+        )
         handle.result(timeout=60)
-        data = httpx.get(f"{url}/api/v1/assets/{handle.asset_id}/download",
-                         headers={"Authorization": f"Bearer {key}"}, trust_env=False).json()
+        data = httpx.get(
+            f"{url}/api/v1/assets/{handle.asset_id}/download",
+            headers={"Authorization": f"Bearer {key}"},
+            trust_env=False,
+        ).json()
         run.download_asset(handle.asset_id, tmp_path / "dl")
-    httpx.get(f"{url}/api/v1/experiments", headers={"Authorization": "Bearer sk_agent_nope-nope-nope"},
-              trust_env=False)
+    httpx.get(
+        f"{url}/api/v1/experiments",
+        headers={"Authorization": "Bearer sk_agent_nope-nope-nope"},
+        trust_env=False,
+    )
     tampered = data["components"][0]["url"].replace("sig=", "sig=0")
     httpx.get(tampered, trust_env=False)
 
@@ -313,7 +372,9 @@ def test_no_secret_in_the_servers_or_methodics_log_lines(
     caplog.set_level(logging.DEBUG)
     assert any_server.url is not None and any_server.api_key is not None
     _full_upload(any_server.url, any_server.api_key, tmp_path)
-    ours = [r.getMessage() for r in caplog.records if r.name.split(".")[0] in ("methodic", "uvicorn")]
+    ours = [
+        r.getMessage() for r in caplog.records if r.name.split(".")[0] in ("methodic", "uvicorn")
+    ]
     # (A session token is no such secret: SigV4 puts it in every presigned URL, by design.)
     aws = [v for v in (os.environ.get("AWS_SECRET_ACCESS_KEY"),) if v]
     assert _secrets_in(ours, [any_server.api_key, *aws]) == []
@@ -335,7 +396,10 @@ def test_methodic_serve_logs_no_secret(tmp_path: Path) -> None:
     data_dir = tmp_path / "served"
     proc = subprocess.Popen(
         methodic_cmd("serve", "--data-dir", str(data_dir), "--port", str(port)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
     )
     try:
         from helpers import wait_healthy

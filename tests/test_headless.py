@@ -22,14 +22,30 @@ from methodic_tui.headless import Reporter, use_colour
 ANSI = "\x1b["
 
 
-def run_tui(tmp_path: Path, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(tui_cmd(*args), capture_output=True, text=True, timeout=timeout,
-                          env=tui_env(tmp_path, **env), cwd=tmp_path)
+def run_tui(
+    tmp_path: Path, *args: str, timeout: float = 60, **env: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        tui_cmd(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=tui_env(tmp_path, **env),
+        cwd=tmp_path,
+    )
 
 
 def remote(server, tmp_path: Path) -> list[str]:
-    return ["--server-url", server.url, "--api-key", server.api_key,
-            "--tracker", str(tmp_path / "u.sqlite"), "--experiment", "headless"]
+    return [
+        "--server-url",
+        server.url,
+        "--api-key",
+        server.api_key,
+        "--tracker",
+        str(tmp_path / "u.sqlite"),
+        "--experiment",
+        "headless",
+    ]
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *secrets: str) -> str:
@@ -92,39 +108,63 @@ def test_wrong_api_key_is_one_line_exit_2_without_the_key(server, tmp_path: Path
 def test_wrong_api_key_from_the_environment_is_not_printed(server, tmp_path: Path) -> None:
     a = make_checkpoint(tmp_path / "checkpoint-1", {"x.bin": 1000})
     bad = "sk_agent_FROMTHEENVIRONMENT9"
-    result = run_tui(tmp_path, "upload", str(a), "--tracker", str(tmp_path / "u.sqlite"),
-                     METHODIC_SERVER_URL=server.url, METHODIC_API_KEY=bad)
+    result = run_tui(
+        tmp_path,
+        "upload",
+        str(a),
+        "--tracker",
+        str(tmp_path / "u.sqlite"),
+        METHODIC_SERVER_URL=server.url,
+        METHODIC_API_KEY=bad,
+    )
     assert "refused the API key" in assert_one_line_error(result, bad)
 
 
 def test_missing_directory_is_one_line_exit_2(server, tmp_path: Path) -> None:
     line = assert_one_line_error(
         run_tui(tmp_path, "upload", str(tmp_path / "nope"), *remote(server, tmp_path)),
-        server.api_key)
+        server.api_key,
+    )
     assert "nope: no such directory" in line
     assert not (tmp_path / "u.sqlite").exists()  # nothing was started
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["upload", ".", "--max-bandwidth", "fast"], "is not a rate"),
-    (["upload", ".", "--workers", "0"], "is not >= 1"),
-    (["upload"], "the following arguments are required: DIR"),
-    (["frobnicate"], "invalid choice"),
-    (["upload", ".", "--server-url", "http://127.0.0.1:9"], "needs an API key"),
-    (["status", "--tracker", "missing.sqlite"], "no tracker at"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["upload", ".", "--max-bandwidth", "fast"], "is not a rate"),
+        (["upload", ".", "--workers", "0"], "is not >= 1"),
+        (["upload"], "the following arguments are required: DIR"),
+        (["frobnicate"], "invalid choice"),
+        (["upload", ".", "--server-url", "http://127.0.0.1:9"], "needs an API key"),
+        (["status", "--tracker", "missing.sqlite"], "no tracker at"),
+    ],
+)
 def test_usage_errors_are_one_line_exit_2(tmp_path: Path, args: list[str], expected: str) -> None:
     assert expected in assert_one_line_error(run_tui(tmp_path, *args, "--no-ui"))
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signals_stop_cleanly_and_resume_continues(server, tmp_path: Path, sig: int, code: int) -> None:
+def test_signals_stop_cleanly_and_resume_continues(
+    server, tmp_path: Path, sig: int, code: int
+) -> None:
     ckpt = make_checkpoint(tmp_path / "checkpoint-1", {f"s{i}.bin": MiB // 2 for i in range(16)})
     tracker_path = tmp_path / "u.sqlite"
     proc = subprocess.Popen(
-        tui_cmd("upload", str(ckpt), *remote(server, tmp_path), "--max-bandwidth", "1MB",
-                "--workers", "2"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=tui_env(tmp_path))
+        tui_cmd(
+            "upload",
+            str(ckpt),
+            *remote(server, tmp_path),
+            "--max-bandwidth",
+            "1MB",
+            "--workers",
+            "2",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=tui_env(tmp_path),
+    )
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -145,23 +185,33 @@ def test_signals_stop_cleanly_and_resume_continues(server, tmp_path: Path, sig: 
     with UploadTracker(tracker_path) as tracker:
         (pending,) = tracker.get_pending_uploads()
     assert 0 < pending.completed_count < 16  # what was stored stays recorded
-    resumed = run_tui(tmp_path, "resume", "--server-url", server.url, "--api-key", server.api_key,
-                      "--tracker", str(tracker_path))
+    resumed = run_tui(
+        tmp_path,
+        "resume",
+        "--server-url",
+        server.url,
+        "--api-key",
+        server.api_key,
+        "--tracker",
+        str(tracker_path),
+    )
     assert resumed.returncode == 0, resumed.stderr
     with UploadTracker(tracker_path) as tracker:
         assert tracker.get_pending_uploads() == []
 
 
 def test_resume_with_nothing_to_do_exits_0(server, tmp_path: Path) -> None:
-    result = run_tui(tmp_path, "resume", *remote(server, tmp_path)[:4],
-                     "--tracker", str(tmp_path / "u.sqlite"))
+    result = run_tui(
+        tmp_path, "resume", *remote(server, tmp_path)[:4], "--tracker", str(tmp_path / "u.sqlite")
+    )
     assert result.returncode == 0, result.stderr
     assert "done in" in result.stderr and "no assets yet" in result.stderr
 
 
 def test_demo_no_ui_retries_and_exits_0(tmp_path: Path) -> None:
-    result = run_tui(tmp_path, "demo", "--no-ui", "--size", "6MB", "--max-bandwidth", "0",
-                     "--every", "0")
+    result = run_tui(
+        tmp_path, "demo", "--no-ui", "--size", "6MB", "--max-bandwidth", "0", "--every", "0"
+    )
     assert result.returncode == 0, result.stderr
     assert "started an embedded Chronicle server" in result.stderr
     assert "retry checkpoint-1000" in result.stderr and "503" in result.stderr
@@ -183,7 +233,11 @@ def test_watch_uploads_each_complete_directory_once(server, tmp_path: Path) -> N
     make_checkpoint(root / "other", {"a.bin": 1})  # does not match the pattern
     proc = subprocess.Popen(
         tui_cmd("watch", str(root), "--settle", "0.5", *remote(server, tmp_path)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=tui_env(tmp_path))
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=tui_env(tmp_path),
+    )
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -206,7 +260,11 @@ def test_watch_uploads_each_complete_directory_once(server, tmp_path: Path) -> N
     # Restarted, the watch remembers what the tracker already holds.
     again = subprocess.Popen(
         tui_cmd("watch", str(root), "--settle", "0.2", *remote(server, tmp_path)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=tui_env(tmp_path))
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=tui_env(tmp_path),
+    )
     time.sleep(2.0)
     again.send_signal(signal.SIGTERM)
     _, err = again.communicate(timeout=20)
@@ -235,8 +293,13 @@ def test_the_headless_path_never_imports_textual(server, tmp_path: Path) -> None
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'rich'))\n"
         "print(rc, loaded)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60, env=tui_env(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=tui_env(tmp_path),
+    )
     assert result.stdout.strip() == "0 []", result.stdout + result.stderr
 
 

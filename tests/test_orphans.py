@@ -23,14 +23,23 @@ SWEEP = 0.1
 
 
 def connect(srv: EmbeddedServer) -> httpx.Client:
-    return httpx.Client(base_url=srv.url or "", headers={"Authorization": f"Bearer {srv.api_key}"},
-                        timeout=30, trust_env=False)
+    return httpx.Client(
+        base_url=srv.url or "",
+        headers={"Authorization": f"Bearer {srv.api_key}"},
+        timeout=30,
+        trust_env=False,
+    )
 
 
 def new_asset(api: httpx.Client, components: list[dict[str, Any]]) -> dict[str, Any]:
     exp = api.post("/api/v1/experiments", json={"name": "orphans"}).json()["id"]
     run = api.put(f"/api/v1/experiments/{exp}/runs/0/0").json()["id"]
-    body = {"asset_id": uuid.uuid4().hex, "asset_type": "x", "components": components, "presign": True}
+    body = {
+        "asset_id": uuid.uuid4().hex,
+        "asset_type": "x",
+        "components": components,
+        "presign": True,
+    }
     response = api.post(f"/api/v1/runs/{run}/assets", json=body)
     assert response.status_code == 201, response.text
     return dict(response.json())
@@ -42,11 +51,16 @@ def put(target: dict[str, Any], data: bytes) -> None:
     assert response.status_code < 300, response.text
 
 
-def stored_bytes(srv: EmbeddedServer, storage_backend: str, request: pytest.FixtureRequest) -> list[str]:
+def stored_bytes(
+    srv: EmbeddedServer, storage_backend: str, request: pytest.FixtureRequest
+) -> list[str]:
     """Every stored object and unfinished multipart upload of the server's storage."""
     if storage_backend == "local":
         return sorted(str(p) for p in (srv.data_dir / "blobs").rglob("*") if p.is_file())
-    endpoint, bucket = request.getfixturevalue("moto_endpoint"), request.getfixturevalue("s3_bucket")
+    endpoint, bucket = (
+        request.getfixturevalue("moto_endpoint"),
+        request.getfixturevalue("s3_bucket"),
+    )
     return bucket_keys(endpoint, bucket) + [k for k, _ in multipart_uploads(endpoint, bucket)]
 
 
@@ -60,15 +74,17 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
 def test_an_idle_pending_asset_expires_and_its_bytes_are_removed(
     storage_backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    config = backend_config(storage_backend, tmp_path / "srv", request,
-                            pending_ttl=TTL, sweep_interval=SWEEP)
+    config = backend_config(
+        storage_backend, tmp_path / "srv", request, pending_ttl=TTL, sweep_interval=SWEEP
+    )
     data = bytes(range(256)) * (24 * 1024)  # 6 MiB: two parts
     with EmbeddedServer.from_config(config) as srv, connect(srv) as api:
         finalized = new_asset(api, [{"path": "done", "size": 3}])
         put(finalized["targets"][0], b"abc")
         assert api.post(f"/api/v1/assets/{finalized['asset_id']}/finalize").status_code == 200
-        orphan = new_asset(api, [{"path": "a", "size": 3},
-                                 {"path": "m", "size": len(data), "part_size": 5 * MiB}])
+        orphan = new_asset(
+            api, [{"path": "a", "size": 3}, {"path": "m", "size": len(data), "part_size": 5 * MiB}]
+        )
         put(orphan["targets"][0], b"abc")
         put(orphan["targets"][1], data)
         assert len(stored_bytes(srv, storage_backend, request)) == 3  # done, a, m (part or upload)
@@ -76,24 +92,32 @@ def test_an_idle_pending_asset_expires_and_its_bytes_are_removed(
         wait_for(lambda: api.get(f"/api/v1/assets/{orphan['asset_id']}").status_code == 404)
         wait_for(lambda: len(stored_bytes(srv, storage_backend, request)) == 1)
         assert api.get(f"/api/v1/assets/{finalized['asset_id']}").json()["state"] == "finalized"
-        url = api.get(f"/api/v1/assets/{finalized['asset_id']}/download").json()["components"][0]["url"]
+        url = api.get(f"/api/v1/assets/{finalized['asset_id']}/download").json()["components"][0][
+            "url"
+        ]
         assert httpx.get(url, trust_env=False).content == b"abc"
 
 
 def test_activity_keeps_a_pending_asset_alive(
-    storage_backend: str, tmp_path: Path, request: pytest.FixtureRequest,
+    storage_backend: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from methodic.server import catalog as catalog_module
 
     monkeypatch.setattr(catalog_module, "_TOUCH_GRANULARITY_S", 0.0)  # every presign counts
-    config = backend_config(storage_backend, tmp_path / "srv", request,
-                            pending_ttl=1.5, sweep_interval=SWEEP)
+    config = backend_config(
+        storage_backend, tmp_path / "srv", request, pending_ttl=1.5, sweep_interval=SWEEP
+    )
     with EmbeddedServer.from_config(config) as srv, connect(srv) as api:
         asset = new_asset(api, [{"path": "a", "size": 3}])
         presign = f"/api/v1/assets/{asset['asset_id']}/presign"
         for _ in range(6):  # 3 s of a slow client: twice the TTL
-            assert api.post(presign, json={"targets": [{"path": "a", "part": None}]}).status_code == 200
+            assert (
+                api.post(presign, json={"targets": [{"path": "a", "part": None}]}).status_code
+                == 200
+            )
             time.sleep(0.5)
         assert api.get(f"/api/v1/assets/{asset['asset_id']}").status_code == 200
         wait_for(lambda: api.get(f"/api/v1/assets/{asset['asset_id']}").status_code == 404)
@@ -136,12 +160,15 @@ def test_a_failed_removal_is_retried_by_the_next_sweep(tmp_path: Path) -> None:
 def test_a_client_back_after_expiry_uploads_everything_again(
     storage_backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    config = backend_config(storage_backend, tmp_path / "srv", request,
-                            pending_ttl=TTL, sweep_interval=SWEEP)
+    config = backend_config(
+        storage_backend, tmp_path / "srv", request, pending_ttl=TTL, sweep_interval=SWEEP
+    )
     ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 600_000, "b.bin": 600_000, "c.bin": 10})
     tracker = UploadTracker(tmp_path / "u.sqlite")
     with EmbeddedServer.from_config(config) as srv:
-        with Chronicle(srv.url, srv.api_key, max_upload_workers=1, max_bandwidth="400KB") as chronicle:
+        with Chronicle(
+            srv.url, srv.api_key, max_upload_workers=1, max_bandwidth="400KB"
+        ) as chronicle:
             run = chronicle.run(chronicle.create_experiment("back"), 0, 0)
             handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
             wait_for(lambda: chronicle.snapshot().assets[0].components_done >= 1)
@@ -151,5 +178,7 @@ def test_a_client_back_after_expiry_uploads_everything_again(
         with Chronicle(srv.url, srv.api_key) as chronicle:
             report = drain_incomplete_uploads(chronicle, tracker)
             assert report.finalized == [handle.asset_id], report
-            dest = chronicle.run(run.experiment_id, 0, 0).download_asset(handle.asset_id, tmp_path / "dl")
+            dest = chronicle.run(run.experiment_id, 0, 0).download_asset(
+                handle.asset_id, tmp_path / "dl"
+            )
     assert tree_digest(dest) == tree_digest(ckpt)

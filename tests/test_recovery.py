@@ -31,13 +31,16 @@ KILL_TIMES = [round(0.2 + 3.0 * random.Random(i).random(), 3) for i in range(ROU
 @pytest.mark.parametrize("round_no", range(ROUNDS))
 def test_sigkill_at_any_instant_then_drain(tmp_path: Path, round_no: int) -> None:
     with counted_server(tmp_path / "server") as (srv, proxy):
-        result = kill_round(tmp_path, srv.url, srv.url, srv.api_key, KILL_TIMES[round_no],
-                            proxy, seed=round_no)
+        result = kill_round(
+            tmp_path, srv.url, srv.url, srv.api_key, KILL_TIMES[round_no], proxy, seed=round_no
+        )
     if result.finished_before_kill:
         assert result.resent == 0
 
 
-def test_drain_of_an_asset_the_server_already_finalized_sends_nothing(server, tmp_path: Path) -> None:
+def test_drain_of_an_asset_the_server_already_finalized_sends_nothing(
+    server, tmp_path: Path
+) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", {"a": 1000, "b": 2000})
     tracker = UploadTracker(tmp_path / "u.sqlite")
     with Chronicle(server.url, server.api_key) as chronicle:
@@ -76,7 +79,9 @@ def test_drain_with_a_vanished_file_fails_that_asset_only(server, tmp_path: Path
     assert failed.state == "failed" and "vanished" in (failed.last_error or "")
 
 
-def test_drain_leaves_assets_a_live_process_owns_and_claims_the_others(server, tmp_path: Path) -> None:
+def test_drain_leaves_assets_a_live_process_owns_and_claims_the_others(
+    server, tmp_path: Path
+) -> None:
     import os
 
     owned_dir = make_checkpoint(tmp_path / "owned", {"a": 300_000})
@@ -110,7 +115,9 @@ def test_drain_leaves_assets_a_live_process_owns_and_claims_the_others(server, t
     assert tracker.get_asset(owned).owner_pid == os.getpid()
 
 
-def test_an_owner_killed_but_not_yet_reaped_does_not_hold_its_uploads(server, tmp_path: Path) -> None:
+def test_an_owner_killed_but_not_yet_reaped_does_not_hold_its_uploads(
+    server, tmp_path: Path
+) -> None:
     """A SIGKILLed uploader is a zombie until its parent reaps it: it uploads nothing any more."""
     ckpt = make_checkpoint(tmp_path / "ckpt", {"a": 300_000})
     tracker_path = tmp_path / "u.sqlite"
@@ -139,8 +146,9 @@ def test_server_sigkilled_mid_upload_and_restarted_the_uploader_finishes(tmp_pat
     cmd = methodic_cmd("serve", "--data-dir", str(data_dir), "--port", str(port))
 
     def start() -> subprocess.Popen[str]:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=subprocess_env())
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env()
+        )
         wait_healthy(url, proc=proc)
         return proc
 
@@ -149,8 +157,13 @@ def test_server_sigkilled_mid_upload_and_restarted_the_uploader_finishes(tmp_pat
         key = (data_dir / "api_key").read_text().strip()
         ckpt = make_checkpoint(tmp_path / "ckpt", {f"s{i}.bin": 1_500_000 for i in range(8)})
         tracker = UploadTracker(tmp_path / "u.sqlite")
-        with Chronicle(url, key, max_upload_workers=2, max_bandwidth="4MB",
-                       retry=RetryPolicy(max_attempts=30, base=0.1, cap=0.5)) as chronicle:
+        with Chronicle(
+            url,
+            key,
+            max_upload_workers=2,
+            max_bandwidth="4MB",
+            retry=RetryPolicy(max_attempts=30, base=0.1, cap=0.5),
+        ) as chronicle:
             run = chronicle.run(chronicle.create_experiment("server-kill"), 0, 0)
             handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
             time.sleep(1.2)
@@ -190,13 +203,34 @@ def test_many_producer_threads_and_processes_share_one_tracker(server, tmp_path:
     tracker = UploadTracker(tracker_path)
     for p in range(2):
         for i in range(6):
-            make_checkpoint(tmp_path / f"proc{p}" / f"ckpt-{i}", {f"f{j}": 20_000 + j for j in range(15)}, seed=i)
+            make_checkpoint(
+                tmp_path / f"proc{p}" / f"ckpt-{i}",
+                {f"f{j}": 20_000 + j for j in range(15)},
+                seed=i,
+            )
     for t in range(6):
         for i in range(4):
-            make_checkpoint(tmp_path / f"thread{t}" / f"ckpt-{i}", {f"f{j}": 10_000 + j for j in range(10)})
-    procs = [subprocess.Popen([sys.executable, "-c", PRODUCER, server.url, server.api_key, str(tracker_path),
-                               str(tmp_path / f"proc{p}"), "6"], env=subprocess_env(),
-                              stderr=subprocess.PIPE, text=True) for p in range(2)]
+            make_checkpoint(
+                tmp_path / f"thread{t}" / f"ckpt-{i}", {f"f{j}": 10_000 + j for j in range(10)}
+            )
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                PRODUCER,
+                server.url,
+                server.api_key,
+                str(tracker_path),
+                str(tmp_path / f"proc{p}"),
+                "6",
+            ],
+            env=subprocess_env(),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for p in range(2)
+    ]
     errors: list[BaseException] = []
     with Chronicle(server.url, server.api_key, max_upload_workers=4) as chronicle:
         run = chronicle.run(chronicle.create_experiment("many-writers"), 0, 0)
@@ -204,7 +238,9 @@ def test_many_producer_threads_and_processes_share_one_tracker(server, tmp_path:
         def produce(t: int) -> None:
             try:
                 for i in range(4):
-                    run.register_and_upload_async(tmp_path / f"thread{t}" / f"ckpt-{i}", upload_tracker=tracker)
+                    run.register_and_upload_async(
+                        tmp_path / f"thread{t}" / f"ckpt-{i}", upload_tracker=tracker
+                    )
             except BaseException as exc:
                 errors.append(exc)
 

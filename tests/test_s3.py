@@ -59,9 +59,15 @@ def make_run(api: httpx.Client) -> str:
     return str(api.put(f"/api/v1/experiments/{experiment['id']}/runs/0/0").json()["id"])
 
 
-def create(api: httpx.Client, components: list[dict[str, Any]], presign: bool = True) -> dict[str, Any]:
-    body = {"asset_id": uuid.uuid4().hex, "asset_type": "checkpoint", "components": components,
-            "presign": presign}
+def create(
+    api: httpx.Client, components: list[dict[str, Any]], presign: bool = True
+) -> dict[str, Any]:
+    body = {
+        "asset_id": uuid.uuid4().hex,
+        "asset_type": "checkpoint",
+        "components": components,
+        "presign": presign,
+    }
     response = api.post(f"/api/v1/runs/{make_run(api)}/assets", json=body)
     assert response.status_code == 201, response.text
     return dict(response.json())
@@ -79,7 +85,9 @@ def component(api: httpx.Client, asset_id: str, index: int = 0) -> dict[str, Any
 def test_targets_are_sigv4_presigned_s3_urls_bound_to_the_length(
     api: httpx.Client, moto_endpoint: str, s3_bucket: str
 ) -> None:
-    asset = create(api, [{"path": "a.bin", "size": 10}, {"path": "big", "size": PART + 1, "part_size": PART}])
+    asset = create(
+        api, [{"path": "a.bin", "size": 10}, {"path": "big", "size": PART + 1, "part_size": PART}]
+    )
     one, part1, part2 = asset["targets"]
     for target in (one, part1, part2):
         assert target["url"].startswith(f"{moto_endpoint}/{s3_bucket}/pfx/{asset['asset_id']}/")
@@ -99,8 +107,10 @@ def test_multipart_is_created_lazily_and_completed_at_finalize_from_list_parts(
     asset_id = asset["asset_id"]
     assert multipart_uploads(moto_endpoint, s3_bucket) == []  # nothing until a part is presigned
     presign = f"/api/v1/assets/{asset_id}/presign"
-    targets = {n: api.post(presign, json={"targets": [{"path": "w.bin", "part": n}]}).json()["targets"][0]
-               for n in (3, 1)}
+    targets = {
+        n: api.post(presign, json={"targets": [{"path": "w.bin", "part": n}]}).json()["targets"][0]
+        for n in (3, 1)
+    }
     [(key, upload_id)] = multipart_uploads(moto_endpoint, s3_bucket)
     assert key == f"pfx/{asset_id}/0000000"
     again = api.post(presign, json={"targets": [{"path": "w.bin", "part": 2}]}).json()["targets"][0]
@@ -109,13 +119,17 @@ def test_multipart_is_created_lazily_and_completed_at_finalize_from_list_parts(
 
     for n in (3, 1):
         assert put(targets[n], data).status_code == 200
-    assert (component(api, asset_id)["stored"], component(api, asset_id)["parts_stored"]) == (False, [1, 3])
+    assert (component(api, asset_id)["stored"], component(api, asset_id)["parts_stored"]) == (
+        False,
+        [1, 3],
+    )
     error = api.post(f"/api/v1/assets/{asset_id}/finalize").json()["error"]
     assert error["missing"] == [{"path": "w.bin", "reason": "not stored", "parts_missing": [2]}]
 
     # A part stored behind the server's back (not through its presign) is seen too: S3 is asked.
-    s3_client(moto_endpoint).upload_part(Bucket=s3_bucket, Key=key, UploadId=upload_id,
-                                         PartNumber=2, Body=data[PART : 2 * PART])
+    s3_client(moto_endpoint).upload_part(
+        Bucket=s3_bucket, Key=key, UploadId=upload_id, PartNumber=2, Body=data[PART : 2 * PART]
+    )
     assert component(api, asset_id)["stored"] is True
     finalized = api.post(f"/api/v1/assets/{asset_id}/finalize")
     assert finalized.status_code == 200, finalized.text
@@ -170,8 +184,9 @@ def test_checksums_the_client_computed_are_recorded_and_checked_against_the_mani
         assert put(target, b"abc").status_code == 200
     refused = api.post(f"/api/v1/assets/{asset_id}/finalize", json={"checksums": {"a": other}})
     assert refused.json()["error"]["missing"][0]["reason"].startswith("checksum mismatch")
-    target = api.post(f"/api/v1/assets/{asset_id}/presign",
-                      json={"targets": [{"path": "a", "part": None}]}).json()["targets"][0]
+    target = api.post(
+        f"/api/v1/assets/{asset_id}/presign", json={"targets": [{"path": "a", "part": None}]}
+    ).json()["targets"][0]
     assert put(target, b"abc").status_code == 200
     done = api.post(f"/api/v1/assets/{asset_id}/finalize", json={"checksums": {"b": good}}).json()
     assert {c["path"]: c["sha256"] for c in done["components"]} == {"a": good, "b": good}
@@ -181,12 +196,16 @@ def test_delete_aborts_multipart_uploads_and_removes_objects(
     api: httpx.Client, moto_endpoint: str, s3_bucket: str
 ) -> None:
     data = os.urandom(PART + 1)
-    asset = create(api, [{"path": "a", "size": 3}, {"path": "m", "size": len(data), "part_size": PART}])
+    asset = create(
+        api, [{"path": "a", "size": 3}, {"path": "m", "size": len(data), "part_size": PART}]
+    )
     asset_id = asset["asset_id"]
     one, part1, _ = asset["targets"]
     assert put(one, b"abc").status_code == 200 and put(part1, data).status_code == 200
     # A stray upload, as a crash between CreateMultipartUpload and recording its id leaves.
-    s3_client(moto_endpoint).create_multipart_upload(Bucket=s3_bucket, Key=f"pfx/{asset_id}/0000001")
+    s3_client(moto_endpoint).create_multipart_upload(
+        Bucket=s3_bucket, Key=f"pfx/{asset_id}/0000001"
+    )
     assert len(multipart_uploads(moto_endpoint, s3_bucket)) == 2
     assert api.delete(f"/api/v1/assets/{asset_id}").status_code == 204
     assert multipart_uploads(moto_endpoint, s3_bucket) == []
@@ -194,8 +213,11 @@ def test_delete_aborts_multipart_uploads_and_removes_objects(
 
 
 def test_part_size_below_the_s3_minimum_is_400(api: httpx.Client) -> None:
-    body = {"asset_id": uuid.uuid4().hex, "asset_type": "x",
-            "components": [{"path": "a", "size": 10, "part_size": 4}]}
+    body = {
+        "asset_id": uuid.uuid4().hex,
+        "asset_type": "x",
+        "components": [{"path": "a", "size": 10, "part_size": 4}],
+    }
     response = api.post(f"/api/v1/runs/{make_run(api)}/assets", json=body)
     assert response.status_code == 400
     assert "minimum" in response.json()["error"]["message"]
@@ -247,10 +269,26 @@ def _script(api: httpx.Client) -> list[Any]:
             # the client's sha256 (see docs/deployment.md).
             value = {**value, "sha256": "*"}
         if isinstance(value, dict):
-            return {k: (type(v).__name__ if k in {"id", "asset_id", "run_id", "experiment_id", "url",
-                                                   "created_at", "updated_at", "finalized_at",
-                                                   "expires_at", "message"} else shape(v))
-                    for k, v in value.items()}
+            return {
+                k: (
+                    type(v).__name__
+                    if k
+                    in {
+                        "id",
+                        "asset_id",
+                        "run_id",
+                        "experiment_id",
+                        "url",
+                        "created_at",
+                        "updated_at",
+                        "finalized_at",
+                        "expires_at",
+                        "message",
+                    }
+                    else shape(v)
+                )
+                for k, v in value.items()
+            }
         if isinstance(value, list):
             return [shape(v) for v in value]
         return value
@@ -262,9 +300,16 @@ def _script(api: httpx.Client) -> list[Any]:
 
     run = make_run(api)
     asset_id = uuid.uuid4().hex
-    manifest = {"asset_id": asset_id, "asset_type": "ckpt", "metadata": {"step": 3},
-                "components": [{"path": "x/a", "size": 3}, {"path": "m", "size": len(data), "part_size": PART}],
-                "presign": True}
+    manifest = {
+        "asset_id": asset_id,
+        "asset_type": "ckpt",
+        "metadata": {"step": 3},
+        "components": [
+            {"path": "x/a", "size": 3},
+            {"path": "m", "size": len(data), "part_size": PART},
+        ],
+        "presign": True,
+    }
     created = record(api.post(f"/api/v1/runs/{run}/assets", json=manifest))
     targets = {(t["path"], t["part"]): t for t in created["targets"]}
     record(api.post(f"/api/v1/runs/{run}/assets", json=manifest))
@@ -273,7 +318,9 @@ def _script(api: httpx.Client) -> list[Any]:
     put(targets[("m", 2)], data)
     record(api.get(f"/api/v1/assets/{asset_id}"))
     record(api.post(f"/api/v1/assets/{asset_id}/finalize"))
-    record(api.post(f"/api/v1/assets/{asset_id}/presign", json={"targets": [{"path": "m", "part": 1}]}))
+    record(
+        api.post(f"/api/v1/assets/{asset_id}/presign", json={"targets": [{"path": "m", "part": 1}]})
+    )
     put(targets[("m", 1)], data)
     record(api.get(f"/api/v1/runs/{run}/assets"))
     record(api.post(f"/api/v1/assets/{asset_id}/finalize"))
@@ -289,15 +336,25 @@ def test_the_control_api_answers_the_same_json_on_both_backends(
 ) -> None:
     configs = {
         "local": ServerConfig(data_dir=tmp_path / "local", port=0),
-        "s3": ServerConfig(data_dir=tmp_path / "s3", port=0, storage=f"s3://{s3_bucket}",
-                           s3_endpoint_url=moto_endpoint, s3_region=REGION),
+        "s3": ServerConfig(
+            data_dir=tmp_path / "s3",
+            port=0,
+            storage=f"s3://{s3_bucket}",
+            s3_endpoint_url=moto_endpoint,
+            s3_region=REGION,
+        ),
     }
     answers = {}
     for name, config in configs.items():
-        with EmbeddedServer.from_config(config) as srv, httpx.Client(
-            base_url=srv.url or "", headers={"Authorization": f"Bearer {srv.api_key}"},
-            trust_env=False, timeout=30,
-        ) as client:
+        with (
+            EmbeddedServer.from_config(config) as srv,
+            httpx.Client(
+                base_url=srv.url or "",
+                headers={"Authorization": f"Bearer {srv.api_key}"},
+                trust_env=False,
+                timeout=30,
+            ) as client,
+        ):
             answers[name] = _script(client)
     assert answers["local"] == answers["s3"]
 
@@ -305,14 +362,29 @@ def test_the_control_api_answers_the_same_json_on_both_backends(
 # ---- `methodic serve --storage s3://...` ---------------------------------------------------
 
 
-def test_methodic_serve_on_s3_end_to_end(tmp_path: Path, moto_endpoint: str, s3_bucket: str) -> None:
+def test_methodic_serve_on_s3_end_to_end(
+    tmp_path: Path, moto_endpoint: str, s3_bucket: str
+) -> None:
     port = free_port()
     data_dir = tmp_path / "served"
     proc = subprocess.Popen(
-        methodic_cmd("serve", "--data-dir", str(data_dir), "--port", str(port),
-                     "--storage", f"s3://{s3_bucket}/ckpts", "--s3-endpoint-url", moto_endpoint,
-                     "--s3-region", REGION),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+        methodic_cmd(
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(port),
+            "--storage",
+            f"s3://{s3_bucket}/ckpts",
+            "--s3-endpoint-url",
+            moto_endpoint,
+            "--s3-region",
+            REGION,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -321,7 +393,9 @@ def test_methodic_serve_on_s3_end_to_end(tmp_path: Path, moto_endpoint: str, s3_
         ckpt = make_checkpoint(tmp_path / "ckpt", {"big.bin": 11 * MiB, "small/a.json": 100})
         with Chronicle(url, key, part_threshold=8 * MiB, part_size=PART) as chronicle:
             run = chronicle.run(chronicle.create_experiment("served-s3"), 0, 0)
-            handle = run.register_and_upload_async(ckpt, upload_tracker=UploadTracker(tmp_path / "u.sqlite"))
+            handle = run.register_and_upload_async(
+                ckpt, upload_tracker=UploadTracker(tmp_path / "u.sqlite")
+            )
             handle.result(timeout=60)
             dest = run.download_asset(handle.asset_id, tmp_path / "dl")
         assert tree_digest(dest) == tree_digest(ckpt)
@@ -334,11 +408,16 @@ def test_methodic_serve_on_s3_end_to_end(tmp_path: Path, moto_endpoint: str, s3_
     assert f"s3://{s3_bucket}/ckpts/" in out
 
 
-def _serve_error(*args: str, env: dict[str, str] | None = None, pre: str = "") -> subprocess.CompletedProcess[str]:
+def _serve_error(
+    *args: str, env: dict[str, str] | None = None, pre: str = ""
+) -> subprocess.CompletedProcess[str]:
     code = f"{pre}import sys; from methodic.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run(
         [sys.executable, "-c", code, "serve", "--port", "0", *args],
-        capture_output=True, text=True, timeout=60, env=env or subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env or subprocess_env(),
     )
 
 
@@ -351,24 +430,48 @@ def _one_line(result: subprocess.CompletedProcess[str], *words: str) -> None:
 
 
 def test_serve_refuses_a_bucket_that_does_not_exist(tmp_path: Path, moto_endpoint: str) -> None:
-    result = _serve_error("--data-dir", str(tmp_path / "d"), "--storage", "s3://no-such-bucket-x",
-                          "--s3-endpoint-url", moto_endpoint)
+    result = _serve_error(
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--storage",
+        "s3://no-such-bucket-x",
+        "--s3-endpoint-url",
+        moto_endpoint,
+    )
     _one_line(result, "no-such-bucket-x", "does not exist")
 
 
 def test_serve_refuses_missing_credentials(tmp_path: Path, moto_endpoint: str) -> None:
     bucket = new_bucket(moto_endpoint)
     env = {k: v for k, v in subprocess_env().items() if not k.startswith("AWS_")}
-    env.update(AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null",
-               AWS_EC2_METADATA_DISABLED="true", HOME=str(tmp_path))
-    result = _serve_error("--data-dir", str(tmp_path / "d"), "--storage", f"s3://{bucket}",
-                          "--s3-endpoint-url", moto_endpoint, "--s3-region", REGION, env=env)
+    env.update(
+        AWS_CONFIG_FILE="/dev/null",
+        AWS_SHARED_CREDENTIALS_FILE="/dev/null",
+        AWS_EC2_METADATA_DISABLED="true",
+        HOME=str(tmp_path),
+    )
+    result = _serve_error(
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--storage",
+        f"s3://{bucket}",
+        "--s3-endpoint-url",
+        moto_endpoint,
+        "--s3-region",
+        REGION,
+        env=env,
+    )
     _one_line(result, "credentials")
 
 
 def test_serve_without_boto3_says_what_to_install(tmp_path: Path) -> None:
-    result = _serve_error("--data-dir", str(tmp_path / "d"), "--storage", "s3://some-bucket",
-                          pre="import sys; sys.modules['boto3'] = None; ")
+    result = _serve_error(
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--storage",
+        "s3://some-bucket",
+        pre="import sys; sys.modules['boto3'] = None; ",
+    )
     _one_line(result, "methodic[s3]")
 
 

@@ -25,9 +25,12 @@ from methodic.server import EmbeddedServer
 MiB = 1 << 20
 
 
-@pytest.mark.parametrize("storage_backend", ["local"])  # moto's proxy also carries the server's calls
-def test_bodies_go_by_sendfile_over_one_kept_alive_connection(any_server, any_proxy, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "storage_backend", ["local"]
+)  # moto's proxy also carries the server's calls
+def test_bodies_go_by_sendfile_over_one_kept_alive_connection(
+    any_server, any_proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = []
     real = transfer.put_file_range
 
@@ -40,7 +43,9 @@ def test_bodies_go_by_sendfile_over_one_kept_alive_connection(any_server, any_pr
     ckpt = make_checkpoint(tmp_path / "ckpt", sizes)
     with Chronicle(any_proxy.url, any_server.api_key, max_upload_workers=1) as chronicle:
         run = chronicle.run(chronicle.create_experiment("sendfile"), 0, 0)
-        handle = run.register_and_upload_async(ckpt, upload_tracker=UploadTracker(tmp_path / "u.sqlite"))
+        handle = run.register_and_upload_async(
+            ckpt, upload_tracker=UploadTracker(tmp_path / "u.sqlite")
+        )
         handle.result(timeout=60)
         connections, sent = any_proxy.connections, any_proxy.bytes_up
         dest = run.download_asset(handle.asset_id, tmp_path / "dl")
@@ -57,11 +62,16 @@ def test_bodies_go_by_sendfile_over_one_kept_alive_connection(any_server, any_pr
         ("https://127.0.0.1:9/b", {}, False),
         ("http://127.0.0.1:9/b", {"HTTP_PROXY": "http://proxy:3128"}, False),
         ("http://127.0.0.1:9/b", {"ALL_PROXY": "http://proxy:3128"}, False),
-        ("http://127.0.0.1:9/b", {"HTTP_PROXY": "http://proxy:3128", "NO_PROXY": "127.0.0.1"}, True),
+        (
+            "http://127.0.0.1:9/b",
+            {"HTTP_PROXY": "http://proxy:3128", "NO_PROXY": "127.0.0.1"},
+            True,
+        ),
     ],
 )
-def test_sendfile_only_where_no_proxy_applies(url: str, env: dict[str, str], direct: bool,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sendfile_only_where_no_proxy_applies(
+    url: str, env: dict[str, str], direct: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -79,8 +89,11 @@ class _OneShotServer:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         head = await reader.readuntil(b"\r\n\r\n")
-        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:"))
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
         body = await reader.readexactly(length)
         self.bodies.append(body)
         etag = hashlib.sha256(body).hexdigest()
@@ -91,7 +104,8 @@ class _OneShotServer:
 
 @pytest.mark.parametrize("by_sendfile", [True, False], ids=["sendfile", "httpx"])
 async def test_ranges_arrive_whole_and_a_closed_connection_is_not_reused(
-        by_sendfile: bool, tmp_path: Path) -> None:
+    by_sendfile: bool, tmp_path: Path
+) -> None:
     """Both body paths: the sendfile one (pool connections) and httpx's (https, proxies)."""
     data = os.urandom(3 * MiB)
     path = tmp_path / "f.bin"
@@ -105,40 +119,68 @@ async def test_ranges_arrive_whole_and_a_closed_connection_is_not_reused(
     try:
         async with httpx.AsyncClient() as http:
             for offset, length in ((0, 2 * MiB), (MiB, 2 * MiB)):
-                target = UploadTarget(path="f.bin", part=None, method="PUT",
-                                      url=f"http://127.0.0.1:{port}/b", headers={},
-                                      offset=offset, length=length, expires_at=0.0)
+                target = UploadTarget(
+                    path="f.bin",
+                    part=None,
+                    method="PUT",
+                    url=f"http://127.0.0.1:{port}/b",
+                    headers={},
+                    offset=offset,
+                    length=length,
+                    expires_at=0.0,
+                )
                 await asyncio.sleep(0.05)  # the server has closed the previous connection
-                etag, digest = await send_range(http, target, identity, TokenBucket(None),
-                                                lambda n: None, connections if by_sendfile else None)
-                assert digest == hashlib.sha256(data[offset:offset + length]).hexdigest()
+                etag, digest = await send_range(
+                    http,
+                    target,
+                    identity,
+                    TokenBucket(None),
+                    lambda n: None,
+                    connections if by_sendfile else None,
+                )
+                assert digest == hashlib.sha256(data[offset : offset + length]).hexdigest()
                 assert etag is not None and etag.strip('"') == digest
     finally:
         connections.close()
         server.close()
         await server.wait_closed()
     assert peer.connections == 2
-    assert peer.bodies == [data[:2 * MiB], data[MiB:3 * MiB]]
+    assert peer.bodies == [data[: 2 * MiB], data[MiB : 3 * MiB]]
 
 
 @pytest.mark.parametrize("by_sendfile", [True, False], ids=["sendfile", "httpx"])
-async def test_a_range_past_the_end_of_the_file_fails_as_changed(by_sendfile: bool,
-                                                                 tmp_path: Path) -> None:
+async def test_a_range_past_the_end_of_the_file_fails_as_changed(
+    by_sendfile: bool, tmp_path: Path
+) -> None:
     path = tmp_path / "f.bin"
     path.write_bytes(os.urandom(2 * MiB))  # the registered size is right; the range is not:
     identity = FileIdentity(str(path), 2 * MiB, None, None)  # as if it shrank during the send
     peer = _OneShotServer()
     server = await asyncio.start_server(peer.handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    target = UploadTarget(path="f.bin", part=None, method="PUT", url=f"http://127.0.0.1:{port}/b",
-                          headers={}, offset=0, length=3 * MiB, expires_at=0.0)
+    target = UploadTarget(
+        path="f.bin",
+        part=None,
+        method="PUT",
+        url=f"http://127.0.0.1:{port}/b",
+        headers={},
+        offset=0,
+        length=3 * MiB,
+        expires_at=0.0,
+    )
     progress: list[int] = []
     connections = Connections()
     try:
         async with httpx.AsyncClient() as http:
             with pytest.raises(FileChangedError, match="shrank"):
-                await send_range(http, target, identity, TokenBucket(None), progress.append,
-                                 connections if by_sendfile else None)
+                await send_range(
+                    http,
+                    target,
+                    identity,
+                    TokenBucket(None),
+                    progress.append,
+                    connections if by_sendfile else None,
+                )
     finally:
         connections.close()
         server.close()
@@ -148,21 +190,29 @@ async def test_a_range_past_the_end_of_the_file_fails_as_changed(by_sendfile: bo
 
 def _granted_target(srv: EmbeddedServer, size: int) -> UploadTarget:
     """A presigned PUT target for one ``size``-byte component of a new pending asset."""
-    with httpx.Client(base_url=srv.url or "", headers={"Authorization": f"Bearer {srv.api_key}"},
-                      trust_env=False) as api:
+    with httpx.Client(
+        base_url=srv.url or "", headers={"Authorization": f"Bearer {srv.api_key}"}, trust_env=False
+    ) as api:
         experiment = api.post("/api/v1/experiments", json={"name": "refusals"}).json()
         run_id = api.put(f"/api/v1/experiments/{experiment['id']}/runs/0/0").json()["id"]
-        created = api.post(f"/api/v1/runs/{run_id}/assets", json={
-            "asset_id": uuid.uuid4().hex, "asset_type": "checkpoint", "metadata": {},
-            "components": [{"path": "f.bin", "size": size}], "presign": True,
-        })
+        created = api.post(
+            f"/api/v1/runs/{run_id}/assets",
+            json={
+                "asset_id": uuid.uuid4().hex,
+                "asset_type": "checkpoint",
+                "metadata": {},
+                "components": [{"path": "f.bin", "size": size}],
+                "presign": True,
+            },
+        )
         assert created.status_code == 201, created.text
         return UploadTarget.from_json(created.json()["targets"][0])
 
 
 @pytest.mark.parametrize("case", ["expired", "tampered"])
 async def test_a_refusal_before_the_body_reaches_the_caller_with_the_servers_words(
-        case: str, tmp_path: Path) -> None:
+    case: str, tmp_path: Path
+) -> None:
     path = tmp_path / "f.bin"
     path.write_bytes(os.urandom(6 * MiB))
     st = path.stat()
@@ -178,8 +228,9 @@ async def test_a_refusal_before_the_body_reaches_the_caller_with_the_servers_wor
         try:
             async with httpx.AsyncClient() as http:
                 with pytest.raises(TransferError) as caught:
-                    await send_range(http, target, identity, TokenBucket(None), progress.append,
-                                     connections)
+                    await send_range(
+                        http, target, identity, TokenBucket(None), progress.append, connections
+                    )
         finally:
             connections.close()
     assert "HTTP 403" in str(caught.value)
@@ -212,14 +263,23 @@ async def test_a_slow_link_is_not_a_stall(tmp_path: Path) -> None:
     for sock in server.sockets:  # small buffers, so the reader's pace is the sender's
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     port = server.sockets[0].getsockname()[1]
-    target = UploadTarget(path="f.bin", part=None, method="PUT", url=f"http://127.0.0.1:{port}/b",
-                          headers={}, offset=0, length=len(data), expires_at=0.0)
+    target = UploadTarget(
+        path="f.bin",
+        part=None,
+        method="PUT",
+        url=f"http://127.0.0.1:{port}/b",
+        headers={},
+        offset=0,
+        length=len(data),
+        expires_at=0.0,
+    )
     progress: list[int] = []
     connections = Connections()
     try:
         async with httpx.AsyncClient(timeout=0.3) as http:  # the stall timeout: 0.3 s
-            _etag, digest = await send_range(http, target, identity, TokenBucket(None),
-                                             progress.append, connections)
+            _etag, digest = await send_range(
+                http, target, identity, TokenBucket(None), progress.append, connections
+            )
     finally:
         connections.close()
         server.close()

@@ -110,7 +110,9 @@ def _register_many(db: str, worker: int, assets: int, per_asset: int) -> None:
     t = UploadTracker(db)
     for a in range(assets):
         t.register_components(f"p{worker}-a{a}", specs(per_asset), asset_type="checkpoint")
-        t._execute(ops.record_components([("uploading", 7, 1, None, None, f"p{worker}-a{a}", "f0.bin")]))
+        t._execute(
+            ops.record_components([("uploading", 7, 1, None, None, f"p{worker}-a{a}", "f0.bin")])
+        )
     t.close()
 
 
@@ -189,8 +191,9 @@ def test_full_disk_leaves_no_half_registered_asset(tiny_fs: Path) -> None:
         except OSError:
             pass
     with pytest.raises(TrackerError, match="full") as info:
-        t.register_components("big", specs(20_000, "long-component-name-to-fill-pages-"),
-                              asset_type="checkpoint")
+        t.register_components(
+            "big", specs(20_000, "long-component-name-to-fill-pages-"), asset_type="checkpoint"
+        )
     assert str(tiny_fs / "u.sqlite") in str(info.value)
     filler.unlink()
     assert t.get_asset("big") is None

@@ -31,9 +31,14 @@ SLOW = 500_000  # bytes/s: 8 MiB stays in flight for the whole test
 
 
 def ckpts(tmp_path: Path, n: int = 1, size: int = 3 * MiB, files: int = 2) -> list[Path]:
-    return [make_checkpoint(tmp_path / f"checkpoint-{i}000", {f"shard-{j}.bin": size // files
-                                                              for j in range(files)}, seed=i)
-            for i in range(1, n + 1)]
+    return [
+        make_checkpoint(
+            tmp_path / f"checkpoint-{i}000",
+            {f"shard-{j}.bin": size // files for j in range(files)},
+            seed=i,
+        )
+        for i in range(1, n + 1)
+    ]
 
 
 def tracked_state(tmp_path: Path, aid: str) -> str:
@@ -78,7 +83,9 @@ async def test_a_and_shift_p_pause_and_resume_everything(server, tmp_path: Path)
     dirs = ckpts(tmp_path, n=2, size=8 * MiB)
     src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
     async with running(src) as (app, pilot):
-        await until(pilot, lambda: set(states(app).values()) == {"uploading"} and len(states(app)) == 2)
+        await until(
+            pilot, lambda: set(states(app).values()) == {"uploading"} and len(states(app)) == 2
+        )
         await pilot.press("a")
         await until(pilot, lambda: set(states(app).values()) == {"paused"}, what="all paused")
         await pilot.press("P")
@@ -144,8 +151,11 @@ async def test_f_finalizes_once_storage_holds_every_byte(server, tmp_path: Path)
         auth = {"Authorization": f"Bearer {server.api_key}"}
         paths = sorted(p.name for p in d.iterdir())
         async with httpx.AsyncClient() as http:
-            r = await http.post(f"{server.url}/api/v1/assets/{aid}/presign", headers=auth,
-                                json={"targets": [{"path": p, "part": None} for p in paths]})
+            r = await http.post(
+                f"{server.url}/api/v1/assets/{aid}/presign",
+                headers=auth,
+                json={"targets": [{"path": p, "part": None} for p in paths]},
+            )
             for t in r.json()["targets"]:
                 (await http.put(t["url"], content=(d / t["path"]).read_bytes())).raise_for_status()
         await pilot.press("f")
@@ -206,7 +216,9 @@ async def test_plus_and_minus_move_the_bandwidth_cap(server, tmp_path: Path) -> 
 async def test_enter_opens_details_and_escape_goes_back(server, tmp_path: Path) -> None:
     dirs = ckpts(tmp_path, n=2, size=300_000, files=3)
     async with running(upload_source(server, tmp_path, dirs)) as (app, pilot):
-        await until(pilot, lambda: set(states(app).values()) == {"finalized"} and len(states(app)) == 2)
+        await until(
+            pilot, lambda: set(states(app).values()) == {"finalized"} and len(states(app)) == 2
+        )
         await until(pilot, lambda: app.screen.query_one("#assets").row_count == 2)
         await pilot.press("down")
         await pilot.press("enter")
@@ -253,10 +265,14 @@ async def test_help_and_the_command_palette(server, tmp_path: Path) -> None:
         await pilot.press(*"pause or resume every")
         await pilot.pause(0.5)
         await pilot.press("enter")
-        await until(pilot, lambda: states(app)["checkpoint-1000"] == "paused", what="paused via palette")
+        await until(
+            pilot, lambda: states(app)["checkpoint-1000"] == "paused", what="paused via palette"
+        )
 
 
-async def test_q_with_uploads_in_flight_asks_and_they_stay_resumable(server, tmp_path: Path) -> None:
+async def test_q_with_uploads_in_flight_asks_and_they_stay_resumable(
+    server, tmp_path: Path
+) -> None:
     dirs = ckpts(tmp_path, n=1, size=8 * MiB)
     src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
     async with running(src) as (app, pilot):

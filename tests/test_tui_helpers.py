@@ -23,8 +23,14 @@ FAST_RETRY = RetryPolicy(max_attempts=4, base=0.05, cap=0.2)
 
 
 def options(server, tmp_path: Path, **kw: object) -> Options:
-    opts = Options(server_url=server.url, api_key=server.api_key, tracker=tmp_path / "u.sqlite",
-                   workers=2, retry=FAST_RETRY, experiment="tui")
+    opts = Options(
+        server_url=server.url,
+        api_key=server.api_key,
+        tracker=tmp_path / "u.sqlite",
+        workers=2,
+        retry=FAST_RETRY,
+        experiment="tui",
+    )
     for k, v in kw.items():
         setattr(opts, k, v)
     return opts
@@ -38,8 +44,9 @@ def resume_source(server, tmp_path: Path, **kw: object) -> EngineSource:
     return EngineSource(options(server, tmp_path, **kw), ResumeJob())
 
 
-async def until(pilot: Pilot, predicate: Callable[[], object], timeout: float = 20.0,
-                what: str = "condition") -> None:
+async def until(
+    pilot: Pilot, predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -49,8 +56,9 @@ async def until(pilot: Pilot, predicate: Callable[[], object], timeout: float = 
 
 
 @contextlib.asynccontextmanager
-async def running(source: EngineSource | object, size: tuple[int, int] = (120, 40),
-                  **app_kw: object) -> AsyncIterator[tuple[MethodicApp, Pilot]]:
+async def running(
+    source: EngineSource | object, size: tuple[int, int] = (120, 40), **app_kw: object
+) -> AsyncIterator[tuple[MethodicApp, Pilot]]:
     """The app on the source, started (engine open); the source is closed afterwards."""
     app = MethodicApp(source, watch_terminal=False, **app_kw)  # type: ignore[arg-type]
     try:
@@ -73,7 +81,9 @@ def cell_text(app: MethodicApp, table_id: str, row: str, column: str) -> str:
 
 
 def asset_id(app: MethodicApp, name: str) -> str:
-    return next(a.asset_id for a in app.source.snapshot().assets if app.asset_label(a.asset_id) == name)
+    return next(
+        a.asset_id for a in app.source.snapshot().assets if app.asset_label(a.asset_id) == name
+    )
 
 
 def tui_cmd(*args: str) -> list[str]:
@@ -83,7 +93,6 @@ def tui_cmd(*args: str) -> list[str]:
 def tui_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     # The embedded server's default data dir must not be the real user's.
     return subprocess_env(XDG_DATA_HOME=str(tmp_path / "xdg"), **extra)
-
 
 
 def screen_text(app: MethodicApp) -> str:

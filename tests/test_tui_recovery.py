@@ -51,13 +51,18 @@ def wait_for_bytes(tracker_path: Path, timeout: float = 20.0) -> None:
     raise AssertionError("the uploader sent nothing")
 
 
-async def leave_unfinished(server, tmp_path: Path, names: list[str], size: int = 6 * MiB) -> list[Path]:
+async def leave_unfinished(
+    server, tmp_path: Path, names: list[str], size: int = 6 * MiB
+) -> list[Path]:
     """Start uploads and stop the process's Chronicle mid-way, as a crash would leave them."""
-    dirs = [make_checkpoint(tmp_path / n, {"a.bin": size // 2, "b.bin": size // 2}, seed=i)
-            for i, n in enumerate(names)]
+    dirs = [
+        make_checkpoint(tmp_path / n, {"a.bin": size // 2, "b.bin": size // 2}, seed=i)
+        for i, n in enumerate(names)
+    ]
     tracker = UploadTracker(tmp_path / "u.sqlite")
-    async with AsyncChronicle(server.url, server.api_key, max_upload_workers=2,
-                              max_bandwidth=4_000_000) as chronicle:
+    async with AsyncChronicle(
+        server.url, server.api_key, max_upload_workers=2, max_bandwidth=4_000_000
+    ) as chronicle:
         run = await chronicle.run(await chronicle.create_experiment("tui"), 0, 0)
         for d in dirs:
             await run.register_and_upload_async(d, upload_tracker=tracker)
@@ -68,13 +73,32 @@ async def leave_unfinished(server, tmp_path: Path, names: list[str], size: int =
 
 
 async def test_recovery_screen_after_a_sigkilled_upload(server, tmp_path: Path) -> None:
-    ckpt = make_checkpoint(tmp_path / "checkpoint-500", {f"shard-{i}.bin": 2 * MiB for i in range(4)})
+    ckpt = make_checkpoint(
+        tmp_path / "checkpoint-500", {f"shard-{i}.bin": 2 * MiB for i in range(4)}
+    )
     tracker_path = tmp_path / "u.sqlite"
     child = subprocess.Popen(
-        tui_cmd("upload", str(ckpt), "--no-ui", "--server-url", server.url, "--api-key",
-                server.api_key, "--tracker", str(tracker_path), "--max-bandwidth", "1MB",
-                "--workers", "1", "--experiment", "tui"),
-        env=tui_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        tui_cmd(
+            "upload",
+            str(ckpt),
+            "--no-ui",
+            "--server-url",
+            server.url,
+            "--api-key",
+            server.api_key,
+            "--tracker",
+            str(tracker_path),
+            "--max-bandwidth",
+            "1MB",
+            "--workers",
+            "1",
+            "--experiment",
+            "tui",
+        ),
+        env=tui_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         await asyncio.to_thread(wait_for_bytes, tracker_path)
     finally:
@@ -83,7 +107,10 @@ async def test_recovery_screen_after_a_sigkilled_upload(server, tmp_path: Path) 
     assert child.returncode == -signal.SIGKILL
     (aid,) = pending_ids(tracker_path)
 
-    async with running(make_resume_source(server, tmp_path), start_on_recovery=True) as (app, pilot):
+    async with running(make_resume_source(server, tmp_path), start_on_recovery=True) as (
+        app,
+        pilot,
+    ):
         await until(pilot, lambda: isinstance(app.screen, RecoveryScreen), what="recovery screen")
         table = app.screen.query_one("#pending")
         await until(pilot, lambda: table.row_count == 1)
@@ -93,8 +120,12 @@ async def test_recovery_screen_after_a_sigkilled_upload(server, tmp_path: Path) 
         assert f"process {child.pid} stopped while uploading (killed or crashed)" in text
         assert "not yet stored" in text and "shard-3.bin" in text
         await pilot.press("enter")  # resume this one
-        await until(pilot, lambda: states(app).get("checkpoint-500") == "finalized", timeout=30,
-                    what="resumed and finalized")
+        await until(
+            pilot,
+            lambda: states(app).get("checkpoint-500") == "finalized",
+            timeout=30,
+            what="resumed and finalized",
+        )
         await until(pilot, lambda: "all handled" in screen_text(app))
         await pilot.press("escape")
         await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
@@ -108,7 +139,10 @@ async def test_recovery_screen_after_a_sigkilled_upload(server, tmp_path: Path) 
 async def test_recovery_discard_force_finalize_and_resume_all(server, tmp_path: Path) -> None:
     await leave_unfinished(server, tmp_path, ["ckpt-a", "ckpt-b", "ckpt-c"])
     tracker_path = tmp_path / "u.sqlite"
-    async with running(make_resume_source(server, tmp_path), start_on_recovery=True) as (app, pilot):
+    async with running(make_resume_source(server, tmp_path), start_on_recovery=True) as (
+        app,
+        pilot,
+    ):
         await until(pilot, lambda: isinstance(app.screen, RecoveryScreen))
         table = app.screen.query_one("#pending")
         await until(pilot, lambda: table.row_count == 3)
@@ -122,7 +156,9 @@ async def test_recovery_discard_force_finalize_and_resume_all(server, tmp_path: 
         await pilot.press("f")
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("y")
-        await until(pilot, lambda: tracked_states(tracker_path)["ckpt-b"] == "failed", what="refused")
+        await until(
+            pilot, lambda: tracked_states(tracker_path)["ckpt-b"] == "failed", what="refused"
+        )
         await until(pilot, lambda: table.row_count == 1)
         # u resumes what is left.
         await pilot.press("u")
@@ -132,26 +168,39 @@ async def test_recovery_discard_force_finalize_and_resume_all(server, tmp_path: 
         # The refused one is failed on the dashboard; r retries it to the end.
         await pilot.press("r")
         await until(pilot, lambda: states(app).get("ckpt-b") == "finalized", timeout=30)
-    assert tracked_states(tracker_path) == {"ckpt-a": "discarded", "ckpt-b": "finalized",
-                                            "ckpt-c": "finalized"}
+    assert tracked_states(tracker_path) == {
+        "ckpt-a": "discarded",
+        "ckpt-b": "finalized",
+        "ckpt-c": "finalized",
+    }
 
 
 async def test_recovery_leaves_an_upload_a_live_process_owns(server, tmp_path: Path) -> None:
     await leave_unfinished(server, tmp_path, ["mine", "theirs"])
     tracker_path = tmp_path / "u.sqlite"
-    ids = {os.path.basename(t.local_dir or ""): t.asset_id
-           for t in UploadTracker(tracker_path).list_assets()}
+    ids = {
+        os.path.basename(t.local_dir or ""): t.asset_id
+        for t in UploadTracker(tracker_path).list_assets()
+    }
     live = claim_in_child(tracker_path, ids["theirs"], hold=True)
     try:
-        async with running(make_resume_source(server, tmp_path), start_on_recovery=True) as (app, pilot):
+        async with running(make_resume_source(server, tmp_path), start_on_recovery=True) as (
+            app,
+            pilot,
+        ):
             await until(pilot, lambda: isinstance(app.screen, RecoveryScreen))
             table = app.screen.query_one("#pending")
             await until(pilot, lambda: table.row_count == 1)
             assert [t.asset_id for t in app.source.pending()] == [ids["mine"]]
             assert "theirs" not in states(app)
-            await until(pilot, lambda: any(
-                f"not taking over {ids['theirs']}: pid {live.pid} is still running" in e.text
-                for e in app.entries), what="the warning")
+            await until(
+                pilot,
+                lambda: any(
+                    f"not taking over {ids['theirs']}: pid {live.pid} is still running" in e.text
+                    for e in app.entries
+                ),
+                what="the warning",
+            )
             await pilot.press("u")
             await until(pilot, lambda: states(app).get("mine") == "finalized", timeout=30)
         assert tracked_states(tracker_path)["theirs"] == "uploading"
@@ -160,7 +209,9 @@ async def test_recovery_leaves_an_upload_a_live_process_owns(server, tmp_path: P
         live.wait(10)
 
 
-async def test_upload_opens_on_recovery_and_u_resumes_from_the_dashboard(server, tmp_path: Path) -> None:
+async def test_upload_opens_on_recovery_and_u_resumes_from_the_dashboard(
+    server, tmp_path: Path
+) -> None:
     await leave_unfinished(server, tmp_path, ["old-1"])
     new = make_checkpoint(tmp_path / "new-1", {"x.bin": 1000})
     async with running(upload_source(server, tmp_path, [new])) as (app, pilot):
@@ -173,12 +224,19 @@ async def test_upload_opens_on_recovery_and_u_resumes_from_the_dashboard(server,
         await pilot.press("u")
         await until(pilot, lambda: states(app)["old-1"] == "finalized", timeout=30)
         await pilot.press("u")  # nothing left: says so
-        await until(pilot, lambda: any("No uploads from an earlier process" in str(n.message)
-                                       for n in app._notifications))
+        await until(
+            pilot,
+            lambda: any(
+                "No uploads from an earlier process" in str(n.message) for n in app._notifications
+            ),
+        )
 
 
 async def test_resume_with_nothing_pending_says_so(server, tmp_path: Path) -> None:
-    async with running(make_resume_source(server, tmp_path), start_on_recovery=True) as (app, pilot):
+    async with running(make_resume_source(server, tmp_path), start_on_recovery=True) as (
+        app,
+        pilot,
+    ):
         await until(pilot, lambda: isinstance(app.screen, RecoveryScreen))
         await until(pilot, lambda: "no unfinished uploads" in screen_text(app))
         await pilot.press("escape")
@@ -189,9 +247,23 @@ async def test_attach_watches_another_process_read_only(server, tmp_path: Path) 
     ckpt = make_checkpoint(tmp_path / "checkpoint-9", {f"s{i}.bin": MiB for i in range(6)})
     tracker_path = tmp_path / "u.sqlite"
     child = subprocess.Popen(  # ~9 s of uploading: still going when the view is up, even on a busy machine
-        tui_cmd("upload", str(ckpt), "--no-ui", "--server-url", server.url, "--api-key",
-                server.api_key, "--tracker", str(tracker_path), "--max-bandwidth", "700KB"),
-        env=tui_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        tui_cmd(
+            "upload",
+            str(ckpt),
+            "--no-ui",
+            "--server-url",
+            server.url,
+            "--api-key",
+            server.api_key,
+            "--tracker",
+            str(tracker_path),
+            "--max-bandwidth",
+            "700KB",
+        ),
+        env=tui_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         await asyncio.to_thread(wait_for_bytes, tracker_path)
         source = AttachSource(tracker_path, poll=0.2)

@@ -44,31 +44,43 @@ async def ready(pilot: Pilot) -> None:
 
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x40"])
 def test_dashboard_mid_upload(snap_compare, size: tuple[int, int]) -> None:
-    assert snap_compare(app_on(sample_source()), press=["down"], terminal_size=size, run_before=ready)
+    assert snap_compare(
+        app_on(sample_source()), press=["down"], terminal_size=size, run_before=ready
+    )
 
 
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x40"])
 def test_asset_details(snap_compare, size: tuple[int, int]) -> None:
-    assert snap_compare(app_on(sample_source()), press=["down", "down", "enter"], terminal_size=size,
-                        run_before=ready)
+    assert snap_compare(
+        app_on(sample_source()),
+        press=["down", "down", "enter"],
+        terminal_size=size,
+        run_before=ready,
+    )
 
 
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x40"])
 def test_recovery_screen(snap_compare, size: tuple[int, int]) -> None:
-    assert snap_compare(app_on(recovery_source(), recovery=True), press=["down"], terminal_size=size,
-                        run_before=ready)
+    assert snap_compare(
+        app_on(recovery_source(), recovery=True),
+        press=["down"],
+        terminal_size=size,
+        run_before=ready,
+    )
 
 
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x40"])
 def test_force_finalize_confirmation(snap_compare, size: tuple[int, int]) -> None:
-    assert snap_compare(app_on(sample_source()), press=["down", "f"], terminal_size=size,
-                        run_before=ready)
+    assert snap_compare(
+        app_on(sample_source()), press=["down", "f"], terminal_size=size, run_before=ready
+    )
 
 
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x40"])
 def test_help(snap_compare, size: tuple[int, int]) -> None:
-    assert snap_compare(app_on(sample_source()), press=["question_mark"], terminal_size=size,
-                        run_before=ready)
+    assert snap_compare(
+        app_on(sample_source()), press=["question_mark"], terminal_size=size, run_before=ready
+    )
 
 
 def test_filter(snap_compare) -> None:

@@ -66,8 +66,9 @@ def raise_for_response(response: httpx.Response, server_url: str) -> None:
 class ApiClient:
     """Calls the control API. Every call methodic makes is idempotent, so all are retried."""
 
-    def __init__(self, server_url: str, api_key: str, http: httpx.AsyncClient,
-                 retry: RetryPolicy) -> None:
+    def __init__(
+        self, server_url: str, api_key: str, http: httpx.AsyncClient, retry: RetryPolicy
+    ) -> None:
         self.server_url = server_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}"}
         self._http = http
@@ -76,8 +77,9 @@ class ApiClient:
     def __repr__(self) -> str:
         return f"ApiClient(server_url={self.server_url!r})"
 
-    async def call(self, method: str, path: str, *, json: Any = None,
-                   params: dict[str, Any] | None = None) -> Any:
+    async def call(
+        self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None
+    ) -> Any:
         url = f"{self.server_url}/api/v1{path}"
         started = time.monotonic()
         attempt = 0
@@ -85,8 +87,9 @@ class ApiClient:
             attempt += 1
             delay: float | None = None
             try:
-                response = await self._http.request(method, url, json=json, params=params,
-                                                    headers=self._headers)
+                response = await self._http.request(
+                    method, url, json=json, params=params, headers=self._headers
+                )
             except httpx.TransportError as exc:
                 if not is_transient_exception(exc) or not self._may_retry(attempt, started):
                     raise ServerError(
@@ -95,7 +98,9 @@ class ApiClient:
                     ) from None
                 cause = f"{type(exc).__name__}"
             else:
-                if not is_transient_status(response.status_code) or not self._may_retry(attempt, started):
+                if not is_transient_status(response.status_code) or not self._may_retry(
+                    attempt, started
+                ):
                     raise_for_response(response, self.server_url)
                     return response.json() if response.content else None
                 cause = f"HTTP {response.status_code}"
@@ -105,8 +110,10 @@ class ApiClient:
             await asyncio.sleep(wait)
 
     def _may_retry(self, attempt: int, started: float) -> bool:
-        return (attempt < self._retry.max_attempts
-                and time.monotonic() - started < self._retry.max_elapsed)
+        return (
+            attempt < self._retry.max_attempts
+            and time.monotonic() - started < self._retry.max_elapsed
+        )
 
 
 __all__ = ["ApiClient", "ChronicleError", "raise_for_response"]

@@ -41,10 +41,14 @@ MAX_PARTS = 10_000
 def resolve_server_url(server_url: str | None) -> str:
     url = server_url or os.environ.get("METHODIC_SERVER_URL")
     if not url:
-        raise InvalidInputError("no server URL: pass server_url= (or --server-url) or set METHODIC_SERVER_URL")
+        raise InvalidInputError(
+            "no server URL: pass server_url= (or --server-url) or set METHODIC_SERVER_URL"
+        )
     parsed = httpx.URL(url)
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise InvalidInputError(f"server URL {url!r} is not an http(s) URL, e.g. http://127.0.0.1:8765")
+        raise InvalidInputError(
+            f"server URL {url!r} is not an http(s) URL, e.g. http://127.0.0.1:8765"
+        )
     return url.rstrip("/")
 
 
@@ -105,7 +109,9 @@ class AsyncChronicle:
         self._api_key = resolve_api_key(api_key)
         _redact.install()
         if not isinstance(max_upload_workers, int) or max_upload_workers < 1:
-            raise InvalidInputError(f"max_upload_workers must be a whole number >= 1, not {max_upload_workers!r}")
+            raise InvalidInputError(
+                f"max_upload_workers must be a whole number >= 1, not {max_upload_workers!r}"
+            )
         if part_size < 5 * MiB:
             raise InvalidInputError("part_size must be at least 5 MiB (the S3 minimum)")
         self.max_upload_workers = max_upload_workers
@@ -131,8 +137,13 @@ class AsyncChronicle:
                 follow_redirects=False,
             )
             self._api = ApiClient(self.server_url, self._api_key, self._http, self.retry)
-            self._pool = UploadPool(self._api, self._http, workers=self.max_upload_workers,
-                                    bucket=self.bucket, retry=self.retry)
+            self._pool = UploadPool(
+                self._api,
+                self._http,
+                workers=self.max_upload_workers,
+                bucket=self.bucket,
+                retry=self.retry,
+            )
             await self._pool.start()
         return self
 
@@ -152,13 +163,17 @@ class AsyncChronicle:
     @property
     def api(self) -> ApiClient:
         if self._api is None:
-            raise ChronicleError("this Chronicle is not open; use it in a `with` block or call open()")
+            raise ChronicleError(
+                "this Chronicle is not open; use it in a `with` block or call open()"
+            )
         return self._api
 
     @property
     def pool(self) -> UploadPool:
         if self._pool is None:
-            raise ChronicleError("this Chronicle is not open; use it in a `with` block or call open()")
+            raise ChronicleError(
+                "this Chronicle is not open; use it in a `with` block or call open()"
+            )
         return self._pool
 
     @property
@@ -215,8 +230,9 @@ class AsyncChronicle:
 
     async def finalize_asset(self, asset_id: str, checksums: dict[str, str] | None = None) -> Asset:
         """Ask the server to finalize; idempotent. Raises ``AssetIncompleteError`` listing what is missing."""
-        data = await self.api.call("POST", f"/assets/{asset_id}/finalize",
-                                   json={"checksums": checksums or {}})
+        data = await self.api.call(
+            "POST", f"/assets/{asset_id}/finalize", json={"checksums": checksums or {}}
+        )
         return Asset.from_json(data)
 
     def components_for(self, specs: Sequence[ComponentSpec]) -> dict[str, ComponentUpload]:
@@ -244,12 +260,16 @@ class AsyncRun:
         self._uploads: list[AssetUpload] = []
 
     def __repr__(self) -> str:
-        return (f"AsyncRun(id={self.id!r}, experiment_id={self.experiment_id!r}, "
-                f"variation={self.variation}, run={self.run}, status={self.status!r})")
+        return (
+            f"AsyncRun(id={self.id!r}, experiment_id={self.experiment_id!r}, "
+            f"variation={self.variation}, run={self.run}, status={self.status!r})"
+        )
 
     @property
     def binding(self) -> RunBinding:
-        return RunBinding(self.chronicle.server_url, self.id, self.experiment_id, self.variation, self.run)
+        return RunBinding(
+            self.chronicle.server_url, self.id, self.experiment_id, self.variation, self.run
+        )
 
     async def register_and_upload_async(
         self,
@@ -266,8 +286,14 @@ class AsyncRun:
         specs = await asyncio.to_thread(scan_directory, local_dir)
         return await self._submit(specs, asset_type, upload_tracker, os.fspath(local_dir), metadata)
 
-    async def _submit(self, specs: Sequence[ComponentSpec], asset_type: str, tracker: Any,
-                      local_dir: str | None, metadata: dict[str, Any]) -> AsyncUploadHandle:
+    async def _submit(
+        self,
+        specs: Sequence[ComponentSpec],
+        asset_type: str,
+        tracker: Any,
+        local_dir: str | None,
+        metadata: dict[str, Any],
+    ) -> AsyncUploadHandle:
         if not asset_type:
             raise InvalidInputError("asset_type must be a non-empty string, e.g. 'checkpoint'")
         pool = self.chronicle.pool
@@ -276,13 +302,27 @@ class AsyncRun:
         atracker = None
         if tracker is not None:
             atracker = await pool.tracker_for(Path(tracker.db_path))
-            await atracker.run(ops.register(
-                asset_id, list(specs), asset_type, True, metadata, self.binding, local_dir,
-                {p: c.part_size for p, c in components.items() if c.part_size},
-            ))
-        upload = AssetUpload(asset_id=asset_id, asset_type=asset_type, binding=self.binding,
-                             metadata=metadata, components=components, tracker=atracker,
-                             local_dir=local_dir)
+            await atracker.run(
+                ops.register(
+                    asset_id,
+                    list(specs),
+                    asset_type,
+                    True,
+                    metadata,
+                    self.binding,
+                    local_dir,
+                    {p: c.part_size for p, c in components.items() if c.part_size},
+                )
+            )
+        upload = AssetUpload(
+            asset_id=asset_id,
+            asset_type=asset_type,
+            binding=self.binding,
+            metadata=metadata,
+            components=components,
+            tracker=atracker,
+            local_dir=local_dir,
+        )
         self._uploads.append(upload)
         pool.submit(upload)
         return AsyncUploadHandle(upload)
@@ -293,8 +333,11 @@ class AsyncRun:
         Raises ``UploadFailedError`` naming the failed assets (the others are finalized).
         """
         await self.chronicle.pool.wait(self._uploads, timeout)
-        failed = [u for u in self._uploads if u.future.done() and not u.future.cancelled()
-                  and u.future.exception() is not None]
+        failed = [
+            u
+            for u in self._uploads
+            if u.future.done() and not u.future.cancelled() and u.future.exception() is not None
+        ]
         if failed:
             first = failed[0].future.exception()
             names = ", ".join(f"{u.asset_id} ({u.local_dir or u.asset_type})" for u in failed)
@@ -304,7 +347,9 @@ class AsyncRun:
             )
 
     async def set_status(self, status: str) -> None:
-        data = await self.chronicle.api.call("POST", f"/runs/{self.id}/status", json={"status": status})
+        data = await self.chronicle.api.call(
+            "POST", f"/runs/{self.id}/status", json={"status": status}
+        )
         self.status = str(data["status"])
 
     async def succeed(self) -> None:
@@ -316,7 +361,9 @@ class AsyncRun:
         """Mark the run failed. Uploads already queued carry on."""
         await self.set_status("failed")
 
-    async def upload_asset(self, path: Path | str, asset_type: str = "file", **metadata: Any) -> Asset:
+    async def upload_asset(
+        self, path: Path | str, asset_type: str = "file", **metadata: Any
+    ) -> Asset:
         """Upload one file or one directory as an asset, now, and return it finalized.
 
         Not tracked: for large checkpoints that must survive a crash, use
@@ -345,10 +392,17 @@ class AsyncRun:
         asset_id = asset_id or new_asset_id()
         validate_specs(asset_id, components)
         comps = self.chronicle.components_for(components)
-        data = await self.chronicle.api.call("POST", f"/runs/{self.id}/assets", json={
-            "asset_id": asset_id, "asset_type": asset_type, "metadata": metadata,
-            "components": [c.manifest() for c in comps.values()], "presign": True,
-        })
+        data = await self.chronicle.api.call(
+            "POST",
+            f"/runs/{self.id}/assets",
+            json={
+                "asset_id": asset_id,
+                "asset_type": asset_type,
+                "metadata": metadata,
+                "components": [c.manifest() for c in comps.values()],
+                "presign": True,
+            },
+        )
         targets = tuple(UploadTarget.from_json(t) for t in data.get("targets", ()))
         return PresignedAsset(asset_id, Asset.from_json(data), targets)
 
@@ -356,7 +410,9 @@ class AsyncRun:
         """Finalize a pending asset; a second call returns the same finalized asset."""
         return await self.chronicle.finalize_asset(asset_id)
 
-    async def list_assets(self, include_pending: bool = False, asset_type: str | None = None) -> list[Asset]:
+    async def list_assets(
+        self, include_pending: bool = False, asset_type: str | None = None
+    ) -> list[Asset]:
         """This run's assets, oldest first: finalized only unless ``include_pending``."""
         params: dict[str, Any] = {"include_pending": str(include_pending).lower()}
         if asset_type:
@@ -373,18 +429,23 @@ class AsyncRun:
 
         async def one(comp: dict[str, Any]) -> None:
             async with limit:
-                await _download_component(self.chronicle.http, comp, dest, self.chronicle.server_url)
+                await _download_component(
+                    self.chronicle.http, comp, dest, self.chronicle.server_url
+                )
 
         await asyncio.gather(*(one(c) for c in data["components"]))
         return dest
 
 
-async def _download_component(http: httpx.AsyncClient, comp: dict[str, Any], dest: Path,
-                              server_url: str) -> None:
+async def _download_component(
+    http: httpx.AsyncClient, comp: dict[str, Any], dest: Path, server_url: str
+) -> None:
     path = comp["path"]
     problem = component_path_problem(path)
     if problem:
-        raise ChronicleError(f"the server sent a component path {path!r} that {problem}; refusing to write it")
+        raise ChronicleError(
+            f"the server sent a component path {path!r} that {problem}; refusing to write it"
+        )
     final = dest / path
     tmp = final.with_name(f".{final.name}.methodic-partial")
     await asyncio.to_thread(final.parent.mkdir, parents=True, exist_ok=True)

@@ -170,7 +170,9 @@ class RateMeter:
         else:
             if self._flow is None and self.total > self._last_total:
                 self._flow = (self.total, now)
-            self.rate = instant if not self.history else self.alpha * instant + (1 - self.alpha) * self.rate
+            self.rate = (
+                instant if not self.history else self.alpha * instant + (1 - self.alpha) * self.rate
+            )
         self.history.append(self.rate)
         self._last_total, self._last_at = self.total, now
         return self.rate
@@ -224,6 +226,9 @@ class PoolSnapshot:
 
     @property
     def eta(self) -> float | None:
-        left = sum(a.bytes_total - a.bytes_done for a in self.assets
-                   if a.state in ("uploading", "registered"))
+        left = sum(
+            a.bytes_total - a.bytes_done
+            for a in self.assets
+            if a.state in ("uploading", "registered")
+        )
         return left / self.rate if self.rate > 0 and left else None

@@ -53,7 +53,9 @@ from methodic._types import Asset, RunBinding, TrackedAsset, UploadTarget
 log = logging.getLogger("methodic")
 
 PRESIGN_BATCH = 200
-PRESIGN_MARGIN = 30.0  # seconds of validity a target must keep to be used (at most a quarter of its TTL)
+PRESIGN_MARGIN = (
+    30.0  # seconds of validity a target must keep to be used (at most a quarter of its TTL)
+)
 FLUSH_INTERVAL = 0.5  # tracker progress writes, at most this often
 PROGRESS_INTERVAL = 0.25  # progress events per component, at most this often
 SAMPLE_INTERVAL = 1.0  # bandwidth samples
@@ -94,12 +96,24 @@ class ComponentUpload:
         return min(self.part_size, self.size - (n - 1) * self.part_size)
 
     def manifest(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "sha256": self.sha256, "part_size": self.part_size}
+        return {
+            "path": self.path,
+            "size": self.size,
+            "sha256": self.sha256,
+            "part_size": self.part_size,
+        }
 
     def snapshot(self) -> ComponentSnapshot:
-        return ComponentSnapshot(self.path, self.state, self.bytes_done, self.size,
-                                 len(self.parts_done), self.part_count if self.part_size else 0,
-                                 self.attempts, self.last_error)
+        return ComponentSnapshot(
+            self.path,
+            self.state,
+            self.bytes_done,
+            self.size,
+            len(self.parts_done),
+            self.part_count if self.part_size else 0,
+            self.attempts,
+            self.last_error,
+        )
 
 
 def _new_future() -> asyncio.Future[Asset]:
@@ -159,10 +173,17 @@ class AssetUpload:
         # would show a tiny rate and an ETA of days.
         rate = self.meter.rate if self.state == "uploading" and self.meter.settled else None
         return AssetSnapshot(
-            asset_id=self.asset_id, asset_type=self.asset_type, local_dir=self.local_dir,
-            state=self.state, components_done=self.completed,
-            component_count=len(self.components), bytes_done=done, bytes_total=total, rate=rate,
-            eta=(total - done) / rate if rate else None, last_error=self.last_error,
+            asset_id=self.asset_id,
+            asset_type=self.asset_type,
+            local_dir=self.local_dir,
+            state=self.state,
+            components_done=self.completed,
+            component_count=len(self.components),
+            bytes_done=done,
+            bytes_total=total,
+            rate=rate,
+            eta=(total - done) / rate if rate else None,
+            last_error=self.last_error,
             components=tuple(c.snapshot() for c in comps) if with_components else (),
         )
 
@@ -182,8 +203,15 @@ class _Job:
 
 
 class UploadPool:
-    def __init__(self, api: ApiClient, http: httpx.AsyncClient, *, workers: int,
-                 bucket: TokenBucket, retry: RetryPolicy) -> None:
+    def __init__(
+        self,
+        api: ApiClient,
+        http: httpx.AsyncClient,
+        *,
+        workers: int,
+        bucket: TokenBucket,
+        retry: RetryPolicy,
+    ) -> None:
         self.api = api
         self.http = http
         self.connections = Connections()
@@ -205,8 +233,10 @@ class UploadPool:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._worker(), name=f"methodic-worker-{i}")
-                       for i in range(self.workers)]
+        self._tasks = [
+            asyncio.create_task(self._worker(), name=f"methodic-worker-{i}")
+            for i in range(self.workers)
+        ]
         self._tasks.append(asyncio.create_task(self._flusher(), name="methodic-flusher"))
         self._tasks.append(asyncio.create_task(self._sampler(), name="methodic-sampler"))
 
@@ -217,10 +247,12 @@ class UploadPool:
         await self._flush()
         for up in self.assets.values():
             if not up.future.done():
-                up.future.set_exception(UploadFailedError(
-                    f"asset {up.asset_id} was not finished when its Chronicle closed; "
-                    "it stays resumable: run drain_incomplete_uploads() or `methodic-tui resume`"
-                ))
+                up.future.set_exception(
+                    UploadFailedError(
+                        f"asset {up.asset_id} was not finished when its Chronicle closed; "
+                        "it stays resumable: run drain_incomplete_uploads() or `methodic-tui resume`"
+                    )
+                )
         for tracker in self._trackers.values():
             await tracker.close()
         self._trackers.clear()
@@ -264,12 +296,16 @@ class UploadPool:
             await self._fail_asset(up, exc)
 
     async def _ensure_remote(self, up: AssetUpload) -> Asset:
-        data = await self.api.call("POST", f"/runs/{up.binding.run_id}/assets", json={
-            "asset_id": up.asset_id,
-            "asset_type": up.asset_type,
-            "metadata": up.metadata,
-            "components": [c.manifest() for c in up.components.values()],
-        })
+        data = await self.api.call(
+            "POST",
+            f"/runs/{up.binding.run_id}/assets",
+            json={
+                "asset_id": up.asset_id,
+                "asset_type": up.asset_type,
+                "metadata": up.metadata,
+                "components": [c.manifest() for c in up.components.values()],
+            },
+        )
         up.remote_ready = True
         if up.resumed:
             data = await self.api.call("GET", f"/assets/{up.asset_id}")
@@ -321,7 +357,9 @@ class UploadPool:
                 raise
             except Exception:  # a bug must not kill a worker; the asset is failed with it
                 log.exception("unexpected error uploading %s of %s", job.path, job.asset.asset_id)
-                await self._fail_asset(job.asset, UploadFailedError(f"internal error on {job.path}"))
+                await self._fail_asset(
+                    job.asset, UploadFailedError(f"internal error on {job.path}")
+                )
             finally:
                 self._active -= 1
                 self._queue.task_done()
@@ -329,8 +367,11 @@ class UploadPool:
     async def _run_job(self, job: _Job) -> None:
         up = job.asset
         c = up.components[job.path]
-        if up.state != "uploading" or c.state in ("completed", "failed") or (
-                job.part is not None and job.part in c.parts_done):
+        if (
+            up.state != "uploading"
+            or c.state in ("completed", "failed")
+            or (job.part is not None and job.part in c.parts_done)
+        ):
             up.queued.discard(job.key)
             return
         job.attempt += 1
@@ -341,10 +382,16 @@ class UploadPool:
         self._dirty.add((up, c))  # state and attempts reach the tracker with the next flush
         try:
             target = await self._target(up, job)
-            task = asyncio.ensure_future(send_range(
-                self.http, target, c.identity, self.bucket, lambda n: self._progress(up, c, n),
-                self.connections,
-            ))
+            task = asyncio.ensure_future(
+                send_range(
+                    self.http,
+                    target,
+                    c.identity,
+                    self.bucket,
+                    lambda n: self._progress(up, c, n),
+                    self.connections,
+                )
+            )
             up.inflight.add(task)
             try:
                 etag, digest = await task
@@ -377,9 +424,15 @@ class UploadPool:
             self._queue.put_nowait(job)
             return
         elapsed = time.monotonic() - job.started
-        if not exc.transient or job.attempt >= self.retry.max_attempts or elapsed > self.retry.max_elapsed:
+        if (
+            not exc.transient
+            or job.attempt >= self.retry.max_attempts
+            or elapsed > self.retry.max_elapsed
+        ):
             up.queued.discard(job.key)
-            await self._component_failed(up, c, f"{c.path}: {exc} (after {job.attempt} attempts)", exc)
+            await self._component_failed(
+                up, c, f"{c.path}: {exc} (after {job.attempt} attempts)", exc
+            )
             return
         delay = self.retry.delay(job.attempt, exc.retry_after)
         log.info("retrying %s of %s in %.2fs after %s", c.path, up.asset_id, delay, exc)
@@ -390,8 +443,9 @@ class UploadPool:
             self.events.emit(ComponentStateChanged(up.asset_id, c.path, "queued", c.last_error))
         asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, job)
 
-    async def _piece_done(self, up: AssetUpload, c: ComponentUpload, part: int | None,
-                          etag: str | None, digest: str) -> None:
+    async def _piece_done(
+        self, up: AssetUpload, c: ComponentUpload, part: int | None, etag: str | None, digest: str
+    ) -> None:
         if part is not None:
             c.parts_done.add(part)
             await up.track(ops.record_part(up.asset_id, c.path, part, etag))
@@ -400,7 +454,11 @@ class UploadPool:
                 return
         elif c.sha256 and digest != c.sha256:
             await self._component_failed(
-                up, c, f"{c.path}: its sha256 is {digest}, not the {c.sha256} it was registered with", None)
+                up,
+                c,
+                f"{c.path}: its sha256 is {digest}, not the {c.sha256} it was registered with",
+                None,
+            )
             return
         else:
             c.checksum = digest
@@ -424,9 +482,13 @@ class UploadPool:
                 nxt = up.presign_order.popleft()
                 if nxt != key and nxt in up.queued and nxt not in up.targets:
                     batch.append(nxt)
-            data = await self.api.call("POST", f"/assets/{up.asset_id}/presign", json={
-                "targets": [{"path": p, "part": n} for p, n in batch],
-            })
+            data = await self.api.call(
+                "POST",
+                f"/assets/{up.asset_id}/presign",
+                json={
+                    "targets": [{"path": p, "part": n} for p, n in batch],
+                },
+            )
             now = time.time()
             for t in data["targets"]:
                 target = UploadTarget.from_json(t)
@@ -468,7 +530,16 @@ class UploadPool:
         for up, c in dirty:
             if up.tracker is not None:
                 by_tracker.setdefault(up.tracker, []).append(
-                    (c.state, c.bytes_done, c.attempts, c.last_error, c.checksum, up.asset_id, c.path))
+                    (
+                        c.state,
+                        c.bytes_done,
+                        c.attempts,
+                        c.last_error,
+                        c.checksum,
+                        up.asset_id,
+                        c.path,
+                    )
+                )
         for tracker, updates in by_tracker.items():
             try:
                 await tracker.run(ops.record_components(updates))
@@ -487,10 +558,16 @@ class UploadPool:
     def snapshot(self, with_components: bool | str = False) -> PoolSnapshot:
         """The whole pool at this instant; ``with_components`` True, or one asset id to detail."""
         return PoolSnapshot(
-            assets=tuple(up.snapshot(with_components is True or with_components == up.asset_id)
-                         for up in self.assets.values()),
-            rate=self.meter.rate, history=tuple(self.meter.history), total_sent=self.meter.total,
-            bandwidth_cap=self.bucket.rate, workers=self.workers, active_transfers=self._active,
+            assets=tuple(
+                up.snapshot(with_components is True or with_components == up.asset_id)
+                for up in self.assets.values()
+            ),
+            rate=self.meter.rate,
+            history=tuple(self.meter.history),
+            total_sent=self.meter.total,
+            bandwidth_cap=self.bucket.rate,
+            workers=self.workers,
+            active_transfers=self._active,
         )
 
     # ------------------------------------------------------------ finishing
@@ -508,16 +585,23 @@ class UploadPool:
 
     async def _finalize(self, up: AssetUpload, force: bool = False) -> Asset:
         try:
-            await self._flush()  # the tracker holds every completion before the asset says finalizing
+            await (
+                self._flush()
+            )  # the tracker holds every completion before the asset says finalizing
             await self._set_state(up, "finalizing")
-            checksums = {} if force else {c.path: c.checksum for c in up.components.values() if c.checksum}
-            data = await self.api.call("POST", f"/assets/{up.asset_id}/finalize",
-                                       json={"checksums": checksums})
+            checksums = (
+                {} if force else {c.path: c.checksum for c in up.components.values() if c.checksum}
+            )
+            data = await self.api.call(
+                "POST", f"/assets/{up.asset_id}/finalize", json={"checksums": checksums}
+            )
             asset = Asset.from_json(data)
             await self._finalized(up, asset)
             return asset
         except AssetIncompleteError as exc:
-            await self._fail_asset(up, exc, f"finalize refused: {exc} (missing: {', '.join(exc.missing)})")
+            await self._fail_asset(
+                up, exc, f"finalize refused: {exc} (missing: {', '.join(exc.missing)})"
+            )
             raise
         except ChronicleError as exc:
             await self._fail_asset(up, exc)
@@ -527,28 +611,35 @@ class UploadPool:
         for c in up.components.values():
             c.state, c.bytes_done = "completed", c.size
         up.completed = len(up.components)
-        await up.track(ops.mark_components(up.asset_id, list(up.components), "completed", sizes_done=True))
+        await up.track(
+            ops.mark_components(up.asset_id, list(up.components), "completed", sizes_done=True)
+        )
         await self._set_state(up, "finalized")
-        self.events.emit(AssetFinalized(up.asset_id, up.asset_type, asset.total_size, asset.component_count))
+        self.events.emit(
+            AssetFinalized(up.asset_id, up.asset_type, asset.total_size, asset.component_count)
+        )
         if not up.future.done():
             up.future.set_result(asset)
 
-    async def _component_failed(self, up: AssetUpload, c: ComponentUpload, message: str,
-                                cause: BaseException | None) -> None:
+    async def _component_failed(
+        self, up: AssetUpload, c: ComponentUpload, message: str, cause: BaseException | None
+    ) -> None:
         c.state, c.last_error = "failed", message
         await up.track(ops.set_component_state(up.asset_id, c.path, "failed", error=message))
         self.events.emit(ComponentStateChanged(up.asset_id, c.path, "failed", message))
         await self._fail_asset(up, cause, message)
 
-    async def _fail_asset(self, up: AssetUpload, cause: BaseException | None,
-                          message: str | None = None) -> None:
+    async def _fail_asset(
+        self, up: AssetUpload, cause: BaseException | None, message: str | None = None
+    ) -> None:
         message = message or str(cause)
         self._stop_transfers(up)
         await self._set_state(up, "failed", message)
         if not up.future.done():
             where = f" ({up.local_dir})" if up.local_dir else ""
-            up.future.set_exception(UploadFailedError(
-                f"upload of asset {up.asset_id}{where} failed: {message}", cause))
+            up.future.set_exception(
+                UploadFailedError(f"upload of asset {up.asset_id}{where} failed: {message}", cause)
+            )
 
     def _stop_transfers(self, up: AssetUpload) -> None:
         for task in list(up.inflight):
@@ -646,16 +737,23 @@ class UploadPool:
         if not up.future.done():
             up.future.set_exception(UploadFailedError(f"asset {asset_id} was discarded"))
 
-    def adopt(self, tracked: TrackedAsset, tracker: AsyncTracker, server_url: str) -> AssetUpload | None:
+    def adopt(
+        self, tracked: TrackedAsset, tracker: AsyncTracker, server_url: str
+    ) -> AssetUpload | None:
         """Build (not start) the upload of an asset an earlier process left unfinished."""
         if tracked.binding is None:
             return None
         b = tracked.binding
         return AssetUpload(
-            asset_id=tracked.asset_id, asset_type=tracked.asset_type,
+            asset_id=tracked.asset_id,
+            asset_type=tracked.asset_type,
             binding=RunBinding(server_url, b.run_id, b.experiment_id, b.variation, b.run),
-            metadata=tracked.metadata, components=component_uploads(tracked), tracker=tracker,
-            local_dir=tracked.local_dir, sealed=tracked.sealed, resumed=True,
+            metadata=tracked.metadata,
+            components=component_uploads(tracked),
+            tracker=tracker,
+            local_dir=tracked.local_dir,
+            sealed=tracked.sealed,
+            resumed=True,
             state="paused" if tracked.state == "paused" else "registered",
         )
 

@@ -34,7 +34,10 @@ class DrainReport:
 
 
 async def adopt_incomplete_uploads(
-    chronicle: AsyncChronicle, tracker: UploadTracker, report: DrainReport | None = None, *,
+    chronicle: AsyncChronicle,
+    tracker: UploadTracker,
+    report: DrainReport | None = None,
+    *,
     start: bool = True,
 ) -> list[AssetUpload]:
     """Bring every unfinished asset of ``tracker`` into the pool: started, or only held.
@@ -60,7 +63,8 @@ async def adopt_incomplete_uploads(
         owner = await atracker.run(ops.claim(tracked.asset_id))
         if owner is not None:  # resuming it here could send it twice
             report.skipped[tracked.asset_id] = (
-                f"pid {owner} is still running: it may be uploading this (see `attach`)")
+                f"pid {owner} is still running: it may be uploading this (see `attach`)"
+            )
             continue
         if up.state == "paused":
             report.skipped[tracked.asset_id] = "paused by the operator; resume it to continue"
@@ -73,7 +77,9 @@ async def adopt_incomplete_uploads(
     return uploads
 
 
-async def drain_incomplete_uploads_async(chronicle: AsyncChronicle, tracker: UploadTracker) -> DrainReport:
+async def drain_incomplete_uploads_async(
+    chronicle: AsyncChronicle, tracker: UploadTracker
+) -> DrainReport:
     """The async twin of ``drain_incomplete_uploads``."""
     report = DrainReport()
     adopted = await adopt_incomplete_uploads(chronicle, tracker, report)

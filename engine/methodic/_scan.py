@@ -21,16 +21,22 @@ def scan_directory(local_dir: Path | str) -> list[ComponentSpec]:
     """
     root = Path(local_dir).expanduser()
     if not root.exists():
-        raise InvalidInputError(f"{root}: no such directory; pass the checkpoint directory to upload")
+        raise InvalidInputError(
+            f"{root}: no such directory; pass the checkpoint directory to upload"
+        )
     if not root.is_dir():
-        raise InvalidInputError(f"{root} is a file, not a directory; pass its directory, or use upload_asset() for one file")
+        raise InvalidInputError(
+            f"{root} is a file, not a directory; pass its directory, or use upload_asset() for one file"
+        )
     real_root = root.resolve()
     specs: list[ComponentSpec] = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=_walk_error):
         here = Path(dirpath)
         for d in list(dirnames):
             if (here / d).is_symlink():
-                raise InvalidInputError(f"{here / d} is a symlinked directory; copy it in or remove the link")
+                raise InvalidInputError(
+                    f"{here / d} is a symlinked directory; copy it in or remove the link"
+                )
         dirnames.sort()
         for name in sorted(filenames):
             specs.append(_component(root, real_root, here / name))
@@ -48,7 +54,9 @@ def _component(root: Path, real_root: Path, path: Path) -> ComponentSpec:
     if path.is_symlink():
         target = path.resolve()
         if not target.exists():
-            raise InvalidInputError(f"{path} is a symlink to {os.readlink(path)}, which does not exist")
+            raise InvalidInputError(
+                f"{path} is a symlink to {os.readlink(path)}, which does not exist"
+            )
         if not target.is_relative_to(real_root):
             raise InvalidInputError(
                 f"{path} is a symlink to {target}, outside {root}; copy the file in instead"
@@ -56,7 +64,9 @@ def _component(root: Path, real_root: Path, path: Path) -> ComponentSpec:
     try:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
-            raise InvalidInputError(f"{path} is not a regular file (a FIFO, socket or device); remove it")
+            raise InvalidInputError(
+                f"{path} is not a regular file (a FIFO, socket or device); remove it"
+            )
         with open(path, "rb"):
             pass
     except OSError as exc:

@@ -67,8 +67,9 @@ class Connections:
     def __init__(self) -> None:
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
 
-    async def acquire(self, host: str, port: int, timeout: float, *, reuse: bool = True
-                      ) -> tuple[_Connection, bool]:
+    async def acquire(
+        self, host: str, port: int, timeout: float, *, reuse: bool = True
+    ) -> tuple[_Connection, bool]:
         """A connection to (host, port) and whether it was reused."""
         idle = self._idle.get((host, port), [])
         while reuse and idle:
@@ -104,7 +105,11 @@ class Connections:
         """Keep the connection for the next request if HTTP allows it, else close it."""
         protocol = conn.protocol
         idle = self._idle.setdefault((host, port), [])
-        if protocol.our_state is h11.DONE and protocol.their_state is h11.DONE and len(idle) < IDLE_PER_HOST:
+        if (
+            protocol.our_state is h11.DONE
+            and protocol.their_state is h11.DONE
+            and len(idle) < IDLE_PER_HOST
+        ):
             protocol.start_next_cycle()
             idle.append(conn)
         else:
@@ -136,8 +141,7 @@ class _RangeHash:
 
     def __init__(self, fd: int, offset: int, length: int, hasher: hashlib._Hash) -> None:
         self._stop = threading.Event()
-        self._future = asyncio.wrap_future(
-            _HASHERS.submit(self._run, fd, offset, length, hasher))
+        self._future = asyncio.wrap_future(_HASHERS.submit(self._run, fd, offset, length, hasher))
 
     def _run(self, fd: int, offset: int, length: int, hasher: hashlib._Hash) -> bool:
         """True once all of the range is hashed; False if the file is shorter, or on stop."""
@@ -183,12 +187,18 @@ async def put_file_range(
     url = urlsplit(target.url)
     host, port = url.hostname or "", url.port or 80
     path = url.path + (f"?{url.query}" if url.query else "")
-    headers = [("Host", url.netloc), ("User-Agent", USER_AGENT),
-               ("Content-Length", str(target.length)), *target.headers.items()]
+    headers = [
+        ("Host", url.netloc),
+        ("User-Agent", USER_AGENT),
+        ("Content-Length", str(target.length)),
+        *target.headers.items(),
+    ]
     request = h11.Request(method=target.method, target=path, headers=headers)
     hashing = _RangeHash(f.fileno(), target.offset, target.length, hasher)
     try:
-        response = await _put(connections, host, port, request, target, f, bucket, on_bytes, timeout)
+        response = await _put(
+            connections, host, port, request, target, f, bucket, on_bytes, timeout
+        )
         if response.status_code < 300 and not await hashing.complete():
             raise EOFError
         return response
@@ -248,8 +258,14 @@ async def _put(
     raise AssertionError("unreachable")
 
 
-async def _sendfile(sock: socket.socket, fd: int, offset: int, count: int, timeout: float,
-                    on_moved: Callable[[int], None]) -> int:
+async def _sendfile(
+    sock: socket.socket,
+    fd: int,
+    offset: int,
+    count: int,
+    timeout: float,
+    on_moved: Callable[[int], None],
+) -> int:
     """Move ``count`` bytes of the file at ``offset`` to the socket with sendfile(2); ``count``.
 
     Each sendfile call runs straight from the loop's writability callback, as in
@@ -343,7 +359,10 @@ async def _response(conn: _Connection, timeout: float) -> httpx.Response:
         if event is h11.NEED_DATA:
             protocol.receive_data(await _recv(loop, conn.sock, timeout))
         elif isinstance(event, h11.Response):
-            status, headers = event.status_code, [(k.decode(), v.decode("latin-1")) for k, v in event.headers]
+            status, headers = (
+                event.status_code,
+                [(k.decode(), v.decode("latin-1")) for k, v in event.headers],
+            )
         elif isinstance(event, h11.Data):
             body += event.data
         elif isinstance(event, h11.EndOfMessage):

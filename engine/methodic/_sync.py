@@ -62,7 +62,9 @@ class UploadHandle:
         try:
             return self._future.result(timeout)
         except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"asset {self.asset_id} was not finalized within {timeout} s") from None
+            raise TimeoutError(
+                f"asset {self.asset_id} was not finalized within {timeout} s"
+            ) from None
 
     def __repr__(self) -> str:
         return repr(self._handle)
@@ -85,8 +87,9 @@ class Chronicle:
         retry: RetryPolicy | None = None,
         **options: Any,
     ) -> None:
-        self.core = AsyncChronicle(server_url, api_key, max_upload_workers, max_bandwidth,
-                                   retry=retry, **options)
+        self.core = AsyncChronicle(
+            server_url, api_key, max_upload_workers, max_bandwidth, retry=retry, **options
+        )
         self._loop = _LoopThread()
         try:
             self._loop.call(self.core.open())
@@ -193,10 +196,17 @@ class Run:
     def __repr__(self) -> str:
         return repr(self.core).replace("AsyncRun", "Run", 1)
 
-    def register_and_upload_async(self, local_dir: Path | str, asset_type: str = "checkpoint",
-                                  upload_tracker: Any = None, **metadata: Any) -> UploadHandle:
+    def register_and_upload_async(
+        self,
+        local_dir: Path | str,
+        asset_type: str = "checkpoint",
+        upload_tracker: Any = None,
+        **metadata: Any,
+    ) -> UploadHandle:
         """Register every file under ``local_dir`` in one call and upload it in the background."""
-        handle = self._call(self.core.register_and_upload_async(local_dir, asset_type, upload_tracker, **metadata))
+        handle = self._call(
+            self.core.register_and_upload_async(local_dir, asset_type, upload_tracker, **metadata)
+        )
         return UploadHandle(handle, self._chronicle._loop)
 
     def wait_for_uploads(self, timeout: float | None = None) -> None:
@@ -204,7 +214,9 @@ class Run:
         try:
             self._call(self.core.wait_for_uploads(timeout))
         except TimeoutError:
-            raise TimeoutError(f"uploads of run {self.id} still running after {timeout} s") from None
+            raise TimeoutError(
+                f"uploads of run {self.id} still running after {timeout} s"
+            ) from None
 
     def succeed(self) -> None:
         """Wait for pending uploads, then mark the run succeeded."""
@@ -218,16 +230,26 @@ class Run:
         """Upload one file or directory now and return the finalized asset."""
         return self._call(self.core.upload_asset(path, asset_type, **metadata))
 
-    def create_asset_presigned(self, asset_type: str, components: Sequence[ComponentSpec],
-                               *, asset_id: str | None = None, **metadata: Any) -> PresignedAsset:
+    def create_asset_presigned(
+        self,
+        asset_type: str,
+        components: Sequence[ComponentSpec],
+        *,
+        asset_id: str | None = None,
+        **metadata: Any,
+    ) -> PresignedAsset:
         """Create a pending asset from its full manifest; returns its id and upload targets."""
-        return self._call(self.core.create_asset_presigned(asset_type, components, asset_id=asset_id, **metadata))
+        return self._call(
+            self.core.create_asset_presigned(asset_type, components, asset_id=asset_id, **metadata)
+        )
 
     def finalize_asset(self, asset_id: str) -> Asset:
         """Finalize a pending asset (idempotent)."""
         return self._call(self.core.finalize_asset(asset_id))
 
-    def list_assets(self, include_pending: bool = False, asset_type: str | None = None) -> list[Asset]:
+    def list_assets(
+        self, include_pending: bool = False, asset_type: str | None = None
+    ) -> list[Asset]:
         """This run's assets; finalized only unless ``include_pending``."""
         return self._call(self.core.list_assets(include_pending, asset_type))
 

@@ -107,15 +107,21 @@ class UploadTracker:
     def _open(self) -> None:
         _ensure_file(self.db_path)
         try:
-            conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
-                                   timeout=BUSY_TIMEOUT_MS / 1000)
+            conn = sqlite3.connect(
+                self.db_path,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+            )
             for pragma in _PRAGMAS:
                 conn.execute(pragma)
             _set_wal(conn)
             conn.execute("BEGIN IMMEDIATE")
             try:
                 (version,) = conn.execute("PRAGMA user_version").fetchone()
-                for i, script in enumerate(_migrate_statements(version, self.db_path), start=version):
+                for i, script in enumerate(
+                    _migrate_statements(version, self.db_path), start=version
+                ):
                     for stmt in filter(str.strip, script.split(";")):
                         conn.execute(stmt)
                     conn.execute(f"PRAGMA user_version = {i + 1}")
@@ -180,10 +186,17 @@ class UploadTracker:
         never counts as complete before that. ``binding`` records which server run the asset
         belongs to (``Run.register_and_upload_async`` sets it) so a later process can finish it.
         """
-        self._execute(ops.register(
-            asset_id, list(components), asset_type, seal, asset_metadata, binding,
-            os.fspath(local_dir) if local_dir is not None else None,
-        ))
+        self._execute(
+            ops.register(
+                asset_id,
+                list(components),
+                asset_type,
+                seal,
+                asset_metadata,
+                binding,
+                os.fspath(local_dir) if local_dir is not None else None,
+            )
+        )
 
     def seal(self, asset_id: str) -> None:
         """Declare that every component of ``asset_id`` is registered."""
@@ -236,8 +249,9 @@ class AsyncTracker:
         # a transaction that another connection of the same loop cannot finish meanwhile.
         await asyncio.to_thread(lambda: UploadTracker(self.db_path).close())
         try:
-            self._conn = await aiosqlite.connect(self.db_path, isolation_level=None,
-                                                 timeout=BUSY_TIMEOUT_MS / 1000)
+            self._conn = await aiosqlite.connect(
+                self.db_path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
+            )
             for pragma in _PRAGMAS:
                 await self._conn.execute(pragma)
         except sqlite3.Error as exc:

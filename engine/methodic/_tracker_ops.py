@@ -70,7 +70,14 @@ MIGRATIONS: list[str] = [
 ]
 
 ASSET_STATES = (
-    "registered", "uploading", "uploaded", "finalizing", "finalized", "paused", "failed", "discarded",
+    "registered",
+    "uploading",
+    "uploaded",
+    "finalizing",
+    "finalized",
+    "paused",
+    "failed",
+    "discarded",
 )
 COMPONENT_STATES = ("queued", "uploading", "completed", "failed")
 UNFINISHED_STATES = ("registered", "uploading", "uploaded", "finalizing", "paused", "failed")
@@ -130,9 +137,7 @@ def _component_rows(asset_id: str, components: Sequence[ComponentSpec]) -> list[
                     f"component {c.path!r}: cannot read {c.local_path} ({exc.strerror})"
                 ) from None
             mtime_ns, inode = st.st_mtime_ns, st.st_ino
-        rows.append(
-            (asset_id, c.path, os.fspath(c.local_path), c.size, c.sha256, mtime_ns, inode)
-        )
+        rows.append((asset_id, c.path, os.fspath(c.local_path), c.size, c.sha256, mtime_ns, inode))
     return rows
 
 
@@ -174,9 +179,19 @@ def register(
             " experiment_id, variation, run, local_dir, created_at, updated_at, owner_pid)"
             " VALUES (?, ?, 'registered', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                asset_id, asset_type, int(seal), json.dumps(metadata, default=str),
-                b and b.server_url, b and b.run_id, b and b.experiment_id, b and b.variation,
-                b and b.run, local_dir, now, now, os.getpid(),
+                asset_id,
+                asset_type,
+                int(seal),
+                json.dumps(metadata, default=str),
+                b and b.server_url,
+                b and b.run_id,
+                b and b.experiment_id,
+                b and b.variation,
+                b and b.run,
+                local_dir,
+                now,
+                now,
+                os.getpid(),
             ),
         )
     ps = part_sizes or {}
@@ -189,8 +204,10 @@ def register(
 
 @write_op
 def seal(asset_id: str) -> OpGen[None]:
-    rows = yield q("UPDATE assets SET sealed = 1, updated_at = ? WHERE asset_id = ? RETURNING asset_id",
-                   (time.time(), asset_id))
+    rows = yield q(
+        "UPDATE assets SET sealed = 1, updated_at = ? WHERE asset_id = ? RETURNING asset_id",
+        (time.time(), asset_id),
+    )
     if not rows:
         raise InvalidInputError(f"asset {asset_id} is not in the tracker")
 
@@ -200,8 +217,14 @@ def bind(asset_id: str, binding: RunBinding) -> OpGen[None]:
     yield q(
         "UPDATE assets SET server_url = ?, run_id = ?, experiment_id = ?, variation = ?, run = ?"
         " WHERE asset_id = ?",
-        (binding.server_url, binding.run_id, binding.experiment_id, binding.variation,
-         binding.run, asset_id),
+        (
+            binding.server_url,
+            binding.run_id,
+            binding.experiment_id,
+            binding.variation,
+            binding.run,
+            asset_id,
+        ),
     )
 
 
@@ -232,15 +255,27 @@ _ASSET_SUMMARY = (
 )
 
 
-def _asset_from_row(row: tuple[Any, ...], components: tuple[TrackedComponent, ...] = ()) -> TrackedAsset:
-    binding = (
-        RunBinding(row[5], row[6], row[7], row[8], row[9]) if row[6] is not None else None
-    )
+def _asset_from_row(
+    row: tuple[Any, ...], components: tuple[TrackedComponent, ...] = ()
+) -> TrackedAsset:
+    binding = RunBinding(row[5], row[6], row[7], row[8], row[9]) if row[6] is not None else None
     return TrackedAsset(
-        asset_id=row[0], asset_type=row[1], state=row[2], sealed=bool(row[3]),
-        metadata=json.loads(row[4]), binding=binding, local_dir=row[10], created_at=row[11],
-        updated_at=row[12], last_error=row[13], owner_pid=row[14], component_count=row[15],
-        completed_count=row[16], total_bytes=row[17], bytes_sent=row[18], components=components,
+        asset_id=row[0],
+        asset_type=row[1],
+        state=row[2],
+        sealed=bool(row[3]),
+        metadata=json.loads(row[4]),
+        binding=binding,
+        local_dir=row[10],
+        created_at=row[11],
+        updated_at=row[12],
+        last_error=row[13],
+        owner_pid=row[14],
+        component_count=row[15],
+        completed_count=row[16],
+        total_bytes=row[17],
+        bytes_sent=row[18],
+        components=components,
     )
 
 
@@ -255,7 +290,9 @@ def _components(asset_ids: Sequence[str]) -> OpGen[dict[str, list[TrackedCompone
     if not asset_ids:
         return out
     marks = ",".join("?" * len(asset_ids))
-    parts = yield q(f"SELECT asset_id, path, part FROM parts WHERE asset_id IN ({marks})", asset_ids)
+    parts = yield q(
+        f"SELECT asset_id, path, part FROM parts WHERE asset_id IN ({marks})", asset_ids
+    )
     done: dict[tuple[str, str], set[int]] = {}
     for a, p, n in parts:
         done.setdefault((a, p), set()).add(n)
@@ -280,13 +317,17 @@ def get_asset(asset_id: str, with_components: bool = True) -> OpGen[TrackedAsset
 
 
 @read_op
-def list_assets(states: Sequence[str] | None = None, with_components: bool = False) -> OpGen[list[TrackedAsset]]:
+def list_assets(
+    states: Sequence[str] | None = None, with_components: bool = False
+) -> OpGen[list[TrackedAsset]]:
     if states:
         where = f" WHERE a.state IN ({','.join('?' * len(states))})"
         params: Sequence[Any] = tuple(states)
     else:
         where, params = "", ()
-    rows = yield q(_ASSET_SUMMARY + where + " GROUP BY a.asset_id ORDER BY a.created_at, a.asset_id", params)
+    rows = yield q(
+        _ASSET_SUMMARY + where + " GROUP BY a.asset_id ORDER BY a.created_at, a.asset_id", params
+    )
     comps: dict[str, list[TrackedComponent]] = {}
     if with_components and rows:
         comps = yield from _components([r[0] for r in rows])
@@ -301,8 +342,9 @@ def pending_uploads() -> Op[list[TrackedAsset]]:
 
 
 @write_op
-def set_asset_state(asset_id: str, state: str, error: str | None = None,
-                    only_from: Sequence[str] | None = None) -> OpGen[bool]:
+def set_asset_state(
+    asset_id: str, state: str, error: str | None = None, only_from: Sequence[str] | None = None
+) -> OpGen[bool]:
     sql = "UPDATE assets SET state = ?, last_error = ?, updated_at = ? WHERE asset_id = ?"
     params: tuple[Any, ...] = (state, error, time.time(), asset_id)
     if only_from:
@@ -332,8 +374,9 @@ def set_component_state(
 
 
 @write_op
-def mark_components(asset_id: str, paths: Sequence[str], state: str,
-                    sizes_done: bool = False) -> OpGen[None]:
+def mark_components(
+    asset_id: str, paths: Sequence[str], state: str, sizes_done: bool = False
+) -> OpGen[None]:
     """Set many components of one asset to ``state`` (e.g. completed after a server status call)."""
     yield many(
         "UPDATE components SET state = ?, last_error = NULL,"

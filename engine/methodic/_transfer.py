@@ -30,8 +30,14 @@ class FileChangedError(Exception):
 class TransferError(Exception):
     """A PUT that did not succeed. ``transient`` says whether trying again may help."""
 
-    def __init__(self, message: str, *, transient: bool, expired: bool = False,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        transient: bool,
+        expired: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.transient = transient
         self.expired = expired
@@ -102,12 +108,15 @@ async def send_range(
     try:
         try:
             if connections is not None and _direct(target.url):
-                etag = await _put_by_sendfile(connections, http.timeout.write or 60.0, target, f,
-                                              hasher, bucket, counted)
+                etag = await _put_by_sendfile(
+                    connections, http.timeout.write or 60.0, target, f, hasher, bucket, counted
+                )
             else:
                 etag = await _put(http, target, _streamed(f, target, hasher, bucket, counted))
         except EOFError:
-            raise FileChangedError(f"{identity.local_path} shrank while it was being sent") from None
+            raise FileChangedError(
+                f"{identity.local_path} shrank while it was being sent"
+            ) from None
         identity.check()
         return _verified(etag, hasher.hexdigest())
     except BaseException:
@@ -118,8 +127,13 @@ async def send_range(
         await asyncio.to_thread(f.close)
 
 
-async def _streamed(f: BinaryIO, target: UploadTarget, hasher: hashlib._Hash, bucket: TokenBucket,
-                    counted: Callable[[int], None]) -> AsyncIterator[bytes]:
+async def _streamed(
+    f: BinaryIO,
+    target: UploadTarget,
+    hasher: hashlib._Hash,
+    bucket: TokenBucket,
+    counted: Callable[[int], None],
+) -> AsyncIterator[bytes]:
     """The range in 1 MiB chunks, each read and hashed in a thread (the httpx path)."""
     await asyncio.to_thread(f.seek, target.offset)
     remaining = target.length
@@ -145,9 +159,15 @@ def _direct(url: str) -> bool:
     return bool(urllib.request.proxy_bypass(parts.host))
 
 
-async def _put_by_sendfile(connections: Connections, timeout: float, target: UploadTarget,
-                           f: BinaryIO, hasher: hashlib._Hash, bucket: TokenBucket,
-                           counted: Callable[[int], None]) -> str | None:
+async def _put_by_sendfile(
+    connections: Connections,
+    timeout: float,
+    target: UploadTarget,
+    f: BinaryIO,
+    hasher: hashlib._Hash,
+    bucket: TokenBucket,
+    counted: Callable[[int], None],
+) -> str | None:
     try:
         response = await put_file_range(connections, target, f, hasher, bucket, counted, timeout)
     except SendError as exc:
@@ -192,7 +212,9 @@ async def _put(
     try:
         response = await http.request(target.method, target.url, content=content, headers=headers)
     except httpx.TransportError as exc:
-        raise TransferError(f"{type(exc).__name__}: {exc or 'connection lost'}", transient=True) from exc
+        raise TransferError(
+            f"{type(exc).__name__}: {exc or 'connection lost'}", transient=True
+        ) from exc
     return _accepted(response)
 
 
@@ -212,5 +234,7 @@ def _accepted(response: httpx.Response) -> str | None:
 def _verified(etag: str | None, digest: str) -> tuple[str | None, str]:
     stored = (etag or "").strip('"')
     if _SHA256_HEX.fullmatch(stored) and stored != digest:  # S3's ETags are MD5s: not comparable
-        raise TransferError(f"the server stored sha256 {stored}, but {digest} was sent", transient=True)
+        raise TransferError(
+            f"the server stored sha256 {stored}, but {digest} was sent", transient=True
+        )
     return etag, digest

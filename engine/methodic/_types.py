@@ -24,7 +24,9 @@ class ComponentSpec:
     inode: int | None = None
 
     @classmethod
-    def from_file(cls, path: str, local_path: Path | str, sha256: str | None = None) -> ComponentSpec:
+    def from_file(
+        cls, path: str, local_path: Path | str, sha256: str | None = None
+    ) -> ComponentSpec:
         st = os.stat(local_path)
         return cls(path, local_path, st.st_size, sha256, st.st_mtime_ns, st.st_ino)
 

@@ -223,7 +223,9 @@ def _serve(args: argparse.Namespace) -> int:
             stream=sys.stderr,
             format="methodic serve: %(levelname)s %(name)s: %(message)s",
         )
-        server = make_server(create_app(config, state=state, blob_port=blobs.port if blobs else None))
+        server = make_server(
+            create_app(config, state=state, blob_port=blobs.port if blobs else None)
+        )
         url = socket_url(sock, args.host)
 
         def announce() -> None:

@@ -34,8 +34,10 @@ class DashboardScreen(LiveScreen):
         yield StatusHeader(id="header")
         with Horizontal(id="filter-bar"):
             yield Static("filter /", id="filter-label")
-            yield Input(placeholder="part of a name, state or type; enter keeps it, escape clears it",
-                        id="filter")
+            yield Input(
+                placeholder="part of a name, state or type; enter keeps it, escape clears it",
+                id="filter",
+            )
         with Vertical(id="assets-pane", classes="pane"):
             yield AssetsTable(id="assets")
         with Vertical(id="components-pane", classes="pane"):
@@ -74,8 +76,11 @@ class DashboardScreen(LiveScreen):
             self._set_title("#components-pane", "files")
         else:
             comps.show_components(selected.asset_id, selected.components)
-            self._set_title("#components-pane", f"files of {fmt.name_of(selected)} "
-                                                 f"({selected.components_done}/{selected.component_count} stored)")
+            self._set_title(
+                "#components-pane",
+                f"files of {fmt.name_of(selected)} "
+                f"({selected.components_done}/{selected.component_count} stored)",
+            )
         self.query_one(BandwidthPanel).show(snap)
         self.query_one(EventLog).add(entries)
 

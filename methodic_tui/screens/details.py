@@ -25,8 +25,10 @@ def info_text(a: AssetSnapshot | None) -> Text:
     text.append(f"\n{a.asset_id}", "dim")
     if a.local_dir:
         text.append(f"  {a.local_dir}", "dim")
-    text.append(f"\n{a.components_done}/{a.component_count} files stored, "
-                f"{fmt.size_pair(a.bytes_done, a.bytes_total)} ({fmt.percent(a.bytes_done, a.bytes_total)})")
+    text.append(
+        f"\n{a.components_done}/{a.component_count} files stored, "
+        f"{fmt.size_pair(a.bytes_done, a.bytes_total)} ({fmt.percent(a.bytes_done, a.bytes_total)})"
+    )
     if a.state == "uploading" and a.rate:
         text.append(f", {fmt.rate(a.rate)}, ETA {fmt.long_duration(a.eta)}")
     if a.last_error:

@@ -21,8 +21,15 @@ class ConfirmScreen(ModalScreen[bool]):
         Binding("n,escape", "answer(False)", "No"),
     ]
 
-    def __init__(self, title: str, body: str | Text, *, yes: str = "Yes", no: str = "Cancel",
-                 danger: bool = True) -> None:
+    def __init__(
+        self,
+        title: str,
+        body: str | Text,
+        *,
+        yes: str = "Yes",
+        no: str = "Cancel",
+        danger: bool = True,
+    ) -> None:
         super().__init__()
         self.title_text = title
         self.body = body if isinstance(body, Text) else Text(body)
@@ -36,8 +43,11 @@ class ConfirmScreen(ModalScreen[bool]):
             yield Static(self.body, id="dialog-body")
             with Horizontal(id="dialog-buttons"):
                 yield Button(Text(f"{self.no_label} [n]"), id="no")
-                yield Button(Text(f"{self.yes_label} [y]"), id="yes",
-                             variant="error" if self.danger else "primary")
+                yield Button(
+                    Text(f"{self.yes_label} [y]"),
+                    id="yes",
+                    variant="error" if self.danger else "primary",
+                )
 
     def on_mount(self) -> None:
         self.query_one("#no", Button).focus()
@@ -73,6 +83,12 @@ def help_table() -> Table:
     for spec in ACTIONS:
         key = "a / P" if spec.action == "toggle_pause_all" else spec.key_display or "palette"
         table.add_row(key, Text.assemble((spec.title, "bold"), "\n", (spec.help, "dim")))
-    table.add_row("escape", Text.assemble(("Back, or close a dialog", "bold"), "\n",
-                                          ("Never destructive; dialogs answer no.", "dim")))
+    table.add_row(
+        "escape",
+        Text.assemble(
+            ("Back, or close a dialog", "bold"),
+            "\n",
+            ("Never destructive; dialogs answer no.", "dim"),
+        ),
+    )
     return table

@@ -58,7 +58,9 @@ def missing_text(t: TrackedAsset | None) -> Text:
         text.append(f"  {t.local_dir}", "dim")
     missing = t.missing
     text.append(f"\nnot yet stored ({len(missing)}): ")
-    text.append(", ".join(c.path for c in missing[:MAX_LISTED]) or "nothing: force-finalize can finish it")
+    text.append(
+        ", ".join(c.path for c in missing[:MAX_LISTED]) or "nothing: force-finalize can finish it"
+    )
     if len(missing) > MAX_LISTED:
         text.append(f" and {len(missing) - MAX_LISTED} more", "dim")
     text.append("\nwhy it stopped: ")
@@ -109,9 +111,17 @@ class RecoveryScreen(LiveScreen):
             return Text.assemble(
                 (f"{n} unfinished upload{'s' if n != 1 else ''} from an earlier process.", "bold"),
                 " The server kept what was stored: resuming sends only the rest.\n",
-                ("u", "bold cyan"), " resume all · ", ("enter", "bold cyan"), " resume one · ",
-                ("d", "bold cyan"), " discard · ", ("f", "bold cyan"), " force-finalize · ",
-                ("esc", "bold cyan"), " later")
+                ("u", "bold cyan"),
+                " resume all · ",
+                ("enter", "bold cyan"),
+                " resume one · ",
+                ("d", "bold cyan"),
+                " discard · ",
+                ("f", "bold cyan"),
+                " force-finalize · ",
+                ("esc", "bold cyan"),
+                " later",
+            )
         tracker = self.mapp.source.labels.tracker
         note = "all handled" if self._seen_any else f"no unfinished uploads in {tracker}"
         return Text.assemble((note, "bold"), ". ", ("escape", "bold cyan"), " for the dashboard")

@@ -28,8 +28,13 @@ class LogEntry:
 
     def render(self) -> Text:
         style = LEVEL_STYLES.get(self.level, "")
-        return Text.assemble((fmt.clock(self.at), "dim"), " ",
-                             (LEVEL_MARKS.get(self.level, "·"), style), " ", (self.text, style))
+        return Text.assemble(
+            (fmt.clock(self.at), "dim"),
+            " ",
+            (LEVEL_MARKS.get(self.level, "·"), style),
+            " ",
+            (self.text, style),
+        )
 
 
 class LiveText(Widget):
@@ -52,8 +57,10 @@ class LiveText(Widget):
         if text == self._text:
             return
         old, self._text = self._text, text
-        relayout = (old.plain.count("\n") != text.plain.count("\n")
-                    or max(map(len, text.plain.split("\n")), default=0) > self.size.width)
+        relayout = (
+            old.plain.count("\n") != text.plain.count("\n")
+            or max(map(len, text.plain.split("\n")), default=0) > self.size.width
+        )
         self.refresh(layout=relayout)
 
 
@@ -139,8 +146,9 @@ class BandwidthPanel(Vertical):
 
 class EventLog(RichLog):
     def __init__(self, *, id: str | None = None) -> None:
-        super().__init__(id=id, max_lines=1000, wrap=True, markup=False, highlight=False,
-                         min_width=20)
+        super().__init__(
+            id=id, max_lines=1000, wrap=True, markup=False, highlight=False, min_width=20
+        )
 
     def add(self, entries: Iterable[LogEntry]) -> None:
         for entry in entries:

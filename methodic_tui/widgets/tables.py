@@ -23,12 +23,26 @@ from methodic._events import AssetSnapshot, ComponentSnapshot
 from methodic_tui import format as fmt
 
 STATE_STYLES = {
-    "registered": "dim", "queued": "dim", "uploading": "cyan", "paused": "yellow",
-    "interrupted": "yellow", "failed": "bold red", "finalizing": "magenta",
-    "finalized": "green", "completed": "green", "discarded": "dim",
+    "registered": "dim",
+    "queued": "dim",
+    "uploading": "cyan",
+    "paused": "yellow",
+    "interrupted": "yellow",
+    "failed": "bold red",
+    "finalizing": "magenta",
+    "finalized": "green",
+    "completed": "green",
+    "discarded": "dim",
 }
-BAR_STYLES = {"uploading": "cyan", "finalized": "green", "completed": "green", "failed": "red",
-              "paused": "yellow", "interrupted": "yellow", "finalizing": "magenta"}
+BAR_STYLES = {
+    "uploading": "cyan",
+    "finalized": "green",
+    "completed": "green",
+    "failed": "red",
+    "paused": "yellow",
+    "interrupted": "yellow",
+    "finalizing": "magenta",
+}
 SCROLLBAR = 1  # cells kept free for the vertical scrollbar
 T = TypeVar("T")
 
@@ -44,8 +58,12 @@ class Col:
 
 
 def cell(content: str | Text, style: str = "", right: bool = False) -> Text:
-    text = Text.assemble(" ", content if isinstance(content, Text) else (content, style),
-                         no_wrap=True, overflow="ellipsis")
+    text = Text.assemble(
+        " ",
+        content if isinstance(content, Text) else (content, style),
+        no_wrap=True,
+        overflow="ellipsis",
+    )
     if right:
         text.justify = "right"
     return text
@@ -55,7 +73,9 @@ def name_cell(name: str, asset_type: str, width: int) -> Text:
     """The asset's name in bold, and its type when the column has room for both."""
     fits = len(name) + len(asset_type) + 2 <= width
     # The space ends the name's run: a run starting with spaces may lose them in an SVG.
-    return cell(Text.assemble((f"{name} " if fits else name, "bold"), (asset_type if fits else "", "dim")))
+    return cell(
+        Text.assemble((f"{name} " if fits else name, "bold"), (asset_type if fits else "", "dim"))
+    )
 
 
 def state_cell(state: str) -> Text:
@@ -65,8 +85,9 @@ def state_cell(state: str) -> Text:
 def progress_cell(done: int, total: int, state: str, width: int) -> Text:
     frac = fmt.fraction(done, total)
     bar = fmt.bar(frac, max(width - 6, 3))
-    return Text.assemble(" ", (bar, BAR_STYLES.get(state, "")),
-                         (f"{fmt.percent(done, total):>5}", ""), no_wrap=True)
+    return Text.assemble(
+        " ", (bar, BAR_STYLES.get(state, "")), (f"{fmt.percent(done, total):>5}", ""), no_wrap=True
+    )
 
 
 class LiveTable(DataTable[Text], Generic[T]):
@@ -84,8 +105,9 @@ class LiveTable(DataTable[Text], Generic[T]):
         # Before DataTable's __init__, whose reactive setters already clear caches.
         self._versions: dict[tuple[str, str], int] = {}  # bumped by each update of a cell
         self._cell_cache: LRUCache[tuple[object, ...], list[list[Segment]]] = LRUCache(4096)
-        super().__init__(id=id, classes=classes, cursor_type="row", cell_padding=0,
-                         zebra_stripes=False)
+        super().__init__(
+            id=id, classes=classes, cursor_type="row", cell_padding=0, zebra_stripes=False
+        )
         self._widths = {c.key: c.width for c in self.COLUMNS}
         self._order: list[str] = []  # row keys, top to bottom (rows are only appended)
         self._items: dict[str, T] = {}  # the latest item of each row
@@ -140,8 +162,11 @@ class LiveTable(DataTable[Text], Generic[T]):
             if drawn is not None and self.same(drawn, item):
                 continue
             cells = tuple(self.row(item))
-            changed = [(col.key, now) for col, now, before
-                       in zip(self.COLUMNS, cells, self._drawn[key], strict=True) if now != before]
+            changed = [
+                (col.key, now)
+                for col, now, before in zip(self.COLUMNS, cells, self._drawn[key], strict=True)
+                if now != before
+            ]
             if changed:
                 self._set_cells(key, changed)
             self._drawn[key] = cells
@@ -192,8 +217,15 @@ class LiveTable(DataTable[Text], Generic[T]):
 
     # -------------------------------------------------- rendering
 
-    def _render_cell(self, row_index: int, column_index: int, base_style: Style, width: int,
-                     cursor: bool = False, hover: bool = False) -> list[list[Segment]]:
+    def _render_cell(
+        self,
+        row_index: int,
+        column_index: int,
+        base_style: Style,
+        width: int,
+        cursor: bool = False,
+        hover: bool = False,
+    ) -> list[list[Segment]]:
         # DataTable keys its cell cache on one counter that every update_cell bumps, so a
         # single changed cell re-renders every visible cell. Cache in front of it per cell
         # version instead: a refresh renders only the cells that changed. (Private API;
@@ -203,8 +235,19 @@ class LiveTable(DataTable[Text], Generic[T]):
         row_key = self._row_locations.get_key(row_index)
         col_key = self._column_locations.get_key(column_index)
         version = self._versions.get((row_key.value, col_key.value), 0)  # type: ignore[arg-type]
-        key = (row_index, row_key, col_key, version, base_style, width, cursor, hover,
-               self._show_hover_cursor, self._pseudo_class_state, self.show_cursor)
+        key = (
+            row_index,
+            row_key,
+            col_key,
+            version,
+            base_style,
+            width,
+            cursor,
+            hover,
+            self._show_hover_cursor,
+            self._pseudo_class_state,
+            self.show_cursor,
+        )
         lines = self._cell_cache.get(key)
         if lines is None:
             lines = super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
@@ -286,9 +329,23 @@ class AssetsTable(LiveTable[AssetSnapshot]):
 
     def same(self, a: AssetSnapshot, b: AssetSnapshot) -> bool:
         # Components are only in the snapshot of the selected asset: not part of the row.
-        return (a.state, a.bytes_done, a.components_done, a.rate, a.eta, a.bytes_total,
-                a.component_count) == (b.state, b.bytes_done, b.components_done, b.rate, b.eta,
-                                       b.bytes_total, b.component_count)
+        return (
+            a.state,
+            a.bytes_done,
+            a.components_done,
+            a.rate,
+            a.eta,
+            a.bytes_total,
+            a.component_count,
+        ) == (
+            b.state,
+            b.bytes_done,
+            b.components_done,
+            b.rate,
+            b.eta,
+            b.bytes_total,
+            b.component_count,
+        )
 
     def show_assets(self, assets: Sequence[AssetSnapshot]) -> None:
         self.show((a.asset_id, a) for a in assets)
@@ -327,7 +384,9 @@ class ComponentsTable(LiveTable[ComponentSnapshot]):
             cell(c.last_error or "", "red"),
         ]
 
-    def show_components(self, asset_id: str | None, components: Sequence[ComponentSnapshot]) -> None:
+    def show_components(
+        self, asset_id: str | None, components: Sequence[ComponentSnapshot]
+    ) -> None:
         if asset_id != self.asset_id:
             self.asset_id = asset_id
             self.reset()  # another asset: other rows

@@ -247,7 +247,9 @@ def _asset_routes(router: APIRouter, catalog: Catalog, config: ServerConfig) -> 
                 f"{len(body.targets)} targets asked for; at most {config.max_presign_batch} per presign call"
             )
         wanted = [(t.path, t.part) for t in body.targets]
-        return JSONResponse({"targets": catalog.presign(asset_id, wanted, _origin(config, request))})
+        return JSONResponse(
+            {"targets": catalog.presign(asset_id, wanted, _origin(config, request))}
+        )
 
     @router.post(
         "/assets/{asset_id}/finalize",

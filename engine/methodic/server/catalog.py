@@ -430,9 +430,7 @@ class Catalog:
             with self.db.write() as tx:
                 tx.execute("UPDATE assets SET touched_at = ? WHERE id = ?", (now, asset_id))
 
-    def _slots(
-        self, asset_id: str, wanted: Sequence[tuple[str, int | None]] | None
-    ) -> list[Slot]:
+    def _slots(self, asset_id: str, wanted: Sequence[tuple[str, int | None]] | None) -> list[Slot]:
         """The PUTs for each wanted (path, part), or for everything; marks the asset active."""
         with self.db.read() as conn:
             asset = self._asset_row(conn, asset_id)
@@ -547,8 +545,11 @@ class Catalog:
         try:
             self.storage.delete_asset(asset_id)
         except Exception as exc:
-            log.warning("removing the stored bytes of deleted asset %s failed (%s); will retry",
-                        asset_id, exc)
+            log.warning(
+                "removing the stored bytes of deleted asset %s failed (%s); will retry",
+                asset_id,
+                exc,
+            )
             return False
         with self.db.write() as tx:
             tx.execute("DELETE FROM purges WHERE asset_id = ?", (asset_id,))
@@ -576,8 +577,12 @@ class Catalog:
                     self._doom(tx, asset_id)
                 expired.append(asset_id)
         if expired:
-            log.warning("expired %d pending asset(s) idle for over %g s: %s",
-                        len(expired), self.config.pending_ttl, ", ".join(expired[:10]))
+            log.warning(
+                "expired %d pending asset(s) idle for over %g s: %s",
+                len(expired),
+                self.config.pending_ttl,
+                ", ".join(expired[:10]),
+            )
         doomed = [row[0] for row in self.db.connection().execute("SELECT asset_id FROM purges")]
         purged = []
         for asset_id in doomed:
@@ -662,7 +667,9 @@ class Catalog:
                 bad = list(f.bad_parts)
                 verdict.missing.append(
                     _missing_item(
-                        c, f"checksum mismatch: stored parts {bad} differ from what was uploaded", bad
+                        c,
+                        f"checksum mismatch: stored parts {bad} differ from what was uploaded",
+                        bad,
                     )
                 )
                 verdict.forget_parts.append((c, bad))

@@ -149,7 +149,11 @@ class _Hashed:
 
     def holds(self, file: Path, st: os.stat_result, sha256: str | None) -> bool:
         return sha256 is not None and self._stamps.get(file) == (
-            st.st_ino, st.st_size, st.st_mtime_ns, sha256)
+            st.st_ino,
+            st.st_size,
+            st.st_mtime_ns,
+            sha256,
+        )
 
     def forget(self, file: Path) -> None:
         self._stamps.pop(file, None)
@@ -308,7 +312,8 @@ class LocalStorage:
             if stored != c.size:
                 return Found(True, size=stored)
             trusted = self._hashed.holds(
-                self._file(key), st, c.stored_sha256 if c.part_size is None else PARTS)
+                self._file(key), st, c.stored_sha256 if c.part_size is None else PARTS
+            )
             if trusted and c.part_size is None:
                 return Found(True, size=stored, sha256=c.stored_sha256)
             whole = hashlib.sha256()  # a parted file's whole sha256 is known only by reading it
@@ -335,7 +340,9 @@ class LocalStorage:
         if c.part_size is not None:
             bad = tuple(n for n, got in enumerate(parts, 1) if c.part_sha256.get(n) != got)
             return Found(True, size=stored, sha256=digest, bad_parts=bad)
-        damaged = None if digest == c.stored_sha256 else "the stored bytes differ from what was uploaded"
+        damaged = (
+            None if digest == c.stored_sha256 else "the stored bytes differ from what was uploaded"
+        )
         return Found(True, size=stored, sha256=digest, damaged=damaged)
 
     def seal(

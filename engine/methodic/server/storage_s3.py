@@ -46,9 +46,7 @@ def open_s3_storage(
         import boto3
         from botocore.config import Config
     except ImportError:
-        raise StorageSetupError(
-            "--storage s3:// needs boto3: pip install 'methodic[s3]'"
-        ) from None
+        raise StorageSetupError("--storage s3:// needs boto3: pip install 'methodic[s3]'") from None
     config = Config(
         signature_version="s3v4",
         # S3-compatible services (MinIO, Ceph RGW) are addressed by path, AWS by virtual host.
@@ -94,13 +92,24 @@ def _setup_error(exc: Exception, location: S3Location, endpoint: str) -> Storage
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         code = exc.response.get("Error", {}).get("Code", "")
         if status == 404 or code in ("404", "NoSuchBucket"):
-            return StorageSetupError(f"S3 bucket {bucket!r} does not exist at {endpoint}; create it first")
-        if status in (301, 307) or code in ("301", "PermanentRedirect"):
-            region = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get(
-                "x-amz-bucket-region", "its region"
+            return StorageSetupError(
+                f"S3 bucket {bucket!r} does not exist at {endpoint}; create it first"
             )
-            return StorageSetupError(f"S3 bucket {bucket!r} is in another region: pass --s3-region {region}")
-        if status == 403 or code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        if status in (301, 307) or code in ("301", "PermanentRedirect"):
+            region = (
+                exc.response.get("ResponseMetadata", {})
+                .get("HTTPHeaders", {})
+                .get("x-amz-bucket-region", "its region")
+            )
+            return StorageSetupError(
+                f"S3 bucket {bucket!r} is in another region: pass --s3-region {region}"
+            )
+        if status == 403 or code in (
+            "403",
+            "AccessDenied",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+        ):
             return StorageSetupError(
                 f"access to S3 bucket {bucket!r} was denied ({code}): check the credentials and "
                 "that they may list, read and write the bucket"
@@ -321,7 +330,9 @@ class S3Storage:
             return self._good_parts(c, parts)
 
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(pending)))) as pool:
-            listed = dict(zip((c.index for c in pending), pool.map(list_parts, pending), strict=True))
+            listed = dict(
+                zip((c.index for c in pending), pool.map(list_parts, pending), strict=True)
+            )
         found: list[Found] = []
         for c in components:
             size = objects.get(c.index)
@@ -392,8 +403,10 @@ class S3Storage:
                 "HeadObject", self._s3.head_object, Bucket=self.bucket, Key=self._object(key)
             )
         except StorageUnavailable as exc:
-            status = getattr(exc.__cause__, "response", {}).get("ResponseMetadata", {}).get(
-                "HTTPStatusCode"
+            status = (
+                getattr(exc.__cause__, "response", {})
+                .get("ResponseMetadata", {})
+                .get("HTTPStatusCode")
             )
             if status == 404:
                 return None
@@ -405,7 +418,9 @@ class S3Storage:
         if upload_id is not None:
             self._abort(self._object(key), upload_id)
             self._drop_upload_id(key.asset_id, key.index)
-        self._call("DeleteObject", self._s3.delete_object, Bucket=self.bucket, Key=self._object(key))
+        self._call(
+            "DeleteObject", self._s3.delete_object, Bucket=self.bucket, Key=self._object(key)
+        )
 
     def _abort_all(self, asset_id: str) -> None:
         for page in self._paginate(
