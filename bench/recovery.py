@@ -23,8 +23,12 @@ import textwrap
 import time
 from pathlib import Path
 
-from methodic import AsyncChronicle, UploadTracker, drain_incomplete_uploads_async
-from methodic._events import ComponentStateChanged
+from methodic import (
+    AsyncChronicle,
+    ComponentStateChanged,
+    UploadTracker,
+    drain_incomplete_uploads_async,
+)
 from methodic.server import EmbeddedServer
 
 CHILD = textwrap.dedent("""
@@ -49,7 +53,7 @@ def make_files(root: Path, n: int, size: int) -> None:
 
 async def drain(url: str, key: str, tracker: UploadTracker) -> dict[str, float]:
     async with AsyncChronicle(url, key, max_upload_workers=8) as chronicle:
-        sub = chronicle.pool.events.subscribe()
+        sub = chronicle.subscribe()
         first: list[float] = []
 
         async def watch() -> None:

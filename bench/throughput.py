@@ -103,8 +103,8 @@ def child_put(spec: dict[str, Any]) -> dict[str, Any]:
                     )
                     # The pool's connections (the sendfile path) where this tree has them.
                     more = (
-                        [chronicle.pool.connections]
-                        if hasattr(chronicle.pool, "connections")
+                        [chronicle._pool.connections]
+                        if hasattr(chronicle._pool, "connections")
                         else []
                     )
                     _etag, digests[i] = await send_range(
@@ -134,8 +134,7 @@ def child_put(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child_e2e(spec: dict[str, Any]) -> dict[str, Any]:
     """The engine end to end through the public API, as user code writes it."""
-    from methodic import Chronicle, UploadTracker
-    from methodic._events import AssetStateChanged, RetryScheduled
+    from methodic import AssetStateChanged, Chronicle, RetryScheduled, UploadTracker
 
     options = {k: spec[k] for k in ("part_threshold", "part_size") if spec.get(k)}
     tracker = UploadTracker(db_path=Path(spec["tracker"]))
@@ -154,7 +153,7 @@ def child_e2e(spec: dict[str, Any]) -> dict[str, Any]:
         max_upload_workers=spec["workers"],
         **options,
     ) as chronicle:
-        pool = chronicle.core.pool
+        pool = chronicle.core._pool
         watcher = asyncio.run_coroutine_threadsafe(
             watch(pool.events.subscribe()), chronicle._loop.loop
         )

@@ -30,9 +30,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from methodic import ChronicleError
-from methodic._bandwidth import parse_rate
-from methodic._events import AssetSnapshot, ComponentSnapshot, PoolSnapshot
+from methodic import AssetSnapshot, ChronicleError, ComponentSnapshot, PoolSnapshot, parse_rate
 from methodic.server import EmbeddedServer
 from methodic_tui.app import MethodicApp
 from methodic_tui.demo import write_checkpoint

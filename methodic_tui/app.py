@@ -20,8 +20,7 @@ from textual.app import App
 from textual.binding import Binding
 from textual.screen import Screen
 
-from methodic import ChronicleError
-from methodic._events import Event, PoolSnapshot
+from methodic import ChronicleError, Event, PoolSnapshot
 from methodic_tui import format as fmt
 from methodic_tui.actions import ACTIONS
 from methodic_tui.commands import MethodicCommands

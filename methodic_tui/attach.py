@@ -13,8 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from methodic import TrackedAsset, TrackedComponent, UploadTracker
-from methodic._events import (
+from methodic import (
     AssetFinalized,
     AssetSnapshot,
     AssetStateChanged,
@@ -22,6 +21,9 @@ from methodic._events import (
     Event,
     PoolSnapshot,
     RateMeter,
+    TrackedAsset,
+    TrackedComponent,
+    UploadTracker,
 )
 from methodic_tui.engine_source import ConfigError
 from methodic_tui.source import EMPTY, Labels, Source

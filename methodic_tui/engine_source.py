@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
@@ -24,13 +24,14 @@ from methodic import (
     AsyncUploadHandle,
     ChronicleError,
     DrainReport,
+    Event,
+    LoopThread,
+    PoolSnapshot,
+    Subscription,
     TrackedAsset,
     UploadTracker,
     adopt_incomplete_uploads,
 )
-from methodic._events import Event, PoolSnapshot
-from methodic._sync import _LoopThread
-from methodic._tracker_ops import owner_alive
 from methodic_tui.format import size
 from methodic_tui.notices import Notice, capture_logging, restore_logging
 from methodic_tui.options import Options
@@ -39,8 +40,6 @@ from methodic_tui.source import EMPTY, Labels, Source
 if TYPE_CHECKING:
     import logging
 
-    from methodic._events import Subscription
-    from methodic._pool import UploadPool
     from methodic.server import EmbeddedServer
 
 T = TypeVar("T")
@@ -98,7 +97,7 @@ class EngineSource(Source):
         self._stopped_by: dict[str, int | None] = {}  # owner_pid of each asset before adopting
         self._logging: tuple[logging.Handler, list[logging.Handler]] | None = None
         self._closed = False
-        self._engine: _LoopThread | None = None
+        self._engine: LoopThread | None = None
         self.job_error: str | None = None  # the job itself stopped on an error
 
     # -------------------------------------------------- lifecycle
@@ -112,15 +111,14 @@ class EngineSource(Source):
             return await coro
         return await asyncio.wrap_future(self._engine.submit(coro))
 
-    def _on_engine_now(self, fn: Callable[[], T]) -> T:
-        """Call ``fn`` on the engine's loop and block until it returns (a few microseconds)."""
-        if self._engine is None or self._on_engine_thread():
-            return fn()
-
-        async def call() -> T:
-            return fn()
-
-        return self._engine.call(call())
+    def _on_engine_call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` (one that does not wait) on the engine's loop and block until it ends."""
+        if self._engine is None:
+            raise RuntimeError("the engine is not started")
+        if self._on_engine_thread():
+            coro.close()
+            raise RuntimeError("a blocking engine call from the engine's own loop")
+        return self._engine.call(coro)
 
     def _on_engine_thread(self) -> bool:
         try:
@@ -130,7 +128,7 @@ class EngineSource(Source):
 
     async def start(self) -> None:
         self._logging = capture_logging(self._notices)
-        self._engine = _LoopThread()
+        self._engine = LoopThread()
         await self._on_engine(self._start())
 
     async def _start(self) -> None:
@@ -144,7 +142,7 @@ class EngineSource(Source):
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         await self.chronicle.open()
-        self._sub = self.chronicle.pool.events.subscribe()
+        self._sub = self.chronicle.subscribe()
         self.tracker = await asyncio.to_thread(UploadTracker, opts.tracker)
         # One authenticated call up front: a wrong key or URL is a setup error (exit 2).
         exp_id = await self.chronicle.find_experiment(opts.experiment)
@@ -192,7 +190,7 @@ class EngineSource(Source):
         adopted = await adopt_incomplete_uploads(
             self.chronicle, self.tracker, self.report, start=self.pending_mode == "start"
         )
-        self._adopted = {up.asset_id for up in adopted}
+        self._adopted = set(adopted)
         for asset_id, why in self.report.failed.items():
             self.notice("error", f"cannot resume {asset_id}: {why}", asset_id)
         for asset_id, why in self.report.skipped.items():
@@ -258,21 +256,20 @@ class EngineSource(Source):
     # -------------------------------------------------- Source
 
     @property
-    def pool(self) -> UploadPool:
+    def engine(self) -> AsyncChronicle:
         assert self.chronicle is not None
-        return self.chronicle.pool
+        return self.chronicle
 
     def snapshot(self, detail: str | None = None) -> PoolSnapshot:
         if self.chronicle is None or self._closed:
             return EMPTY
-        pool = self.pool
-        return self._on_engine_now(
-            lambda: pool.snapshot(with_components=detail if detail is not None else False)
+        return self._on_engine_call(
+            self.chronicle.snapshot(with_components=detail if detail is not None else False)
         )
 
     def poll_events(self) -> list[Event]:
         sub = self._sub
-        events: list[Event] = self._on_engine_now(sub.get_nowait) if sub is not None else []
+        events: list[Event] = self._on_engine_call(_take(sub)) if sub is not None else []
         while self._notices:
             events.append(self._notices.popleft())
         events.sort(key=lambda e: e.at)
@@ -281,19 +278,9 @@ class EngineSource(Source):
     def pending(self) -> list[TrackedAsset]:
         if self.chronicle is None or self._closed:
             return []
-        pool = self.pool
-
-        def held() -> list[TrackedAsset]:
-            assets = pool.assets
-            return [
-                t
-                for t in self._tracked
-                if t.asset_id in self._adopted
-                and t.asset_id in assets
-                and assets[t.asset_id].state in HELD_STATES
-            ]
-
-        return self._on_engine_now(held)
+        snap = self._on_engine_call(self.engine.snapshot())
+        held = {a.asset_id for a in snap.assets if a.state in HELD_STATES}
+        return [t for t in self._tracked if t.asset_id in self._adopted and t.asset_id in held]
 
     async def refresh_pending(self) -> None:
         if self.tracker is not None and self._adopted:
@@ -306,32 +293,30 @@ class EngineSource(Source):
         return not self.job.continuous and self.job_done and super().settled()
 
     async def pause(self, asset_id: str | None = None) -> list[str]:
-        return list(await self._on_engine(self.pool.pause(asset_id)))
+        return list(await self._on_engine(self.engine.pause(asset_id)))
 
     async def resume(self, asset_id: str | None = None) -> list[str]:
-        return list(await self._on_engine(self.pool.resume(asset_id)))
+        return list(await self._on_engine(self.engine.resume(asset_id)))
 
     async def retry_failed(self, asset_id: str | None = None) -> list[str]:
-        return list(await self._on_engine(self.pool.retry_failed(asset_id)))
+        return list(await self._on_engine(self.engine.retry_failed(asset_id)))
 
     async def force_finalize(self, asset_id: str) -> Asset | None:
-        asset: Asset = await self._on_engine(self.pool.force_finalize(asset_id))
+        asset: Asset = await self._on_engine(self.engine.force_finalize(asset_id))
         return asset
 
     async def discard(self, asset_id: str) -> None:
-        await self._on_engine(self.pool.discard(asset_id))
+        await self._on_engine(self.engine.discard(asset_id))
 
     def set_bandwidth(self, rate: float | None) -> None:
-        chronicle = self.chronicle
-        assert chronicle is not None
-        self._on_engine_now(lambda: chronicle.set_bandwidth(rate))
+        self._on_engine_call(self.engine.set_bandwidth(rate))
 
 
 def stopped_reason(t: TrackedAsset) -> str:
     """Why an earlier process left this upload unfinished, as far as the tracker can tell."""
     if t.state == "paused":
         return "paused by the operator"
-    if owner_alive(t.owner_pid):
+    if t.owner_alive:
         return f"pid {t.owner_pid} is still running: it may be uploading this (see `attach`)"
     if t.last_error:
         return t.last_error
@@ -344,3 +329,7 @@ def stopped_reason(t: TrackedAsset) -> str:
 def missing_summary(t: TrackedAsset) -> str:
     left = t.component_count - t.completed_count
     return f"{left}/{t.component_count} files, {size(max(t.total_bytes - t.bytes_sent, 0))}"
+
+
+async def _take(sub: Subscription) -> list[Event]:
+    return sub.get_nowait()

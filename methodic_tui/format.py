@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import humanize
 
-from methodic._events import (
+from methodic import (
     AssetFinalized,
     AssetSnapshot,
     AssetStateChanged,

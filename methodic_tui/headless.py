@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from methodic._events import Event, PoolSnapshot
+from methodic import Event, PoolSnapshot
 from methodic_tui import format as fmt
 from methodic_tui.notices import Notice
 from methodic_tui.source import Source

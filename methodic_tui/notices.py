@@ -6,7 +6,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
-from methodic._events import Event
+from methodic import Event
 
 
 @dataclass(frozen=True)

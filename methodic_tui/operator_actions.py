@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from textual.screen import ModalScreen
 
-from methodic import AssetIncompleteError, ChronicleError
-from methodic._events import AssetSnapshot, PoolSnapshot
+from methodic import AssetIncompleteError, AssetSnapshot, ChronicleError, PoolSnapshot
 from methodic_tui import bandwidth
 from methodic_tui import format as fmt
 from methodic_tui.actions import ACTIONS

@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from methodic import Asset, ChronicleError, TrackedAsset
-from methodic._events import Event, PoolSnapshot
+from methodic import Asset, ChronicleError, Event, PoolSnapshot, TrackedAsset
 from methodic_tui.format import ACTIVE_STATES
 
 EMPTY = PoolSnapshot(

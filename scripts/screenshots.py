@@ -97,9 +97,9 @@ async def recovery_shots(out: Path, tmp: Path) -> None:
                     write_checkpoint, tmp / "out" / f"checkpoint-{step}", files, step
                 )
                 await run.register_and_upload_async(ckpt, upload_tracker=tracker)
-            while chronicle.pool.snapshot().bytes_done < 30 * MB:
+            while (await chronicle.snapshot()).bytes_done < 30 * MB:
                 await asyncio.sleep(0.05)
-            await chronicle.pool.pause(chronicle.pool.snapshot().assets[-1].asset_id)
+            await chronicle.pause((await chronicle.snapshot()).assets[-1].asset_id)
         tracker.close()  # the process "stopped" here: the uploads are unfinished
         for size, name in ((WIDE, "recovery.svg"), (NARROW, "recovery-80x24.svg")):
             opts = Options(

@@ -11,20 +11,18 @@ import pytest
 from helpers import make_checkpoint, tree_digest
 
 from methodic import (
+    AssetFinalized,
     AssetIncompleteError,
     AsyncChronicle,
     Chronicle,
+    ComponentProgress,
+    ComponentStateChanged,
     NotFoundError,
     RetryPolicy,
+    RetryScheduled,
     UploadFailedError,
     UploadTracker,
     drain_incomplete_uploads,
-)
-from methodic._events import (
-    AssetFinalized,
-    ComponentProgress,
-    ComponentStateChanged,
-    RetryScheduled,
 )
 
 MiB = 1 << 20
@@ -53,7 +51,7 @@ def test_connections_cut_mid_body_are_retried_to_identical_bytes(
     with Chronicle(
         any_proxy.url, any_server.api_key, max_upload_workers=3, retry=FAST_RETRY
     ) as chronicle:
-        sub = chronicle.core.pool.events.subscribe()
+        sub = chronicle.subscribe()
         run = fresh_run(chronicle)
         handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
         handle.result(timeout=60)
@@ -80,7 +78,7 @@ def test_bytes_corrupted_in_transit_are_caught_and_sent_again(
         part_threshold=8 * MiB,
         part_size=5 * MiB,
     ) as chronicle:
-        sub = chronicle.core.pool.events.subscribe()
+        sub = chronicle.subscribe()
         run = fresh_run(chronicle)
         handle = run.register_and_upload_async(ckpt)
         handle.result(timeout=60)
@@ -99,7 +97,7 @@ def test_stalled_transfer_is_aborted_and_retried(any_server, any_proxy, tmp_path
     with Chronicle(
         any_proxy.url, any_server.api_key, retry=FAST_RETRY, stall_timeout=1.5
     ) as chronicle:
-        sub = chronicle.core.pool.events.subscribe()
+        sub = chronicle.subscribe()
         run = fresh_run(chronicle)
         run.register_and_upload_async(ckpt).result(timeout=25)
         causes = [e.cause for e in sub.get_nowait() if isinstance(e, RetryScheduled)]
@@ -115,7 +113,7 @@ def test_service_unavailable_and_429_are_retried_honouring_retry_after(
     server.faults.add(status=429, count=1, retry_after=1.0)
     started = time.monotonic()
     with Chronicle(server.url, server.api_key, retry=FAST_RETRY, max_upload_workers=1) as chronicle:
-        sub = chronicle.core.pool.events.subscribe()
+        sub = chronicle.subscribe()
         run = fresh_run(chronicle)
         handle = run.register_and_upload_async(ckpt)
         handle.result(timeout=30)
@@ -131,7 +129,7 @@ def test_a_component_waiting_for_its_retry_is_queued(server, tmp_path: Path) -> 
     ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 1000})
     server.faults.add(status=503, count=1, retry_after=1.5)
     with Chronicle(server.url, server.api_key, retry=FAST_RETRY) as chronicle:
-        sub = chronicle.core.pool.events.subscribe()
+        sub = chronicle.subscribe()
         handle = fresh_run(chronicle).register_and_upload_async(ckpt)
 
         def component():
@@ -268,12 +266,12 @@ def test_expired_targets_are_presigned_again(tmp_path: Path) -> None:
             srv.url, srv.api_key, max_upload_workers=1, max_bandwidth="800KB", retry=FAST_RETRY
         ) as chronicle,
     ):
-        sub = chronicle.core.pool.events.subscribe()
+        sub = chronicle.subscribe()
         run = fresh_run(chronicle)
         handle = run.register_and_upload_async(ckpt)
         handle.result(timeout=60)  # ~4 s of transfers with 2 s targets
         # Now make the client trust stale targets: the server's 403 must trigger one re-presign.
-        chronicle.core.pool.presign_margin = -3600.0
+        chronicle.core._pool.presign_margin = -3600.0
         ckpt2 = make_checkpoint(tmp_path / "ckpt2", {f"g{i}.bin": 400_000 for i in range(8)})
         handle2 = run.register_and_upload_async(ckpt2)
         handle2.result(timeout=60)
@@ -414,11 +412,11 @@ async def test_events_are_throttled_and_snapshot_is_consistent(server, tmp_path:
         make_checkpoint, tmp_path / "ckpt", {"a.bin": 6 * MiB, "b.bin": 10}
     )
     async with AsyncChronicle(server.url, server.api_key, max_bandwidth="4MB") as chronicle:
-        sub = chronicle.pool.events.subscribe()
+        sub = chronicle.subscribe()
         run = await chronicle.run(await chronicle.create_experiment("events"), 0, 0)
         started = time.monotonic()
         handle = await run.register_and_upload_async(ckpt)
-        snap = chronicle.pool.snapshot(with_components=True)
+        snap = await chronicle.snapshot(with_components=True)
         assert (
             snap.assets[0].asset_id == handle.asset_id
             and snap.assets[0].bytes_total == 6 * MiB + 10

@@ -15,8 +15,7 @@ from helpers import make_checkpoint
 from test_tui_data import sample_snapshot
 from test_tui_helpers import MiB, tui_cmd, tui_env
 
-from methodic import UploadTracker
-from methodic._events import AssetFinalized, RetryScheduled
+from methodic import AssetFinalized, RetryScheduled, UploadTracker
 from methodic_tui.headless import Reporter, use_colour
 
 ANSI = "\x1b["

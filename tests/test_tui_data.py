@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from methodic import RunBinding, TrackedAsset, TrackedComponent
-from methodic._events import (
+from methodic import (
     AssetFinalized,
     AssetSnapshot,
     AssetStateChanged,
@@ -12,6 +11,9 @@ from methodic._events import (
     Event,
     PoolSnapshot,
     RetryScheduled,
+    RunBinding,
+    TrackedAsset,
+    TrackedComponent,
 )
 from methodic_tui.notices import Notice
 from methodic_tui.source import Labels, StaticSource

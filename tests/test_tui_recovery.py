@@ -66,7 +66,7 @@ async def leave_unfinished(
         run = await chronicle.run(await chronicle.create_experiment("tui"), 0, 0)
         for d in dirs:
             await run.register_and_upload_async(d, upload_tracker=tracker)
-        while chronicle.pool.snapshot().bytes_done < 1_000_000:
+        while (await chronicle.snapshot()).bytes_done < 1_000_000:
             await asyncio.sleep(0.02)
     tracker.close()
     return dirs

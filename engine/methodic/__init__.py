@@ -21,14 +21,33 @@ from methodic._errors import (
     TrackerError,
     UploadFailedError,
 )
+from methodic._events import (
+    AssetFinalized,
+    AssetSnapshot,
+    AssetStateChanged,
+    BandwidthSample,
+    ComponentProgress,
+    ComponentSnapshot,
+    ComponentStateChanged,
+    Event,
+    PoolSnapshot,
+    RetryScheduled,
+    Subscription,
+)
 from methodic._recovery import (
     DrainReport,
     adopt_incomplete_uploads,
-    drain_incomplete_uploads,
     drain_incomplete_uploads_async,
 )
 from methodic._retry import RetryPolicy
-from methodic._sync import Chronicle, Run, UploadHandle
+from methodic._sync import (
+    Chronicle,
+    EventStream,
+    LoopThread,
+    Run,
+    UploadHandle,
+    drain_incomplete_uploads,
+)
 from methodic._tracker import UploadTracker
 from methodic._types import (
     Asset,
@@ -45,24 +64,37 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Asset",
+    "AssetFinalized",
     "AssetIncompleteError",
+    "AssetSnapshot",
+    "AssetStateChanged",
     "AsyncChronicle",
     "AsyncRun",
     "AsyncUploadHandle",
     "AuthenticationError",
+    "BandwidthSample",
     "Chronicle",
     "ChronicleError",
+    "ComponentProgress",
+    "ComponentSnapshot",
     "ComponentSpec",
+    "ComponentStateChanged",
     "ConflictError",
     "DrainReport",
+    "Event",
+    "EventStream",
     "InvalidInputError",
+    "LoopThread",
     "NotFoundError",
+    "PoolSnapshot",
     "PresignedAsset",
     "RemoteComponent",
     "RetryPolicy",
+    "RetryScheduled",
     "Run",
     "RunBinding",
     "ServerError",
+    "Subscription",
     "TrackedAsset",
     "TrackedComponent",
     "TrackerError",

@@ -24,6 +24,7 @@ from methodic._errors import (
     NotFoundError,
     UploadFailedError,
 )
+from methodic._events import PoolSnapshot, Subscription
 from methodic._ids import new_asset_id
 from methodic._paths import component_path_problem
 from methodic._pool import AssetUpload, ComponentUpload, UploadPool
@@ -121,7 +122,7 @@ class AsyncChronicle:
         self.bucket = TokenBucket(parse_rate(max_bandwidth))
         self.stall_timeout = stall_timeout
         self._http: httpx.AsyncClient | None = None
-        self._pool: UploadPool | None = None
+        self._upload_pool: UploadPool | None = None
         self._api: ApiClient | None = None
 
     def __repr__(self) -> str:
@@ -137,22 +138,22 @@ class AsyncChronicle:
                 follow_redirects=False,
             )
             self._api = ApiClient(self.server_url, self._api_key, self._http, self.retry)
-            self._pool = UploadPool(
+            self._upload_pool = UploadPool(
                 self._api,
                 self._http,
                 workers=self.max_upload_workers,
                 bucket=self.bucket,
                 retry=self.retry,
             )
-            await self._pool.start()
+            await self._upload_pool.start()
         return self
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
+        if self._upload_pool is not None:
+            await self._upload_pool.close()
         if self._http is not None:
             await self._http.aclose()
-        self._http = self._pool = self._api = None
+        self._http = self._upload_pool = self._api = None
 
     async def __aenter__(self) -> AsyncChronicle:
         return await self.open()
@@ -169,21 +170,64 @@ class AsyncChronicle:
         return self._api
 
     @property
-    def pool(self) -> UploadPool:
-        if self._pool is None:
+    def _pool(self) -> UploadPool:
+        if self._upload_pool is None:
             raise ChronicleError(
                 "this Chronicle is not open; use it in a `with` block or call open()"
             )
-        return self._pool
+        return self._upload_pool
 
     @property
     def http(self) -> httpx.AsyncClient:
         assert self._http is not None
         return self._http
 
-    def set_bandwidth(self, max_bandwidth: str | float | None) -> None:
+    # ------------------------------------------------------------ operator controls
+
+    async def pause(self, asset_id: str | None = None) -> list[str]:
+        """Pause one asset, or all: transfers in flight stop now, finished parts stay finished.
+
+        Returns the ids of the assets it paused.
+        """
+        return await self._pool.pause(asset_id)
+
+    async def resume(self, asset_id: str | None = None) -> list[str]:
+        """Resume paused assets (one, or all), and those held from an earlier process."""
+        return await self._pool.resume(asset_id)
+
+    async def retry_failed(self, asset_id: str | None = None) -> list[str]:
+        """Queue the failed components again (attempts reset); finalize once all are stored."""
+        return await self._pool.retry_failed(asset_id)
+
+    async def force_finalize(self, asset_id: str) -> Asset:
+        """Ask the server to finalize now, whatever the tracker says; the server still verifies.
+
+        Raises ``AssetIncompleteError`` (listing what storage lacks) when the server refuses.
+        """
+        return await self._pool.force_finalize(asset_id)
+
+    async def discard(self, asset_id: str) -> None:
+        """Stop, forget locally and abort the pending asset on the server (its bytes go)."""
+        await self._pool.discard(asset_id)
+
+    async def set_bandwidth(self, max_bandwidth: str | float | None) -> None:
         """Change the shared bandwidth cap while uploads run: bytes/s, text like "200MB", or None."""
         self.bucket.set_rate(parse_rate(max_bandwidth))
+
+    async def snapshot(self, with_components: bool | str = False) -> PoolSnapshot:
+        """Every asset of the pool with bytes, state, rate and ETA, consistent at one instant.
+
+        ``with_components``: True for every asset's files, or one asset id to detail only it.
+        """
+        return self._pool.snapshot(with_components)
+
+    def subscribe(self, maxsize: int = 10_000) -> Subscription:
+        """A stream of engine events (progress, states, retries, bandwidth), on this loop.
+
+        Progress samples are dropped, never state changes, when the reader falls ``maxsize``
+        behind. ``close()`` it (or leave ``async with``) when done.
+        """
+        return self._pool.events.subscribe(maxsize)
 
     # ------------------------------------------------------------ experiments and runs
 
@@ -296,7 +340,7 @@ class AsyncRun:
     ) -> AsyncUploadHandle:
         if not asset_type:
             raise InvalidInputError("asset_type must be a non-empty string, e.g. 'checkpoint'")
-        pool = self.chronicle.pool
+        pool = self.chronicle._pool
         asset_id = new_asset_id()
         components = self.chronicle.components_for(specs)
         atracker = None
@@ -332,7 +376,7 @@ class AsyncRun:
 
         Raises ``UploadFailedError`` naming the failed assets (the others are finalized).
         """
-        await self.chronicle.pool.wait(self._uploads, timeout)
+        await self.chronicle._pool.wait(self._uploads, timeout)
         failed = [
             u
             for u in self._uploads

@@ -382,6 +382,9 @@ class UploadPool:
         self._dirty.add((up, c))  # state and attempts reach the tracker with the next flush
         try:
             target = await self._target(up, job)
+            if up.state != "uploading":  # paused (or stopped) while it was presigned
+                self._stopped(job, c)
+                return
             task = asyncio.ensure_future(
                 send_range(
                     self.http,
@@ -399,9 +402,7 @@ class UploadPool:
                 me = asyncio.current_task()
                 if not task.cancelled() or (me is not None and me.cancelling()):
                     raise
-                up.queued.discard(job.key)  # stopped by pause, discard or a sibling's failure
-                if c.state == "uploading":
-                    c.state = "queued"
+                self._stopped(job, c)  # by pause, discard, force-finalize or a sibling's failure
                 return
             finally:
                 up.inflight.discard(task)
@@ -414,6 +415,19 @@ class UploadPool:
             return
         up.queued.discard(job.key)
         await self._piece_done(up, c, job.part, etag, digest)
+
+    def _stopped(self, job: _Job, c: ComponentUpload) -> None:
+        """A transfer a control stopped: not a failed attempt. Resumed already: queue it again."""
+        up = job.asset
+        job.attempt -= 1
+        c.attempts -= 1
+        if c.state == "uploading":
+            c.state = "queued"
+            self._dirty.add((up, c))
+        if up.state == "uploading":  # resumed before the stop landed: _enqueue skipped this key
+            self._queue.put_nowait(job)
+        else:
+            up.queued.discard(job.key)
 
     async def _transfer_failed(self, job: _Job, c: ComponentUpload, exc: TransferError) -> None:
         up = job.asset
@@ -665,6 +679,11 @@ class UploadPool:
         paused = self._select(asset_id, ACTIVE)
         for up in paused:
             self._stop_transfers(up)
+            for c in up.components.values():  # a paused asset sends no file
+                if c.state == "uploading":
+                    c.state = "queued"
+                    self._dirty.add((up, c))
+                    self.events.emit(ComponentStateChanged(up.asset_id, c.path, "queued"))
             await self._set_state(up, "paused")
         return [up.asset_id for up in paused]
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from methodic import _tracker_ops as ops
 from methodic._client import AsyncChronicle
 from methodic._pool import AssetUpload
 
 if TYPE_CHECKING:
-    from methodic._sync import Chronicle
     from methodic._tracker import UploadTracker
 
 
@@ -39,7 +38,7 @@ async def adopt_incomplete_uploads(
     report: DrainReport | None = None,
     *,
     start: bool = True,
-) -> list[AssetUpload]:
+) -> list[str]:
     """Bring every unfinished asset of ``tracker`` into the pool: started, or only held.
 
     Each adopted asset is claimed (its tracker owner becomes this process); one whose owner is
@@ -47,10 +46,17 @@ async def adopt_incomplete_uploads(
 
     Held assets (``start=False``) are listed by the pool in state ``interrupted`` until an
     operator resumes, discards or force-finalizes them; paused ones stay paused either way.
+    Returns the ids of the adopted assets.
     """
-    pool = chronicle.pool
-    atracker = await pool.tracker_for(Path(tracker.db_path))
     report = report if report is not None else DrainReport()
+    return [up.asset_id for up in await _adopt(chronicle, tracker, report, start)]
+
+
+async def _adopt(
+    chronicle: AsyncChronicle, tracker: UploadTracker, report: DrainReport, start: bool
+) -> list[AssetUpload]:
+    pool = chronicle._pool
+    atracker = await pool.tracker_for(Path(tracker.db_path))
     uploads: list[AssetUpload] = []
     for tracked in await asyncio.to_thread(tracker.get_pending_uploads):
         if tracked.asset_id in pool.assets:
@@ -80,11 +86,16 @@ async def adopt_incomplete_uploads(
 async def drain_incomplete_uploads_async(
     chronicle: AsyncChronicle, tracker: UploadTracker
 ) -> DrainReport:
-    """The async twin of ``drain_incomplete_uploads``."""
+    """Resume every unfinished upload recorded in ``tracker`` and finalize it.
+
+    For each asset: create it on the server if the crash came before that, ask the server which
+    components and parts it already stores, send only the rest, then finalize. Returns what it
+    did, asset by asset (``drain_incomplete_uploads`` is the same for a ``Chronicle``).
+    """
     report = DrainReport()
-    adopted = await adopt_incomplete_uploads(chronicle, tracker, report)
+    adopted = await _adopt(chronicle, tracker, report, start=True)
     uploads = [up for up in adopted if up.asset_id in report.resumed]
-    await chronicle.pool.wait(uploads)
+    await chronicle._pool.wait(uploads)
     for up in uploads:
         report.bytes_resent += up.bytes_sent
         report.bytes_skipped += up.bytes_skipped
@@ -96,15 +107,3 @@ async def drain_incomplete_uploads_async(
         else:
             report.finalized.append(up.asset_id)
     return report
-
-
-def drain_incomplete_uploads(chronicle: Chronicle | AsyncChronicle, tracker: UploadTracker) -> Any:
-    """Resume every unfinished upload recorded in ``tracker`` and finalize it; returns a DrainReport.
-
-    For each asset: create it on the server if the crash came before that, ask the server which
-    components and parts it already stores, send only the rest, then finalize. With an
-    ``AsyncChronicle`` this returns a coroutine.
-    """
-    if isinstance(chronicle, AsyncChronicle):
-        return drain_incomplete_uploads_async(chronicle, tracker)
-    return chronicle._call(drain_incomplete_uploads_async(chronicle.core, tracker))

@@ -5,19 +5,28 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from methodic._client import AsyncChronicle, AsyncRun, AsyncUploadHandle
-from methodic._events import PoolSnapshot
+from methodic._events import Event, PoolSnapshot, Subscription
+from methodic._recovery import DrainReport, drain_incomplete_uploads_async
 from methodic._retry import RetryPolicy
+from methodic._tracker import UploadTracker
 from methodic._types import Asset, ComponentSpec, PresignedAsset
 
 T = TypeVar("T")
 
 
-class _LoopThread:
+class LoopThread:
+    """An asyncio event loop running in a daemon thread of its own.
+
+    ``Chronicle`` runs its ``AsyncChronicle`` on one; a UI with a loop of its own (methodic-tui)
+    runs the engine on one too, so painting never holds up a transfer. ``submit`` schedules a
+    coroutine there and returns a ``concurrent.futures.Future``; ``call`` waits for it.
+    """
+
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="methodic-loop", daemon=True)
@@ -47,7 +56,7 @@ class _LoopThread:
 class UploadHandle:
     """A queued upload: ``asset_id`` at once, ``result()`` the finalized asset (or it raises)."""
 
-    def __init__(self, handle: AsyncUploadHandle, loop: _LoopThread) -> None:
+    def __init__(self, handle: AsyncUploadHandle, loop: LoopThread) -> None:
         self._handle = handle
         self._future = loop.submit(handle.result())
 
@@ -90,7 +99,7 @@ class Chronicle:
         self.core = AsyncChronicle(
             server_url, api_key, max_upload_workers, max_bandwidth, retry=retry, **options
         )
-        self._loop = _LoopThread()
+        self._loop = LoopThread()
         try:
             self._loop.call(self.core.open())
         except BaseException:
@@ -136,39 +145,106 @@ class Chronicle:
     def finalize_asset(self, asset_id: str) -> Asset:
         return self._call(self.core.finalize_asset(asset_id))
 
-    # Operator controls over the shared pool (see UploadPool for the details of each).
+    # Operator controls: AsyncChronicle's, run on the loop thread (see it for each one's rules).
 
     def pause(self, asset_id: str | None = None) -> list[str]:
         """Pause one asset or all; in-flight transfers stop, finished parts stay finished."""
-        return self._call(self.core.pool.pause(asset_id))
+        return self._call(self.core.pause(asset_id))
 
     def resume(self, asset_id: str | None = None) -> list[str]:
         """Resume paused assets."""
-        return self._call(self.core.pool.resume(asset_id))
+        return self._call(self.core.resume(asset_id))
 
     def retry_failed(self, asset_id: str | None = None) -> list[str]:
         """Queue failed components again."""
-        return self._call(self.core.pool.retry_failed(asset_id))
+        return self._call(self.core.retry_failed(asset_id))
 
     def force_finalize(self, asset_id: str) -> Asset:
         """Ask the server to finalize now; raises AssetIncompleteError if storage lacks something."""
-        return self._call(self.core.pool.force_finalize(asset_id))
+        return self._call(self.core.force_finalize(asset_id))
 
     def discard(self, asset_id: str) -> None:
         """Stop, forget locally and abort the pending asset on the server."""
-        self._call(self.core.pool.discard(asset_id))
+        self._call(self.core.discard(asset_id))
 
     def set_bandwidth(self, max_bandwidth: str | float | None) -> None:
         """Change the shared bandwidth cap while uploads run (None lifts it)."""
-        self.core.set_bandwidth(max_bandwidth)
+        self._call(self.core.set_bandwidth(max_bandwidth))
 
     def snapshot(self, with_components: bool | str = False) -> PoolSnapshot:
         """Every asset of the pool with bytes, state, rate and ETA, consistent at one instant."""
-        return self._call(_snapshot(self.core, with_components))
+        return self._call(self.core.snapshot(with_components))
+
+    def subscribe(self, maxsize: int = 10_000) -> EventStream:
+        """The engine's events, read from this thread (see ``AsyncChronicle.subscribe``)."""
+        return EventStream(self._loop, self._call(_subscribe(self.core, maxsize)))
 
 
-async def _snapshot(core: AsyncChronicle, with_components: bool | str) -> PoolSnapshot:
-    return core.pool.snapshot(with_components)
+async def _subscribe(core: AsyncChronicle, maxsize: int) -> Subscription:
+    return core.subscribe(maxsize)
+
+
+class EventStream:
+    """A ``Subscription`` read from another thread than the engine's loop.
+
+    ``get_nowait()`` takes what has arrived; iterating blocks for each next event.
+    """
+
+    def __init__(self, loop: LoopThread, subscription: Subscription) -> None:
+        self._loop = loop
+        self._sub = subscription
+
+    def get_nowait(self) -> list[Event]:
+        return self._loop.call(_drain(self._sub))
+
+    def get(self, timeout: float | None = None) -> Event:
+        """The next event; ``TimeoutError`` when none comes within ``timeout`` seconds."""
+        return self._loop.call(self._sub.__anext__(), timeout)
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            yield self.get()
+
+    @property
+    def dropped(self) -> int:
+        return self._sub.dropped
+
+    def close(self) -> None:
+        self._loop.call(_close(self._sub))
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def _drain(sub: Subscription) -> list[Event]:
+    return sub.get_nowait()
+
+
+async def _close(sub: Subscription) -> None:
+    sub.close()
+
+
+@overload
+def drain_incomplete_uploads(chronicle: Chronicle, tracker: UploadTracker) -> DrainReport: ...
+@overload
+def drain_incomplete_uploads(
+    chronicle: AsyncChronicle, tracker: UploadTracker
+) -> Coroutine[Any, Any, DrainReport]: ...
+def drain_incomplete_uploads(
+    chronicle: Chronicle | AsyncChronicle, tracker: UploadTracker
+) -> DrainReport | Coroutine[Any, Any, DrainReport]:
+    """Resume every unfinished upload recorded in ``tracker`` and finalize it; returns a DrainReport.
+
+    For each asset: create it on the server if the crash came before that, ask the server which
+    components and parts it already stores, send only the rest, then finalize. With an
+    ``AsyncChronicle`` this returns a coroutine (``drain_incomplete_uploads_async``).
+    """
+    if isinstance(chronicle, Chronicle):
+        return chronicle._call(drain_incomplete_uploads_async(chronicle.core, tracker))
+    return drain_incomplete_uploads_async(chronicle, tracker)
 
 
 class Run:

@@ -16,6 +16,7 @@ from functools import wraps
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from methodic._errors import InvalidInputError
+from methodic._owner import owner_alive
 from methodic._scan import validate_specs
 from methodic._types import ComponentSpec, RunBinding, TrackedAsset, TrackedComponent
 
@@ -423,26 +424,6 @@ def discard(asset_id: str) -> OpGen[bool]:
     )
     yield q("DELETE FROM parts WHERE asset_id = ?", (asset_id,))
     return bool(rows)
-
-
-def owner_alive(pid: int | None) -> bool:
-    """Whether ``pid`` is another process that still runs on this host (not this one)."""
-    if not pid or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    # A killed uploader stays a zombie until its parent reaps it (or for good, when the
-    # parent ignores it): it has exited and uploads nothing.
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):  # no procfs: trust kill(0)
-        return True
-    return state != b"Z"
 
 
 @write_op

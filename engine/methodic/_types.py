@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from methodic._owner import owner_alive
+
 
 @dataclass(frozen=True)
 class ComponentSpec:
@@ -86,6 +88,11 @@ class TrackedAsset:
     @property
     def missing(self) -> list[TrackedComponent]:
         return [c for c in self.components if c.state != "completed"]
+
+    @property
+    def owner_alive(self) -> bool:
+        """Whether the process that owns this upload is another one that still runs here."""
+        return owner_alive(self.owner_pid)
 
 
 @dataclass(frozen=True)

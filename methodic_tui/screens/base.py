@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, cast
 
 from textual.screen import Screen
 
-from methodic._events import PoolSnapshot
+from methodic import PoolSnapshot
 from methodic_tui.widgets.panels import LogEntry
 
 if TYPE_CHECKING:

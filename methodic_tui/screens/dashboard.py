@@ -8,7 +8,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Input, Static
 
-from methodic._events import AssetSnapshot, PoolSnapshot
+from methodic import AssetSnapshot, PoolSnapshot
 from methodic_tui import format as fmt
 from methodic_tui.screens.base import LiveScreen
 from methodic_tui.widgets.panels import BandwidthPanel, EventLog, LogEntry, StatusHeader

@@ -12,8 +12,7 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import DataTable, Footer
 
-from methodic import TrackedAsset
-from methodic._events import PoolSnapshot
+from methodic import PoolSnapshot, TrackedAsset
 from methodic_tui import format as fmt
 from methodic_tui.engine_source import missing_summary, stopped_reason
 from methodic_tui.screens.base import LiveScreen

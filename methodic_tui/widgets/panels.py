@@ -11,7 +11,7 @@ from textual.containers import Vertical
 from textual.widget import Widget
 from textual.widgets import RichLog, Sparkline
 
-from methodic._events import PoolSnapshot
+from methodic import PoolSnapshot
 from methodic_tui import format as fmt
 from methodic_tui.source import Labels
 

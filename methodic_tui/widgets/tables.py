@@ -19,7 +19,7 @@ from textual.cache import LRUCache
 from textual.widgets import DataTable
 from textual.widgets.data_table import ColumnKey, RowKey
 
-from methodic._events import AssetSnapshot, ComponentSnapshot
+from methodic import AssetSnapshot, ComponentSnapshot
 from methodic_tui import format as fmt
 
 STATE_STYLES = {
