@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from methodic import (
+    DONE_STATES,
     AssetFinalized,
     AssetSnapshot,
     AssetStateChanged,
@@ -28,7 +29,6 @@ from methodic import (
 from methodic_tui.engine_source import ConfigError
 from methodic_tui.source import EMPTY, Labels, Source
 
-DONE_STATES = ("finalized", "discarded")
 RECENT = 3600.0  # finished assets stay listed for an hour
 READ_ONLY = (
     "attached: controls act in the process that uploads; this view only watches "

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from methodic import (
+    HELD_STATES,
     Asset,
     AsyncChronicle,
     AsyncRun,
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
     from methodic.server import EmbeddedServer
 
 T = TypeVar("T")
-HELD_STATES = ("interrupted", "paused")
 PendingMode = Literal["hold", "start", "leave"]
 
 

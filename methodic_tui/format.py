@@ -14,6 +14,7 @@ from collections.abc import Callable
 import humanize
 
 from methodic import (
+    IN_FLIGHT_STATES,
     AssetFinalized,
     AssetSnapshot,
     AssetStateChanged,
@@ -24,7 +25,7 @@ from methodic import (
 from methodic_tui.notices import Notice
 
 DASH = "-"
-ACTIVE_STATES = frozenset({"registered", "uploading", "finalizing"})
+ACTIVE_STATES = IN_FLIGHT_STATES
 _BLOCKS = " ▏▎▍▌▋▊▉█"
 
 

@@ -12,8 +12,6 @@ from methodic import TrackedAsset, UploadTracker
 from methodic_tui import format as fmt
 from methodic_tui.engine_source import ConfigError, missing_summary, stopped_reason
 
-UNFINISHED = ("registered", "uploading", "uploaded", "finalizing", "paused", "failed")
-
 
 def collect(tracker_path: Path) -> tuple[list[TrackedAsset], list[TrackedAsset]]:
     """(every asset summary, the unfinished ones with their components)."""

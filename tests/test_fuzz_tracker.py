@@ -22,12 +22,19 @@ from hypothesis.stateful import (
     rule,
 )
 
-from methodic import ComponentSpec, InvalidInputError, UploadTracker
+from methodic import (
+    DONE_STATES,
+    UNFINISHED_STATES,
+    ComponentSpec,
+    ComponentState,
+    InvalidInputError,
+    UploadTracker,
+)
 from methodic import _tracker_ops as ops
 
 PATHS = st.sampled_from(["a", "b", "c/d", "c/e", "f.bin"])
-COMPONENT_STATES = st.sampled_from(ops.COMPONENT_STATES)
-ASSET_STATES = st.sampled_from(ops.ASSET_STATES)
+COMPONENT_STATES = st.sampled_from(list(ComponentState))
+ASSET_STATES = st.sampled_from(sorted(UNFINISHED_STATES | DONE_STATES))
 
 
 @dataclass

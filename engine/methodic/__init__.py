@@ -40,6 +40,14 @@ from methodic._recovery import (
     drain_incomplete_uploads_async,
 )
 from methodic._retry import RetryPolicy
+from methodic._states import (
+    DONE_STATES,
+    HELD_STATES,
+    IN_FLIGHT_STATES,
+    UNFINISHED_STATES,
+    AssetState,
+    ComponentState,
+)
 from methodic._sync import (
     Chronicle,
     EventStream,
@@ -63,10 +71,15 @@ from methodic._types import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DONE_STATES",
+    "HELD_STATES",
+    "IN_FLIGHT_STATES",
+    "UNFINISHED_STATES",
     "Asset",
     "AssetFinalized",
     "AssetIncompleteError",
     "AssetSnapshot",
+    "AssetState",
     "AssetStateChanged",
     "AsyncChronicle",
     "AsyncRun",
@@ -78,6 +91,7 @@ __all__ = [
     "ComponentProgress",
     "ComponentSnapshot",
     "ComponentSpec",
+    "ComponentState",
     "ComponentStateChanged",
     "ConflictError",
     "DrainReport",

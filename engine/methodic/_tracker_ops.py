@@ -18,6 +18,7 @@ from typing import Any, Generic, ParamSpec, TypeVar
 from methodic._errors import InvalidInputError
 from methodic._owner import owner_alive
 from methodic._scan import validate_specs
+from methodic._states import UNFINISHED_STATES
 from methodic._types import ComponentSpec, RunBinding, TrackedAsset, TrackedComponent
 
 SCHEMA_VERSION = 1
@@ -69,19 +70,6 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     """,
 ]
-
-ASSET_STATES = (
-    "registered",
-    "uploading",
-    "uploaded",
-    "finalizing",
-    "finalized",
-    "paused",
-    "failed",
-    "discarded",
-)
-COMPONENT_STATES = ("queued", "uploading", "completed", "failed")
-UNFINISHED_STATES = ("registered", "uploading", "uploaded", "finalizing", "paused", "failed")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -336,7 +324,7 @@ def list_assets(
 
 
 def pending_uploads() -> Op[list[TrackedAsset]]:
-    return list_assets(UNFINISHED_STATES, with_components=True)
+    return list_assets(sorted(UNFINISHED_STATES), with_components=True)
 
 
 # ---------------------------------------------------------------- state changes
