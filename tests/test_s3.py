@@ -411,7 +411,7 @@ def test_methodic_serve_on_s3_end_to_end(
 def _serve_error(
     *args: str, env: dict[str, str] | None = None, pre: str = ""
 ) -> subprocess.CompletedProcess[str]:
-    code = f"{pre}import sys; from methodic.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = f"{pre}import sys; from methodic.server.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run(
         [sys.executable, "-c", code, "serve", "--port", "0", *args],
         capture_output=True,

@@ -1,4 +1,4 @@
-"""The Chronicle control API (docs/http-api.md) as a FastAPI app; blob bytes go to blobserver.py."""
+"""The Chronicle control API (docs/http-api.md) as a FastAPI app; blob bytes go to blobs/listener.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from methodic import __version__
 from methodic.server import models as m
-from methodic.server.blobs import blob_origin, misdirected_route
+from methodic.server.blobs.service import blob_origin, misdirected_route
 from methodic.server.catalog import Catalog
 from methodic.server.config import ServerConfig
 from methodic.server.errors import (
@@ -27,7 +27,7 @@ from methodic.server.errors import (
 )
 from methodic.server.keys import KeyRing
 from methodic.server.state import ServerState, open_state
-from methodic.server.storage import StorageUnavailable
+from methodic.server.storage.base import StorageUnavailable
 
 log = logging.getLogger("methodic.server")
 
@@ -295,6 +295,6 @@ def create_app(
         return {"status": "ok"}
 
     app.include_router(_api_router(state))
-    app.state.blob_port = blob_port  # the blob listener's (blobserver.py), once it is bound
+    app.state.blob_port = blob_port  # the blob listener's (blobs/listener.py), once it is bound
     app.router.routes.append(misdirected_route(blob_port))
     return app

@@ -29,7 +29,7 @@ from methodic.server.errors import APIError, conflict, invalid, not_found, too_l
 from methodic.server.locks import KeyedLocks
 from methodic.server.models import AssetCreate, ComponentIn
 from methodic.server.signing import Grant, expiry
-from methodic.server.storage import (
+from methodic.server.storage.base import (
     BlobKey,
     Component,
     Found,

@@ -11,7 +11,7 @@ from types import TracebackType
 import httpx
 
 from methodic.server.app import create_app
-from methodic.server.blobserver import (
+from methodic.server.blobs.listener import (
     BlobLimits,
     BlobListener,
     bind_blob_socket,
@@ -19,7 +19,7 @@ from methodic.server.blobserver import (
     serve_blobs,
 )
 from methodic.server.config import ServerConfig
-from methodic.server.faults import FaultPlan
+from methodic.server.fault_injection import FaultPlan
 from methodic.server.runner import QuietServer, bind_socket, make_server, socket_url
 from methodic.server.state import ServerState, open_state
 

@@ -20,8 +20,8 @@ from methodic.server.keys import (
     load_or_create_secret,
 )
 from methodic.server.signing import Signer
-from methodic.server.storage import Storage, StorageSetupError
-from methodic.server.storage_local import LocalStorage
+from methodic.server.storage.base import Storage, StorageSetupError
+from methodic.server.storage.local import LocalStorage
 
 DB_FILE = "metadata.sqlite"
 
@@ -82,7 +82,7 @@ def _open_storage(config: ServerConfig, db: Database, signer: Signer) -> Storage
         local = LocalStorage(config.data_dir, signer)
         local.remove_stale_temp()
         return local
-    from methodic.server.storage_s3 import open_s3_storage
+    from methodic.server.storage.s3 import open_s3_storage
 
     return open_s3_storage(
         location, db, endpoint_url=config.s3_endpoint_url, region=config.s3_region

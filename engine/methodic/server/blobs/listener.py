@@ -1,10 +1,10 @@
 """The blob listener: presigned PUT, GET and HEAD of component bytes, on their own port.
 
 An asyncio server beside the control API (which stays on FastAPI/uvicorn), on its own
-event-loop thread: connections (blobconn.py) parse heads with httptools (blobhttp.py),
+event-loop thread: connections (connection.py) parse heads with httptools (wire.py),
 receive bodies straight into reusable buffers that pool threads hash and write
-(blobsink.py), and send downloads with ``loop.sendfile``. What a request may do (signature,
-length, catalog calls) is decided in blobs.py.
+(sink.py), and send downloads with ``loop.sendfile``. What a request may do (signature,
+length, catalog calls) is decided in service.py.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from methodic.server.blobconn import BlobConnection
-from methodic.server.blobs import BlobService
-from methodic.server.blobsink import BufferPool
+from methodic.server.blobs.connection import BlobConnection
+from methodic.server.blobs.service import BlobService
+from methodic.server.blobs.sink import BufferPool
 from methodic.server.config import ServerConfig
-from methodic.server.faults import FaultPlan
+from methodic.server.fault_injection import FaultPlan
 from methodic.server.runner import bind_socket
 from methodic.server.state import ServerState
 

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from methodic.server.config import S3Location
 from methodic.server.db import Database
 from methodic.server.locks import KeyedLocks
-from methodic.server.storage import (
+from methodic.server.storage.base import (
     BlobKey,
     Component,
     Found,

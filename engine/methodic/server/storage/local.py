@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from methodic.server.signing import Grant, Signer
-from methodic.server.storage import (
+from methodic.server.storage.base import (
     BlobKey,
     Component,
     Found,

@@ -18,7 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
-from methodic.server.blobhttp import (
+from methodic.server.blobs.service import fault_error, split_blob_path, storage_failure
+from methodic.server.blobs.sink import BUFFERS_PER_BODY, BodySink
+from methodic.server.blobs.wire import (
     CONTINUE,
     HEAD_END,
     BadRequest,
@@ -30,15 +32,13 @@ from methodic.server.blobhttp import (
     json_body,
     response_head,
 )
-from methodic.server.blobs import fault_error, split_blob_path, storage_failure
-from methodic.server.blobsink import BUFFERS_PER_BODY, BodySink
 from methodic.server.errors import APIError
-from methodic.server.storage import Received, Upload
+from methodic.server.storage.base import Received, Upload
 
 if TYPE_CHECKING:
-    from methodic.server.blobserver import BlobServer
+    from methodic.server.blobs.listener import BlobServer
 
-log = logging.getLogger("methodic.server.blobserver")
+log = logging.getLogger("methodic.server.blobs.listener")
 
 T = TypeVar("T")
 SENDFILE_CHUNK = 8 * 1024 * 1024  # the send deadline of a download applies per chunk

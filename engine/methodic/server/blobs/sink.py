@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
-from methodic.server.storage import Received, Upload
+from methodic.server.storage.base import Received, Upload
 
 BUFFER_SIZE = 1024 * 1024
 BUFFERS_PER_BODY = 8  # at most this many wait on the disk per body (so 8 MiB of memory)

@@ -160,7 +160,7 @@ def _say(message: str) -> None:
 def _serve(args: argparse.Namespace) -> int:
     # Imported here so that `methodic --version` stays fast.
     from methodic.server.app import create_app
-    from methodic.server.blobserver import (
+    from methodic.server.blobs.listener import (
         BlobListener,
         bind_blob_socket,
         receives_blobs,

@@ -1,6 +1,6 @@
 """The blob data path's rules: what a presigned request may do, and what it does to the catalog.
 
-Transport-free. The asyncio listener (blobserver.py) parses HTTP and moves the bytes; this
+Transport-free. The asyncio listener (listener.py) parses HTTP and moves the bytes; this
 module checks grants and lengths, picks injected faults, and wraps the catalog calls
 (``begin_upload`` / ``complete_upload`` / ``end_upload`` / ``open_download``) that every
 storage backend shares. Presigned URLs name the listener's origin: see ``blob_origin``.
@@ -22,9 +22,9 @@ from starlette.routing import Route
 from methodic.server.catalog import Catalog, UploadSlot
 from methodic.server.config import ServerConfig
 from methodic.server.errors import APIError, error_response, forbidden, invalid, not_found
-from methodic.server.faults import Fault, FaultPlan
+from methodic.server.fault_injection import Fault, FaultPlan
 from methodic.server.signing import Grant, Signer, grant_from_query
-from methodic.server.storage import Component, Received
+from methodic.server.storage.base import Component, Received
 
 log = logging.getLogger("methodic.server.blobs")
 
