@@ -25,6 +25,7 @@ from methodic.server.errors import (
     too_large,
     unauthorized,
 )
+from methodic.server.finalize import Finalizer
 from methodic.server.keys import KeyRing
 from methodic.server.state import ServerState, open_state
 from methodic.server.storage.base import StorageUnavailable
@@ -162,7 +163,7 @@ def _api_router(state: ServerState) -> APIRouter:
     router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_key)], responses=_ERRORS)
     _experiment_routes(router, catalog)
     _run_routes(router, catalog)
-    _asset_routes(router, catalog, config)
+    _asset_routes(router, catalog, state.finalizer, config)
     return router
 
 
@@ -214,7 +215,9 @@ def _run_routes(router: APIRouter, catalog: Catalog) -> None:
         return JSONResponse(catalog.set_run_status(run_id, body.status))
 
 
-def _asset_routes(router: APIRouter, catalog: Catalog, config: ServerConfig) -> None:
+def _asset_routes(
+    router: APIRouter, catalog: Catalog, finalizer: Finalizer, config: ServerConfig
+) -> None:
     @router.post(
         "/runs/{run_id}/assets",
         status_code=201,
@@ -258,7 +261,7 @@ def _asset_routes(router: APIRouter, catalog: Catalog, config: ServerConfig) -> 
         responses={409: {"description": "asset_incomplete (with `missing`) or conflict"}},
     )
     def finalize(asset_id: str, body: m.FinalizeRequest | None = None) -> Response:
-        return JSONResponse(catalog.finalize(asset_id, body.checksums if body else {}))
+        return JSONResponse(finalizer.finalize(asset_id, body.checksums if body else {}))
 
     @router.delete("/assets/{asset_id}", status_code=204, response_class=Response, tags=["assets"])
     def delete_asset(asset_id: str) -> Response:

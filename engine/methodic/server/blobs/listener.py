@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from methodic.server.blobs.connection import BlobConnection
+from methodic.server.blobs.ledger import BlobLedger
 from methodic.server.blobs.service import BlobService
 from methodic.server.blobs.sink import BufferPool
 from methodic.server.config import ServerConfig
@@ -155,8 +156,10 @@ def serve_blobs(
     faults: FaultPlan | None = None,
     limits: BlobLimits | None = None,
 ) -> BlobListener:
-    """Start the listener on ``sock`` for ``state``'s catalog; its port is remembered."""
-    listener = BlobListener(BlobService(state.catalog, state.signer, faults), sock, limits)
+    """Start the listener on ``sock`` for ``state``'s assets; its port is remembered."""
+    listener = BlobListener(
+        BlobService(BlobLedger(state.records), state.signer, faults), sock, limits
+    )
     listener.start()
     remember_blob_port(state.config.data_dir, listener.port)
     return listener
