@@ -20,7 +20,7 @@ import pytest
 from blobclient import RawClient
 
 from methodic.server import EmbeddedServer
-from methodic.server.blobs.listener import BlobLimits
+from methodic.server.blobs.server import BlobLimits
 from methodic.server.blobs.sink import BUFFERS_PER_BODY
 from methodic.server.signing import Grant
 
