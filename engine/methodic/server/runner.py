@@ -1,4 +1,4 @@
-"""Running the app under uvicorn on a socket we bind ourselves (shared by CLI and EmbeddedServer)."""
+"""Running the app under uvicorn on a socket we bind ourselves (used by assemble.py)."""
 
 from __future__ import annotations
 
