@@ -223,21 +223,23 @@ class Catalog:
             return out
         by_path = {c.path: c for c in components}
         for path, part in wanted:
-            c = by_path.get(path)
-            if c is None:
+            component = by_path.get(path)
+            if component is None:
                 raise not_found(f"asset {asset_id} has no component {path[:300]!r}")
-            if c.part_size is None:
+            if component.part_size is None:
                 if part is not None:
                     raise invalid(
                         f"component {path!r} is sent in one PUT; ask for part null, not {part}"
                     )
-                out.append(Slot(c, None, 0, c.size))
+                out.append(Slot(component, None, 0, component.size))
             else:
-                if part is None or not 1 <= part <= c.parts:
+                if part is None or not 1 <= part <= component.parts:
                     raise invalid(
-                        f"component {path!r} is sent in parts 1..{c.parts}; part {part} is not one of them"
+                        f"component {path!r} is sent in parts 1..{component.parts}; part {part} is not one of them"
                     )
-                out.append(Slot(c, part, *part_range(c.size, c.part_size, part)))
+                out.append(
+                    Slot(component, part, *part_range(component.size, component.part_size, part))
+                )
         return out
 
     def presign(

@@ -162,8 +162,3 @@ class DownloadComponent(BaseModel):
 class Download(BaseModel):
     asset: Asset
     components: list[DownloadComponent]
-
-
-class BlobStored(BaseModel):
-    size: int
-    sha256: str

@@ -66,6 +66,7 @@ class BlobLedger:
         with self.records.locks.hold(grant.asset_id):
             c = self._upload_component(self.records.db.connection(), grant)
             key = c.key(grant.asset_id)
+            expected: tuple[int | None, int, int] | None
             if c.part_size is None:
                 expected = (None, 0, c.size)
             elif grant.part is not None and 1 <= grant.part <= c.parts:

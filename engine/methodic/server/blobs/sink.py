@@ -153,7 +153,7 @@ class BodySink:
     def _write(self, buffer: bytearray, length: int) -> None:  # a pool thread
         if self._error is None:
             try:  # a view, not a copy; Upload.write keeps no reference to it
-                self._upload.write(memoryview(buffer)[:length])  # type: ignore[arg-type]
+                self._upload.write(memoryview(buffer)[:length])
             except BaseException as exc:
                 self._error = exc
         with self._lock:

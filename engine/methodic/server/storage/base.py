@@ -136,7 +136,7 @@ class Received:
 class Upload(Protocol):
     """One PUT body being received. ``write`` blocks: call it off the event loop."""
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes | memoryview) -> None: ...
     def finish(self) -> Received: ...  # all bytes arrived; ValueError on a length mismatch
     def commit(self) -> None: ...  # make the received bytes the component's (after finish)
     def abort(self) -> None: ...  # forget this body; safe to call at any time, repeatedly
