@@ -24,13 +24,9 @@ SHOWN_IN_MESSAGE = 5
 class Finalizer:
     def __init__(self, records: AssetRecords) -> None:
         self.records = records
-        self.db = records.db
-        self.storage = records.storage
-        self.config = records.config
-        self.locks = records.locks
 
     def finalize(self, asset_id: str, checksums: Mapping[str, str]) -> dict[str, Any]:
-        with self.locks.hold(asset_id):
+        with self.records.locks.hold(asset_id):
             asset, components = self.records.load(asset_id)
             unknown = set(checksums) - {c.path for c in components}
             if unknown:
@@ -44,13 +40,15 @@ class Finalizer:
             self.records.touch(asset_id)
             verdict = self._verify(asset_id, components, checksums)
             if not verdict.missing:
-                for c, why in self.storage.seal(asset_id, components, self.config.finalize_workers):
+                for c, why in self.records.storage.seal(
+                    asset_id, components, self.records.config.finalize_workers
+                ):
                     verdict.missing.append(_missing_item(c, why, c.parts))
                     verdict.forget_whole.append(c)
             if verdict.missing:
                 self._forget(asset_id, verdict.forget_whole, verdict.forget_parts)
                 raise _incomplete(asset_id, verdict.missing, len(components))
-            with self.db.write(durable=True) as tx:
+            with self.records.db.write(durable=True) as tx:
                 tx.executemany(
                     "UPDATE components SET stored_sha256 = ? WHERE asset_id = ? AND idx = ?",
                     ((verdict.sha256[c.index], asset_id, c.index) for c in components),
@@ -83,11 +81,11 @@ class Finalizer:
         self, asset_id: str, components: list[Component], checksums: Mapping[str, str]
     ) -> _Verdict:
         verdict = _Verdict()
-        found = self.storage.inspect(
-            asset_id, components, deep=True, workers=self.config.finalize_workers
+        found = self.records.storage.inspect(
+            asset_id, components, deep=True, workers=self.records.config.finalize_workers
         )
         for c, f in zip(components, found, strict=True):
-            if self.locks.part_writers[(asset_id, c.index)]:
+            if self.records.locks.part_writers[(asset_id, c.index)]:
                 verdict.missing.append({"path": c.path, "reason": "upload in progress"})
                 continue
             if not f.complete:
@@ -127,7 +125,7 @@ class Finalizer:
         """Drop the records (and for whole components the bytes) of what failed verification."""
         if not whole and not parts:
             return
-        with self.db.write() as tx:
+        with self.records.db.write() as tx:
             for c in whole:
                 tx.execute(
                     "UPDATE components SET stored_sha256 = NULL WHERE asset_id = ? AND idx = ?",
@@ -140,7 +138,7 @@ class Finalizer:
                     ((asset_id, c.index, n) for n in numbers),
                 )
         for c in whole:
-            self.storage.forget(c.key(asset_id))
+            self.records.storage.forget(c.key(asset_id))
 
 
 @dataclass
