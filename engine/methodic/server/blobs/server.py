@@ -14,9 +14,9 @@ from methodic.server.blobs.sink import BufferPool
 
 
 class Connection(Protocol):
-    def shut(self) -> None:
-        """Close now if idle; a request in flight gets its answer first."""
+    """What the server asks of a connection at shutdown (framing.py's FramedConnection)."""
 
+    def shut(self) -> None: ...  # close now if idle; a request in flight gets its answer first
     def abort(self) -> None: ...
 
 
