@@ -68,7 +68,7 @@ class Job(Protocol):
 
 
 def default_server_dir() -> Path:
-    from methodic.cli import default_data_dir
+    from methodic.server.cli import default_data_dir
 
     return default_data_dir()
 

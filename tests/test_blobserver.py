@@ -20,8 +20,8 @@ import pytest
 from blobclient import RawClient
 
 from methodic.server import EmbeddedServer
-from methodic.server.blobserver import BlobLimits
-from methodic.server.blobsink import BUFFERS_PER_BODY
+from methodic.server.blobs.server import BlobLimits
+from methodic.server.blobs.sink import BUFFERS_PER_BODY
 from methodic.server.signing import Grant
 
 MiB = 1 << 20

@@ -282,7 +282,7 @@ def test_the_data_dir_and_its_files_are_private_whatever_the_umask(tmp_path: Pat
 
 
 def test_the_server_binds_loopback_unless_told() -> None:
-    from methodic.cli import build_parser
+    from methodic.server.cli import build_parser
 
     args = build_parser().parse_args(["serve"])
     assert args.host == "127.0.0.1"

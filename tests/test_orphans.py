@@ -152,7 +152,7 @@ def test_a_failed_removal_is_retried_by_the_next_sweep(tmp_path: Path) -> None:
         finally:
             catalog.storage.delete_asset = real
         assert [p for p in (tmp_path / "srv" / "blobs").rglob("*") if p.is_file()]
-        report = catalog.sweep()
+        report = srv._state.sweeper.sweep()  # type: ignore[union-attr]
         assert report.purged == [asset["asset_id"]]
         assert not [p for p in (tmp_path / "srv" / "blobs").rglob("*") if p.is_file()]
 

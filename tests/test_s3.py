@@ -235,7 +235,7 @@ def test_a_finalize_that_crashed_after_completing_the_upload_is_finished(
     for target in asset["targets"]:
         assert put(target, data).status_code == 200
     catalog = s3_server._state.catalog  # type: ignore[union-attr]
-    _, components = catalog.load(asset["asset_id"])
+    _, components = s3_server._state.records.load(asset["asset_id"])  # type: ignore[union-attr]
     assert catalog.storage.seal(asset["asset_id"], components, 2) == []  # completed, not committed
     assert api.post(f"/api/v1/assets/{asset['asset_id']}/finalize").status_code == 200
     url = api.get(f"/api/v1/assets/{asset['asset_id']}/download").json()["components"][0]["url"]
@@ -411,7 +411,7 @@ def test_methodic_serve_on_s3_end_to_end(
 def _serve_error(
     *args: str, env: dict[str, str] | None = None, pre: str = ""
 ) -> subprocess.CompletedProcess[str]:
-    code = f"{pre}import sys; from methodic.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = f"{pre}import sys; from methodic.server.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run(
         [sys.executable, "-c", code, "serve", "--port", "0", *args],
         capture_output=True,

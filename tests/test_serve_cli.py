@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 _SCRIPT = Path(sys.executable).parent / "methodic"
-METHODIC = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "methodic.cli"]
+METHODIC = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "methodic.server.cli"]
 
 
 class Serve:

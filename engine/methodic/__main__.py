@@ -1,3 +1,3 @@
-from methodic.cli import main
+from methodic.server.cli import main
 
 raise SystemExit(main())

@@ -1,7 +1,32 @@
-"""The embedded Chronicle server: ``methodic serve``, or in-process via EmbeddedServer."""
+"""The embedded Chronicle server: ``methodic serve``, or in-process via EmbeddedServer.
 
-from methodic.server.app import create_app
-from methodic.server.config import ServerConfig
-from methodic.server.embedded import EmbeddedServer
+The public names load on first use, so that ``methodic --version`` (cli.py, in this package)
+does not import FastAPI and uvicorn.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from methodic.server.app import create_app
+    from methodic.server.config import ServerConfig
+    from methodic.server.embedded import EmbeddedServer
 
 __all__ = ["EmbeddedServer", "ServerConfig", "create_app"]
+
+_HOMES = {
+    "EmbeddedServer": "methodic.server.embedded",
+    "ServerConfig": "methodic.server.config",
+    "create_app": "methodic.server.app",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value

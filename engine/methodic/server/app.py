@@ -1,4 +1,4 @@
-"""The Chronicle control API (docs/http-api.md) as a FastAPI app; blob bytes go to blobserver.py."""
+"""The Chronicle control API (docs/http-api.md) as a FastAPI app; blob bytes go to blobs/listener.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from methodic import __version__
 from methodic.server import models as m
-from methodic.server.blobs import blob_origin, misdirected_route
+from methodic.server.blobs.service import blob_origin, misdirected_route
 from methodic.server.catalog import Catalog
 from methodic.server.config import ServerConfig
 from methodic.server.errors import (
@@ -25,9 +25,10 @@ from methodic.server.errors import (
     too_large,
     unauthorized,
 )
+from methodic.server.finalize import Finalizer
 from methodic.server.keys import KeyRing
 from methodic.server.state import ServerState, open_state
-from methodic.server.storage import StorageUnavailable
+from methodic.server.storage.base import StorageUnavailable
 
 log = logging.getLogger("methodic.server")
 
@@ -162,7 +163,7 @@ def _api_router(state: ServerState) -> APIRouter:
     router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_key)], responses=_ERRORS)
     _experiment_routes(router, catalog)
     _run_routes(router, catalog)
-    _asset_routes(router, catalog, config)
+    _asset_routes(router, catalog, state.finalizer, config)
     return router
 
 
@@ -214,7 +215,9 @@ def _run_routes(router: APIRouter, catalog: Catalog) -> None:
         return JSONResponse(catalog.set_run_status(run_id, body.status))
 
 
-def _asset_routes(router: APIRouter, catalog: Catalog, config: ServerConfig) -> None:
+def _asset_routes(
+    router: APIRouter, catalog: Catalog, finalizer: Finalizer, config: ServerConfig
+) -> None:
     @router.post(
         "/runs/{run_id}/assets",
         status_code=201,
@@ -258,7 +261,7 @@ def _asset_routes(router: APIRouter, catalog: Catalog, config: ServerConfig) -> 
         responses={409: {"description": "asset_incomplete (with `missing`) or conflict"}},
     )
     def finalize(asset_id: str, body: m.FinalizeRequest | None = None) -> Response:
-        return JSONResponse(catalog.finalize(asset_id, body.checksums if body else {}))
+        return JSONResponse(finalizer.finalize(asset_id, body.checksums if body else {}))
 
     @router.delete("/assets/{asset_id}", status_code=204, response_class=Response, tags=["assets"])
     def delete_asset(asset_id: str) -> Response:
@@ -295,6 +298,6 @@ def create_app(
         return {"status": "ok"}
 
     app.include_router(_api_router(state))
-    app.state.blob_port = blob_port  # the blob listener's (blobserver.py), once it is bound
+    app.state.blob_port = blob_port  # the blob listener's (blobs/listener.py), once it is bound
     app.router.routes.append(misdirected_route(blob_port))
     return app

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -10,18 +10,12 @@ from types import TracebackType
 
 import httpx
 
-from methodic.server.app import create_app
-from methodic.server.blobserver import (
-    BlobLimits,
-    BlobListener,
-    bind_blob_socket,
-    receives_blobs,
-    serve_blobs,
-)
+from methodic.server.assemble import AssembledServer, build_server
+from methodic.server.blobs.listener import BlobListener
+from methodic.server.blobs.server import BlobLimits
 from methodic.server.config import ServerConfig
-from methodic.server.faults import FaultPlan
-from methodic.server.runner import QuietServer, bind_socket, make_server, socket_url
-from methodic.server.state import ServerState, open_state
+from methodic.server.fault_injection import FaultPlan
+from methodic.server.state import ServerState
 
 START_TIMEOUT_S = 15.0
 
@@ -65,9 +59,7 @@ class EmbeddedServer:
         self.faults = FaultPlan()  # tests and the demo inject transient errors here
         self.url: str | None = None
         self.api_key: str | None = None
-        self._state: ServerState | None = None
-        self._server: QuietServer | None = None
-        self._blobs: BlobListener | None = None
+        self._assembled: AssembledServer | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -92,30 +84,27 @@ class EmbeddedServer:
     def config(self) -> ServerConfig:
         return self._config
 
+    @property
+    def _state(self) -> ServerState | None:
+        return self._assembled.state if self._assembled is not None else None
+
+    @property
+    def _blobs(self) -> BlobListener | None:
+        return self._assembled.blobs if self._assembled is not None else None
+
     def start(self) -> EmbeddedServer:
         if self._thread is not None:
             raise RuntimeError("this EmbeddedServer is already started")
-        state = open_state(self._config)
-        self._state = state
-        sock: socket.socket | None = None
-        try:
-            sock = bind_socket(self.host, self.port)
-            if receives_blobs(self._config):
-                blob_sock = bind_blob_socket(self.host, self._config.blob_port, self.data_dir)
-                self._blobs = serve_blobs(state, blob_sock, self.faults, self.blob_limits)
-                self.blob_port = self._blobs.port
-        except BaseException:
-            if sock is not None:
-                sock.close()
-            self.stop()
-            raise
-        self.port = sock.getsockname()[1]
-        self.url = socket_url(sock, self.host)
-        self.api_key = state.active_key.key
-        app = create_app(self._config, state=state, blob_port=self.blob_port)
-        self._server = make_server(app)
+        # self.port: after a stop(), a restart listens where clients were told the server is.
+        config = dataclasses.replace(self._config, port=self.port)
+        server = build_server(config, faults=self.faults, blob_limits=self.blob_limits)
+        self._assembled = server
+        self.port = server.port
+        self.url = server.url
+        self.blob_port = server.blob_port
+        self.api_key = server.state.active_key.key
         self._thread = threading.Thread(
-            target=self._run, args=(sock,), name=f"methodic-server-{self.port}", daemon=True
+            target=self._run, args=(server,), name=f"methodic-server-{self.port}", daemon=True
         )
         self._thread.start()
         try:
@@ -125,10 +114,9 @@ class EmbeddedServer:
             raise
         return self
 
-    def _run(self, sock: socket.socket) -> None:
-        assert self._server is not None
+    def _run(self, server: AssembledServer) -> None:
         try:
-            self._server.run(sockets=[sock])
+            server.http.run(sockets=[server.sock])
         except BaseException as exc:  # surfaced by start() / stop()
             self._error = exc
 
@@ -153,20 +141,17 @@ class EmbeddedServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Shut down cleanly (in-flight requests get a few seconds) and join the thread."""
-        if self._server is not None:
-            self._server.should_exit = True
+        server = self._assembled
+        if server is not None:
+            server.http.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout)
-            if self._thread.is_alive() and self._server is not None:
-                self._server.force_exit = True
+            if self._thread.is_alive() and server is not None:
+                server.http.force_exit = True
                 self._thread.join(timeout)
-        if self._blobs is not None:
-            self._blobs.stop()
-        if self._state is not None:
-            self._state.close()
-        self._state = None
-        self._server = None
-        self._blobs = None
+        if server is not None:
+            server.close()
+        self._assembled = None
         self._thread = None
 
     def __enter__(self) -> EmbeddedServer:

@@ -95,21 +95,6 @@ class Target(BaseModel):
     expires_at: float
 
 
-class Asset(BaseModel):
-    asset_id: str
-    run_id: str
-    experiment_id: str
-    asset_type: str
-    state: Literal["pending", "finalized"]
-    metadata: dict[str, Any]
-    created_at: float
-    finalized_at: float | None
-    component_count: int
-    total_size: int
-    components: list[ComponentOut] | None = None
-    targets: list[Target] | None = None
-
-
 class AssetSummary(BaseModel):
     asset_id: str
     run_id: str
@@ -121,6 +106,11 @@ class AssetSummary(BaseModel):
     finalized_at: float | None
     component_count: int
     total_size: int
+
+
+class Asset(AssetSummary):
+    components: list[ComponentOut] | None = None
+    targets: list[Target] | None = None
 
 
 class AssetList(BaseModel):
@@ -162,8 +152,3 @@ class DownloadComponent(BaseModel):
 class Download(BaseModel):
     asset: Asset
     components: list[DownloadComponent]
-
-
-class BlobStored(BaseModel):
-    size: int
-    sha256: str

@@ -1,4 +1,4 @@
-"""Running the app under uvicorn on a socket we bind ourselves (shared by CLI and EmbeddedServer)."""
+"""Running the app under uvicorn on a socket we bind ourselves (used by assemble.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import errno
 import ipaddress
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -71,7 +72,7 @@ class QuietServer(uvicorn.Server):
         yield
 
 
-def make_server(app: FastAPI, *, log_config: dict | None = None) -> QuietServer:
+def make_server(app: FastAPI, *, log_config: dict[str, Any] | None = None) -> QuietServer:
     config = uvicorn.Config(
         app,
         log_level="warning",

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sqlite3
-import threading
 from dataclasses import dataclass, field
 
 from methodic.server.catalog import Catalog
 from methodic.server.config import ServerConfig
 from methodic.server.db import Database, SchemaError
+from methodic.server.finalize import Finalizer
 from methodic.server.keys import (
     ActiveKey,
     KeyFileError,
@@ -19,51 +18,26 @@ from methodic.server.keys import (
     activate_api_key,
     load_or_create_secret,
 )
+from methodic.server.records import AssetRecords
 from methodic.server.signing import Signer
-from methodic.server.storage import Storage, StorageSetupError
-from methodic.server.storage_local import LocalStorage
+from methodic.server.storage.base import Storage, StorageSetupError
+from methodic.server.storage.local import LocalStorage
+from methodic.server.sweeper import Sweeper
 
 DB_FILE = "metadata.sqlite"
-
-log = logging.getLogger("methodic.server")
 
 
 class DataDirError(RuntimeError):
     """The data directory (or the storage it points at) cannot be used: a one-line reason."""
 
 
-class Sweeper:
-    """Expires idle pending assets (``Catalog.sweep``) at start and then periodically."""
-
-    def __init__(self, catalog: Catalog, interval: float) -> None:
-        self._catalog = catalog
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="methodic-sweeper", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                self._catalog.sweep()
-            except Exception:  # a storage or database hiccup must not end the sweeping
-                log.exception("the sweep of expired pending assets failed; trying again later")
-            if self._stop.wait(self._interval):
-                return
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(30)
-
-
 @dataclass
 class ServerState:
     config: ServerConfig
     db: Database = field(repr=False)
+    records: AssetRecords = field(repr=False)
     catalog: Catalog = field(repr=False)
+    finalizer: Finalizer = field(repr=False)
     signer: Signer = field(repr=False)
     keyring: KeyRing = field(repr=False)
     active_key: ActiveKey
@@ -82,7 +56,7 @@ def _open_storage(config: ServerConfig, db: Database, signer: Signer) -> Storage
         local = LocalStorage(config.data_dir, signer)
         local.remove_stale_temp()
         return local
-    from methodic.server.storage_s3 import open_s3_storage
+    from methodic.server.storage.s3 import open_s3_storage
 
     return open_s3_storage(
         location, db, endpoint_url=config.s3_endpoint_url, region=config.s3_region
@@ -118,13 +92,15 @@ def open_state(config: ServerConfig) -> ServerState:
     except BaseException:
         db.close()
         raise
-    catalog = Catalog(db, storage, config)
-    sweeper = Sweeper(catalog, config.effective_sweep_interval)
+    records = AssetRecords(db, storage, config)
+    sweeper = Sweeper(records, config.effective_sweep_interval)
     sweeper.start()
     return ServerState(
         config=config,
         db=db,
-        catalog=catalog,
+        records=records,
+        catalog=Catalog(records),
+        finalizer=Finalizer(records),
         signer=signer,
         keyring=keyring,
         active_key=active,

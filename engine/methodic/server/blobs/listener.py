@@ -1,10 +1,10 @@
 """The blob listener: presigned PUT, GET and HEAD of component bytes, on their own port.
 
-An asyncio server beside the control API (which stays on FastAPI/uvicorn), on its own
-event-loop thread: connections (blobconn.py) parse heads with httptools (blobhttp.py),
-receive bodies straight into reusable buffers that pool threads hash and write
-(blobsink.py), and send downloads with ``loop.sendfile``. What a request may do (signature,
-length, catalog calls) is decided in blobs.py.
+An asyncio server (server.py) beside the control API (which stays on FastAPI/uvicorn), on its
+own event-loop thread: connections frame heads (parsed by httptools, wire.py) and receive
+bodies straight into reusable buffers that pool threads hash and write (framing.py, sink.py),
+then serve each request and send downloads with ``loop.sendfile`` (connection.py). What a
+request may do (signature, length, ledger calls) is decided in service.py.
 """
 
 from __future__ import annotations
@@ -14,79 +14,18 @@ import contextlib
 import os
 import socket
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
-from methodic.server.blobconn import BlobConnection
-from methodic.server.blobs import BlobService
-from methodic.server.blobsink import BufferPool
+from methodic.server.blobs.connection import BlobConnection
+from methodic.server.blobs.ledger import BlobLedger
+from methodic.server.blobs.server import BlobLimits, BlobServer
+from methodic.server.blobs.service import BlobService
 from methodic.server.config import ServerConfig
-from methodic.server.faults import FaultPlan
+from methodic.server.fault_injection import FaultPlan
 from methodic.server.runner import bind_socket
 from methodic.server.state import ServerState
 
-MiB = 1024 * 1024
 PORT_FILE = "blob_port"
-
-
-@dataclass(frozen=True)
-class BlobLimits:
-    max_head: int = 64 * 1024  # 431 beyond
-    idle_timeout: float = 60.0  # a keep-alive connection with no byte of a next request
-    head_timeout: float = 20.0  # from a head's first byte to its end (408)
-    body_timeout: float = 60.0  # no body byte for this long (waits on our own disk excluded)
-    send_timeout: float = 60.0  # an answer, or one sendfile chunk, not taken by the client
-    discard_limit: int = MiB  # a refused body up to this size is read and dropped (keep-alive)
-    linger: float = 5.0  # after an answer that closes: drain what still arrives this long
-    workers: int = 16  # pool threads: hash + write, catalog calls
-    grace: float = 5.0  # at shutdown, requests in flight get this long
-
-
-class BlobServer:
-    """The listener on a bound socket. ``start()`` and ``shutdown()`` run on its event loop."""
-
-    def __init__(
-        self, service: BlobService, sock: socket.socket, limits: BlobLimits | None = None
-    ) -> None:
-        self.service = service
-        self.sock = sock
-        self.limits = limits or BlobLimits()
-        self.connections: set[BlobConnection] = set()
-        self.buffers = BufferPool()
-        self.scratch = memoryview(bytearray(256 * 1024))  # where dropped bytes go
-        self.pool = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="methodic-blob")
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._server: asyncio.Server | None = None
-        self.loop: asyncio.AbstractEventLoop
-
-    @property
-    def port(self) -> int:
-        return int(self.sock.getsockname()[1])
-
-    def track(self, task: asyncio.Task[None]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def start(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self._server = await self.loop.create_server(lambda: BlobConnection(self), sock=self.sock)
-
-    async def shutdown(self) -> None:
-        """Stop accepting; answer what is in flight (``grace`` at most); release everything."""
-        if self._server is not None:
-            self._server.close()
-        for conn in list(self.connections):
-            conn.shut()
-        deadline = self.loop.time() + self.limits.grace
-        while (self.connections or self._tasks) and self.loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        for conn in list(self.connections):
-            conn.abort()
-        await asyncio.sleep(0)  # connection_lost() runs, and request tasks see it
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=self.limits.grace)
-        await self.loop.run_in_executor(None, self.pool.shutdown)
 
 
 class BlobListener:
@@ -95,7 +34,7 @@ class BlobListener:
     def __init__(
         self, service: BlobService, sock: socket.socket, limits: BlobLimits | None = None
     ) -> None:
-        self.server = BlobServer(service, sock, limits)
+        self.server = BlobServer(service, sock, BlobConnection, limits)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
@@ -155,8 +94,10 @@ def serve_blobs(
     faults: FaultPlan | None = None,
     limits: BlobLimits | None = None,
 ) -> BlobListener:
-    """Start the listener on ``sock`` for ``state``'s catalog; its port is remembered."""
-    listener = BlobListener(BlobService(state.catalog, state.signer, faults), sock, limits)
+    """Start the listener on ``sock`` for ``state``'s assets; its port is remembered."""
+    listener = BlobListener(
+        BlobService(BlobLedger(state.records), state.signer, faults), sock, limits
+    )
     listener.start()
     remember_blob_port(state.config.data_dir, listener.port)
     return listener

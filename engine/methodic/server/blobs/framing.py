@@ -1,55 +1,40 @@
-"""One blob-listener connection: HTTP/1.1 framing, bodies into buffers, answers.
+"""HTTP/1.1 framing of one blob-listener connection: heads, bodies into buffers, deadlines.
 
 A connection serves one request at a time: pipelined requests wait in the head buffer and
 the socket is not read meanwhile. A head is framed here (it ends at its first blank line)
 and parsed by httptools; a body is exactly ``Content-Length`` bytes, received with
 ``BufferedProtocol`` straight into reusable ~1 MiB buffers that a ``BodySink`` hashes and
 writes on a pool thread. Every state has a deadline: an idle keep-alive connection, a head
-that trickles in, a body that stops arriving, an answer nobody reads.
+that trickles in, a body that stops arriving, an answer nobody reads. What a request does
+is the subclass's ``_serve`` (connection.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import Any
 
-from methodic.server.blobhttp import (
-    CONTINUE,
+from methodic.server.blobs.server import BlobServer
+from methodic.server.blobs.sink import BUFFERS_PER_BODY, BodySink
+from methodic.server.blobs.wire import (
     HEAD_END,
     BadRequest,
     HeadParser,
-    RangeNotSatisfiable,
     RequestHead,
-    byte_range,
     error_body,
-    json_body,
     response_head,
 )
-from methodic.server.blobs import fault_error, split_blob_path, storage_failure
-from methodic.server.blobsink import BUFFERS_PER_BODY, BodySink
-from methodic.server.errors import APIError
-from methodic.server.storage import Received, Upload
+from methodic.server.storage.base import Received, Upload
 
-if TYPE_CHECKING:
-    from methodic.server.blobserver import BlobServer
-
-log = logging.getLogger("methodic.server.blobserver")
-
-T = TypeVar("T")
-SENDFILE_CHUNK = 8 * 1024 * 1024  # the send deadline of a download applies per chunk
 JSON = {"Content-Type": "application/json"}
 
 
-class _Lost(Exception):
+class Lost(Exception):
     """The connection closed, or timed out, before the request was served."""
 
 
-_HEAD, _BUSY, _BODY, _DISCARD, _LINGER, _CLOSED = range(6)
+_HEAD, _BUSY, _BODY, _DISCARD, _LINGER, CLOSED = range(6)
 
 
 @dataclass
@@ -74,7 +59,9 @@ def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
         future.exception()  # marked retrieved: the waiter may be gone already
 
 
-class BlobConnection(asyncio.BufferedProtocol):
+class FramedConnection(asyncio.BufferedProtocol):
+    """The transport side of a blob connection; subclasses serve the requests it frames."""
+
     def __init__(self, server: BlobServer) -> None:
         self.server = server
         self.limits = server.limits
@@ -139,16 +126,16 @@ class BlobConnection(asyncio.BufferedProtocol):
         return None  # close; a body cut short is abandoned in connection_lost
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.state = _CLOSED
+        self.state = CLOSED
         self.deadline = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         self.server.connections.discard(self)
         if self.body is not None:
-            _fail(self.body.done, _Lost("the connection closed during the body"))
+            _fail(self.body.done, Lost("the connection closed during the body"))
         if self.writable is not None:
-            _fail(self.writable, _Lost("the connection closed"))
+            _fail(self.writable, Lost("the connection closed"))
 
     def pause_writing(self) -> None:
         if self.writable is None:
@@ -184,7 +171,7 @@ class BlobConnection(asyncio.BufferedProtocol):
 
     def _on_timer(self) -> None:
         self.timer = None
-        if self.deadline is None or self.state == _CLOSED:
+        if self.deadline is None or self.state == CLOSED:
             return
         if self.deadline > self.loop.time():
             self.timer = self.loop.call_at(self.deadline, self._on_timer)
@@ -194,7 +181,7 @@ class BlobConnection(asyncio.BufferedProtocol):
         if self.state == _HEAD and self.parser is not None:
             self._answer_and_close(408, "timeout", "the request head did not arrive in time")
         elif self.state == _BODY and self.body is not None:
-            _fail(self.body.done, _Lost("the body stopped arriving"))
+            _fail(self.body.done, Lost("the body stopped arriving"))
             self.transport.abort()
         elif self.state == _LINGER or self.writable is not None:
             self.transport.abort()
@@ -344,7 +331,7 @@ class BlobConnection(asyncio.BufferedProtocol):
         _fail(body.done, body.sink.failed)
 
     async def _receive(self, upload: Upload, length: int) -> Received:
-        """Receive ``length`` body bytes into ``upload``; raises _Lost or the storage's error."""
+        """Receive ``length`` body bytes into ``upload``; raises Lost or the storage's error."""
         body = _Body(remaining=length, done=self.loop.create_future())
         body.sink = BodySink(self.loop, self.server.pool, upload)
         self.body = body
@@ -373,21 +360,15 @@ class BlobConnection(asyncio.BufferedProtocol):
                 self.server.buffers.give(body.current)
                 body.current = body.view = None
 
-    # ---- serving a request ----------------------------------------------------------------
+    # ---- between requests -----------------------------------------------------------------
 
     async def _serve(self, head: RequestHead) -> None:
-        self.keep_alive = head.keep_alive
-        close = True
-        try:
-            close = await self._dispatch(head)
-        except _Lost:
-            pass
-        except Exception:
-            log.exception("blob request %s %s failed", head.method, head.path[:200])
-            error = APIError(500, "internal", "internal server error; see the server's log")
-            with contextlib.suppress(_Lost):
-                await self._answer(head, error, close=True)
-        if self.state == _CLOSED:
+        """Answer one request, then ``_request_done``; runs as a task of its own."""
+        raise NotImplementedError
+
+    def _request_done(self, close: bool) -> None:
+        """The request is answered: close, drop the rest of a refused body, or read the next."""
+        if self.state == CLOSED:
             return
         if close or not self.keep_alive:
             self._close_after_answer()
@@ -397,107 +378,6 @@ class BlobConnection(asyncio.BufferedProtocol):
             self._arm(self.limits.body_timeout)
         else:
             self._next_request()
-
-    async def _dispatch(self, head: RequestHead) -> bool:
-        """Serve one request; True when the connection closes after it."""
-        try:
-            declared = head.content_length()
-        except BadRequest as exc:  # chunked: its body cannot be framed, so the answer closes
-            status, code = (
-                (411, "length_required") if head.method == "PUT" else (400, "invalid_request")
-            )
-            return await self._answer(head, APIError(status, code, str(exc)), close=True)
-        if head.method == "PUT":
-            return await self._put(head, declared)
-        close = self._drop_body(head, declared)  # GET and HEAD take no body
-        try:
-            asset_id, path = split_blob_path(head.path)
-            if head.method not in ("GET", "HEAD"):
-                error = APIError(
-                    405, "method_not_allowed", f"{head.method} is not allowed on a blob"
-                )
-                error.headers["Allow"] = "GET, HEAD, PUT"
-                raise error
-            return await self._get(head, asset_id, path, close)
-        except APIError as exc:
-            return await self._answer(head, exc, close=close)
-
-    async def _put(self, head: RequestHead, declared: int | None) -> bool:
-        service = self.server.service
-        try:  # everything that can refuse the request before a byte of its body is read
-            asset_id, path = split_blob_path(head.path)
-            grant = service.authorize("PUT", asset_id, path, head.query)
-            service.check_length(grant, declared)
-            fault = service.take_fault()
-            if fault is not None:
-                raise fault_error(fault.status, fault.retry_after)
-            slot = await self._run(service.begin, grant)
-        except APIError as exc:
-            return await self._answer(head, exc, close=self._drop_body(head, declared))
-        assert grant.length is not None
-        received: Received | None = None
-        try:
-            if head.expects_continue and grant.length:
-                self._write(CONTINUE)
-            try:
-                received = await self._receive(slot.upload, grant.length)
-            except OSError as exc:
-                return await self._answer(head, storage_failure(exc, asset_id, path), close=True)
-        finally:
-            if received is None:
-                await self._run(service.settle, slot, None)
-        try:
-            await self._run(service.settle, slot, received)
-        except APIError as exc:  # the body was read: the connection stays usable
-            return await self._answer(head, exc, close=False)
-        body = json_body({"size": received.size, "sha256": received.sha256})
-        return await self._send(201, {**JSON, "ETag": f'"{received.sha256}"'}, body)
-
-    async def _get(self, head: RequestHead, asset_id: str, path: str, close: bool) -> bool:
-        service = self.server.service
-        service.authorize("GET", asset_id, path, head.query)  # HEAD takes the GET URL too
-        file, component = await self._run(service.open, asset_id, path)
-        with file:
-            size = os.fstat(file.fileno()).st_size
-            headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
-            if component.stored_sha256:
-                headers["ETag"] = f'"{component.stored_sha256}"'
-            try:
-                wanted = byte_range(head.header(b"range"), size)
-            except RangeNotSatisfiable:
-                error = APIError(416, "range_not_satisfiable", f"the blob has {size} bytes")
-                error.headers["Content-Range"] = f"bytes */{size}"
-                return await self._answer(head, error, close=close)
-            status, offset, count = 200, 0, size
-            if wanted is not None:
-                status, (offset, count) = 206, wanted
-                headers["Content-Range"] = f"bytes {offset}-{offset + count - 1}/{size}"
-            close = self._closes(close)
-            self._write(response_head(status, headers, length=count, close=close))
-            if head.method == "GET" and count:
-                await self._send_file(file, offset, count)
-            else:
-                await self._drain()
-        return close
-
-    async def _send_file(self, file: BinaryIO, offset: int, count: int) -> None:
-        assert self.transport is not None
-        end = offset + count
-        while offset < end:
-            if self.state == _CLOSED:
-                raise _Lost("the connection closed during a download")
-            n = min(SENDFILE_CHUNK, end - offset)
-            try:
-                sent = await asyncio.wait_for(
-                    self.loop.sendfile(self.transport, file, offset, n), self.limits.send_timeout
-                )
-            except (TimeoutError, ConnectionError, RuntimeError) as exc:
-                self.transport.abort()
-                raise _Lost("the download stopped") from exc
-            if not sent:
-                self.transport.abort()  # the file shrank: the promised length cannot be kept
-                raise _Lost("the blob file shrank while being sent")
-            offset += sent
 
     # ---- answers --------------------------------------------------------------------------
 
@@ -515,24 +395,6 @@ class BlobConnection(asyncio.BufferedProtocol):
     def _closes(self, close: bool) -> bool:
         return close or self.closing or not self.keep_alive
 
-    async def _answer(self, head: RequestHead, error: APIError, *, close: bool) -> bool:
-        body = error_body(error.code, error.message, **error.extra)
-        headers = {**JSON, **error.headers}
-        if head.method != "HEAD":
-            return await self._send(error.status, headers, body, close=close)
-        close = self._closes(close)
-        self._write(response_head(error.status, headers, length=len(body), close=close))
-        await self._drain()
-        return close
-
-    async def _send(
-        self, status: int, headers: dict[str, str], body: bytes, *, close: bool = False
-    ) -> bool:
-        close = self._closes(close)
-        self._write(response_head(status, headers, length=len(body), close=close) + body)
-        await self._drain()
-        return close
-
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
@@ -545,10 +407,7 @@ class BlobConnection(asyncio.BufferedProtocol):
         except TimeoutError:
             assert self.transport is not None
             self.transport.abort()
-            raise _Lost("the client does not read its answers") from None
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self.loop.run_in_executor(self.server.pool, fn, *args)
+            raise Lost("the client does not read its answers") from None
 
     # ---- shutdown -------------------------------------------------------------------------
 

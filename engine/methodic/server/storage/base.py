@@ -1,8 +1,8 @@
 """Where component bytes live: the narrow interface every storage backend implements.
 
-Two backends sit behind it. ``LocalStorage`` (storage_local.py) keeps the bytes under the data
+Two backends sit behind it. ``LocalStorage`` (local.py) keeps the bytes under the data
 directory and receives them itself, through this server's presigned blob routes (it is also a
-``Receiver``). ``S3Storage`` (storage_s3.py) hands out SigV4-presigned S3 URLs: clients PUT
+``Receiver``). ``S3Storage`` (s3.py) hands out SigV4-presigned S3 URLs: clients PUT
 straight to the bucket and this server keeps only metadata. The catalog talks to either through
 ``Storage`` alone, so the control API answers the same JSON on both.
 
@@ -136,7 +136,7 @@ class Received:
 class Upload(Protocol):
     """One PUT body being received. ``write`` blocks: call it off the event loop."""
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes | memoryview) -> None: ...
     def finish(self) -> Received: ...  # all bytes arrived; ValueError on a length mismatch
     def commit(self) -> None: ...  # make the received bytes the component's (after finish)
     def abort(self) -> None: ...  # forget this body; safe to call at any time, repeatedly

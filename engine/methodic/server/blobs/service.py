@@ -1,9 +1,9 @@
-"""The blob data path's rules: what a presigned request may do, and what it does to the catalog.
+"""The blob data path's rules: what a presigned request may do, and what it records.
 
-Transport-free. The asyncio listener (blobserver.py) parses HTTP and moves the bytes; this
-module checks grants and lengths, picks injected faults, and wraps the catalog calls
-(``begin_upload`` / ``complete_upload`` / ``end_upload`` / ``open_download``) that every
-storage backend shares. Presigned URLs name the listener's origin: see ``blob_origin``.
+Transport-free. The asyncio listener (listener.py) parses HTTP and moves the bytes; this
+module checks grants and lengths, picks injected faults, and wraps the blob ledger's calls
+(ledger.py: ``begin_upload`` / ``complete_upload`` / ``end_upload`` / ``open_download``) that
+every receiving storage backend shares. Presigned URLs name the listener's origin: see ``blob_origin``.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from methodic.server.catalog import Catalog, UploadSlot
+from methodic.server.blobs.ledger import BlobLedger, UploadSlot
 from methodic.server.config import ServerConfig
 from methodic.server.errors import APIError, error_response, forbidden, invalid, not_found
-from methodic.server.faults import Fault, FaultPlan
+from methodic.server.fault_injection import Fault, FaultPlan
 from methodic.server.signing import Grant, Signer, grant_from_query
-from methodic.server.storage import Component, Received
+from methodic.server.storage.base import Component, Received
 
 log = logging.getLogger("methodic.server.blobs")
 
@@ -83,8 +83,8 @@ def storage_failure(exc: OSError, asset_id: str, path: str) -> APIError:
 
 
 class BlobService:
-    def __init__(self, catalog: Catalog, signer: Signer, faults: FaultPlan | None = None) -> None:
-        self.catalog = catalog
+    def __init__(self, ledger: BlobLedger, signer: Signer, faults: FaultPlan | None = None) -> None:
+        self.ledger = ledger
         self.signer = signer
         self.faults = faults
 
@@ -124,7 +124,7 @@ class BlobService:
 
     def begin(self, grant: Grant) -> UploadSlot:
         try:
-            return self.catalog.begin_upload(grant)
+            return self.ledger.begin_upload(grant)
         except OSError as exc:
             raise storage_failure(exc, grant.asset_id, grant.path) from exc
 
@@ -132,14 +132,14 @@ class BlobService:
         """Record ``received`` (None: the body did not arrive) and release the slot."""
         try:
             if received is not None:
-                self.catalog.complete_upload(slot, received)
+                self.ledger.complete_upload(slot, received)
         except OSError as exc:
             raise storage_failure(exc, slot.key.asset_id, slot.key.path) from exc
         finally:
-            self.catalog.end_upload(slot)
+            self.ledger.end_upload(slot)
 
     def open(self, asset_id: str, path: str) -> tuple[BinaryIO, Component]:
-        return self.catalog.open_download(asset_id, path)
+        return self.ledger.open_download(asset_id, path)
 
 
 def fault_error(status: int, retry_after: float | None) -> APIError:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from methodic.server.signing import Grant, Signer
-from methodic.server.storage import (
+from methodic.server.storage.base import (
     BlobKey,
     Component,
     Found,
@@ -48,7 +48,7 @@ PARALLEL_HASH_MIN = 256 * 1024
 _HASHERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="methodic-sha256")
 
 
-def _write_all(fd: int, data: bytes, offset: int | None = None) -> None:
+def _write_all(fd: int, data: bytes | memoryview, offset: int | None = None) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
@@ -94,7 +94,7 @@ class _LengthBoundUpload:
             os.close(self._fd)
             self._fd = None
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         with self._lock:
             if self._fd is None:
                 raise ValueError("upload already closed")
@@ -111,7 +111,7 @@ class _LengthBoundUpload:
                     hashing.result()  # the caller may reuse data once this returns
             self._received += len(data)
 
-    def _write(self, fd: int, data: bytes, position: int) -> None:
+    def _write(self, fd: int, data: bytes | memoryview, position: int) -> None:
         raise NotImplementedError
 
     def finish(self) -> Received:
@@ -171,7 +171,7 @@ class _ObjectUpload(_LengthBoundUpload):
         self._final = final
         self._hashed = hashed
 
-    def _write(self, fd: int, data: bytes, position: int) -> None:
+    def _write(self, fd: int, data: bytes | memoryview, position: int) -> None:
         _write_all(fd, data)
 
     def commit(self) -> None:
@@ -195,7 +195,7 @@ class _PartUpload(_LengthBoundUpload):
         self._hashed = hashed
         self._committed = False
 
-    def _write(self, fd: int, data: bytes, position: int) -> None:
+    def _write(self, fd: int, data: bytes | memoryview, position: int) -> None:
         _write_all(fd, data, self._offset + position)
 
     def commit(self) -> None:

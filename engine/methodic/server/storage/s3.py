@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from methodic.server.config import S3Location
 from methodic.server.db import Database
 from methodic.server.locks import KeyedLocks
-from methodic.server.storage import (
+from methodic.server.storage.base import (
     BlobKey,
     Component,
     Found,
@@ -43,8 +43,8 @@ def open_s3_storage(
 ) -> S3Storage:
     """A client for ``location`` whose bucket answered; StorageSetupError (one line) otherwise."""
     try:
-        import boto3
-        from botocore.config import Config
+        import boto3  # type: ignore[import-untyped]  # boto3 ships no type information
+        from botocore.config import Config  # type: ignore[import-untyped]
     except ImportError:
         raise StorageSetupError("--storage s3:// needs boto3: pip install 'methodic[s3]'") from None
     config = Config(
@@ -73,7 +73,7 @@ def open_s3_storage(
 
 
 def _setup_error(exc: Exception, location: S3Location, endpoint: str) -> StorageSetupError:
-    from botocore.exceptions import (
+    from botocore.exceptions import (  # type: ignore[import-untyped]
         ClientError,
         EndpointConnectionError,
         NoCredentialsError,
@@ -171,7 +171,8 @@ class S3Storage:
     @staticmethod
     def _no_such_upload(exc: StorageUnavailable) -> bool:
         cause = exc.__cause__
-        return getattr(cause, "response", {}).get("Error", {}).get("Code") == "NoSuchUpload"
+        code: object = getattr(cause, "response", {}).get("Error", {}).get("Code")
+        return code == "NoSuchUpload"
 
     # ---- multipart upload ids (in the metadata database) -----------------------------------
 

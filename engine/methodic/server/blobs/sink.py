@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
-from methodic.server.storage import Received, Upload
+from methodic.server.storage.base import Received, Upload
 
 BUFFER_SIZE = 1024 * 1024
 BUFFERS_PER_BODY = 8  # at most this many wait on the disk per body (so 8 MiB of memory)
@@ -153,7 +153,7 @@ class BodySink:
     def _write(self, buffer: bytearray, length: int) -> None:  # a pool thread
         if self._error is None:
             try:  # a view, not a copy; Upload.write keeps no reference to it
-                self._upload.write(memoryview(buffer)[:length])  # type: ignore[arg-type]
+                self._upload.write(memoryview(buffer)[:length])
             except BaseException as exc:
                 self._error = exc
         with self._lock:

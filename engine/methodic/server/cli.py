@@ -8,7 +8,6 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -17,6 +16,7 @@ from methodic import __version__
 if TYPE_CHECKING:
     import socket
 
+    from methodic.server.assemble import ListenError
     from methodic.server.config import ServerConfig
     from methodic.server.runner import QuietServer
 
@@ -159,16 +159,10 @@ def _say(message: str) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     # Imported here so that `methodic --version` stays fast.
-    from methodic.server.app import create_app
-    from methodic.server.blobserver import (
-        BlobListener,
-        bind_blob_socket,
-        receives_blobs,
-        serve_blobs,
-    )
+    from methodic.server.assemble import ListenError, build_server
     from methodic.server.config import ServerConfig
-    from methodic.server.runner import bind_socket, is_loopback, make_server, socket_url
-    from methodic.server.state import DataDirError, open_state
+    from methodic.server.runner import is_loopback, socket_url
+    from methodic.server.state import DataDirError
 
     data_dir: Path = (args.data_dir or default_data_dir()).expanduser().absolute()
     try:
@@ -188,27 +182,13 @@ def _serve(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    # Bind before touching the data dir: a busy port must not leave a fresh key behind.
-    sock = _bind(partial(bind_socket, args.host, args.port), args.host, args.port, "--port")
-    blob_sock: socket.socket | None = None
-    if receives_blobs(config):
-        bind_blobs = partial(bind_blob_socket, args.host, args.blob_port, data_dir)
-        try:
-            blob_sock = _bind(bind_blobs, args.host, args.blob_port, "--blob-port")
-        except UsageError:
-            sock.close()
-            raise
     try:
-        state = open_state(config)
+        server = build_server(config)
+    except ListenError as exc:
+        raise UsageError(_listen_problem(exc, args.host)) from None
     except (DataDirError, ValueError) as exc:
-        for s in (sock, blob_sock):
-            if s is not None:
-                s.close()
         raise UsageError(str(exc)) from None
-    blobs: BlobListener | None = None
     try:
-        if blob_sock is not None:
-            blobs = serve_blobs(state, blob_sock)
         if not is_loopback(args.host) and not _behind_tls(config):
             print(
                 f"methodic serve: warning: listening on {args.host}, not loopback, without TLS in "
@@ -223,10 +203,7 @@ def _serve(args: argparse.Namespace) -> int:
             stream=sys.stderr,
             format="methodic serve: %(levelname)s %(name)s: %(message)s",
         )
-        server = make_server(
-            create_app(config, state=state, blob_port=blobs.port if blobs else None)
-        )
-        url = socket_url(sock, args.host)
+        state, blobs, url = server.state, server.blobs, server.url
 
         def announce() -> None:
             _say(f"Chronicle server listening on {url} (OpenAPI at {url}/openapi.json)")
@@ -244,11 +221,9 @@ def _serve(args: argparse.Namespace) -> int:
             if config.public_blob_url or config.public_url:
                 _say(f"presigned URLs point at {config.public_blob_url or config.public_url}")
 
-        asyncio.run(_run(server, sock, announce))
+        asyncio.run(_run(server.http, server.sock, announce))
     finally:
-        if blobs is not None:
-            blobs.stop()
-        state.close()
+        server.close()
     return 0
 
 
@@ -258,19 +233,11 @@ def _behind_tls(config: ServerConfig) -> bool:
     return any(urls) and all(u is None or u.startswith("https://") for u in urls)
 
 
-def _bind(
-    bind: Callable[[], socket.socket], host: str, port: int | None, option: str
-) -> socket.socket:
-    from methodic.server.runner import PortInUseError
-
-    try:
-        return bind()
-    except PortInUseError:
-        raise UsageError(
-            f"port {port} on {host} is already in use (another server?); choose another with {option}"
-        ) from None
-    except OSError as exc:
-        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+def _listen_problem(exc: ListenError, host: str) -> str:
+    option = "--blob-port" if exc.listener == "blob" else "--port"
+    if exc.in_use:
+        return f"port {exc.port} on {host} is already in use (another server?); choose another with {option}"
+    return f"cannot listen on {host}:{exc.port}: {exc.strerror or exc}"
 
 
 async def _run(server: QuietServer, sock: socket.socket, announce: Callable[[], None]) -> None:

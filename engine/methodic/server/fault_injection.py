@@ -1,4 +1,4 @@
-"""Injected faults for tests and the demo: the next blob PUTs answer an error instead of storing.
+"""Fault injection, for tests and the demo only: the next blob PUTs answer an error instead of storing.
 
 Off unless a caller adds rules (``EmbeddedServer.faults.add(status=503)``); `methodic serve`
 never enables it.

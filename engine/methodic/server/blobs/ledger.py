@@ -1,0 +1,135 @@
+"""The blob ledger: the metadata side of every presigned PUT and GET (receiving backends).
+
+A PUT is ``begin_upload`` (does the asset take it? open its destination), the body, then
+``complete_upload`` (commit the bytes and record them under the asset's lock) and always
+``end_upload``; a GET is ``open_download`` of a finalized component. Every method blocks.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from methodic.server.errors import conflict, invalid, not_found
+from methodic.server.records import AssetRecords, component_of
+from methodic.server.signing import Grant
+from methodic.server.storage.base import (
+    BlobKey,
+    Component,
+    Received,
+    Receiver,
+    Upload,
+    part_range,
+)
+
+
+@dataclass
+class UploadSlot:
+    """A PUT between ``begin_upload`` and ``end_upload``."""
+
+    key: BlobKey
+    part: int | None
+    upload: Upload
+    expected_sha256: str | None = None  # the manifest's, checked when a whole-file PUT ends
+
+
+class BlobLedger:
+    def __init__(self, records: AssetRecords) -> None:
+        self.records = records
+
+    def _receiver(self) -> Receiver:
+        receiver = self.records.storage.receiver
+        if receiver is None:
+            raise not_found(
+                f"this server's storage is {self.records.storage.describe()}: blobs are not sent here"
+            )
+        return receiver
+
+    def _upload_component(self, conn: sqlite3.Connection, grant: Grant) -> Component:
+        row = conn.execute("SELECT state FROM assets WHERE id = ?", (grant.asset_id,)).fetchone()
+        if row is None:
+            raise not_found(f"asset {grant.asset_id} does not exist")
+        if row["state"] != "pending":
+            raise conflict(f"asset {grant.asset_id} is finalized; it takes no more uploads")
+        c = conn.execute(
+            "SELECT * FROM components WHERE asset_id = ? AND path = ?", (grant.asset_id, grant.path)
+        ).fetchone()
+        if c is None:
+            raise not_found(f"asset {grant.asset_id} has no component {grant.path[:300]!r}")
+        return component_of(c)
+
+    def begin_upload(self, grant: Grant) -> UploadSlot:
+        """Check that the asset takes this PUT and open its destination. Raises APIError."""
+        receiver = self._receiver()
+        with self.records.locks.hold(grant.asset_id):
+            c = self._upload_component(self.records.db.connection(), grant)
+            key = c.key(grant.asset_id)
+            expected: tuple[int | None, int, int] | None
+            if c.part_size is None:
+                expected = (None, 0, c.size)
+            elif grant.part is not None and 1 <= grant.part <= c.parts:
+                expected = (grant.part, *part_range(c.size, c.part_size, grant.part))
+            else:
+                expected = None
+            if expected != (grant.part, grant.offset, grant.length):
+                raise invalid(
+                    f"this URL does not match the layout of component {c.path!r}; presign again"
+                )
+            assert grant.length is not None and grant.offset is not None
+            if grant.part is None:
+                upload = receiver.open_object_upload(key, grant.length)
+                return UploadSlot(key, None, upload, expected_sha256=c.sha256)
+            upload = receiver.open_part_upload(key, grant.offset, grant.length)
+            self.records.locks.part_writers[(key.asset_id, key.index)] += 1
+            return UploadSlot(key, grant.part, upload)
+
+    def complete_upload(self, slot: UploadSlot, received: Received) -> None:
+        """Make the received bytes the component's (or part's) and record them."""
+        key = slot.key
+        if slot.expected_sha256 is not None and received.sha256 != slot.expected_sha256:
+            raise invalid(
+                f"checksum mismatch: the body of {key.path!r} has sha256 {received.sha256}, "
+                f"the manifest says {slot.expected_sha256}; nothing was stored"
+            )
+        with self.records.locks.hold(key.asset_id), self.records.db.write() as tx:
+            row = tx.execute("SELECT state FROM assets WHERE id = ?", (key.asset_id,)).fetchone()
+            if row is None:
+                raise not_found(f"asset {key.asset_id} was deleted during the upload")
+            if row["state"] != "pending":
+                raise conflict(f"asset {key.asset_id} was finalized during the upload")
+            slot.upload.commit()
+            if slot.part is None:
+                tx.execute(
+                    "UPDATE components SET stored_sha256 = ? WHERE asset_id = ? AND idx = ?",
+                    (received.sha256, key.asset_id, key.index),
+                )
+            else:
+                tx.execute(
+                    "INSERT OR REPLACE INTO parts (asset_id, idx, part, size, sha256) VALUES (?, ?, ?, ?, ?)",
+                    (key.asset_id, key.index, slot.part, received.size, received.sha256),
+                )
+            tx.execute("UPDATE assets SET touched_at = ? WHERE id = ?", (time.time(), key.asset_id))
+
+    def end_upload(self, slot: UploadSlot) -> None:
+        """Release the slot whatever happened; a body that was not completed leaves no trace."""
+        slot.upload.abort()
+        if slot.part is not None:
+            with self.records.locks.hold(slot.key.asset_id):
+                writers = self.records.locks.part_writers
+                writers[(slot.key.asset_id, slot.key.index)] -= 1
+                if writers[(slot.key.asset_id, slot.key.index)] <= 0:
+                    del writers[(slot.key.asset_id, slot.key.index)]
+
+    def open_download(self, asset_id: str, path: str) -> tuple[BinaryIO, Component]:
+        receiver = self._receiver()
+        with self.records.db.read() as conn:
+            row = conn.execute("SELECT state FROM assets WHERE id = ?", (asset_id,)).fetchone()
+            c = conn.execute(
+                "SELECT * FROM components WHERE asset_id = ? AND path = ?", (asset_id, path)
+            ).fetchone()
+        if row is None or row["state"] != "finalized" or c is None:
+            raise not_found(f"asset {asset_id} has no finalized component {path[:300]!r}")
+        component = component_of(c)
+        return receiver.open_read(component.key(asset_id)), component

@@ -1,0 +1,107 @@
+"""What a manifest may hold: asset id, component paths, sizes and parts this server accepts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+
+from methodic._paths import component_path_problem
+from methodic.server.config import ServerConfig
+from methodic.server.errors import invalid, too_large
+from methodic.server.models import AssetCreate, ComponentIn
+from methodic.server.storage.base import StorageLimits, part_count
+
+ASSET_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def manifest_digest(run_id: str, asset_type: str, components: Sequence[ComponentIn]) -> str:
+    canonical = json.dumps(
+        {
+            "run_id": run_id,
+            "asset_type": asset_type,
+            "components": sorted((c.path, c.size, c.sha256, c.part_size) for c in components),
+        },
+        separators=(",", ":"),
+        ensure_ascii=True,
+    )
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def _path_problem(path: str) -> str | None:
+    problem = component_path_problem(path)
+    if problem is None:
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            problem = "is not valid UTF-8"
+    return problem
+
+
+def validate_manifest(spec: AssetCreate, config: ServerConfig, limits: StorageLimits) -> None:
+    """Raise APIError (400, 413) unless this server can take the manifest as it is."""
+    if not ASSET_ID_PATTERN.fullmatch(spec.asset_id):
+        raise invalid(
+            f"asset id {spec.asset_id[:200]!r} is not valid: use 1-128 letters, digits, '.', '_' "
+            "or '-', starting with a letter or digit (a UUID fits)"
+        )
+    limit = config.max_components_per_asset
+    if len(spec.components) > limit:
+        raise too_large(
+            f"the manifest has {len(spec.components)} components; this server accepts at most {limit} per asset"
+        )
+    seen: set[str] = set()
+    for component in spec.components:
+        problem = _path_problem(component.path)
+        if problem is not None:
+            raise invalid(
+                f"component path {component.path[:300]!r} {problem}", path=component.path[:1024]
+            )
+        if component.path in seen:
+            raise invalid(
+                f"component path {component.path!r} appears twice in the manifest",
+                path=component.path,
+            )
+        seen.add(component.path)
+        parts = part_count(component.size, component.part_size)
+        if parts > config.max_parts_per_component:
+            raise too_large(
+                f"component {component.path!r} would be sent in {parts} parts; at most "
+                f"{config.max_parts_per_component} are accepted (use a larger part_size)"
+            )
+        _check_storage_limits(component, parts, limits)
+    # A path cannot be a file and a directory of the same download.
+    for path in seen:
+        head = path
+        while "/" in head:
+            head = head.rsplit("/", 1)[0]
+            if head in seen:
+                raise invalid(
+                    f"component path {head!r} is a file but {path!r} needs it to be a directory",
+                    path=path,
+                )
+
+
+def _check_storage_limits(component: ComponentIn, parts: int, limits: StorageLimits) -> None:
+    name = component.path[:300]
+    if component.part_size is None:
+        if limits.max_single_put is not None and component.size > limits.max_single_put:
+            raise invalid(
+                f"component {name!r} has {component.size} bytes, over this server's storage "
+                f"limit of {limits.max_single_put} for one PUT: send it in parts (part_size)",
+                path=name,
+            )
+        return
+    if parts > 1 and component.part_size < limits.min_part_size:
+        raise invalid(
+            f"component {name!r}: part_size {component.part_size} is below this server's "
+            f"storage minimum of {limits.min_part_size} bytes per part",
+            path=name,
+        )
+    if limits.max_part_size is not None and component.part_size > limits.max_part_size:
+        raise invalid(
+            f"component {name!r}: part_size {component.part_size} is over this server's "
+            f"storage maximum of {limits.max_part_size} bytes per part",
+            path=name,
+        )

@@ -1,0 +1,1 @@
+"""Where component bytes live: the ``Storage`` interface (base.py), local disk and S3 backends."""
