@@ -283,7 +283,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         reporter = Reporter(json_lines=getattr(args, "json", False))
         return asyncio.run(run_headless(source, reporter, resume_hint=hint))
-    from methodic_tui.app import run_app
+    from methodic_tui.dashboard.app import run_app
 
     return run_app(source, start_on_recovery=args.command == "resume")
 

@@ -21,7 +21,7 @@ from textual.pilot import Pilot
 
 from methodic import AsyncChronicle, UploadTracker
 from methodic.server import EmbeddedServer
-from methodic_tui.app import MethodicApp
+from methodic_tui.dashboard.app import MethodicApp
 from methodic_tui.demo import DemoJob, write_checkpoint
 from methodic_tui.engine_source import EngineSource
 from methodic_tui.jobs import ResumeJob

@@ -23,9 +23,9 @@ from test_tui_helpers import (
 from textual.command import CommandPalette
 
 from methodic import AsyncChronicle, NotFoundError, UploadTracker
-from methodic_tui.screens.dashboard import DashboardScreen
-from methodic_tui.screens.details import DetailsScreen
-from methodic_tui.screens.modals import ConfirmScreen, HelpScreen
+from methodic_tui.dashboard.screens.dashboard import DashboardScreen
+from methodic_tui.dashboard.screens.details import DetailsScreen
+from methodic_tui.dashboard.screens.modals import ConfirmScreen, HelpScreen
 
 SLOW = 500_000  # bytes/s: 8 MiB stays in flight for the whole test
 

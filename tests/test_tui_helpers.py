@@ -13,7 +13,7 @@ from helpers import subprocess_env
 from textual.pilot import Pilot
 
 from methodic import RetryPolicy
-from methodic_tui.app import MethodicApp
+from methodic_tui.dashboard.app import MethodicApp
 from methodic_tui.engine_source import EngineSource
 from methodic_tui.jobs import ResumeJob, UploadJob
 from methodic_tui.options import Options

@@ -25,9 +25,9 @@ from test_tui_helpers import resume_source as make_resume_source
 
 from methodic import AsyncChronicle, UploadTracker
 from methodic_tui.attach import AttachSource
-from methodic_tui.screens.dashboard import DashboardScreen
-from methodic_tui.screens.modals import ConfirmScreen
-from methodic_tui.screens.recovery import RecoveryScreen
+from methodic_tui.dashboard.screens.dashboard import DashboardScreen
+from methodic_tui.dashboard.screens.modals import ConfirmScreen
+from methodic_tui.dashboard.screens.recovery import RecoveryScreen
 
 
 def pending_ids(tracker_path: Path) -> list[str]:

@@ -10,9 +10,9 @@ from textual.widgets import DataTable, Footer, Input, Static
 
 from methodic import AssetSnapshot, PoolSnapshot
 from methodic_tui import format as fmt
-from methodic_tui.screens.base import LiveScreen
-from methodic_tui.widgets.panels import BandwidthPanel, EventLog, LogEntry, StatusHeader
-from methodic_tui.widgets.tables import AssetsTable, ComponentsTable
+from methodic_tui.dashboard.screens.base import LiveScreen
+from methodic_tui.dashboard.widgets.panels import BandwidthPanel, EventLog, LogEntry, StatusHeader
+from methodic_tui.dashboard.widgets.tables import AssetsTable, ComponentsTable
 
 
 def matches(a: AssetSnapshot, needle: str) -> bool:

@@ -10,9 +10,9 @@ from textual.widgets import Footer
 
 from methodic import AssetSnapshot, PoolSnapshot
 from methodic_tui import format as fmt
-from methodic_tui.screens.base import LiveScreen
-from methodic_tui.widgets.panels import EventLog, LiveText, LogEntry, StatusHeader
-from methodic_tui.widgets.tables import STATE_STYLES, ComponentsTable
+from methodic_tui.dashboard.screens.base import LiveScreen
+from methodic_tui.dashboard.widgets.panels import EventLog, LiveText, LogEntry, StatusHeader
+from methodic_tui.dashboard.widgets.tables import STATE_STYLES, ComponentsTable
 
 
 def info_text(a: AssetSnapshot | None) -> Text:

@@ -14,10 +14,10 @@ from textual.widgets import DataTable, Footer
 
 from methodic import PoolSnapshot, TrackedAsset
 from methodic_tui import format as fmt
+from methodic_tui.dashboard.screens.base import LiveScreen
+from methodic_tui.dashboard.widgets.panels import LiveText, LogEntry
+from methodic_tui.dashboard.widgets.tables import Col, LiveTable, cell, name_cell, state_cell
 from methodic_tui.engine_source import missing_summary, stopped_reason
-from methodic_tui.screens.base import LiveScreen
-from methodic_tui.widgets.panels import LiveText, LogEntry
-from methodic_tui.widgets.tables import Col, LiveTable, cell, name_cell, state_cell
 
 MAX_LISTED = 8  # missing files listed under the table
 

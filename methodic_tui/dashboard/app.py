@@ -22,14 +22,14 @@ from textual.screen import Screen
 
 from methodic import ChronicleError, Event, PoolSnapshot
 from methodic_tui import format as fmt
-from methodic_tui.actions import ACTIONS
-from methodic_tui.commands import MethodicCommands
-from methodic_tui.operator_actions import OperatorActions
-from methodic_tui.screens.base import LiveScreen
-from methodic_tui.screens.dashboard import DashboardScreen
-from methodic_tui.screens.recovery import RecoveryScreen
+from methodic_tui.dashboard.actions import ACTIONS
+from methodic_tui.dashboard.commands import MethodicCommands
+from methodic_tui.dashboard.operator_actions import OperatorActions
+from methodic_tui.dashboard.screens.base import LiveScreen
+from methodic_tui.dashboard.screens.dashboard import DashboardScreen
+from methodic_tui.dashboard.screens.recovery import RecoveryScreen
+from methodic_tui.dashboard.widgets.panels import LogEntry
 from methodic_tui.source import EMPTY, Source
-from methodic_tui.widgets.panels import LogEntry
 
 EXIT_USAGE = 2
 EXIT_HANGUP = 128 + signal.SIGHUP

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, cast
 from textual.screen import Screen
 
 from methodic import PoolSnapshot
-from methodic_tui.widgets.panels import LogEntry
+from methodic_tui.dashboard.widgets.panels import LogEntry
 
 if TYPE_CHECKING:
-    from methodic_tui.app import MethodicApp
+    from methodic_tui.dashboard.app import MethodicApp
 
 
 class LiveScreen(Screen[None]):

@@ -15,15 +15,15 @@ from textual.screen import ModalScreen
 from methodic import AssetIncompleteError, AssetSnapshot, ChronicleError, PoolSnapshot
 from methodic_tui import bandwidth
 from methodic_tui import format as fmt
-from methodic_tui.actions import ACTIONS
-from methodic_tui.screens.dashboard import DashboardScreen
-from methodic_tui.screens.details import DetailsScreen
-from methodic_tui.screens.modals import ConfirmScreen, HelpScreen
-from methodic_tui.screens.recovery import RecoveryScreen
+from methodic_tui.dashboard.actions import ACTIONS
+from methodic_tui.dashboard.screens.dashboard import DashboardScreen
+from methodic_tui.dashboard.screens.details import DetailsScreen
+from methodic_tui.dashboard.screens.modals import ConfirmScreen, HelpScreen
+from methodic_tui.dashboard.screens.recovery import RecoveryScreen
 from methodic_tui.source import ReadOnlyError
 
 if TYPE_CHECKING:
-    from methodic_tui.app import MethodicApp
+    from methodic_tui.dashboard.app import MethodicApp
 
 OUR_ACTIONS = frozenset(spec.action for spec in ACTIONS)
 RECOVERY_ACTIONS = frozenset(
