@@ -250,6 +250,10 @@ class EngineSource(Source):
         )
 
     @property
+    def resumable(self) -> bool:
+        return self.job.resumable
+
+    @property
     def job_done(self) -> bool:
         return self._job_task is not None and self._job_task.done()
 

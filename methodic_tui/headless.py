@@ -189,9 +189,8 @@ def _outcome(
             EXIT_FAILED,
             f"done in {took}: {len(failed)} failed ({names}); `{resume_hint}` retries them",
         )
-    job_error = getattr(source, "job_error", None)
-    if job_error:
-        return EXIT_FAILED, f"stopped: {job_error}"
+    if source.job_error:
+        return EXIT_FAILED, f"stopped: {source.job_error}"
     return EXIT_OK, f"done in {took}: {fmt.status_line(snap)}"
 
 

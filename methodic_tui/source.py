@@ -36,6 +36,12 @@ class Labels:
 class Source:
     labels: Labels
     read_only: str | None = None  # why the controls are unavailable; None when they work
+    job_error: str | None = None  # the job itself stopped on an error
+
+    @property
+    def resumable(self) -> bool:
+        """What it leaves unfinished can be resumed later (the demo's temporary server cannot)."""
+        return True
 
     async def start(self) -> None:
         """Connect (and start the job); raises ChronicleError on a configuration problem."""

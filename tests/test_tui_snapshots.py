@@ -38,7 +38,7 @@ def app_on(source: StaticSource, *, recovery: bool = False) -> MethodicApp:
 
 
 async def ready(pilot: Pilot) -> None:
-    await pilot.app.ready.wait()  # type: ignore[attr-defined]
+    await pilot.app.session.ready.wait()  # type: ignore[attr-defined]
     await pilot.pause(0.1)
 
 
