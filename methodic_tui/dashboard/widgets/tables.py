@@ -262,9 +262,6 @@ class LiveTable(DataTable[Text], Generic[T]):
         super().notify_style_update()
         self._cell_cache.clear()
 
-    def row_keys(self) -> list[str]:
-        return list(self._order)
-
     def cursor_key(self) -> str | None:
         if not self._order or self.cursor_row < 0 or self.cursor_row >= self.row_count:
             return None
