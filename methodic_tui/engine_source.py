@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from methodic import (
+    DONE_STATES,
     HELD_STATES,
+    IN_FLIGHT_STATES,
     Asset,
+    AssetState,
     AsyncChronicle,
     AsyncRun,
     AsyncUploadHandle,
@@ -176,7 +179,7 @@ class EngineSource(Source):
         assert self.chronicle is not None and self.tracker is not None
         if self.pending_mode == "leave":
             waiting = await asyncio.to_thread(self.tracker.list_assets, None)
-            n = sum(1 for a in waiting if a.state not in ("finalized", "discarded"))
+            n = sum(1 for a in waiting if a.state not in DONE_STATES)
             if n:
                 self.notice(
                     "warn",
@@ -250,6 +253,10 @@ class EngineSource(Source):
         )
 
     @property
+    def resumable(self) -> bool:
+        return self.job.resumable
+
+    @property
     def job_done(self) -> bool:
         return self._job_task is not None and self._job_task.done()
 
@@ -314,14 +321,14 @@ class EngineSource(Source):
 
 def stopped_reason(t: TrackedAsset) -> str:
     """Why an earlier process left this upload unfinished, as far as the tracker can tell."""
-    if t.state == "paused":
+    if t.state == AssetState.PAUSED:
         return "paused by the operator"
     if t.owner_alive:
         return f"pid {t.owner_pid} is still running: it may be uploading this (see `attach`)"
     if t.last_error:
         return t.last_error
     who = f"process {t.owner_pid}" if t.owner_pid else "the uploading process"
-    if t.state in ("registered", "uploading", "finalizing"):
+    if t.state in IN_FLIGHT_STATES:
         return f"{who} stopped while {t.state} (killed or crashed)"
     return f"{who} stopped ({t.state})"
 

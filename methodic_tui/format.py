@@ -14,9 +14,9 @@ from collections.abc import Callable
 import humanize
 
 from methodic import (
-    IN_FLIGHT_STATES,
     AssetFinalized,
     AssetSnapshot,
+    AssetState,
     AssetStateChanged,
     Event,
     PoolSnapshot,
@@ -25,7 +25,6 @@ from methodic import (
 from methodic_tui.notices import Notice
 
 DASH = "-"
-ACTIVE_STATES = IN_FLIGHT_STATES
 _BLOCKS = " ▏▎▍▌▋▊▉█"
 
 
@@ -187,7 +186,7 @@ def status_line(snapshot: PoolSnapshot) -> str:
     ]
     if snapshot.eta is not None:
         parts.append(f"ETA {long_duration(snapshot.eta)}")
-    for state in ("failed", "paused", "interrupted"):
+    for state in (AssetState.FAILED, AssetState.PAUSED, AssetState.INTERRUPTED):
         if counts.get(state):
             parts.append(f"{counts[state]} {state}")
     return ", ".join(parts)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from methodic import Event, PoolSnapshot
+from methodic import DONE_STATES, Event, PoolSnapshot
 from methodic_tui import format as fmt
 from methodic_tui.notices import Notice
 from methodic_tui.source import Source
@@ -176,7 +176,7 @@ def _outcome(
 ) -> tuple[int, str]:
     if received:
         sig = signal.Signals(received[0])
-        left = sum(1 for a in snap.assets if a.state not in ("finalized", "discarded"))
+        left = sum(1 for a in snap.assets if a.state not in DONE_STATES)
         return 128 + sig.value, (
             f"stopped by {sig.name}: {left} unfinished uploads stay "
             f"resumable (`{resume_hint}` continues them)"
@@ -189,9 +189,8 @@ def _outcome(
             EXIT_FAILED,
             f"done in {took}: {len(failed)} failed ({names}); `{resume_hint}` retries them",
         )
-    job_error = getattr(source, "job_error", None)
-    if job_error:
-        return EXIT_FAILED, f"stopped: {job_error}"
+    if source.job_error:
+        return EXIT_FAILED, f"stopped: {source.job_error}"
     return EXIT_OK, f"done in {took}: {fmt.status_line(snap)}"
 
 

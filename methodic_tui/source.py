@@ -11,8 +11,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from methodic import Asset, ChronicleError, Event, PoolSnapshot, TrackedAsset
-from methodic_tui.format import ACTIVE_STATES
+from methodic import (
+    DONE_STATES,
+    IN_FLIGHT_STATES,
+    Asset,
+    ChronicleError,
+    Event,
+    PoolSnapshot,
+    TrackedAsset,
+)
 
 EMPTY = PoolSnapshot(
     assets=(), rate=0.0, history=(), total_sent=0, bandwidth_cap=None, workers=0, active_transfers=0
@@ -36,6 +43,12 @@ class Labels:
 class Source:
     labels: Labels
     read_only: str | None = None  # why the controls are unavailable; None when they work
+    job_error: str | None = None  # the job itself stopped on an error
+
+    @property
+    def resumable(self) -> bool:
+        """What it leaves unfinished can be resumed later (the demo's temporary server cannot)."""
+        return True
 
     async def start(self) -> None:
         """Connect (and start the job); raises ChronicleError on a configuration problem."""
@@ -61,13 +74,13 @@ class Source:
 
     def settled(self) -> bool:
         """Nothing left to do: the job has submitted everything and no asset is in flight."""
-        return not any(a.state in ACTIVE_STATES for a in self.snapshot().assets)
+        return not any(a.state in IN_FLIGHT_STATES for a in self.snapshot().assets)
 
     def unfinished(self) -> dict[str, int]:
         """How many assets are not finalized (nor discarded), by state."""
         counts: dict[str, int] = {}
         for a in self.snapshot().assets:
-            if a.state not in ("finalized", "discarded"):
+            if a.state not in DONE_STATES:
                 counts[a.state] = counts.get(a.state, 0) + 1
         return counts
 

@@ -21,7 +21,7 @@ from textual.pilot import Pilot
 
 from methodic import AsyncChronicle, UploadTracker
 from methodic.server import EmbeddedServer
-from methodic_tui.app import MethodicApp
+from methodic_tui.dashboard.app import MethodicApp
 from methodic_tui.demo import DemoJob, write_checkpoint
 from methodic_tui.engine_source import EngineSource
 from methodic_tui.jobs import ResumeJob
@@ -41,17 +41,19 @@ async def until(pilot: Pilot, predicate, timeout: float = 60.0) -> None:  # type
 
 
 def mid_upload(app: MethodicApp) -> bool:
-    states = [a.state for a in app.source.snapshot().assets]
-    retried = any(e.level == "warn" and e.text.startswith("retry") for e in app.entries)
+    states = [a.state for a in app.session.source.snapshot().assets]
+    retried = any(e.level == "warn" and e.text.startswith("retry") for e in app.session.entries)
     return retried and states.count("finalized") >= 1 and "uploading" in states and len(states) >= 4
 
 
 async def select_uploading(app: MethodicApp, pilot: Pilot) -> None:
-    ids = [a.asset_id for a in app.source.snapshot().assets]
-    target = next(a.asset_id for a in app.source.snapshot().assets if a.state == "uploading")
+    ids = [a.asset_id for a in app.session.source.snapshot().assets]
+    target = next(
+        a.asset_id for a in app.session.source.snapshot().assets if a.state == "uploading"
+    )
     for _ in range(ids.index(target)):
         await pilot.press("down")
-    await until(pilot, lambda: app.selected == target)
+    await until(pilot, lambda: app.session.selected == target)
     await pilot.pause(0.6)  # its files arrive with the next refresh
 
 
@@ -63,7 +65,7 @@ async def demo_shots(out: Path, size: tuple[int, int], *, full: bool) -> None:
     suffix = "" if size == WIDE else f"-{size[0]}x{size[1]}"
     try:
         async with app.run_test(size=size) as pilot:
-            await until(pilot, lambda: app.ready.is_set())
+            await until(pilot, lambda: app.session.ready.is_set())
             await until(pilot, lambda: mid_upload(app))
             await select_uploading(app, pilot)
             app.save_screenshot(f"dashboard{suffix}.svg", str(out))
@@ -109,7 +111,7 @@ async def recovery_shots(out: Path, tmp: Path) -> None:
             app = MethodicApp(source, start_on_recovery=True, watch_terminal=False)
             try:
                 async with app.run_test(size=size) as pilot:
-                    await until(pilot, lambda app=app: len(app.source.pending()) == 3)
+                    await until(pilot, lambda app=app: len(app.session.source.pending()) == 3)
                     await pilot.pause(0.5)
                     app.save_screenshot(name, str(out))
             finally:

@@ -15,6 +15,7 @@ from helpers import make_checkpoint
 from test_tui_data import sample_snapshot
 from test_tui_helpers import MiB, tui_cmd, tui_env
 
+import methodic_tui
 from methodic import AssetFinalized, RetryScheduled, UploadTracker
 from methodic_tui.headless import Reporter, use_colour
 
@@ -300,6 +301,28 @@ def test_the_headless_path_never_imports_textual(server, tmp_path: Path) -> None
         env=tui_env(tmp_path),
     )
     assert result.stdout.strip() == "0 []", result.stdout + result.stderr
+
+
+def test_no_textual_free_module_loads_textual_or_rich(tmp_path: Path) -> None:
+    """Every module of methodic_tui outside ``methodic_tui.dashboard`` imports without them."""
+    package = Path(methodic_tui.__file__).parent
+    modules = sorted(f"methodic_tui.{p.stem}" for p in package.glob("*.py") if p.stem != "__main__")
+    assert {"methodic_tui.cli", "methodic_tui.headless", "methodic_tui.status"} <= set(modules)
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'rich')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=tui_env(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
 
 
 # ------------------------------------------------------------ the reporter, in-process

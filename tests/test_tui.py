@@ -23,9 +23,9 @@ from test_tui_helpers import (
 from textual.command import CommandPalette
 
 from methodic import AsyncChronicle, NotFoundError, UploadTracker
-from methodic_tui.screens.dashboard import DashboardScreen
-from methodic_tui.screens.details import DetailsScreen
-from methodic_tui.screens.modals import ConfirmScreen, HelpScreen
+from methodic_tui.dashboard.screens.dashboard import DashboardScreen
+from methodic_tui.dashboard.screens.details import DetailsScreen
+from methodic_tui.dashboard.screens.modals import ConfirmScreen, HelpScreen
 
 SLOW = 500_000  # bytes/s: 8 MiB stays in flight for the whole test
 
@@ -57,7 +57,7 @@ async def test_uploads_show_live_and_finalize(server, tmp_path: Path) -> None:
         assert cell_text(app, "assets", aid, "state") == "finalized"
         assert cell_text(app, "assets", aid, "files") == "2/2"
         assert tracked_state(tmp_path, aid) == "finalized"
-        assert any("finalized checkpoint-2000" in e.text for e in app.entries)
+        assert any("finalized checkpoint-2000" in e.text for e in app.session.entries)
         assert "all finalized" in screen_text(app)
 
 
@@ -90,7 +90,7 @@ async def test_a_and_shift_p_pause_and_resume_everything(server, tmp_path: Path)
         await until(pilot, lambda: set(states(app).values()) == {"paused"}, what="all paused")
         await pilot.press("P")
         await until(pilot, lambda: set(states(app).values()) == {"uploading"}, what="all resumed")
-        logged = [e.text for e in app.entries]
+        logged = [e.text for e in app.session.entries]
         assert "paused checkpoint-1000" in logged and "paused checkpoint-2000" in logged
 
 
@@ -102,7 +102,7 @@ async def test_r_retries_failed_uploads(server, tmp_path: Path) -> None:
         aid = asset_id(app, "checkpoint-1000")
         await pilot.pause(0.4)
         assert cell_text(app, "assets", aid, "state") == "failed"
-        assert any(e.level == "error" and "400" in e.text for e in app.entries)
+        assert any(e.level == "error" and "400" in e.text for e in app.session.entries)
         await pilot.press("r")
         await until(pilot, lambda: states(app)["checkpoint-1000"] == "finalized", what="retried")
         assert tracked_state(tmp_path, aid) == "finalized"
@@ -163,7 +163,7 @@ async def test_f_finalizes_once_storage_holds_every_byte(server, tmp_path: Path)
         await pilot.press("y")
         await until(pilot, lambda: states(app)["checkpoint-1000"] == "finalized", what="finalized")
         assert tracked_state(tmp_path, aid) == "finalized"
-        assert any("force-finalized checkpoint-1000" in e.text for e in app.entries)
+        assert any("force-finalized checkpoint-1000" in e.text for e in app.session.entries)
         await pilot.press("f")  # already finalized: nothing to ask
         await pilot.pause(0.2)
         assert not isinstance(app.screen, ConfirmScreen)
@@ -210,7 +210,7 @@ async def test_plus_and_minus_move_the_bandwidth_cap(server, tmp_path: Path) -> 
         for _ in range(12):  # past the top step the cap is lifted
             await pilot.press("plus")
         await until(pilot, lambda: bucket.rate is None, what="lifted")
-        assert any("no cap" in e.text for e in app.entries)
+        assert any("no cap" in e.text for e in app.session.entries)
 
 
 async def test_enter_opens_details_and_escape_goes_back(server, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from helpers import subprocess_env
 from textual.pilot import Pilot
 
 from methodic import RetryPolicy
-from methodic_tui.app import MethodicApp
+from methodic_tui.dashboard.app import MethodicApp
 from methodic_tui.engine_source import EngineSource
 from methodic_tui.jobs import ResumeJob, UploadJob
 from methodic_tui.options import Options
@@ -63,7 +63,7 @@ async def running(
     app = MethodicApp(source, watch_terminal=False, **app_kw)  # type: ignore[arg-type]
     try:
         async with app.run_test(size=size) as pilot:
-            await asyncio.wait_for(app.ready.wait(), 20)
+            await asyncio.wait_for(app.session.ready.wait(), 20)
             await pilot.pause()
             yield app, pilot
     finally:
@@ -72,7 +72,9 @@ async def running(
 
 def states(app: MethodicApp) -> dict[str, str]:
     """Asset name -> state, as the engine has them right now."""
-    return {app.asset_label(a.asset_id): a.state for a in app.source.snapshot().assets}
+    return {
+        app.session.asset_label(a.asset_id): a.state for a in app.session.source.snapshot().assets
+    }
 
 
 def cell_text(app: MethodicApp, table_id: str, row: str, column: str) -> str:
@@ -82,7 +84,9 @@ def cell_text(app: MethodicApp, table_id: str, row: str, column: str) -> str:
 
 def asset_id(app: MethodicApp, name: str) -> str:
     return next(
-        a.asset_id for a in app.source.snapshot().assets if app.asset_label(a.asset_id) == name
+        a.asset_id
+        for a in app.session.source.snapshot().assets
+        if app.session.asset_label(a.asset_id) == name
     )
 
 

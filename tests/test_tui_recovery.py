@@ -25,9 +25,9 @@ from test_tui_helpers import resume_source as make_resume_source
 
 from methodic import AsyncChronicle, UploadTracker
 from methodic_tui.attach import AttachSource
-from methodic_tui.screens.dashboard import DashboardScreen
-from methodic_tui.screens.modals import ConfirmScreen
-from methodic_tui.screens.recovery import RecoveryScreen
+from methodic_tui.dashboard.screens.dashboard import DashboardScreen
+from methodic_tui.dashboard.screens.modals import ConfirmScreen
+from methodic_tui.dashboard.screens.recovery import RecoveryScreen
 
 
 def pending_ids(tracker_path: Path) -> list[str]:
@@ -191,13 +191,13 @@ async def test_recovery_leaves_an_upload_a_live_process_owns(server, tmp_path: P
             await until(pilot, lambda: isinstance(app.screen, RecoveryScreen))
             table = app.screen.query_one("#pending")
             await until(pilot, lambda: table.row_count == 1)
-            assert [t.asset_id for t in app.source.pending()] == [ids["mine"]]
+            assert [t.asset_id for t in app.session.source.pending()] == [ids["mine"]]
             assert "theirs" not in states(app)
             await until(
                 pilot,
                 lambda: any(
                     f"not taking over {ids['theirs']}: pid {live.pid} is still running" in e.text
-                    for e in app.entries
+                    for e in app.session.entries
                 ),
                 what="the warning",
             )
@@ -274,7 +274,9 @@ async def test_attach_watches_another_process_read_only(server, tmp_path: Path) 
             await until(pilot, lambda: any("read-only" in str(n.title) for n in app._notifications))
             assert tracked_states(tracker_path)["checkpoint-9"] == "uploading"
             await until(pilot, lambda: states(app)["checkpoint-9"] == "finalized", timeout=30)
-            await until(pilot, lambda: any("finalized checkpoint-9" in e.text for e in app.entries))
+            await until(
+                pilot, lambda: any("finalized checkpoint-9" in e.text for e in app.session.entries)
+            )
         assert child.wait(30) == 0
     finally:
         if child.poll() is None:

@@ -13,7 +13,7 @@ import pytest
 from test_tui_data import NOW, recovery_source, sample_source
 from textual.pilot import Pilot
 
-from methodic_tui.app import MethodicApp
+from methodic_tui.dashboard.app import MethodicApp
 from methodic_tui.source import StaticSource
 
 SIZES = [(80, 24), (120, 40)]
@@ -38,7 +38,7 @@ def app_on(source: StaticSource, *, recovery: bool = False) -> MethodicApp:
 
 
 async def ready(pilot: Pilot) -> None:
-    await pilot.app.ready.wait()  # type: ignore[attr-defined]
+    await pilot.app.session.ready.wait()  # type: ignore[attr-defined]
     await pilot.pause(0.1)
 
 

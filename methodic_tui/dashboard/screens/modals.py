@@ -10,7 +10,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
-from methodic_tui.actions import ACTIONS
+from methodic_tui.dashboard.actions import ACTIONS
 
 
 class ConfirmScreen(ModalScreen[bool]):

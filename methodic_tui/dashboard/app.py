@@ -11,35 +11,38 @@ import contextlib
 import signal
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from rich.console import RenderableType
 from textual.app import App
-from textual.binding import Binding
-from textual.screen import Screen
+from textual.binding import Binding, BindingType
+from textual.screen import ModalScreen, Screen
 
 from methodic import ChronicleError, Event, PoolSnapshot
-from methodic_tui import format as fmt
-from methodic_tui.actions import ACTIONS
-from methodic_tui.commands import MethodicCommands
-from methodic_tui.operator_actions import OperatorActions
-from methodic_tui.screens.base import LiveScreen
-from methodic_tui.screens.dashboard import DashboardScreen
-from methodic_tui.screens.recovery import RecoveryScreen
-from methodic_tui.source import EMPTY, Source
-from methodic_tui.widgets.panels import LogEntry
+from methodic_tui.dashboard.actions import ACTIONS
+from methodic_tui.dashboard.commands import MethodicCommands
+from methodic_tui.dashboard.operator import Operator
+from methodic_tui.dashboard.screens.base import LiveScreen
+from methodic_tui.dashboard.screens.dashboard import DashboardScreen
+from methodic_tui.dashboard.screens.modals import HelpScreen
+from methodic_tui.dashboard.screens.recovery import RecoveryScreen
+from methodic_tui.dashboard.session import LogEntry, Session
+from methodic_tui.source import Source
 
 EXIT_USAGE = 2
 EXIT_HANGUP = 128 + signal.SIGHUP
 # A dropped terminal (SIGHUP) or a scheduler's warning (SIGTERM): leave cleanly, 128 + signal.
 STOP_SIGNALS = (signal.SIGHUP, signal.SIGTERM)
-LOG_KEPT = 2000
+OUR_ACTIONS = frozenset(spec.action for spec in ACTIONS)
+# What the recovery screen lets through of the app's keys; the rest is the dashboard's.
+RECOVERY_ACTIONS = frozenset(
+    {"resume_pending", "force_finalize", "discard", "help", "request_quit", "recovery"}
+)
 
 
-def _bindings() -> list[Binding]:
-    out = []
+def _bindings() -> list[BindingType]:
+    out: list[BindingType] = []
     for spec in ACTIONS:
         if not spec.keys:
             continue
@@ -62,10 +65,12 @@ def _bindings() -> list[Binding]:
     return out
 
 
-class MethodicApp(OperatorActions, App[int]):
+class MethodicApp(App[int]):
+    """Owns the ``Session`` (what is shown) and the ``Operator`` (what the keys do)."""
+
     CSS_PATH = "methodic.tcss"
     TITLE = "methodic"
-    BINDINGS = _bindings()
+    BINDINGS: ClassVar[list[BindingType]] = _bindings()
     COMMANDS = App.COMMANDS | {MethodicCommands}
 
     def __init__(
@@ -78,19 +83,13 @@ class MethodicApp(OperatorActions, App[int]):
         watch_terminal: bool = True,
     ) -> None:
         super().__init__()
-        self.source = source
+        self.session = Session(source, clock)
+        self.operator = Operator(self)
         self.start_on_recovery = start_on_recovery
         self.refresh_hz = refresh_hz
-        self.clock = clock
         self.watch_terminal = watch_terminal
-        self.snapshot: PoolSnapshot = EMPTY
-        self.entries: deque[LogEntry] = deque(maxlen=LOG_KEPT)
-        self.names: dict[str, str] = {}
-        self.selected: str | None = None
-        self.error: str | None = None  # why it could not start (printed by the CLI)
-        self.ready = asyncio.Event()
+        self.error: ChronicleError | None = None  # why it could not start (run_app raises it)
         self._ticking = False
-        self._controls: set[asyncio.Task[Any]] = set()
 
     def get_default_screen(self) -> Screen[Any]:
         return DashboardScreen()
@@ -99,7 +98,7 @@ class MethodicApp(OperatorActions, App[int]):
 
     def on_mount(self) -> None:
         self.theme = "textual-dark"
-        self.entries.append(self._entry("info", "starting..."))
+        self.session.entries.append(self.session.entry("info", "starting..."))
         self.run_worker(self._start(), name="start")
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
@@ -114,16 +113,17 @@ class MethodicApp(OperatorActions, App[int]):
                 asyncio.get_running_loop().remove_signal_handler(sig)
 
     async def _start(self) -> None:
+        source = self.session.source
         try:
-            await self.source.start()
+            await source.start()
         except ChronicleError as exc:
-            self.error = " ".join(str(exc).split())
+            self.error = exc
             self.leave(EXIT_USAGE)
             return
         await self.tick()
         self.set_interval(1 / self.refresh_hz, self.tick)
-        self.ready.set()
-        if self.start_on_recovery or self.source.pending():
+        self.session.ready.set()
+        if self.start_on_recovery or source.pending():
             self.push_screen(RecoveryScreen())
 
     def leave(self, code: int) -> None:
@@ -159,64 +159,103 @@ class MethodicApp(OperatorActions, App[int]):
 
     # ------------------------------------------------------------ refresh
 
-    def _entry(
-        self, level: str, text: str, asset_id: str | None = None, at: float | None = None
-    ) -> LogEntry:
-        return LogEntry(self.clock() if at is None else at, level, text, asset_id)
-
-    def asset_label(self, asset_id: str | None) -> str:
-        if asset_id is None:
-            return "-"
-        return self.names.get(asset_id, asset_id[:13])
-
     async def tick(self) -> None:
         if self._ticking or not self.is_running:
             return
         self._ticking = True
         try:
-            await self.source.tick()
-            events = self.source.poll_events()
-            snap = self.source.snapshot(self.selected)
-            self._apply(snap, events)
+            source = self.session.source
+            await source.tick()
+            events = source.poll_events()
+            self._apply(source.snapshot(self.session.selected), events)
         finally:
             self._ticking = False
 
     def _apply(self, snap: PoolSnapshot, events: Iterable[Event]) -> None:
-        self.snapshot = snap
-        for a in snap.assets:
-            if a.asset_id not in self.names:
-                self.names[a.asset_id] = fmt.name_of(a)
-        entries = []
-        for event in events:
-            described = fmt.describe_event(event, self.asset_label)
-            if described is not None:
-                entries.append(LogEntry(event.at, described[0], described[1], event.asset_id))
-        self._publish(entries)
+        self._publish(self.session.absorb(snap, events))
 
     def _publish(self, entries: list[LogEntry]) -> None:
-        self.entries.extend(entries)
+        self.session.entries.extend(entries)
         with self.batch_update():
             for screen in self.screen_stack:
                 if isinstance(screen, LiveScreen):
-                    screen.feed(self.snapshot, entries)
+                    screen.feed(self.session.snapshot, entries)
 
     def note(self, level: str, text: str, asset_id: str | None = None) -> None:
         """A line in the event log from the dashboard itself (what a key did)."""
-        self._publish([self._entry(level, text, asset_id)])
+        self._publish([self.session.entry(level, text, asset_id)])
 
     def refresh_now(self) -> None:
         self.call_later(self.tick)
 
     def select(self, asset_id: str) -> None:
-        if asset_id != self.selected:
-            self.selected = asset_id
+        if asset_id != self.session.selected:
+            self.session.selected = asset_id
             self.refresh_now()
+
+    # ------------------------------------------------------------ keys (actions.ACTIONS)
+    # The controls are the operator's; the app only moves between screens.
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action not in OUR_ACTIONS:
+            return True
+        screen = self.screen
+        if isinstance(screen, ModalScreen):
+            return False  # a dialog is open: keys belong to it
+        if isinstance(screen, RecoveryScreen):
+            return action in RECOVERY_ACTIONS
+        if action in ("details", "filter"):
+            return isinstance(screen, DashboardScreen)
+        return True
+
+    def action_toggle_pause(self) -> None:
+        self.operator.toggle_pause()
+
+    def action_toggle_pause_all(self) -> None:
+        self.operator.toggle_pause_all()
+
+    def action_resume_pending(self) -> None:
+        self.operator.resume_pending()
+
+    def action_retry_failed(self) -> None:
+        self.operator.retry_failed()
+
+    def action_force_finalize(self) -> None:
+        self.operator.force_finalize()
+
+    def action_discard(self) -> None:
+        self.operator.discard()
+
+    def action_bandwidth_up(self) -> None:
+        self.operator.bandwidth_up()
+
+    def action_bandwidth_down(self) -> None:
+        self.operator.bandwidth_down()
+
+    def action_request_quit(self) -> None:
+        self.operator.request_quit()
+
+    def action_details(self) -> None:
+        if isinstance(self.screen, DashboardScreen):
+            self.screen.show_details()
+
+    def action_filter(self) -> None:
+        if isinstance(self.screen, DashboardScreen):
+            self.screen.open_filter()
+
+    def action_recovery(self) -> None:
+        if not isinstance(self.screen, RecoveryScreen):
+            self.push_screen(RecoveryScreen())
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
 
 
 def run_app(source: Source, *, start_on_recovery: bool = False) -> int:
-    """Run the dashboard until it exits; the source is closed after it (tracker flushed)."""
-    from methodic_tui.cli import PROG
+    """Run the dashboard until it exits; the source is closed after it (tracker flushed).
 
+    Raises the ``ChronicleError`` that kept the source from starting (a setup problem).
+    """
     app = MethodicApp(source, start_on_recovery=start_on_recovery)
 
     async def main() -> int | None:
@@ -229,6 +268,6 @@ def run_app(source: Source, *, start_on_recovery: bool = False) -> int:
         code = asyncio.run(main())
     except OSError:  # the terminal vanished while the app was restoring it
         code = EXIT_HANGUP
-    if app.error:
-        print(f"{PROG}: error: {app.error}", file=sys.stderr)
+    if app.error is not None:
+        raise app.error
     return app.return_code or 0 if code is None else code

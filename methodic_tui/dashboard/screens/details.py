@@ -8,11 +8,12 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import Footer
 
-from methodic import AssetSnapshot, PoolSnapshot
+from methodic import AssetSnapshot, AssetState, PoolSnapshot
 from methodic_tui import format as fmt
-from methodic_tui.screens.base import LiveScreen
-from methodic_tui.widgets.panels import EventLog, LiveText, LogEntry, StatusHeader
-from methodic_tui.widgets.tables import STATE_STYLES, ComponentsTable
+from methodic_tui.dashboard.screens.base import LiveScreen
+from methodic_tui.dashboard.session import LogEntry
+from methodic_tui.dashboard.widgets.panels import EventLog, LiveText, StatusHeader
+from methodic_tui.dashboard.widgets.tables import STATE_STYLES, ComponentsTable
 
 
 def info_text(a: AssetSnapshot | None) -> Text:
@@ -29,7 +30,7 @@ def info_text(a: AssetSnapshot | None) -> Text:
         f"\n{a.components_done}/{a.component_count} files stored, "
         f"{fmt.size_pair(a.bytes_done, a.bytes_total)} ({fmt.percent(a.bytes_done, a.bytes_total)})"
     )
-    if a.state == "uploading" and a.rate:
+    if a.state == AssetState.UPLOADING and a.rate:
         text.append(f", {fmt.rate(a.rate)}, ETA {fmt.long_duration(a.eta)}")
     if a.last_error:
         text.append(f"\nlast error: {a.last_error}", "red")
@@ -55,13 +56,13 @@ class DetailsScreen(LiveScreen):
         self.query_one("#details-files").border_title = "files"
         log = self.query_one(EventLog)
         log.border_title = "events of this asset"
-        log.add(e for e in self.mapp.entries if e.asset_id == self.asset_id)
+        log.add(e for e in self.session.entries if e.asset_id == self.asset_id)
         self.query_one(ComponentsTable).focus()
         self.go_live()
 
     def apply(self, snap: PoolSnapshot, entries: list[LogEntry]) -> None:
-        app = self.mapp
-        self.query_one(StatusHeader).show_status(app.source.labels, snap, app.source.read_only)
+        source = self.session.source
+        self.query_one(StatusHeader).show_status(source.labels, snap, source.read_only)
         asset = next((a for a in snap.assets if a.asset_id == self.asset_id), None)
         self.query_one("#info", LiveText).show(info_text(asset))
         if asset is not None:

@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 from textual.screen import Screen
 
 from methodic import PoolSnapshot
-from methodic_tui.widgets.panels import LogEntry
+from methodic_tui.dashboard.operator import Operator
+from methodic_tui.dashboard.session import LogEntry, Session
 
-if TYPE_CHECKING:
-    from methodic_tui.app import MethodicApp
+
+class Host(Protocol):
+    """What a screen asks of the app it runs in (``MethodicApp``), which it does not import."""
+
+    session: Session
+    operator: Operator
+
+    def select(self, asset_id: str) -> None: ...
 
 
 class LiveScreen(Screen[None]):
     live = False  # set by the subclass once its widgets exist
 
     @property
-    def mapp(self) -> MethodicApp:
-        return cast("MethodicApp", self.app)
+    def host(self) -> Host:
+        return cast(Host, self.app)
+
+    @property
+    def session(self) -> Session:
+        return self.host.session
 
     def feed(self, snap: PoolSnapshot, entries: list[LogEntry]) -> None:
         if self.live:
@@ -26,7 +37,7 @@ class LiveScreen(Screen[None]):
 
     def go_live(self) -> None:
         self.live = True
-        self.apply(self.mapp.snapshot, [])
+        self.apply(self.session.snapshot, [])
 
     def apply(self, snap: PoolSnapshot, entries: list[LogEntry]) -> None:
         raise NotImplementedError

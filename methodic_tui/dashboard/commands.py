@@ -6,7 +6,7 @@ from functools import partial
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
-from methodic_tui.actions import ACTIONS, ActionSpec
+from methodic_tui.dashboard.actions import ACTIONS, ActionSpec
 
 
 class MethodicCommands(Provider):

@@ -125,5 +125,3 @@ ACTIONS: tuple[ActionSpec, ...] = (
         "With uploads in flight, says that they stay resumable and asks first.",
     ),
 )
-
-BY_ACTION = {spec.action: spec for spec in ACTIONS}

@@ -14,10 +14,11 @@ from textual.widgets import DataTable, Footer
 
 from methodic import PoolSnapshot, TrackedAsset
 from methodic_tui import format as fmt
+from methodic_tui.dashboard.screens.base import LiveScreen
+from methodic_tui.dashboard.session import LogEntry
+from methodic_tui.dashboard.widgets.panels import LiveText
+from methodic_tui.dashboard.widgets.tables import Col, LiveTable, cell, name_cell, state_cell
 from methodic_tui.engine_source import missing_summary, stopped_reason
-from methodic_tui.screens.base import LiveScreen
-from methodic_tui.widgets.panels import LiveText, LogEntry
-from methodic_tui.widgets.tables import Col, LiveTable, cell, name_cell, state_cell
 
 MAX_LISTED = 8  # missing files listed under the table
 
@@ -86,22 +87,22 @@ class RecoveryScreen(LiveScreen):
         yield Footer(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
-        tracker = self.mapp.source.labels.tracker
+        tracker = self.session.source.labels.tracker
         self.query_one("#recovery-pane").border_title = f"unfinished uploads in {tracker}"
         self.query_one(PendingTable).focus()
         self.go_live()
 
     def apply(self, snap: PoolSnapshot, entries: list[LogEntry]) -> None:
-        app = self.mapp
-        pending = app.source.pending()
+        session = self.session
+        pending = session.source.pending()
         self._seen_any = self._seen_any or bool(pending)
         table = self.query_one(PendingTable)
-        table.now = app.clock()
+        table.now = session.clock()
         table.show((t.asset_id, t) for t in pending)
         self.query_one("#recovery-intro", LiveText).show(self._intro(len(pending)))
         key = table.cursor_key()
-        if key is not None and key != app.selected and self.is_active:
-            app.select(key)
+        if key is not None and key != session.selected and self.is_active:
+            self.host.select(key)
         chosen = next((t for t in pending if t.asset_id == key), None)
         self.query_one("#recovery-detail", LiveText).show(missing_text(chosen))
 
@@ -121,13 +122,13 @@ class RecoveryScreen(LiveScreen):
                 ("esc", "bold cyan"),
                 " later",
             )
-        tracker = self.mapp.source.labels.tracker
+        tracker = self.session.source.labels.tracker
         note = "all handled" if self._seen_any else f"no unfinished uploads in {tracker}"
         return Text.assemble((note, "bold"), ". ", ("escape", "bold cyan"), " for the dashboard")
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.row_key.value is not None and self.is_active:
-            self.mapp.select(event.row_key.value)
+            self.host.select(event.row_key.value)
 
     def on_data_table_row_selected(self, _: DataTable.RowSelected) -> None:
         self.action_resume_one()
@@ -135,7 +136,7 @@ class RecoveryScreen(LiveScreen):
     def action_resume_one(self) -> None:
         key = self.query_one(PendingTable).cursor_key()
         if key is not None:
-            self.mapp.resume_assets([key])
+            self.host.operator.resume_assets([key])
 
     def action_leave(self) -> None:
         self.dismiss(None)

@@ -230,10 +230,10 @@ class LiveTable(DataTable[Text], Generic[T]):
         # single changed cell re-renders every visible cell. Cache in front of it per cell
         # version instead: a refresh renders only the cells that changed. (Private API;
         # textual is pinned exactly.)
-        if row_index < 0 or column_index < 0:
-            return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
         row_key = self._row_locations.get_key(row_index)
         col_key = self._column_locations.get_key(column_index)
+        if row_key is None or col_key is None:  # a header or label cell: no row or no column
+            return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
         version = self._versions.get((row_key.value, col_key.value), 0)  # type: ignore[arg-type]
         key = (
             row_index,
@@ -261,9 +261,6 @@ class LiveTable(DataTable[Text], Generic[T]):
     def notify_style_update(self) -> None:
         super().notify_style_update()
         self._cell_cache.clear()
-
-    def row_keys(self) -> list[str]:
-        return list(self._order)
 
     def cursor_key(self) -> str | None:
         if not self._order or self.cursor_row < 0 or self.cursor_row >= self.row_count:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -13,28 +12,8 @@ from textual.widgets import RichLog, Sparkline
 
 from methodic import PoolSnapshot
 from methodic_tui import format as fmt
+from methodic_tui.dashboard.session import LogEntry
 from methodic_tui.source import Labels
-
-LEVEL_STYLES = {"ok": "green", "info": "", "warn": "yellow", "error": "bold red"}
-LEVEL_MARKS = {"ok": "✓", "info": "·", "warn": "↻", "error": "✗"}
-
-
-@dataclass(frozen=True)
-class LogEntry:
-    at: float
-    level: str
-    text: str
-    asset_id: str | None = None
-
-    def render(self) -> Text:
-        style = LEVEL_STYLES.get(self.level, "")
-        return Text.assemble(
-            (fmt.clock(self.at), "dim"),
-            " ",
-            (LEVEL_MARKS.get(self.level, "·"), style),
-            " ",
-            (self.text, style),
-        )
 
 
 class LiveText(Widget):

@@ -10,9 +10,11 @@ from textual.widgets import DataTable, Footer, Input, Static
 
 from methodic import AssetSnapshot, PoolSnapshot
 from methodic_tui import format as fmt
-from methodic_tui.screens.base import LiveScreen
-from methodic_tui.widgets.panels import BandwidthPanel, EventLog, LogEntry, StatusHeader
-from methodic_tui.widgets.tables import AssetsTable, ComponentsTable
+from methodic_tui.dashboard.screens.base import LiveScreen
+from methodic_tui.dashboard.screens.details import DetailsScreen
+from methodic_tui.dashboard.session import LogEntry
+from methodic_tui.dashboard.widgets.panels import BandwidthPanel, EventLog, StatusHeader
+from methodic_tui.dashboard.widgets.tables import AssetsTable, ComponentsTable
 
 
 def matches(a: AssetSnapshot, needle: str) -> bool:
@@ -53,23 +55,24 @@ class DashboardScreen(LiveScreen):
         self.query_one("#events").border_title = "events"
         self.query_one("#filter-bar").display = False
         self.query_one(AssetsTable).focus()
-        self.query_one(EventLog).add(self.mapp.entries)  # what happened before this screen
+        self.query_one(EventLog).add(self.session.entries)  # what happened before this screen
         self.go_live()
 
     # ------------------------------------------------------------ live updates
 
     def apply(self, snap: PoolSnapshot, entries: list[LogEntry]) -> None:
         self._snap = snap
-        app = self.mapp
-        self.query_one(StatusHeader).show_status(app.source.labels, snap, app.source.read_only)
+        session = self.session
+        source = session.source
+        self.query_one(StatusHeader).show_status(source.labels, snap, source.read_only)
         table = self.query_one(AssetsTable)
         shown = [a for a in snap.assets if matches(a, self.filter)]
         table.show_assets(shown)
         self._title_assets(len(shown), len(snap.assets))
         key = table.cursor_key()
-        if key is not None and key != app.selected and self.is_active:
-            app.select(key)
-        selected = next((a for a in snap.assets if a.asset_id == app.selected), None)
+        if key is not None and key != session.selected and self.is_active:
+            self.host.select(key)
+        selected = next((a for a in snap.assets if a.asset_id == session.selected), None)
         comps = self.query_one(ComponentsTable)
         if selected is None:
             comps.show_components(None, ())
@@ -103,11 +106,16 @@ class DashboardScreen(LiveScreen):
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.data_table.id == "assets" and event.row_key.value is not None and self.is_active:
-            self.mapp.select(event.row_key.value)
+            self.host.select(event.row_key.value)
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         if event.data_table.id == "assets":
-            self.mapp.action_details()
+            self.show_details()
+
+    def show_details(self) -> None:
+        a = self.host.operator.need_selected()
+        if a is not None:
+            self.app.push_screen(DetailsScreen(a.asset_id))
 
     # ------------------------------------------------------------ filter
 
