@@ -32,7 +32,7 @@ from pathlib import Path
 
 from methodic import AssetSnapshot, ChronicleError, ComponentSnapshot, PoolSnapshot, parse_rate
 from methodic.server import EmbeddedServer
-from methodic_tui.app import MethodicApp
+from methodic_tui.dashboard.app import MethodicApp
 from methodic_tui.demo import write_checkpoint
 from methodic_tui.engine_source import EngineSource
 from methodic_tui.headless import Reporter, run_headless
@@ -108,7 +108,7 @@ async def with_dashboard(source: EngineSource, total: int) -> tuple[float, float
     window = Window(source, total)
     app = MethodicApp(source, watch_terminal=False, **APP_OPTIONS)
     async with app.run_test(size=(120, 40)):
-        await app.ready.wait()
+        await app.session.ready.wait()
         sampler = asyncio.create_task(window.sample())
         while not source.settled():
             # Not pilot.pause(): it forces a repaint each time, which the app itself never does.
@@ -225,7 +225,7 @@ async def refresh(n_assets: int, n_components: int, repeat: int) -> dict[str, ob
     patch: list[float] = []
     frame: list[float] = []
     async with app.run_test(size=(120, 40)) as pilot:
-        await app.ready.wait()
+        await app.session.ready.wait()
         app._apply(variants[1], [])  # the first sight of 1,000 rows: adds, not patches
         await pilot.pause()
         for snap in variants[2:]:

@@ -71,7 +71,7 @@ class Job(Protocol):
 
 
 def default_server_dir() -> Path:
-    from methodic.server.cli import default_data_dir
+    from methodic.server import default_data_dir
 
     return default_data_dir()
 
@@ -157,8 +157,7 @@ class EngineSource(Source):
         self._job_task = asyncio.create_task(self._run_job(), name=f"methodic-tui-{self.job.name}")
 
     async def _start_embedded(self) -> tuple[str, str]:
-        from methodic.server import EmbeddedServer
-        from methodic.server.state import DataDirError
+        from methodic.server import DataDirError, EmbeddedServer
 
         data_dir = self.options.server_dir or default_server_dir()
         server = EmbeddedServer(data_dir)

@@ -31,6 +31,7 @@ from methodic._events import (
     ComponentStateChanged,
     Event,
     PoolSnapshot,
+    RateMeter,
     RetryScheduled,
     Subscription,
 )
@@ -102,6 +103,7 @@ __all__ = [
     "NotFoundError",
     "PoolSnapshot",
     "PresignedAsset",
+    "RateMeter",
     "RemoteComponent",
     "RetryPolicy",
     "RetryScheduled",

@@ -11,15 +11,19 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from methodic.server.app import create_app
+    from methodic.server.cli import default_data_dir
     from methodic.server.config import ServerConfig
     from methodic.server.embedded import EmbeddedServer
+    from methodic.server.state import DataDirError
 
-__all__ = ["EmbeddedServer", "ServerConfig", "create_app"]
+__all__ = ["DataDirError", "EmbeddedServer", "ServerConfig", "create_app", "default_data_dir"]
 
 _HOMES = {
+    "DataDirError": "methodic.server.state",
     "EmbeddedServer": "methodic.server.embedded",
     "ServerConfig": "methodic.server.config",
     "create_app": "methodic.server.app",
+    "default_data_dir": "methodic.server.cli",
 }
 
 
