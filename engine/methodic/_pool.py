@@ -296,20 +296,17 @@ class UploadPool:
             await self._fail_asset(up, exc)
 
     async def _ensure_remote(self, up: AssetUpload) -> Asset:
-        data = await self.api.call(
-            "POST",
-            f"/runs/{up.binding.run_id}/assets",
-            json={
-                "asset_id": up.asset_id,
-                "asset_type": up.asset_type,
-                "metadata": up.metadata,
-                "components": [c.manifest() for c in up.components.values()],
-            },
+        asset = await self.api.create_asset(
+            up.binding.run_id,
+            asset_id=up.asset_id,
+            asset_type=up.asset_type,
+            metadata=up.metadata,
+            components=[c.manifest() for c in up.components.values()],
         )
         up.remote_ready = True
         if up.resumed:
-            data = await self.api.call("GET", f"/assets/{up.asset_id}")
-        return Asset.from_json(data)
+            asset = await self.api.get_asset(up.asset_id)
+        return asset
 
     async def _skip_stored(self, up: AssetUpload, remote: Asset) -> None:
         """After a crash: what the server already stores is not sent again."""
@@ -496,16 +493,9 @@ class UploadPool:
                 nxt = up.presign_order.popleft()
                 if nxt != key and nxt in up.queued and nxt not in up.targets:
                     batch.append(nxt)
-            data = await self.api.call(
-                "POST",
-                f"/assets/{up.asset_id}/presign",
-                json={
-                    "targets": [{"path": p, "part": n} for p, n in batch],
-                },
-            )
+            targets = await self.api.presign(up.asset_id, batch)
             now = time.time()
-            for t in data["targets"]:
-                target = UploadTarget.from_json(t)
+            for target in targets:
                 margin = min(self.presign_margin, (target.expires_at - now) / 4)
                 up.targets[(target.path, target.part)] = target
                 up.use_until[(target.path, target.part)] = target.expires_at - margin
@@ -606,10 +596,7 @@ class UploadPool:
             checksums = (
                 {} if force else {c.path: c.checksum for c in up.components.values() if c.checksum}
             )
-            data = await self.api.call(
-                "POST", f"/assets/{up.asset_id}/finalize", json={"checksums": checksums}
-            )
-            asset = Asset.from_json(data)
+            asset = await self.api.finalize(up.asset_id, checksums)
             await self._finalized(up, asset)
             return asset
         except AssetIncompleteError as exc:
@@ -749,7 +736,7 @@ class UploadPool:
         self._stop_transfers(up)
         up.state = "discarded"
         with contextlib.suppress(NotFoundError):
-            await self.api.call("DELETE", f"/assets/{asset_id}")
+            await self.api.delete_asset(asset_id)
         if up.tracker is not None:
             await up.tracker.run(ops.discard(asset_id))
         self.events.emit(AssetStateChanged(asset_id, "discarded"))
