@@ -345,12 +345,12 @@ class AsyncRun:
                 ops.register(
                     asset_id,
                     list(specs),
-                    asset_type,
-                    True,
-                    metadata,
-                    self.binding,
-                    local_dir,
-                    {p: c.part_size for p, c in components.items() if c.part_size},
+                    asset_type=asset_type,
+                    seal=True,
+                    metadata=metadata,
+                    binding=self.binding,
+                    local_dir=local_dir,
+                    part_sizes={p: c.part_size for p, c in components.items() if c.part_size},
                 )
             )
         upload = AssetUpload(

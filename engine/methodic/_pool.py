@@ -459,7 +459,7 @@ class UploadPool:
     ) -> None:
         if part is not None:
             c.parts_done.add(part)
-            await up.track(ops.record_part(up.asset_id, c.path, part, etag))
+            await up.track(ops.record_part(up.asset_id, c.path, part, etag=etag))
             # Two last parts may finish together: only the first to get here completes the file.
             if len(c.parts_done) < c.part_count or c.state == "completed":
                 return
@@ -530,23 +530,23 @@ class UploadPool:
     async def _flush(self) -> None:
         """Write every changed component (progress, state, attempts) in one transaction per tracker."""
         dirty, self._dirty = self._dirty, set()
-        by_tracker: dict[AsyncTracker, list[tuple[Any, ...]]] = {}
+        by_tracker: dict[AsyncTracker, list[ops.ComponentProgressRow]] = {}
         for up, c in dirty:
             if up.tracker is not None:
                 by_tracker.setdefault(up.tracker, []).append(
-                    (
-                        c.state,
-                        c.bytes_done,
-                        c.attempts,
-                        c.last_error,
-                        c.checksum,
-                        up.asset_id,
-                        c.path,
+                    ops.ComponentProgressRow(
+                        asset_id=up.asset_id,
+                        path=c.path,
+                        state=c.state,
+                        bytes_sent=c.bytes_done,
+                        attempts=c.attempts,
+                        last_error=c.last_error,
+                        checksum=c.checksum,
                     )
                 )
-        for tracker, updates in by_tracker.items():
+        for tracker, rows in by_tracker.items():
             try:
-                await tracker.run(ops.record_components(updates))
+                await tracker.run(ops.record_components(rows))
             except ChronicleError as exc:
                 log.warning("could not record progress: %s", exc)
 

@@ -190,11 +190,11 @@ class UploadTracker:
             ops.register(
                 asset_id,
                 list(components),
-                asset_type,
-                seal,
-                asset_metadata,
-                binding,
-                os.fspath(local_dir) if local_dir is not None else None,
+                asset_type=asset_type,
+                seal=seal,
+                metadata=asset_metadata,
+                binding=binding,
+                local_dir=os.fspath(local_dir) if local_dir is not None else None,
             )
         )
 
