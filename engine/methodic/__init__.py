@@ -6,7 +6,7 @@ import sys as _sys
 # which it always is beside methodic-tui. The engine must load no UI library, so keep httpx's
 # CLI module out unless something imported httpx first; `httpx` the command is unaffected.
 if "httpx" not in _sys.modules:
-    _sys.modules.setdefault("httpx._main", None)  # type: ignore[assignment]
+    _sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
 from methodic._bandwidth import parse_rate
 from methodic._client import AsyncChronicle, AsyncRun, AsyncUploadHandle

@@ -276,8 +276,28 @@ def _components(asset_ids: Sequence[str]) -> OpGen[dict[str, list[TrackedCompone
         asset_ids,
     )
     for r in rows:
-        out[r[0]].append(TrackedComponent(*r, parts_done=frozenset(done.get((r[0], r[1]), ()))))
+        out[r[0]].append(_component_from_row(r, frozenset(done.get((r[0], r[1]), ()))))
     return out
+
+
+def _component_from_row(r: tuple[Any, ...], parts_done: frozenset[int]) -> TrackedComponent:
+    """A row of ``_COMPONENT_COLS``, in that order."""
+    return TrackedComponent(
+        asset_id=r[0],
+        path=r[1],
+        local_path=r[2],
+        size=r[3],
+        sha256=r[4],
+        mtime_ns=r[5],
+        inode=r[6],
+        part_size=r[7],
+        state=r[8],
+        bytes_sent=r[9],
+        attempts=r[10],
+        last_error=r[11],
+        checksum=r[12],
+        parts_done=parts_done,
+    )
 
 
 @read_op
