@@ -46,6 +46,13 @@ from methodic._events import (
 )
 from methodic._retry import RetryPolicy
 from methodic._sendfile import Connections
+from methodic._states import (
+    HELD_STATES,
+    SENDING_STATES,
+    SETTLED_COMPONENT_STATES,
+    AssetState,
+    ComponentState,
+)
 from methodic._tracker import AsyncTracker
 from methodic._transfer import FileChangedError, FileIdentity, TransferError, send_range
 from methodic._types import Asset, RunBinding, TrackedAsset, UploadTarget
@@ -59,7 +66,6 @@ PRESIGN_MARGIN = (
 FLUSH_INTERVAL = 0.5  # tracker progress writes, at most this often
 PROGRESS_INTERVAL = 0.25  # progress events per component, at most this often
 SAMPLE_INTERVAL = 1.0  # bandwidth samples
-ACTIVE = ("registered", "uploading")
 
 Key = tuple[str, int | None]
 
@@ -70,7 +76,7 @@ class ComponentUpload:
     identity: FileIdentity
     sha256: str | None
     part_size: int | None
-    state: str = "queued"
+    state: ComponentState = ComponentState.QUEUED
     bytes_done: int = 0
     attempts: int = 0
     last_error: str | None = None
@@ -136,7 +142,7 @@ class AssetUpload:
     local_dir: str | None = None
     sealed: bool = True
     resumed: bool = False
-    state: str = "registered"
+    state: AssetState = AssetState.REGISTERED
     last_error: str | None = None
     future: asyncio.Future[Asset] = field(default_factory=_new_future)
     targets: dict[Key, UploadTarget] = field(default_factory=dict)
@@ -156,7 +162,9 @@ class AssetUpload:
         self.recount()
 
     def recount(self) -> None:
-        self.completed = sum(1 for c in self.components.values() if c.state == "completed")
+        self.completed = sum(
+            1 for c in self.components.values() if c.state == ComponentState.COMPLETED
+        )
 
     @property
     def remaining(self) -> int:
@@ -171,7 +179,9 @@ class AssetUpload:
         total = sum(c.size for c in comps)
         # No rate (nor ETA) until the meter has a few seconds of transfer: a first sample
         # would show a tiny rate and an ETA of days.
-        rate = self.meter.rate if self.state == "uploading" and self.meter.settled else None
+        rate = (
+            self.meter.rate if self.state == AssetState.UPLOADING and self.meter.settled else None
+        )
         return AssetSnapshot(
             asset_id=self.asset_id,
             asset_type=self.asset_type,
@@ -281,15 +291,15 @@ class UploadPool:
     async def _begin(self, up: AssetUpload) -> None:
         try:
             remote = await self._ensure_remote(up)
-            if remote.state == "finalized":
+            if remote.state == AssetState.FINALIZED:
                 up.was_finalized = True
                 await self._finalized(up, remote)
                 return
             if up.resumed:
                 await self._skip_stored(up, remote)
-            if up.state == "paused":
+            if up.state == AssetState.PAUSED:
                 return
-            await self._set_state(up, "uploading")
+            await self._set_state(up, AssetState.UPLOADING)
             self._enqueue(up)
             self._maybe_finalize(up)
         except ChronicleError as exc:
@@ -317,22 +327,24 @@ class UploadPool:
                 continue
             if rc.stored:
                 stored.append(c.path)
-                c.state, c.bytes_done = "completed", c.size
+                c.state, c.bytes_done = ComponentState.COMPLETED, c.size
             else:
                 c.parts_done = set(rc.parts_stored)
-                if c.state == "completed":
-                    c.state = "queued"
+                if c.state == ComponentState.COMPLETED:
+                    c.state = ComponentState.QUEUED
                 c.bytes_done = sum(c.part_length(n) for n in c.parts_done) if c.part_size else 0
         up.recount()
         up.bytes_skipped = sum(c.bytes_done for c in up.components.values())
-        await up.track(ops.mark_components(up.asset_id, stored, "completed", sizes_done=True))
-        requeue = [c.path for c in up.components.values() if c.state != "completed"]
-        await up.track(ops.mark_components(up.asset_id, requeue, "queued"))
+        await up.track(
+            ops.mark_components(up.asset_id, stored, ComponentState.COMPLETED, sizes_done=True)
+        )
+        requeue = [c.path for c in up.components.values() if c.state != ComponentState.COMPLETED]
+        await up.track(ops.mark_components(up.asset_id, requeue, ComponentState.QUEUED))
 
     def _enqueue(self, up: AssetUpload) -> None:
         now = time.monotonic()
         for c in up.components.values():
-            if c.state in ("completed", "failed"):
+            if c.state in SETTLED_COMPONENT_STATES:
                 continue
             for part in c.part_numbers():
                 key = (c.path, part)
@@ -365,21 +377,21 @@ class UploadPool:
         up = job.asset
         c = up.components[job.path]
         if (
-            up.state != "uploading"
-            or c.state in ("completed", "failed")
+            up.state != AssetState.UPLOADING
+            or c.state in SETTLED_COMPONENT_STATES
             or (job.part is not None and job.part in c.parts_done)
         ):
             up.queued.discard(job.key)
             return
         job.attempt += 1
         c.attempts += 1
-        if c.state != "uploading":
-            c.state = "uploading"
-            self.events.emit(ComponentStateChanged(up.asset_id, c.path, "uploading"))
+        if c.state != ComponentState.UPLOADING:
+            c.state = ComponentState.UPLOADING
+            self.events.emit(ComponentStateChanged(up.asset_id, c.path, ComponentState.UPLOADING))
         self._dirty.add((up, c))  # state and attempts reach the tracker with the next flush
         try:
             target = await self._target(up, job)
-            if up.state != "uploading":  # paused (or stopped) while it was presigned
+            if up.state != AssetState.UPLOADING:  # paused (or stopped) while it was presigned
                 self._stopped(job, c)
                 return
             task = asyncio.ensure_future(
@@ -418,10 +430,11 @@ class UploadPool:
         up = job.asset
         job.attempt -= 1
         c.attempts -= 1
-        if c.state == "uploading":
-            c.state = "queued"
+        if c.state == ComponentState.UPLOADING:
+            c.state = ComponentState.QUEUED
             self._dirty.add((up, c))
-        if up.state == "uploading":  # resumed before the stop landed: _enqueue skipped this key
+        # Resumed before the stop landed: _enqueue skipped this key, so queue it here.
+        if up.state == AssetState.UPLOADING:
             self._queue.put_nowait(job)
         else:
             up.queued.discard(job.key)
@@ -448,10 +461,13 @@ class UploadPool:
         delay = self.retry.delay(job.attempt, exc.retry_after)
         log.info("retrying %s of %s in %.2fs after %s", c.path, up.asset_id, delay, exc)
         self.events.emit(RetryScheduled(up.asset_id, c.path, job.attempt, delay, str(exc)))
-        if c.state == "uploading":  # waiting for the retry; _run_job sets it uploading again
-            c.state = "queued"
+        # Queued while it waits for the retry; _run_job sets it uploading again.
+        if c.state == ComponentState.UPLOADING:
+            c.state = ComponentState.QUEUED
             self._dirty.add((up, c))
-            self.events.emit(ComponentStateChanged(up.asset_id, c.path, "queued", c.last_error))
+            self.events.emit(
+                ComponentStateChanged(up.asset_id, c.path, ComponentState.QUEUED, c.last_error)
+            )
         asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, job)
 
     async def _piece_done(
@@ -461,7 +477,7 @@ class UploadPool:
             c.parts_done.add(part)
             await up.track(ops.record_part(up.asset_id, c.path, part, etag=etag))
             # Two last parts may finish together: only the first to get here completes the file.
-            if len(c.parts_done) < c.part_count or c.state == "completed":
+            if len(c.parts_done) < c.part_count or c.state == ComponentState.COMPLETED:
                 return
         elif c.sha256 and digest != c.sha256:
             await self._component_failed(
@@ -473,11 +489,11 @@ class UploadPool:
             return
         else:
             c.checksum = digest
-        c.state, c.bytes_done, c.last_error = "completed", c.size, None
+        c.state, c.bytes_done, c.last_error = ComponentState.COMPLETED, c.size, None
         up.completed += 1
         # Written behind, with the next flush: after a crash the server says what it stores.
         self._dirty.add((up, c))
-        self.events.emit(ComponentStateChanged(up.asset_id, c.path, "completed"))
+        self.events.emit(ComponentStateChanged(up.asset_id, c.path, ComponentState.COMPLETED))
         self._maybe_finalize(up)
 
     async def _target(self, up: AssetUpload, job: _Job) -> UploadTarget:
@@ -555,7 +571,7 @@ class UploadPool:
             await asyncio.sleep(SAMPLE_INTERVAL)
             rate = self.meter.sample()
             for up in self.assets.values():
-                if up.state == "uploading":
+                if up.state == AssetState.UPLOADING:
                     up.meter.sample()
             self.events.emit(BandwidthSample(None, rate, self.meter.total, self.bucket.rate))
 
@@ -576,15 +592,17 @@ class UploadPool:
 
     # ------------------------------------------------------------ finishing
 
-    async def _set_state(self, up: AssetUpload, state: str, error: str | None = None) -> None:
+    async def _set_state(
+        self, up: AssetUpload, state: AssetState, error: str | None = None
+    ) -> None:
         up.state, up.last_error = state, error
         with contextlib.suppress(ChronicleError):
             await up.track(ops.set_asset_state(up.asset_id, state, error=error))
         self.events.emit(AssetStateChanged(up.asset_id, state, error))
 
     def _maybe_finalize(self, up: AssetUpload) -> None:
-        if up.sealed and up.state == "uploading" and up.remaining == 0:
-            up.state = "finalizing"
+        if up.sealed and up.state == AssetState.UPLOADING and up.remaining == 0:
+            up.state = AssetState.FINALIZING
             self._spawn(self._finalize(up), f"methodic-finalize-{up.asset_id}")
 
     async def _finalize(self, up: AssetUpload, force: bool = False) -> Asset:
@@ -592,7 +610,7 @@ class UploadPool:
             await (
                 self._flush()
             )  # the tracker holds every completion before the asset says finalizing
-            await self._set_state(up, "finalizing")
+            await self._set_state(up, AssetState.FINALIZING)
             checksums = (
                 {} if force else {c.path: c.checksum for c in up.components.values() if c.checksum}
             )
@@ -610,12 +628,14 @@ class UploadPool:
 
     async def _finalized(self, up: AssetUpload, asset: Asset) -> None:
         for c in up.components.values():
-            c.state, c.bytes_done = "completed", c.size
+            c.state, c.bytes_done = ComponentState.COMPLETED, c.size
         up.completed = len(up.components)
         await up.track(
-            ops.mark_components(up.asset_id, list(up.components), "completed", sizes_done=True)
+            ops.mark_components(
+                up.asset_id, list(up.components), ComponentState.COMPLETED, sizes_done=True
+            )
         )
-        await self._set_state(up, "finalized")
+        await self._set_state(up, AssetState.FINALIZED)
         self.events.emit(
             AssetFinalized(up.asset_id, up.asset_type, asset.total_size, asset.component_count)
         )
@@ -625,9 +645,11 @@ class UploadPool:
     async def _component_failed(
         self, up: AssetUpload, c: ComponentUpload, message: str, cause: BaseException | None
     ) -> None:
-        c.state, c.last_error = "failed", message
-        await up.track(ops.set_component_state(up.asset_id, c.path, "failed", error=message))
-        self.events.emit(ComponentStateChanged(up.asset_id, c.path, "failed", message))
+        c.state, c.last_error = ComponentState.FAILED, message
+        await up.track(
+            ops.set_component_state(up.asset_id, c.path, ComponentState.FAILED, error=message)
+        )
+        self.events.emit(ComponentStateChanged(up.asset_id, c.path, ComponentState.FAILED, message))
         await self._fail_asset(up, cause, message)
 
     async def _fail_asset(
@@ -635,7 +657,7 @@ class UploadPool:
     ) -> None:
         message = message or str(cause)
         self._stop_transfers(up)
-        await self._set_state(up, "failed", message)
+        await self._set_state(up, AssetState.FAILED, message)
         if not up.future.done():
             where = f" ({up.local_dir})" if up.local_dir else ""
             up.future.set_exception(
@@ -663,52 +685,54 @@ class UploadPool:
 
     async def pause(self, asset_id: str | None = None) -> list[str]:
         """Pause one asset, or all: transfers in flight stop now; finished parts stay finished."""
-        paused = self._select(asset_id, ACTIVE)
+        paused = self._select(asset_id, SENDING_STATES)
         for up in paused:
             self._stop_transfers(up)
             for c in up.components.values():  # a paused asset sends no file
-                if c.state == "uploading":
-                    c.state = "queued"
+                if c.state == ComponentState.UPLOADING:
+                    c.state = ComponentState.QUEUED
                     self._dirty.add((up, c))
-                    self.events.emit(ComponentStateChanged(up.asset_id, c.path, "queued"))
-            await self._set_state(up, "paused")
+                    self.events.emit(
+                        ComponentStateChanged(up.asset_id, c.path, ComponentState.QUEUED)
+                    )
+            await self._set_state(up, AssetState.PAUSED)
         return [up.asset_id for up in paused]
 
     def hold(self, up: AssetUpload) -> None:
         """Show an asset an earlier process left unfinished, without starting it (``resume`` does)."""
-        if up.state != "paused":
-            up.state = "interrupted"
+        if up.state != AssetState.PAUSED:
+            up.state = AssetState.INTERRUPTED
         self.assets[up.asset_id] = up
         self.events.emit(AssetStateChanged(up.asset_id, up.state))
 
     async def resume(self, asset_id: str | None = None) -> list[str]:
         """Resume paused assets, and held ones an earlier process left unfinished."""
-        resumed = self._select(asset_id, ("paused", "interrupted"))
+        resumed = self._select(asset_id, HELD_STATES)
         for up in resumed:
             if not up.remote_ready:
-                up.state = "registered"
+                up.state = AssetState.REGISTERED
                 self._spawn(self._begin(up), f"methodic-begin-{up.asset_id}")
                 continue
-            await self._set_state(up, "uploading")
+            await self._set_state(up, AssetState.UPLOADING)
             self._enqueue(up)
             self._maybe_finalize(up)
         return [up.asset_id for up in resumed]
 
     async def retry_failed(self, asset_id: str | None = None) -> list[str]:
         """Queue failed components again (attempts reset); finalize again if all are stored."""
-        retried = self._select(asset_id, ("failed",))
+        retried = self._select(asset_id, (AssetState.FAILED,))
         for up in retried:
             for c in up.components.values():
-                if c.state != "completed":
-                    c.state, c.attempts, c.last_error = "queued", 0, None
+                if c.state != ComponentState.COMPLETED:
+                    c.state, c.attempts, c.last_error = ComponentState.QUEUED, 0, None
             await up.track(ops.reset_failed(up.asset_id))
             if up.future.done():
                 up.future = _new_future()
             if not up.remote_ready:
-                up.state = "registered"
+                up.state = AssetState.REGISTERED
                 self._spawn(self._begin(up), f"methodic-begin-{up.asset_id}")
                 continue
-            await self._set_state(up, "uploading")
+            await self._set_state(up, AssetState.UPLOADING)
             self._enqueue(up)
             self._maybe_finalize(up)
         return [up.asset_id for up in retried]
@@ -731,15 +755,15 @@ class UploadPool:
         up = self.assets.get(asset_id)
         if up is None:
             raise NotFoundError(f"asset {asset_id} is not in this upload pool")
-        if up.state == "finalized":
+        if up.state == AssetState.FINALIZED:
             raise ConflictError(f"asset {asset_id} is finalized; it cannot be discarded")
         self._stop_transfers(up)
-        up.state = "discarded"
+        up.state = AssetState.DISCARDED
         with contextlib.suppress(NotFoundError):
             await self.api.delete_asset(asset_id)
         if up.tracker is not None:
             await up.tracker.run(ops.discard(asset_id))
-        self.events.emit(AssetStateChanged(asset_id, "discarded"))
+        self.events.emit(AssetStateChanged(asset_id, AssetState.DISCARDED))
         if not up.future.done():
             up.future.set_exception(UploadFailedError(f"asset {asset_id} was discarded"))
 
@@ -760,7 +784,9 @@ class UploadPool:
             local_dir=tracked.local_dir,
             sealed=tracked.sealed,
             resumed=True,
-            state="paused" if tracked.state == "paused" else "registered",
+            state=AssetState.PAUSED
+            if tracked.state == AssetState.PAUSED
+            else AssetState.REGISTERED,
         )
 
 
@@ -772,7 +798,9 @@ def component_uploads(tracked: TrackedAsset) -> dict[str, ComponentUpload]:
             identity=FileIdentity(tc.local_path, tc.size, tc.mtime_ns, tc.inode),
             sha256=tc.sha256,
             part_size=tc.part_size,
-            state="completed" if tc.state == "completed" else "queued",
+            state=ComponentState.COMPLETED
+            if tc.state == ComponentState.COMPLETED
+            else ComponentState.QUEUED,
             bytes_done=tc.bytes_sent,
             attempts=tc.attempts,
             last_error=tc.last_error,

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from methodic import _tracker_ops as ops
 from methodic._client import AsyncChronicle
 from methodic._pool import AssetUpload
+from methodic._states import AssetState
 
 if TYPE_CHECKING:
     from methodic._tracker import UploadTracker
@@ -72,10 +73,10 @@ async def _adopt(
                 f"pid {owner} is still running: it may be uploading this (see `attach`)"
             )
             continue
-        if up.state == "paused":
+        if up.state == AssetState.PAUSED:
             report.skipped[tracked.asset_id] = "paused by the operator; resume it to continue"
         uploads.append(up)
-        if start and up.state != "paused":
+        if start and up.state != AssetState.PAUSED:
             report.resumed.append(up.asset_id)
             pool.submit(up)
         else:

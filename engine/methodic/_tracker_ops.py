@@ -18,7 +18,7 @@ from typing import Any, Generic, ParamSpec, TypeVar
 from methodic._errors import InvalidInputError
 from methodic._owner import owner_alive
 from methodic._scan import validate_specs
-from methodic._states import UNFINISHED_STATES
+from methodic._states import DONE_STATES, UNFINISHED_STATES
 from methodic._types import ComponentSpec, RunBinding, TrackedAsset, TrackedComponent
 
 SCHEMA_VERSION = 1
@@ -148,7 +148,7 @@ def register(
     existing = yield q("SELECT sealed, state FROM assets WHERE asset_id = ?", (asset_id,))
     if existing:
         sealed, state = existing[0]
-        if sealed or state in ("finalized", "discarded"):
+        if sealed or state in DONE_STATES:
             raise InvalidInputError(
                 f"asset {asset_id} is sealed ({state}); register every component in one call, "
                 "or register with seal=False and call seal() once all are registered"
