@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,16 +24,14 @@ from methodic._errors import (
 )
 from methodic._events import PoolSnapshot, Subscription
 from methodic._ids import new_asset_id
-from methodic._pool import AssetUpload, ComponentUpload, UploadPool
+from methodic._pool import UploadPool
 from methodic._retry import RetryPolicy
 from methodic._scan import scan_directory, validate_specs
-from methodic._transfer import FileIdentity
 from methodic._types import Asset, ComponentSpec, PresignedAsset, RunBinding
+from methodic._uploads import AssetUpload, ComponentUpload, MiB, plan_components
 
-MiB = 1 << 20
 DEFAULT_PART_THRESHOLD = 64 * MiB
 DEFAULT_PART_SIZE = 16 * MiB
-MAX_PARTS = 10_000
 
 
 def resolve_server_url(server_url: str | None) -> str:
@@ -59,13 +56,6 @@ def resolve_api_key(api_key: str | None) -> str:
             "`methodic serve` writes its key to DATA_DIR/api_key"
         )
     return key
-
-
-def part_size_for(size: int, threshold: int, part_size: int) -> int | None:
-    """None for a file sent in one PUT; otherwise a part size that keeps it under 10,000 parts."""
-    if size < threshold:
-        return None
-    return max(part_size, math.ceil(size / MAX_PARTS / MiB) * MiB)
 
 
 def _not_open() -> ChronicleError:
@@ -190,26 +180,26 @@ class AsyncChronicle:
 
         Returns the ids of the assets it paused.
         """
-        return await self._pool.pause(asset_id)
+        return await self._pool.controls.pause(asset_id)
 
     async def resume(self, asset_id: str | None = None) -> list[str]:
         """Resume paused assets (one, or all), and those held from an earlier process."""
-        return await self._pool.resume(asset_id)
+        return await self._pool.controls.resume(asset_id)
 
     async def retry_failed(self, asset_id: str | None = None) -> list[str]:
         """Queue the failed components again (attempts reset); finalize once all are stored."""
-        return await self._pool.retry_failed(asset_id)
+        return await self._pool.controls.retry_failed(asset_id)
 
     async def force_finalize(self, asset_id: str) -> Asset:
         """Ask the server to finalize now, whatever the tracker says; the server still verifies.
 
         Raises ``AssetIncompleteError`` (listing what storage lacks) when the server refuses.
         """
-        return await self._pool.force_finalize(asset_id)
+        return await self._pool.controls.force_finalize(asset_id)
 
     async def discard(self, asset_id: str) -> None:
         """Stop, forget locally and abort the pending asset on the server (its bytes go)."""
-        await self._pool.discard(asset_id)
+        await self._pool.controls.discard(asset_id)
 
     async def set_bandwidth(self, max_bandwidth: str | float | None) -> None:
         """Change the shared bandwidth cap while uploads run: bytes/s, text like "200MB", or None."""
@@ -275,15 +265,7 @@ class AsyncChronicle:
         return await self._api.finalize(asset_id, checksums)
 
     def components_for(self, specs: Sequence[ComponentSpec]) -> dict[str, ComponentUpload]:
-        return {
-            s.path: ComponentUpload(
-                path=s.path,
-                identity=FileIdentity(os.fspath(s.local_path), s.size, s.mtime_ns, s.inode),
-                sha256=s.sha256,
-                part_size=part_size_for(s.size, self.part_threshold, self.part_size),
-            )
-            for s in specs
-        }
+        return plan_components(specs, part_threshold=self.part_threshold, part_size=self.part_size)
 
 
 class AsyncRun:
