@@ -9,7 +9,7 @@ if "httpx" not in _sys.modules:
     _sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
 from methodic._bandwidth import parse_rate
-from methodic._client import AsyncChronicle, AsyncRun, AsyncUploadHandle
+from methodic._client import AsyncChronicle, AsyncRun
 from methodic._errors import (
     AssetIncompleteError,
     AuthenticationError,
@@ -67,6 +67,7 @@ from methodic._types import (
     TrackedComponent,
     UploadTarget,
 )
+from methodic._uploads import AsyncUploadHandle
 
 __version__ = "0.1.0"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,30 @@ from methodic._retry import (
 from methodic._types import Asset, PresignedAsset, UploadTarget
 
 log = logging.getLogger("methodic")
+
+
+def resolve_server_url(server_url: str | None) -> str:
+    url = server_url or os.environ.get("METHODIC_SERVER_URL")
+    if not url:
+        raise InvalidInputError(
+            "no server URL: pass server_url= (or --server-url) or set METHODIC_SERVER_URL"
+        )
+    parsed = httpx.URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise InvalidInputError(
+            f"server URL {url!r} is not an http(s) URL, e.g. http://127.0.0.1:8765"
+        )
+    return url.rstrip("/")
+
+
+def resolve_api_key(api_key: str | None) -> str:
+    key = api_key or os.environ.get("METHODIC_API_KEY")
+    if not key:
+        raise AuthenticationError(
+            "no API key: pass api_key= (or --api-key) or set METHODIC_API_KEY; "
+            "`methodic serve` writes its key to DATA_DIR/api_key"
+        )
+    return key
 
 
 def error_message(response: httpx.Response) -> tuple[str, str, dict[str, Any]]:
@@ -141,34 +166,12 @@ class ApiClient:
         asset_type: str,
         metadata: dict[str, Any],
         components: Sequence[dict[str, Any]],
-    ) -> Asset:
-        """Create the pending asset from its full manifest (idempotent for the same id)."""
-        data = await self._post_asset(run_id, asset_id, asset_type, metadata, components, False)
-        return Asset.from_json(data)
-
-    async def create_asset_presigned(
-        self,
-        run_id: str,
-        *,
-        asset_id: str,
-        asset_type: str,
-        metadata: dict[str, Any],
-        components: Sequence[dict[str, Any]],
+        presign: bool = False,
     ) -> PresignedAsset:
-        """``create_asset``, with an upload target for every component and part."""
-        data = await self._post_asset(run_id, asset_id, asset_type, metadata, components, True)
-        targets = tuple(UploadTarget.from_json(t) for t in data.get("targets", ()))
-        return PresignedAsset(asset_id, Asset.from_json(data), targets)
+        """Create the pending asset from its full manifest (idempotent for the same id).
 
-    async def _post_asset(
-        self,
-        run_id: str,
-        asset_id: str,
-        asset_type: str,
-        metadata: dict[str, Any],
-        components: Sequence[dict[str, Any]],
-        presign: bool,
-    ) -> dict[str, Any]:
+        With ``presign`` the answer carries an upload target for every component and part.
+        """
         body: dict[str, Any] = {
             "asset_id": asset_id,
             "asset_type": asset_type,
@@ -177,8 +180,9 @@ class ApiClient:
         }
         if presign:
             body["presign"] = True
-        data: dict[str, Any] = await self._call("POST", f"/runs/{run_id}/assets", json=body)
-        return data
+        data = await self._call("POST", f"/runs/{run_id}/assets", json=body)
+        targets = tuple(UploadTarget.from_json(t) for t in data.get("targets", ()))
+        return PresignedAsset(asset_id, Asset.from_json(data), targets)
 
     async def get_asset(self, asset_id: str) -> Asset:
         """The server's view of an asset, pending or not, with what storage already holds."""

@@ -12,11 +12,10 @@ import httpx
 
 from methodic import _redact
 from methodic import _tracker_ops as ops
-from methodic._api import ApiClient
+from methodic._api import ApiClient, resolve_api_key, resolve_server_url
 from methodic._bandwidth import TokenBucket, parse_rate
 from methodic._download import download_asset
 from methodic._errors import (
-    AuthenticationError,
     ChronicleError,
     InvalidInputError,
     NotFoundError,
@@ -28,59 +27,20 @@ from methodic._pool import UploadPool
 from methodic._retry import RetryPolicy
 from methodic._scan import scan_directory, validate_specs
 from methodic._types import Asset, ComponentSpec, PresignedAsset, RunBinding
-from methodic._uploads import AssetUpload, ComponentUpload, MiB, plan_components
+from methodic._uploads import (
+    AssetUpload,
+    AsyncUploadHandle,
+    ComponentUpload,
+    MiB,
+    plan_components,
+)
 
 DEFAULT_PART_THRESHOLD = 64 * MiB
 DEFAULT_PART_SIZE = 16 * MiB
 
 
-def resolve_server_url(server_url: str | None) -> str:
-    url = server_url or os.environ.get("METHODIC_SERVER_URL")
-    if not url:
-        raise InvalidInputError(
-            "no server URL: pass server_url= (or --server-url) or set METHODIC_SERVER_URL"
-        )
-    parsed = httpx.URL(url)
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise InvalidInputError(
-            f"server URL {url!r} is not an http(s) URL, e.g. http://127.0.0.1:8765"
-        )
-    return url.rstrip("/")
-
-
-def resolve_api_key(api_key: str | None) -> str:
-    key = api_key or os.environ.get("METHODIC_API_KEY")
-    if not key:
-        raise AuthenticationError(
-            "no API key: pass api_key= (or --api-key) or set METHODIC_API_KEY; "
-            "`methodic serve` writes its key to DATA_DIR/api_key"
-        )
-    return key
-
-
 def _not_open() -> ChronicleError:
     return ChronicleError("this Chronicle is not open; use it in a `with` block or call open()")
-
-
-class AsyncUploadHandle:
-    """What ``register_and_upload_async`` returns: the asset id and the eventual finalized asset."""
-
-    def __init__(self, upload: AssetUpload) -> None:
-        self._upload = upload
-
-    @property
-    def asset_id(self) -> str:
-        return self._upload.asset_id
-
-    def done(self) -> bool:
-        return self._upload.future.done()
-
-    async def result(self, timeout: float | None = None) -> Asset:
-        """The finalized asset; raises ``UploadFailedError`` if the upload gave up."""
-        return await asyncio.wait_for(asyncio.shield(self._upload.future), timeout)
-
-    def __repr__(self) -> str:
-        return f"<UploadHandle asset_id={self.asset_id} state={self._upload.state}>"
 
 
 class AsyncChronicle:
@@ -410,12 +370,13 @@ class AsyncRun:
         asset_id = asset_id or new_asset_id()
         validate_specs(asset_id, components)
         comps = self.chronicle.components_for(components)
-        return await self.chronicle._api.create_asset_presigned(
+        return await self.chronicle._api.create_asset(
             self.id,
             asset_id=asset_id,
             asset_type=asset_type,
             metadata=metadata,
             components=[c.manifest() for c in comps.values()],
+            presign=True,
         )
 
     async def finalize_asset(self, asset_id: str) -> Asset:

@@ -80,13 +80,14 @@ class Intake:
             await self._finisher.fail_asset(up, exc)
 
     async def _ensure_remote(self, up: AssetUpload) -> Asset:
-        asset = await self._api.create_asset(
+        created = await self._api.create_asset(
             up.binding.run_id,
             asset_id=up.asset_id,
             asset_type=up.asset_type,
             metadata=up.metadata,
             components=[c.manifest() for c in up.components.values()],
         )
+        asset = created.asset
         up.remote_ready = True
         if up.resumed:
             asset = await self._api.get_asset(up.asset_id)

@@ -160,6 +160,27 @@ class AssetUpload:
         )
 
 
+class AsyncUploadHandle:
+    """What ``register_and_upload_async`` returns: the asset id and the eventual finalized asset."""
+
+    def __init__(self, upload: AssetUpload) -> None:
+        self._upload = upload
+
+    @property
+    def asset_id(self) -> str:
+        return self._upload.asset_id
+
+    def done(self) -> bool:
+        return self._upload.future.done()
+
+    async def result(self, timeout: float | None = None) -> Asset:
+        """The finalized asset; raises ``UploadFailedError`` if the upload gave up."""
+        return await asyncio.wait_for(asyncio.shield(self._upload.future), timeout)
+
+    def __repr__(self) -> str:
+        return f"<UploadHandle asset_id={self.asset_id} state={self._upload.state}>"
+
+
 def part_size_for(size: int, threshold: int, part_size: int) -> int | None:
     """None for a file sent in one PUT; otherwise a part size that keeps it under 10,000 parts."""
     if size < threshold:
