@@ -45,7 +45,6 @@ class UploadPool:
         bucket: TokenBucket,
         retry: RetryPolicy,
     ) -> None:
-        self.http = http
         self.connections = Connections()
         self.workers = workers
         self.bucket = bucket
@@ -56,9 +55,9 @@ class UploadPool:
         self._trackers: dict[Path, AsyncTracker] = {}
         self._tracker_lock = asyncio.Lock()
 
-        self.progress = Progress(self.events, self.assets, bucket)
-        self.meter = self.progress.meter
-        finisher = Finisher(api, self.events, self.progress, self._background.spawn)
+        self._progress = Progress(self.events, self.assets, bucket)
+        self.meter = self._progress.meter
+        finisher = Finisher(api, self.events, self._progress, self._background.spawn)
         self.scheduler = Scheduler(
             api,
             http,
@@ -66,10 +65,10 @@ class UploadPool:
             bucket=bucket,
             retry=retry,
             events=self.events,
-            progress=self.progress,
+            progress=self._progress,
             finisher=finisher,
         )
-        self.intake = Intake(
+        self._intake = Intake(
             api,
             assets=self.assets,
             events=self.events,
@@ -81,8 +80,8 @@ class UploadPool:
             api,
             assets=self.assets,
             events=self.events,
-            progress=self.progress,
-            intake=self.intake,
+            progress=self._progress,
+            intake=self._intake,
             finisher=finisher,
         )
 
@@ -91,12 +90,12 @@ class UploadPool:
             asyncio.create_task(self.scheduler.worker(), name=f"methodic-worker-{i}")
             for i in range(self.workers)
         ]
-        self._tasks.append(asyncio.create_task(self.progress.flusher(), name="methodic-flusher"))
-        self._tasks.append(asyncio.create_task(self.progress.sampler(), name="methodic-sampler"))
+        self._tasks.append(asyncio.create_task(self._progress.flusher(), name="methodic-flusher"))
+        self._tasks.append(asyncio.create_task(self._progress.sampler(), name="methodic-sampler"))
 
     async def close(self) -> None:
         await self._background.cancel_all(*self._tasks)
-        await self.progress.flush()
+        await self._progress.flush()
         for up in self.assets.values():
             if not up.future.done():
                 up.future.set_exception(
@@ -120,11 +119,11 @@ class UploadPool:
 
     def submit(self, up: AssetUpload) -> None:
         """Start uploading ``up`` (already recorded in its tracker)."""
-        self.intake.submit(up)
+        self._intake.submit(up)
 
     def hold(self, up: AssetUpload) -> None:
         """Show an asset an earlier process left unfinished, without starting it."""
-        self.intake.hold(up)
+        self._intake.hold(up)
 
     async def wait(self, uploads: Iterable[AssetUpload], timeout: float | None = None) -> None:
         futures = [up.future for up in uploads]
