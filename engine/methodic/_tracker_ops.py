@@ -258,6 +258,7 @@ _COMPONENT_COLS = (
     "asset_id, path, local_path, size, sha256, mtime_ns, inode, part_size, state, bytes_sent,"
     " attempts, last_error, checksum"
 )
+_COMPONENT_FIELDS = tuple(name.strip() for name in _COMPONENT_COLS.split(","))
 
 
 def _components(asset_ids: Sequence[str]) -> OpGen[dict[str, list[TrackedComponent]]]:
@@ -281,23 +282,8 @@ def _components(asset_ids: Sequence[str]) -> OpGen[dict[str, list[TrackedCompone
 
 
 def _component_from_row(r: tuple[Any, ...], parts_done: frozenset[int]) -> TrackedComponent:
-    """A row of ``_COMPONENT_COLS``, in that order."""
-    return TrackedComponent(
-        asset_id=r[0],
-        path=r[1],
-        local_path=r[2],
-        size=r[3],
-        sha256=r[4],
-        mtime_ns=r[5],
-        inode=r[6],
-        part_size=r[7],
-        state=r[8],
-        bytes_sent=r[9],
-        attempts=r[10],
-        last_error=r[11],
-        checksum=r[12],
-        parts_done=parts_done,
-    )
+    """A row of ``_COMPONENT_COLS``: the columns are named as ``TrackedComponent``'s fields."""
+    return TrackedComponent(**dict(zip(_COMPONENT_FIELDS, r, strict=True)), parts_done=parts_done)
 
 
 @read_op
