@@ -108,7 +108,7 @@ def child_put(spec: dict[str, Any]) -> dict[str, Any]:
                         else []
                     )
                     _etag, digests[i] = await send_range(
-                        chronicle.http, target, identity, chronicle.bucket, on_bytes, *more
+                        chronicle._http, target, identity, chronicle.bucket, on_bytes, *more
                     )
 
             rc0 = proc_cpu(spec["receiver_pids"])

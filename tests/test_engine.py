@@ -271,7 +271,7 @@ def test_expired_targets_are_presigned_again(tmp_path: Path) -> None:
         handle = run.register_and_upload_async(ckpt)
         handle.result(timeout=60)  # ~4 s of transfers with 2 s targets
         # Now make the client trust stale targets: the server's 403 must trigger one re-presign.
-        chronicle.core._pool.presign_margin = -3600.0
+        chronicle.core._pool.scheduler.presign_margin = -3600.0
         ckpt2 = make_checkpoint(tmp_path / "ckpt2", {f"g{i}.bin": 400_000 for i in range(8)})
         handle2 = run.register_and_upload_async(ckpt2)
         handle2.result(timeout=60)

@@ -168,7 +168,7 @@ class TrackerMachine(RuleBasedStateMachine):
         component = self.model[asset_id].components.get(path)
         if component is None:
             return  # the engine only records parts of registered components (a FOREIGN KEY)
-        self.tracker._execute(ops.record_part(asset_id, path, part, f'"etag-{part}"'))
+        self.tracker._execute(ops.record_part(asset_id, path, part, etag=f'"etag-{part}"'))
         component.parts.add(part)
 
     @rule(asset_id=consumes(asset_ids))

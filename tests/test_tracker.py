@@ -111,7 +111,19 @@ def _register_many(db: str, worker: int, assets: int, per_asset: int) -> None:
     for a in range(assets):
         t.register_components(f"p{worker}-a{a}", specs(per_asset), asset_type="checkpoint")
         t._execute(
-            ops.record_components([("uploading", 7, 1, None, None, f"p{worker}-a{a}", "f0.bin")])
+            ops.record_components(
+                [
+                    ops.ComponentProgressRow(
+                        asset_id=f"p{worker}-a{a}",
+                        path="f0.bin",
+                        state="uploading",
+                        bytes_sent=7,
+                        attempts=1,
+                        last_error=None,
+                        checksum=None,
+                    )
+                ]
+            )
         )
     t.close()
 

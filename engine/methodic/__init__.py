@@ -6,10 +6,10 @@ import sys as _sys
 # which it always is beside methodic-tui. The engine must load no UI library, so keep httpx's
 # CLI module out unless something imported httpx first; `httpx` the command is unaffected.
 if "httpx" not in _sys.modules:
-    _sys.modules.setdefault("httpx._main", None)  # type: ignore[assignment]
+    _sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
 from methodic._bandwidth import parse_rate
-from methodic._client import AsyncChronicle, AsyncRun, AsyncUploadHandle
+from methodic._client import AsyncChronicle, AsyncRun
 from methodic._errors import (
     AssetIncompleteError,
     AuthenticationError,
@@ -68,6 +68,7 @@ from methodic._types import (
     TrackedComponent,
     UploadTarget,
 )
+from methodic._uploads import AsyncUploadHandle
 
 __version__ = "0.1.0"
 

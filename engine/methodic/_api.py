@@ -1,11 +1,18 @@
-"""The Chronicle control API over httpx: auth, retries of idempotent calls, the error mapping."""
+"""The Chronicle control API over httpx: one typed method per endpoint, each path written once.
+
+Also here: auth, retries of idempotent calls, and the mapping of answers to typed errors.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -24,8 +31,33 @@ from methodic._retry import (
     is_transient_status,
     retry_after_seconds,
 )
+from methodic._types import Asset, PresignedAsset, UploadTarget
 
 log = logging.getLogger("methodic")
+
+
+def resolve_server_url(server_url: str | None) -> str:
+    url = server_url or os.environ.get("METHODIC_SERVER_URL")
+    if not url:
+        raise InvalidInputError(
+            "no server URL: pass server_url= (or --server-url) or set METHODIC_SERVER_URL"
+        )
+    parsed = httpx.URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise InvalidInputError(
+            f"server URL {url!r} is not an http(s) URL, e.g. http://127.0.0.1:8765"
+        )
+    return url.rstrip("/")
+
+
+def resolve_api_key(api_key: str | None) -> str:
+    key = api_key or os.environ.get("METHODIC_API_KEY")
+    if not key:
+        raise AuthenticationError(
+            "no API key: pass api_key= (or --api-key) or set METHODIC_API_KEY; "
+            "`methodic serve` writes its key to DATA_DIR/api_key"
+        )
+    return key
 
 
 def error_message(response: httpx.Response) -> tuple[str, str, dict[str, Any]]:
@@ -63,6 +95,20 @@ def raise_for_response(response: httpx.Response, server_url: str) -> None:
     raise ServerError(f"the server at {server_url} answered {status}: {message}", status)
 
 
+@dataclass(frozen=True)
+class DownloadTarget:
+    """Where to GET one component of a finalized asset, and what it must be."""
+
+    path: str
+    url: str
+    size: int
+    sha256: str | None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DownloadTarget:
+        return cls(data["path"], data["url"], int(data["size"]), data.get("sha256"))
+
+
 class ApiClient:
     """Calls the control API. Every call methodic makes is idempotent, so all are retried."""
 
@@ -77,7 +123,113 @@ class ApiClient:
     def __repr__(self) -> str:
         return f"ApiClient(server_url={self.server_url!r})"
 
-    async def call(
+    # ------------------------------------------------------------ experiments and runs
+
+    async def create_experiment(self, name: str) -> str:
+        """Create the experiment ``name`` (or find the existing one); returns its id."""
+        data = await self._call("POST", "/experiments", json={"name": name})
+        return str(data["id"])
+
+    async def find_experiments(self, name: str) -> list[str]:
+        """The ids of the experiments called ``name`` (none, or one)."""
+        data = await self._call("GET", "/experiments", params={"name": name})
+        return [str(e["id"]) for e in data["experiments"]]
+
+    async def get_experiment(self, experiment_id: str) -> str:
+        """The id of the experiment ``experiment_id``; raises ``NotFoundError`` when there is none."""
+        data = await self._call("GET", f"/experiments/{quote(experiment_id, safe='')}")
+        return str(data["id"])
+
+    async def put_run(self, experiment_id: str, variation: int, run: int) -> dict[str, Any]:
+        """Get or create run (variation, run) of an experiment: the run's JSON."""
+        data: dict[str, Any] = await self._call(
+            "PUT", f"/experiments/{experiment_id}/runs/{variation}/{run}"
+        )
+        return data
+
+    async def get_run(self, run_id: str) -> dict[str, Any]:
+        data: dict[str, Any] = await self._call("GET", f"/runs/{run_id}")
+        return data
+
+    async def set_run_status(self, run_id: str, status: str) -> str:
+        """Set the run's status; returns the status the server now holds."""
+        data = await self._call("POST", f"/runs/{run_id}/status", json={"status": status})
+        return str(data["status"])
+
+    # ------------------------------------------------------------ assets
+
+    async def create_asset(
+        self,
+        run_id: str,
+        *,
+        asset_id: str,
+        asset_type: str,
+        metadata: dict[str, Any],
+        components: Sequence[dict[str, Any]],
+        presign: bool = False,
+    ) -> PresignedAsset:
+        """Create the pending asset from its full manifest (idempotent for the same id).
+
+        With ``presign`` the answer carries an upload target for every component and part.
+        """
+        body: dict[str, Any] = {
+            "asset_id": asset_id,
+            "asset_type": asset_type,
+            "metadata": metadata,
+            "components": list(components),
+        }
+        if presign:
+            body["presign"] = True
+        data = await self._call("POST", f"/runs/{run_id}/assets", json=body)
+        targets = tuple(UploadTarget.from_json(t) for t in data.get("targets", ()))
+        return PresignedAsset(asset_id, Asset.from_json(data), targets)
+
+    async def get_asset(self, asset_id: str) -> Asset:
+        """The server's view of an asset, pending or not, with what storage already holds."""
+        return Asset.from_json(await self._call("GET", f"/assets/{asset_id}"))
+
+    async def list_assets(
+        self, run_id: str, *, include_pending: bool = False, asset_type: str | None = None
+    ) -> list[Asset]:
+        params: dict[str, Any] = {"include_pending": str(include_pending).lower()}
+        if asset_type:
+            params["asset_type"] = asset_type
+        data = await self._call("GET", f"/runs/{run_id}/assets", params=params)
+        return [Asset.from_json(a) for a in data["assets"]]
+
+    async def presign(
+        self, asset_id: str, keys: Sequence[tuple[str, int | None]]
+    ) -> list[UploadTarget]:
+        """Upload targets for these (path, part) keys of a pending asset, in one call."""
+        data = await self._call(
+            "POST",
+            f"/assets/{asset_id}/presign",
+            json={"targets": [{"path": p, "part": n} for p, n in keys]},
+        )
+        return [UploadTarget.from_json(t) for t in data["targets"]]
+
+    async def finalize(self, asset_id: str, checksums: dict[str, str] | None = None) -> Asset:
+        """Flip the asset to finalized once storage holds every component; idempotent.
+
+        Raises ``AssetIncompleteError`` listing what storage lacks.
+        """
+        data = await self._call(
+            "POST", f"/assets/{asset_id}/finalize", json={"checksums": checksums or {}}
+        )
+        return Asset.from_json(data)
+
+    async def delete_asset(self, asset_id: str) -> None:
+        """Abort a pending asset: the server forgets it and removes its bytes."""
+        await self._call("DELETE", f"/assets/{asset_id}")
+
+    async def download_targets(self, asset_id: str) -> list[DownloadTarget]:
+        """Where to GET each component of a finalized asset."""
+        data = await self._call("GET", f"/assets/{asset_id}/download")
+        return [DownloadTarget.from_json(c) for c in data["components"]]
+
+    # ------------------------------------------------------------ transport
+
+    async def _call(
         self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None
     ) -> Any:
         url = f"{self.server_url}/api/v1{path}"
@@ -116,4 +268,4 @@ class ApiClient:
         )
 
 
-__all__ = ["ApiClient", "ChronicleError", "raise_for_response"]
+__all__ = ["ApiClient", "ChronicleError", "DownloadTarget", "raise_for_response"]

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 
 from methodic import _redact
 from methodic import _tracker_ops as ops
-from methodic._api import ApiClient, raise_for_response
+from methodic._api import ApiClient, resolve_api_key, resolve_server_url
 from methodic._bandwidth import TokenBucket, parse_rate
+from methodic._download import download_asset
 from methodic._errors import (
-    AuthenticationError,
     ChronicleError,
     InvalidInputError,
     NotFoundError,
@@ -26,69 +23,24 @@ from methodic._errors import (
 )
 from methodic._events import PoolSnapshot, Subscription
 from methodic._ids import new_asset_id
-from methodic._paths import component_path_problem
-from methodic._pool import AssetUpload, ComponentUpload, UploadPool
+from methodic._pool import UploadPool
 from methodic._retry import RetryPolicy
 from methodic._scan import scan_directory, validate_specs
-from methodic._transfer import CHUNK_SIZE, FileIdentity
-from methodic._types import Asset, ComponentSpec, PresignedAsset, RunBinding, UploadTarget
+from methodic._types import Asset, ComponentSpec, PresignedAsset, RunBinding
+from methodic._uploads import (
+    AssetUpload,
+    AsyncUploadHandle,
+    ComponentUpload,
+    MiB,
+    plan_components,
+)
 
-MiB = 1 << 20
 DEFAULT_PART_THRESHOLD = 64 * MiB
 DEFAULT_PART_SIZE = 16 * MiB
-MAX_PARTS = 10_000
 
 
-def resolve_server_url(server_url: str | None) -> str:
-    url = server_url or os.environ.get("METHODIC_SERVER_URL")
-    if not url:
-        raise InvalidInputError(
-            "no server URL: pass server_url= (or --server-url) or set METHODIC_SERVER_URL"
-        )
-    parsed = httpx.URL(url)
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise InvalidInputError(
-            f"server URL {url!r} is not an http(s) URL, e.g. http://127.0.0.1:8765"
-        )
-    return url.rstrip("/")
-
-
-def resolve_api_key(api_key: str | None) -> str:
-    key = api_key or os.environ.get("METHODIC_API_KEY")
-    if not key:
-        raise AuthenticationError(
-            "no API key: pass api_key= (or --api-key) or set METHODIC_API_KEY; "
-            "`methodic serve` writes its key to DATA_DIR/api_key"
-        )
-    return key
-
-
-def part_size_for(size: int, threshold: int, part_size: int) -> int | None:
-    """None for a file sent in one PUT; otherwise a part size that keeps it under 10,000 parts."""
-    if size < threshold:
-        return None
-    return max(part_size, math.ceil(size / MAX_PARTS / MiB) * MiB)
-
-
-class AsyncUploadHandle:
-    """What ``register_and_upload_async`` returns: the asset id and the eventual finalized asset."""
-
-    def __init__(self, upload: AssetUpload) -> None:
-        self._upload = upload
-
-    @property
-    def asset_id(self) -> str:
-        return self._upload.asset_id
-
-    def done(self) -> bool:
-        return self._upload.future.done()
-
-    async def result(self, timeout: float | None = None) -> Asset:
-        """The finalized asset; raises ``UploadFailedError`` if the upload gave up."""
-        return await asyncio.wait_for(asyncio.shield(self._upload.future), timeout)
-
-    def __repr__(self) -> str:
-        return f"<UploadHandle asset_id={self.asset_id} state={self._upload.state}>"
+def _not_open() -> ChronicleError:
+    return ChronicleError("this Chronicle is not open; use it in a `with` block or call open()")
 
 
 class AsyncChronicle:
@@ -121,26 +73,28 @@ class AsyncChronicle:
         self.part_size = part_size
         self.bucket = TokenBucket(parse_rate(max_bandwidth))
         self.stall_timeout = stall_timeout
-        self._http: httpx.AsyncClient | None = None
+        self._http_client: httpx.AsyncClient | None = None
         self._upload_pool: UploadPool | None = None
-        self._api: ApiClient | None = None
+        self._api_client: ApiClient | None = None
 
     def __repr__(self) -> str:
         return f"AsyncChronicle(server_url={self.server_url!r}, max_upload_workers={self.max_upload_workers})"
 
     async def open(self) -> AsyncChronicle:
-        if self._http is None:
+        if self._http_client is None:
             n = self.max_upload_workers + 4
-            self._http = httpx.AsyncClient(
+            self._http_client = httpx.AsyncClient(
                 # A transfer that moves no byte for stall_timeout is aborted (and retried).
                 timeout=httpx.Timeout(self.stall_timeout, connect=min(15.0, self.stall_timeout)),
                 limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
                 follow_redirects=False,
             )
-            self._api = ApiClient(self.server_url, self._api_key, self._http, self.retry)
+            self._api_client = ApiClient(
+                self.server_url, self._api_key, self._http_client, self.retry
+            )
             self._upload_pool = UploadPool(
-                self._api,
-                self._http,
+                self._api_client,
+                self._http_client,
                 workers=self.max_upload_workers,
                 bucket=self.bucket,
                 retry=self.retry,
@@ -151,9 +105,9 @@ class AsyncChronicle:
     async def close(self) -> None:
         if self._upload_pool is not None:
             await self._upload_pool.close()
-        if self._http is not None:
-            await self._http.aclose()
-        self._http = self._upload_pool = self._api = None
+        if self._http_client is not None:
+            await self._http_client.aclose()
+        self._http_client = self._upload_pool = self._api_client = None
 
     async def __aenter__(self) -> AsyncChronicle:
         return await self.open()
@@ -162,25 +116,22 @@ class AsyncChronicle:
         await self.close()
 
     @property
-    def api(self) -> ApiClient:
-        if self._api is None:
-            raise ChronicleError(
-                "this Chronicle is not open; use it in a `with` block or call open()"
-            )
-        return self._api
+    def _api(self) -> ApiClient:
+        if self._api_client is None:
+            raise _not_open()
+        return self._api_client
 
     @property
     def _pool(self) -> UploadPool:
         if self._upload_pool is None:
-            raise ChronicleError(
-                "this Chronicle is not open; use it in a `with` block or call open()"
-            )
+            raise _not_open()
         return self._upload_pool
 
     @property
-    def http(self) -> httpx.AsyncClient:
-        assert self._http is not None
-        return self._http
+    def _http(self) -> httpx.AsyncClient:
+        if self._http_client is None:
+            raise _not_open()
+        return self._http_client
 
     # ------------------------------------------------------------ operator controls
 
@@ -189,26 +140,26 @@ class AsyncChronicle:
 
         Returns the ids of the assets it paused.
         """
-        return await self._pool.pause(asset_id)
+        return await self._pool.controls.pause(asset_id)
 
     async def resume(self, asset_id: str | None = None) -> list[str]:
         """Resume paused assets (one, or all), and those held from an earlier process."""
-        return await self._pool.resume(asset_id)
+        return await self._pool.controls.resume(asset_id)
 
     async def retry_failed(self, asset_id: str | None = None) -> list[str]:
         """Queue the failed components again (attempts reset); finalize once all are stored."""
-        return await self._pool.retry_failed(asset_id)
+        return await self._pool.controls.retry_failed(asset_id)
 
     async def force_finalize(self, asset_id: str) -> Asset:
         """Ask the server to finalize now, whatever the tracker says; the server still verifies.
 
         Raises ``AssetIncompleteError`` (listing what storage lacks) when the server refuses.
         """
-        return await self._pool.force_finalize(asset_id)
+        return await self._pool.controls.force_finalize(asset_id)
 
     async def discard(self, asset_id: str) -> None:
         """Stop, forget locally and abort the pending asset on the server (its bytes go)."""
-        await self._pool.discard(asset_id)
+        await self._pool.controls.discard(asset_id)
 
     async def set_bandwidth(self, max_bandwidth: str | float | None) -> None:
         """Change the shared bandwidth cap while uploads run: bytes/s, text like "200MB", or None."""
@@ -235,8 +186,7 @@ class AsyncChronicle:
         """Create the experiment ``name`` (or find the existing one) and return its id."""
         if not name or not name.strip():
             raise InvalidInputError("an experiment needs a non-empty name")
-        data = await self.api.call("POST", "/experiments", json={"name": name})
-        return str(data["id"])
+        return await self._api.create_experiment(name)
 
     async def find_experiment(self, id_or_name: str) -> str | None:
         """The id of the experiment with this name, or with this id; None when there is none.
@@ -244,51 +194,38 @@ class AsyncChronicle:
         Only the server's "not found" means none: any other error (the API key refused, the
         server failing after the retries, unreachable) is raised.
         """
-        data = await self.api.call("GET", "/experiments", params={"name": id_or_name})
-        if data["experiments"]:
-            return str(data["experiments"][0]["id"])
+        found = await self._api.find_experiments(id_or_name)
+        if found:
+            return found[0]
         if not id_or_name or "/" in id_or_name or id_or_name in (".", ".."):
             return None  # not one path segment, so not an id
         try:
-            data = await self.api.call("GET", f"/experiments/{quote(id_or_name, safe='')}")
+            return await self._api.get_experiment(id_or_name)
         except NotFoundError:
             return None
-        return str(data["id"])
 
     async def run(self, experiment_id: str, variation: int = 0, run: int = 0) -> AsyncRun:
         """Get or create run (variation, run) of an experiment; calling it twice is harmless."""
         for name, value in (("variation", variation), ("run", run)):
             if not isinstance(value, int) or value < 0:
                 raise InvalidInputError(f"{name} must be a whole number >= 0, not {value!r}")
-        data = await self.api.call("PUT", f"/experiments/{experiment_id}/runs/{variation}/{run}")
-        return AsyncRun(self, data)
+        return AsyncRun(self, await self._api.put_run(experiment_id, variation, run))
 
     async def run_by_id(self, run_id: str) -> AsyncRun:
-        return AsyncRun(self, await self.api.call("GET", f"/runs/{run_id}"))
+        return AsyncRun(self, await self._api.get_run(run_id))
 
     # ------------------------------------------------------------ assets
 
     async def get_asset(self, asset_id: str) -> Asset:
         """The server's view of an asset, pending or not, with what storage already holds."""
-        return Asset.from_json(await self.api.call("GET", f"/assets/{asset_id}"))
+        return await self._api.get_asset(asset_id)
 
     async def finalize_asset(self, asset_id: str, checksums: dict[str, str] | None = None) -> Asset:
         """Ask the server to finalize; idempotent. Raises ``AssetIncompleteError`` listing what is missing."""
-        data = await self.api.call(
-            "POST", f"/assets/{asset_id}/finalize", json={"checksums": checksums or {}}
-        )
-        return Asset.from_json(data)
+        return await self._api.finalize(asset_id, checksums)
 
     def components_for(self, specs: Sequence[ComponentSpec]) -> dict[str, ComponentUpload]:
-        return {
-            s.path: ComponentUpload(
-                path=s.path,
-                identity=FileIdentity(os.fspath(s.local_path), s.size, s.mtime_ns, s.inode),
-                sha256=s.sha256,
-                part_size=part_size_for(s.size, self.part_threshold, self.part_size),
-            )
-            for s in specs
-        }
+        return plan_components(specs, part_threshold=self.part_threshold, part_size=self.part_size)
 
 
 class AsyncRun:
@@ -350,12 +287,12 @@ class AsyncRun:
                 ops.register(
                     asset_id,
                     list(specs),
-                    asset_type,
-                    True,
-                    metadata,
-                    self.binding,
-                    local_dir,
-                    {p: c.part_size for p, c in components.items() if c.part_size},
+                    asset_type=asset_type,
+                    seal=True,
+                    metadata=metadata,
+                    binding=self.binding,
+                    local_dir=local_dir,
+                    part_sizes={p: c.part_size for p, c in components.items() if c.part_size},
                 )
             )
         upload = AssetUpload(
@@ -391,10 +328,7 @@ class AsyncRun:
             )
 
     async def set_status(self, status: str) -> None:
-        data = await self.chronicle.api.call(
-            "POST", f"/runs/{self.id}/status", json={"status": status}
-        )
-        self.status = str(data["status"])
+        self.status = await self.chronicle._api.set_run_status(self.id, status)
 
     async def succeed(self) -> None:
         """Wait for this run's uploads, then mark the run succeeded (not if an upload failed)."""
@@ -436,19 +370,14 @@ class AsyncRun:
         asset_id = asset_id or new_asset_id()
         validate_specs(asset_id, components)
         comps = self.chronicle.components_for(components)
-        data = await self.chronicle.api.call(
-            "POST",
-            f"/runs/{self.id}/assets",
-            json={
-                "asset_id": asset_id,
-                "asset_type": asset_type,
-                "metadata": metadata,
-                "components": [c.manifest() for c in comps.values()],
-                "presign": True,
-            },
+        return await self.chronicle._api.create_asset(
+            self.id,
+            asset_id=asset_id,
+            asset_type=asset_type,
+            metadata=metadata,
+            components=[c.manifest() for c in comps.values()],
+            presign=True,
         )
-        targets = tuple(UploadTarget.from_json(t) for t in data.get("targets", ()))
-        return PresignedAsset(asset_id, Asset.from_json(data), targets)
 
     async def finalize_asset(self, asset_id: str) -> Asset:
         """Finalize a pending asset; a second call returns the same finalized asset."""
@@ -458,56 +387,17 @@ class AsyncRun:
         self, include_pending: bool = False, asset_type: str | None = None
     ) -> list[Asset]:
         """This run's assets, oldest first: finalized only unless ``include_pending``."""
-        params: dict[str, Any] = {"include_pending": str(include_pending).lower()}
-        if asset_type:
-            params["asset_type"] = asset_type
-        data = await self.chronicle.api.call("GET", f"/runs/{self.id}/assets", params=params)
-        return [Asset.from_json(a) for a in data["assets"]]
+        return await self.chronicle._api.list_assets(
+            self.id, include_pending=include_pending, asset_type=asset_type
+        )
 
     async def download_asset(self, asset_id: str, dest_dir: Path | str) -> Path:
         """Write a byte-identical copy of a finalized asset under ``dest_dir``; returns it."""
-        dest = Path(dest_dir).expanduser()
-        data = await self.chronicle.api.call("GET", f"/assets/{asset_id}/download")
-        await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
-        limit = asyncio.Semaphore(self.chronicle.max_upload_workers)
-
-        async def one(comp: dict[str, Any]) -> None:
-            async with limit:
-                await _download_component(
-                    self.chronicle.http, comp, dest, self.chronicle.server_url
-                )
-
-        await asyncio.gather(*(one(c) for c in data["components"]))
-        return dest
-
-
-async def _download_component(
-    http: httpx.AsyncClient, comp: dict[str, Any], dest: Path, server_url: str
-) -> None:
-    path = comp["path"]
-    problem = component_path_problem(path)
-    if problem:
-        raise ChronicleError(
-            f"the server sent a component path {path!r} that {problem}; refusing to write it"
+        chronicle = self.chronicle
+        return await download_asset(
+            chronicle._api,
+            chronicle._http,
+            asset_id,
+            Path(dest_dir).expanduser(),
+            concurrency=chronicle.max_upload_workers,
         )
-    final = dest / path
-    tmp = final.with_name(f".{final.name}.methodic-partial")
-    await asyncio.to_thread(final.parent.mkdir, parents=True, exist_ok=True)
-    hasher = hashlib.sha256()
-    size = 0
-    async with http.stream("GET", comp["url"]) as response:
-        if response.status_code >= 300:
-            await response.aread()
-            raise_for_response(response, server_url)
-        f = await asyncio.to_thread(open, tmp, "wb")
-        try:
-            async for chunk in response.aiter_bytes(CHUNK_SIZE):
-                hasher.update(chunk)
-                size += len(chunk)
-                await asyncio.to_thread(f.write, chunk)
-        finally:
-            await asyncio.to_thread(f.close)
-    if size != comp["size"] or (comp.get("sha256") and hasher.hexdigest() != comp["sha256"]):
-        tmp.unlink(missing_ok=True)
-        raise ChronicleError(f"download of {path} was corrupt (size or sha256 differs); try again")
-    await asyncio.to_thread(os.replace, tmp, final)

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from methodic._states import SENDING_STATES
+
 
 @dataclass(frozen=True)
 class Event:
@@ -226,9 +228,5 @@ class PoolSnapshot:
 
     @property
     def eta(self) -> float | None:
-        left = sum(
-            a.bytes_total - a.bytes_done
-            for a in self.assets
-            if a.state in ("uploading", "registered")
-        )
+        left = sum(a.bytes_total - a.bytes_done for a in self.assets if a.state in SENDING_STATES)
         return left / self.rate if self.rate > 0 and left else None

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 from methodic import _tracker_ops as ops
 from methodic._client import AsyncChronicle
-from methodic._pool import AssetUpload
+from methodic._states import AssetState
+from methodic._uploads import AssetUpload, adopted_upload
 
 if TYPE_CHECKING:
     from methodic._tracker import UploadTracker
@@ -62,7 +63,7 @@ async def _adopt(
         if tracked.asset_id in pool.assets:
             report.skipped[tracked.asset_id] = "already in this process's upload pool"
             continue
-        up = pool.adopt(tracked, atracker, chronicle.server_url)
+        up = adopted_upload(tracked, atracker, chronicle.server_url)
         if up is None:
             report.failed[tracked.asset_id] = "the tracker does not record which run it belongs to"
             continue
@@ -72,10 +73,10 @@ async def _adopt(
                 f"pid {owner} is still running: it may be uploading this (see `attach`)"
             )
             continue
-        if up.state == "paused":
+        if up.state == AssetState.PAUSED:
             report.skipped[tracked.asset_id] = "paused by the operator; resume it to continue"
         uploads.append(up)
-        if start and up.state != "paused":
+        if start and up.state != AssetState.PAUSED:
             report.resumed.append(up.asset_id)
             pool.submit(up)
         else:

@@ -44,3 +44,9 @@ IN_FLIGHT_STATES = frozenset({AssetState.REGISTERED, AssetState.UPLOADING, Asset
 
 HELD_STATES = frozenset({AssetState.PAUSED, AssetState.INTERRUPTED})
 """Waiting for an operator to resume it."""
+
+SENDING_STATES = frozenset({AssetState.REGISTERED, AssetState.UPLOADING})
+"""An asset whose bytes are being sent, or are about to be: what ``pause`` stops."""
+
+SETTLED_COMPONENT_STATES = frozenset({ComponentState.COMPLETED, ComponentState.FAILED})
+"""A component no worker sends until someone retries it."""

@@ -9,12 +9,13 @@ from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
-from methodic._client import AsyncChronicle, AsyncRun, AsyncUploadHandle
+from methodic._client import AsyncChronicle, AsyncRun
 from methodic._events import Event, PoolSnapshot, Subscription
 from methodic._recovery import DrainReport, drain_incomplete_uploads_async
 from methodic._retry import RetryPolicy
 from methodic._tracker import UploadTracker
 from methodic._types import Asset, ComponentSpec, PresignedAsset
+from methodic._uploads import AsyncUploadHandle
 
 T = TypeVar("T")
 

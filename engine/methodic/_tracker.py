@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 
@@ -80,10 +80,10 @@ def _drive_sync(conn: sqlite3.Connection, op: ops.Op[T]) -> T:
         sql, params, is_many = next(gen)
         while True:
             if is_many:
-                conn.executemany(sql, params)  # type: ignore[arg-type]
+                conn.executemany(sql, params)
                 rows: list[Any] = []
             else:
-                rows = conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+                rows = conn.execute(sql, cast(Sequence[Any], params)).fetchall()
             sql, params, is_many = gen.send(rows)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
@@ -190,11 +190,11 @@ class UploadTracker:
             ops.register(
                 asset_id,
                 list(components),
-                asset_type,
-                seal,
-                asset_metadata,
-                binding,
-                os.fspath(local_dir) if local_dir is not None else None,
+                asset_type=asset_type,
+                seal=seal,
+                metadata=asset_metadata,
+                binding=binding,
+                local_dir=os.fspath(local_dir) if local_dir is not None else None,
             )
         )
 
@@ -274,10 +274,10 @@ class AsyncTracker:
                     sql, params, is_many = next(gen)
                     while True:
                         if is_many:
-                            await conn.executemany(sql, params)  # type: ignore[arg-type]
+                            await conn.executemany(sql, params)
                             rows: list[Any] = []
                         else:
-                            rows = list(await conn.execute_fetchall(sql, params))  # type: ignore[arg-type]
+                            rows = list(await conn.execute_fetchall(sql, params))
                         sql, params, is_many = gen.send(rows)
                 except StopIteration as stop:
                     result: T = stop.value

@@ -18,7 +18,7 @@ from typing import Any, Generic, ParamSpec, TypeVar
 from methodic._errors import InvalidInputError
 from methodic._owner import owner_alive
 from methodic._scan import validate_specs
-from methodic._states import UNFINISHED_STATES
+from methodic._states import DONE_STATES, UNFINISHED_STATES
 from methodic._types import ComponentSpec, RunBinding, TrackedAsset, TrackedComponent
 
 SCHEMA_VERSION = 1
@@ -134,19 +134,21 @@ def _component_rows(asset_id: str, components: Sequence[ComponentSpec]) -> list[
 def register(
     asset_id: str,
     components: Sequence[ComponentSpec],
+    *,
     asset_type: str,
     seal: bool,
     metadata: dict[str, Any],
-    binding: RunBinding | None,
-    local_dir: str | None,
+    binding: RunBinding | None = None,
+    local_dir: str | None = None,
     part_sizes: dict[str, int] | None = None,
 ) -> OpGen[None]:
+    """Record an asset and these components in one transaction (more may follow unless sealed)."""
     rows = _component_rows(asset_id, components)
     now = time.time()
     existing = yield q("SELECT sealed, state FROM assets WHERE asset_id = ?", (asset_id,))
     if existing:
         sealed, state = existing[0]
-        if sealed or state in ("finalized", "discarded"):
+        if sealed or state in DONE_STATES:
             raise InvalidInputError(
                 f"asset {asset_id} is sealed ({state}); register every component in one call, "
                 "or register with seal=False and call seal() once all are registered"
@@ -199,22 +201,6 @@ def seal(asset_id: str) -> OpGen[None]:
     )
     if not rows:
         raise InvalidInputError(f"asset {asset_id} is not in the tracker")
-
-
-@write_op
-def bind(asset_id: str, binding: RunBinding) -> OpGen[None]:
-    yield q(
-        "UPDATE assets SET server_url = ?, run_id = ?, experiment_id = ?, variation = ?, run = ?"
-        " WHERE asset_id = ?",
-        (
-            binding.server_url,
-            binding.run_id,
-            binding.experiment_id,
-            binding.variation,
-            binding.run,
-            asset_id,
-        ),
-    )
 
 
 # ---------------------------------------------------------------- queries
@@ -272,6 +258,7 @@ _COMPONENT_COLS = (
     "asset_id, path, local_path, size, sha256, mtime_ns, inode, part_size, state, bytes_sent,"
     " attempts, last_error, checksum"
 )
+_COMPONENT_FIELDS = tuple(name.strip() for name in _COMPONENT_COLS.split(","))
 
 
 def _components(asset_ids: Sequence[str]) -> OpGen[dict[str, list[TrackedComponent]]]:
@@ -290,12 +277,17 @@ def _components(asset_ids: Sequence[str]) -> OpGen[dict[str, list[TrackedCompone
         asset_ids,
     )
     for r in rows:
-        out[r[0]].append(TrackedComponent(*r, parts_done=frozenset(done.get((r[0], r[1]), ()))))
+        out[r[0]].append(_component_from_row(r, frozenset(done.get((r[0], r[1]), ()))))
     return out
 
 
+def _component_from_row(r: tuple[Any, ...], parts_done: frozenset[int]) -> TrackedComponent:
+    """A row of ``_COMPONENT_COLS``: the columns are named as ``TrackedComponent``'s fields."""
+    return TrackedComponent(**dict(zip(_COMPONENT_FIELDS, r, strict=True)), parts_done=parts_done)
+
+
 @read_op
-def get_asset(asset_id: str, with_components: bool = True) -> OpGen[TrackedAsset | None]:
+def get_asset(asset_id: str, *, with_components: bool = True) -> OpGen[TrackedAsset | None]:
     rows = yield q(_ASSET_SUMMARY + " WHERE a.asset_id = ? GROUP BY a.asset_id", (asset_id,))
     if not rows:
         return None
@@ -307,7 +299,7 @@ def get_asset(asset_id: str, with_components: bool = True) -> OpGen[TrackedAsset
 
 @read_op
 def list_assets(
-    states: Sequence[str] | None = None, with_components: bool = False
+    states: Sequence[str] | None = None, *, with_components: bool = False
 ) -> OpGen[list[TrackedAsset]]:
     if states:
         where = f" WHERE a.state IN ({','.join('?' * len(states))})"
@@ -332,7 +324,7 @@ def pending_uploads() -> Op[list[TrackedAsset]]:
 
 @write_op
 def set_asset_state(
-    asset_id: str, state: str, error: str | None = None, only_from: Sequence[str] | None = None
+    asset_id: str, state: str, *, error: str | None = None, only_from: Sequence[str] | None = None
 ) -> OpGen[bool]:
     sql = "UPDATE assets SET state = ?, last_error = ?, updated_at = ? WHERE asset_id = ?"
     params: tuple[Any, ...] = (state, error, time.time(), asset_id)
@@ -345,26 +337,17 @@ def set_asset_state(
 
 @write_op
 def set_component_state(
-    asset_id: str,
-    path: str,
-    state: str,
-    *,
-    error: str | None = None,
-    checksum: str | None = None,
-    bytes_sent: int | None = None,
-    new_attempt: bool = False,
+    asset_id: str, path: str, state: str, *, error: str | None = None
 ) -> OpGen[None]:
     yield q(
-        "UPDATE components SET state = ?, last_error = ?, checksum = coalesce(?, checksum),"
-        " bytes_sent = coalesce(?, bytes_sent), attempts = attempts + ?"
-        " WHERE asset_id = ? AND path = ?",
-        (state, error, checksum, bytes_sent, int(new_attempt), asset_id, path),
+        "UPDATE components SET state = ?, last_error = ? WHERE asset_id = ? AND path = ?",
+        (state, error, asset_id, path),
     )
 
 
 @write_op
 def mark_components(
-    asset_id: str, paths: Sequence[str], state: str, sizes_done: bool = False
+    asset_id: str, paths: Sequence[str], state: str, *, sizes_done: bool = False
 ) -> OpGen[None]:
     """Set many components of one asset to ``state`` (e.g. completed after a server status call)."""
     yield many(
@@ -384,20 +367,38 @@ def reset_failed(asset_id: str) -> OpGen[list[str]]:
     return [r[0] for r in rows]
 
 
+@dataclass(frozen=True)
+class ComponentProgressRow:
+    """The pool's current view of one component, written behind by ``record_components``."""
+
+    asset_id: str
+    path: str
+    state: str
+    bytes_sent: int
+    attempts: int
+    last_error: str | None
+    checksum: str | None
+
+
 @write_op
-def record_components(updates: Sequence[tuple[Any, ...]]) -> OpGen[None]:
-    """Write behind many components at once, in one transaction: each update is
-    (state, bytes_sent, attempts, last_error, checksum, asset_id, path), the pool's current view."""
+def record_components(rows: Iterable[ComponentProgressRow]) -> OpGen[None]:
+    """Write behind many components at once, in one transaction.
+
+    Attempts never go down and a known checksum is never forgotten.
+    """
     yield many(
-        "UPDATE components SET state = ?1, bytes_sent = ?2, attempts = max(attempts, ?3),"
-        " last_error = ?4, checksum = coalesce(?5, checksum)"
-        " WHERE asset_id = ?6 AND path = ?7",
-        updates,
+        "UPDATE components SET state = ?, bytes_sent = ?, attempts = max(attempts, ?),"
+        " last_error = ?, checksum = coalesce(?, checksum)"
+        " WHERE asset_id = ? AND path = ?",
+        (
+            (r.state, r.bytes_sent, r.attempts, r.last_error, r.checksum, r.asset_id, r.path)
+            for r in rows
+        ),
     )
 
 
 @write_op
-def record_part(asset_id: str, path: str, part: int, etag: str | None) -> OpGen[None]:
+def record_part(asset_id: str, path: str, part: int, *, etag: str | None) -> OpGen[None]:
     yield q(
         "INSERT OR REPLACE INTO parts (asset_id, path, part, etag) VALUES (?, ?, ?, ?)",
         (asset_id, path, part, etag),

@@ -228,7 +228,8 @@ def _accepted(response: httpx.Response) -> str | None:
             expired=response.status_code == 403 and "expired" in message.lower(),
             retry_after=retry_after_seconds(response),
         )
-    return response.headers.get("etag")
+    etag: str | None = response.headers.get("etag")
+    return etag
 
 
 def _verified(etag: str | None, digest: str) -> tuple[str | None, str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from methodic._owner import owner_alive
+from methodic._states import ComponentState
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class TrackedAsset:
 
     @property
     def missing(self) -> list[TrackedComponent]:
-        return [c for c in self.components if c.state != "completed"]
+        return [c for c in self.components if c.state != ComponentState.COMPLETED]
 
     @property
     def owner_alive(self) -> bool:

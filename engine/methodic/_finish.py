@@ -1,0 +1,103 @@
+"""Finishing an asset: every state change, finalize once all is stored, and failure."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from methodic import _tracker_ops as ops
+from methodic._api import ApiClient
+from methodic._errors import AssetIncompleteError, ChronicleError, UploadFailedError
+from methodic._events import AssetFinalized, AssetStateChanged, ComponentStateChanged, EventBus
+from methodic._progress import Progress
+from methodic._states import AssetState, ComponentState
+from methodic._types import Asset
+from methodic._uploads import AssetUpload, ComponentUpload
+
+Spawn = Callable[[Coroutine[Any, Any, Any], str], None]
+
+
+class Finisher:
+    """Moves assets between states (tracker first, then the event), finalizes and fails them."""
+
+    def __init__(self, api: ApiClient, events: EventBus, progress: Progress, spawn: Spawn) -> None:
+        self._api = api
+        self._events = events
+        self._progress = progress
+        self._spawn = spawn
+
+    async def set_state(self, up: AssetUpload, state: AssetState, error: str | None = None) -> None:
+        up.state, up.last_error = state, error
+        with contextlib.suppress(ChronicleError):
+            await up.track(ops.set_asset_state(up.asset_id, state, error=error))
+        self._events.emit(AssetStateChanged(up.asset_id, state, error))
+
+    def maybe_finalize(self, up: AssetUpload) -> None:
+        """Finalize in the background once the asset is sealed and every component stored."""
+        if up.sealed and up.state == AssetState.UPLOADING and up.remaining == 0:
+            up.state = AssetState.FINALIZING
+            self._spawn(self.finalize(up), f"methodic-finalize-{up.asset_id}")
+
+    async def finalize(self, up: AssetUpload, *, force: bool = False) -> Asset:
+        """Ask the server to finalize; ``force`` sends no checksums (the server still verifies)."""
+        try:
+            # The tracker holds every completion before the asset says finalizing.
+            await self._progress.flush()
+            await self.set_state(up, AssetState.FINALIZING)
+            checksums = (
+                {} if force else {c.path: c.checksum for c in up.components.values() if c.checksum}
+            )
+            asset = await self._api.finalize(up.asset_id, checksums)
+            await self.finalized(up, asset)
+            return asset
+        except AssetIncompleteError as exc:
+            await self.fail_asset(
+                up, exc, f"finalize refused: {exc} (missing: {', '.join(exc.missing)})"
+            )
+            raise
+        except ChronicleError as exc:
+            await self.fail_asset(up, exc)
+            raise
+
+    async def finalized(self, up: AssetUpload, asset: Asset) -> None:
+        """The server holds ``asset`` finalized: so does the tracker, and the waiters learn it."""
+        for c in up.components.values():
+            c.state, c.bytes_done = ComponentState.COMPLETED, c.size
+        up.completed = len(up.components)
+        await up.track(
+            ops.mark_components(
+                up.asset_id, list(up.components), ComponentState.COMPLETED, sizes_done=True
+            )
+        )
+        await self.set_state(up, AssetState.FINALIZED)
+        self._events.emit(
+            AssetFinalized(up.asset_id, up.asset_type, asset.total_size, asset.component_count)
+        )
+        if not up.future.done():
+            up.future.set_result(asset)
+
+    async def component_failed(
+        self, up: AssetUpload, c: ComponentUpload, message: str, cause: BaseException | None
+    ) -> None:
+        """One file cannot be sent: it fails, and with it the asset."""
+        c.state, c.last_error = ComponentState.FAILED, message
+        await up.track(
+            ops.set_component_state(up.asset_id, c.path, ComponentState.FAILED, error=message)
+        )
+        self._events.emit(
+            ComponentStateChanged(up.asset_id, c.path, ComponentState.FAILED, message)
+        )
+        await self.fail_asset(up, cause, message)
+
+    async def fail_asset(
+        self, up: AssetUpload, cause: BaseException | None, message: str | None = None
+    ) -> None:
+        message = message or str(cause)
+        up.cancel_transfers()
+        await self.set_state(up, AssetState.FAILED, message)
+        if not up.future.done():
+            where = f" ({up.local_dir})" if up.local_dir else ""
+            up.future.set_exception(
+                UploadFailedError(f"upload of asset {up.asset_id}{where} failed: {message}", cause)
+            )

@@ -1,0 +1,117 @@
+"""Intake: how an asset enters the pool and starts sending.
+
+Work arrives from the code path that registers (``submit``), never from polling the
+tracker. Starting an asset makes sure the server has it (create is idempotent), skips what
+the server already stores when an earlier process began it, then queues the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+
+from methodic import _tracker_ops as ops
+from methodic._api import ApiClient
+from methodic._errors import ChronicleError
+from methodic._events import AssetStateChanged, EventBus
+from methodic._finish import Finisher, Spawn
+from methodic._jobs import Scheduler
+from methodic._states import AssetState, ComponentState
+from methodic._types import Asset
+from methodic._uploads import AssetUpload
+
+
+class Intake:
+    def __init__(
+        self,
+        api: ApiClient,
+        *,
+        assets: MutableMapping[str, AssetUpload],
+        events: EventBus,
+        scheduler: Scheduler,
+        finisher: Finisher,
+        spawn: Spawn,
+    ) -> None:
+        self._api = api
+        self._assets = assets
+        self._events = events
+        self._scheduler = scheduler
+        self._finisher = finisher
+        self._spawn = spawn
+
+    def submit(self, up: AssetUpload) -> None:
+        """Start uploading ``up`` (already recorded in its tracker)."""
+        self._assets[up.asset_id] = up
+        self._events.emit(AssetStateChanged(up.asset_id, up.state))
+        self._spawn(self._begin(up), f"methodic-begin-{up.asset_id}")
+
+    def hold(self, up: AssetUpload) -> None:
+        """Show an asset an earlier process left unfinished, without starting it (``resume`` does)."""
+        if up.state != AssetState.PAUSED:
+            up.state = AssetState.INTERRUPTED
+        self._assets[up.asset_id] = up
+        self._events.emit(AssetStateChanged(up.asset_id, up.state))
+
+    async def restart(self, up: AssetUpload) -> None:
+        """Send again an asset that stopped (held, paused or failed) from where it stopped."""
+        if not up.remote_ready:
+            up.state = AssetState.REGISTERED
+            self._spawn(self._begin(up), f"methodic-begin-{up.asset_id}")
+            return
+        await self._send(up)
+
+    async def _send(self, up: AssetUpload) -> None:
+        await self._finisher.set_state(up, AssetState.UPLOADING)
+        self._scheduler.enqueue(up)
+        self._finisher.maybe_finalize(up)
+
+    async def _begin(self, up: AssetUpload) -> None:
+        try:
+            remote = await self._ensure_remote(up)
+            if remote.state == AssetState.FINALIZED:
+                up.was_finalized = True
+                await self._finisher.finalized(up, remote)
+                return
+            if up.resumed:
+                await self._skip_stored(up, remote)
+            if up.state == AssetState.PAUSED:
+                return
+            await self._send(up)
+        except ChronicleError as exc:
+            await self._finisher.fail_asset(up, exc)
+
+    async def _ensure_remote(self, up: AssetUpload) -> Asset:
+        created = await self._api.create_asset(
+            up.binding.run_id,
+            asset_id=up.asset_id,
+            asset_type=up.asset_type,
+            metadata=up.metadata,
+            components=[c.manifest() for c in up.components.values()],
+        )
+        asset = created.asset
+        up.remote_ready = True
+        if up.resumed:
+            asset = await self._api.get_asset(up.asset_id)
+        return asset
+
+    async def _skip_stored(self, up: AssetUpload, remote: Asset) -> None:
+        """After a crash: what the server already stores is not sent again."""
+        stored = []
+        for rc in remote.components:
+            c = up.components.get(rc.path)
+            if c is None:
+                continue
+            if rc.stored:
+                stored.append(c.path)
+                c.state, c.bytes_done = ComponentState.COMPLETED, c.size
+            else:
+                c.parts_done = set(rc.parts_stored)
+                if c.state == ComponentState.COMPLETED:
+                    c.state = ComponentState.QUEUED
+                c.bytes_done = sum(c.part_length(n) for n in c.parts_done) if c.part_size else 0
+        up.recount()
+        up.bytes_skipped = sum(c.bytes_done for c in up.components.values())
+        await up.track(
+            ops.mark_components(up.asset_id, stored, ComponentState.COMPLETED, sizes_done=True)
+        )
+        requeue = [c.path for c in up.components.values() if c.state != ComponentState.COMPLETED]
+        await up.track(ops.mark_components(up.asset_id, requeue, ComponentState.QUEUED))

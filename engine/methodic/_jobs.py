@@ -1,0 +1,259 @@
+"""Scheduling: the queue of jobs, the N workers that run them, and their upload targets.
+
+A job is one component, or one part of a large component. Targets are presigned lazily, in
+batches of the next queued keys, and used while they keep enough validity. A transfer that
+fails transiently is retried with backoff; an expired target is presigned again once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from methodic import _tracker_ops as ops
+from methodic._api import ApiClient
+from methodic._bandwidth import TokenBucket
+from methodic._errors import ChronicleError, UploadFailedError
+from methodic._events import ComponentStateChanged, EventBus, RetryScheduled
+from methodic._finish import Finisher
+from methodic._progress import Progress
+from methodic._retry import RetryPolicy
+from methodic._sendfile import Connections
+from methodic._states import SETTLED_COMPONENT_STATES, AssetState, ComponentState
+from methodic._transfer import FileChangedError, TransferError, send_range
+from methodic._types import UploadTarget
+from methodic._uploads import AssetUpload, ComponentUpload, Key
+
+log = logging.getLogger("methodic")
+
+PRESIGN_BATCH = 200
+# Seconds of validity a target must keep to be used (at most a quarter of its TTL).
+PRESIGN_MARGIN = 30.0
+
+
+@dataclass
+class Job:
+    asset: AssetUpload
+    path: str
+    part: int | None
+    attempt: int = 0
+    started: float = 0.0
+    refreshed: bool = False
+
+    @property
+    def key(self) -> Key:
+        return (self.path, self.part)
+
+
+class Scheduler:
+    """Queues the jobs of an asset and runs them on ``workers`` tasks over one HTTP client."""
+
+    def __init__(
+        self,
+        api: ApiClient,
+        http: httpx.AsyncClient,
+        connections: Connections,
+        *,
+        bucket: TokenBucket,
+        retry: RetryPolicy,
+        events: EventBus,
+        progress: Progress,
+        finisher: Finisher,
+    ) -> None:
+        self._api = api
+        self._http = http
+        self._connections = connections
+        self._bucket = bucket
+        self._retry = retry
+        self._events = events
+        self._progress = progress
+        self._finisher = finisher
+        self.presign_margin = PRESIGN_MARGIN
+        self.active = 0  # jobs a worker is running now
+        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+
+    def enqueue(self, up: AssetUpload) -> None:
+        """Queue every part of ``up`` still to send that is not queued or in flight already."""
+        now = time.monotonic()
+        for c in up.components.values():
+            if c.state in SETTLED_COMPONENT_STATES:
+                continue
+            for part in c.part_numbers():
+                key = (c.path, part)
+                if key in up.queued:
+                    continue
+                up.queued.add(key)
+                up.presign_order.append(key)
+                self._queue.put_nowait(Job(up, c.path, part, started=now))
+
+    async def worker(self) -> None:
+        while True:
+            job = await self._queue.get()
+            self.active += 1
+            try:
+                await self._run(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not kill a worker; the asset is failed with it
+                log.exception("unexpected error uploading %s of %s", job.path, job.asset.asset_id)
+                await self._finisher.fail_asset(
+                    job.asset, UploadFailedError(f"internal error on {job.path}")
+                )
+            finally:
+                self.active -= 1
+                self._queue.task_done()
+
+    async def _run(self, job: Job) -> None:
+        up = job.asset
+        c = up.components[job.path]
+        if (
+            up.state != AssetState.UPLOADING
+            or c.state in SETTLED_COMPONENT_STATES
+            or (job.part is not None and job.part in c.parts_done)
+        ):
+            up.queued.discard(job.key)
+            return
+        job.attempt += 1
+        c.attempts += 1
+        if c.state != ComponentState.UPLOADING:
+            c.state = ComponentState.UPLOADING
+            self._events.emit(ComponentStateChanged(up.asset_id, c.path, ComponentState.UPLOADING))
+        self._progress.changed(up, c)  # state and attempts reach the tracker with the next flush
+        try:
+            target = await self._target(up, job)
+            if up.state != AssetState.UPLOADING:  # paused (or stopped) while it was presigned
+                self._stopped(job, c)
+                return
+            task = asyncio.ensure_future(
+                send_range(
+                    self._http,
+                    target,
+                    c.identity,
+                    self._bucket,
+                    lambda n: self._progress.sent(up, c, n),
+                    self._connections,
+                )
+            )
+            up.inflight.add(task)
+            try:
+                etag, digest = await task
+            except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if not task.cancelled() or (me is not None and me.cancelling()):
+                    raise
+                self._stopped(job, c)  # by pause, discard, force-finalize or a sibling's failure
+                return
+            finally:
+                up.inflight.discard(task)
+        except TransferError as exc:
+            await self._transfer_failed(job, c, exc)
+            return
+        except (FileChangedError, ChronicleError) as exc:
+            up.queued.discard(job.key)
+            await self._finisher.component_failed(up, c, str(exc), exc)
+            return
+        up.queued.discard(job.key)
+        await self._piece_done(up, c, job.part, etag, digest)
+
+    def _stopped(self, job: Job, c: ComponentUpload) -> None:
+        """A transfer a control stopped: not a failed attempt. Resumed already: queue it again."""
+        up = job.asset
+        job.attempt -= 1
+        c.attempts -= 1
+        if c.state == ComponentState.UPLOADING:
+            c.state = ComponentState.QUEUED
+            self._progress.changed(up, c)
+        # Resumed before the stop landed: enqueue() skipped this key, so queue it here.
+        if up.state == AssetState.UPLOADING:
+            self._queue.put_nowait(job)
+        else:
+            up.queued.discard(job.key)
+
+    async def _transfer_failed(self, job: Job, c: ComponentUpload, exc: TransferError) -> None:
+        up = job.asset
+        c.last_error = str(exc)
+        if exc.expired and not job.refreshed:
+            job.refreshed = True
+            up.targets.pop(job.key, None)
+            self._queue.put_nowait(job)
+            return
+        elapsed = time.monotonic() - job.started
+        if (
+            not exc.transient
+            or job.attempt >= self._retry.max_attempts
+            or elapsed > self._retry.max_elapsed
+        ):
+            up.queued.discard(job.key)
+            await self._finisher.component_failed(
+                up, c, f"{c.path}: {exc} (after {job.attempt} attempts)", exc
+            )
+            return
+        delay = self._retry.delay(job.attempt, exc.retry_after)
+        log.info("retrying %s of %s in %.2fs after %s", c.path, up.asset_id, delay, exc)
+        self._events.emit(RetryScheduled(up.asset_id, c.path, job.attempt, delay, str(exc)))
+        # Queued while it waits for the retry; _run sets it uploading again.
+        if c.state == ComponentState.UPLOADING:
+            c.state = ComponentState.QUEUED
+            self._progress.changed(up, c)
+            self._events.emit(
+                ComponentStateChanged(up.asset_id, c.path, ComponentState.QUEUED, c.last_error)
+            )
+        asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, job)
+
+    async def _piece_done(
+        self, up: AssetUpload, c: ComponentUpload, part: int | None, etag: str | None, digest: str
+    ) -> None:
+        if part is not None:
+            c.parts_done.add(part)
+            await up.track(ops.record_part(up.asset_id, c.path, part, etag=etag))
+            # Two last parts may finish together: only the first to get here completes the file.
+            if len(c.parts_done) < c.part_count or c.state == ComponentState.COMPLETED:
+                return
+        elif c.sha256 and digest != c.sha256:
+            await self._finisher.component_failed(
+                up,
+                c,
+                f"{c.path}: its sha256 is {digest}, not the {c.sha256} it was registered with",
+                None,
+            )
+            return
+        else:
+            c.checksum = digest
+        c.state, c.bytes_done, c.last_error = ComponentState.COMPLETED, c.size, None
+        up.completed += 1
+        # Written behind, with the next flush: after a crash the server says what it stores.
+        self._progress.changed(up, c)
+        self._events.emit(ComponentStateChanged(up.asset_id, c.path, ComponentState.COMPLETED))
+        self._finisher.maybe_finalize(up)
+
+    async def _target(self, up: AssetUpload, job: Job) -> UploadTarget:
+        """A fresh target for the job, presigned lazily in batches of the next queued keys."""
+        key = job.key
+        if (target := self._fresh(up, key)) is not None:
+            return target
+        async with up.presign_lock:
+            if (target := self._fresh(up, key)) is not None:
+                return target
+            batch = [key]
+            while up.presign_order and len(batch) < PRESIGN_BATCH:
+                nxt = up.presign_order.popleft()
+                if nxt != key and nxt in up.queued and nxt not in up.targets:
+                    batch.append(nxt)
+            targets = await self._api.presign(up.asset_id, batch)
+            now = time.time()
+            for target in targets:
+                margin = min(self.presign_margin, (target.expires_at - now) / 4)
+                up.targets[(target.path, target.part)] = target
+                up.use_until[(target.path, target.part)] = target.expires_at - margin
+            return up.targets[key]
+
+    @staticmethod
+    def _fresh(up: AssetUpload, key: Key) -> UploadTarget | None:
+        target = up.targets.get(key)
+        if target is not None and time.time() < up.use_until.get(key, 0):
+            return target
+        return None

@@ -1,0 +1,250 @@
+"""What the pool knows of an upload, in memory: the asset, its components, their parts.
+
+Built from a registration (``plan_components``) or from a tracker an earlier process left
+(``adopted_upload``). Nothing here does I/O except ``AssetUpload.track``, which writes
+through the asset's tracker when it has one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from methodic import _tracker_ops as ops
+from methodic._events import AssetSnapshot, ComponentSnapshot, RateMeter
+from methodic._states import AssetState, ComponentState
+from methodic._tracker import AsyncTracker
+from methodic._transfer import FileIdentity
+from methodic._types import Asset, ComponentSpec, RunBinding, TrackedAsset, UploadTarget
+
+MiB = 1 << 20
+MAX_PARTS = 10_000
+
+Key = tuple[str, int | None]
+"""One unit of transfer: (component path, part number, or None for a whole file)."""
+
+
+@dataclass(eq=False)
+class ComponentUpload:
+    path: str
+    identity: FileIdentity
+    sha256: str | None
+    part_size: int | None
+    state: ComponentState = ComponentState.QUEUED
+    bytes_done: int = 0
+    attempts: int = 0
+    last_error: str | None = None
+    checksum: str | None = None
+    parts_done: set[int] = field(default_factory=set)
+    last_event: float = 0.0
+
+    @property
+    def size(self) -> int:
+        return self.identity.size
+
+    @property
+    def part_count(self) -> int:
+        return max(1, math.ceil(self.size / self.part_size)) if self.part_size else 1
+
+    def part_numbers(self) -> list[int | None]:
+        if not self.part_size:
+            return [None]
+        return [n for n in range(1, self.part_count + 1) if n not in self.parts_done]
+
+    def part_length(self, n: int) -> int:
+        assert self.part_size
+        return min(self.part_size, self.size - (n - 1) * self.part_size)
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "size": self.size,
+            "sha256": self.sha256,
+            "part_size": self.part_size,
+        }
+
+    def snapshot(self) -> ComponentSnapshot:
+        return ComponentSnapshot(
+            self.path,
+            self.state,
+            self.bytes_done,
+            self.size,
+            len(self.parts_done),
+            self.part_count if self.part_size else 0,
+            self.attempts,
+            self.last_error,
+        )
+
+
+def new_future() -> asyncio.Future[Asset]:
+    future: asyncio.Future[Asset] = asyncio.get_running_loop().create_future()
+    # A failure nobody waits for must not be logged as "never retrieved".
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return future
+
+
+@dataclass(eq=False)
+class AssetUpload:
+    """One asset in flight: what the pool knows of it, in memory."""
+
+    asset_id: str
+    asset_type: str
+    binding: RunBinding
+    metadata: dict[str, Any]
+    components: dict[str, ComponentUpload]
+    tracker: AsyncTracker | None
+    local_dir: str | None = None
+    sealed: bool = True
+    resumed: bool = False
+    state: AssetState = AssetState.REGISTERED
+    last_error: str | None = None
+    future: asyncio.Future[Asset] = field(default_factory=new_future)
+    targets: dict[Key, UploadTarget] = field(default_factory=dict)
+    use_until: dict[Key, float] = field(default_factory=dict)
+    presign_order: deque[Key] = field(default_factory=deque)
+    presign_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    queued: set[Key] = field(default_factory=set)  # jobs in the queue or in flight
+    inflight: set[asyncio.Task[Any]] = field(default_factory=set)
+    meter: RateMeter = field(default_factory=RateMeter)
+    bytes_sent: int = 0  # net bytes this process sent (failed attempts are subtracted)
+    bytes_skipped: int = 0  # bytes the server already held when a resumed upload began
+    was_finalized: bool = False  # the server had finalized it before this process began
+    remote_ready: bool = False
+    completed: int = 0  # components completed; kept as a count so each completion is O(1)
+
+    def __post_init__(self) -> None:
+        self.recount()
+
+    def recount(self) -> None:
+        self.completed = sum(
+            1 for c in self.components.values() if c.state == ComponentState.COMPLETED
+        )
+
+    @property
+    def remaining(self) -> int:
+        return len(self.components) - self.completed
+
+    async def track(self, op: ops.Op[Any]) -> Any:
+        return await self.tracker.run(op) if self.tracker is not None else None
+
+    def cancel_transfers(self) -> None:
+        for task in list(self.inflight):
+            task.cancel()
+
+    def snapshot(self, with_components: bool) -> AssetSnapshot:
+        comps = self.components.values()
+        done = sum(c.bytes_done for c in comps)
+        total = sum(c.size for c in comps)
+        # No rate (nor ETA) until the meter has a few seconds of transfer: a first sample
+        # would show a tiny rate and an ETA of days.
+        settled = self.state == AssetState.UPLOADING and self.meter.settled
+        rate = self.meter.rate if settled else None
+        return AssetSnapshot(
+            asset_id=self.asset_id,
+            asset_type=self.asset_type,
+            local_dir=self.local_dir,
+            state=self.state,
+            components_done=self.completed,
+            component_count=len(self.components),
+            bytes_done=done,
+            bytes_total=total,
+            rate=rate,
+            eta=(total - done) / rate if rate else None,
+            last_error=self.last_error,
+            components=tuple(c.snapshot() for c in comps) if with_components else (),
+        )
+
+
+class AsyncUploadHandle:
+    """What ``register_and_upload_async`` returns: the asset id and the eventual finalized asset."""
+
+    def __init__(self, upload: AssetUpload) -> None:
+        self._upload = upload
+
+    @property
+    def asset_id(self) -> str:
+        return self._upload.asset_id
+
+    def done(self) -> bool:
+        return self._upload.future.done()
+
+    async def result(self, timeout: float | None = None) -> Asset:
+        """The finalized asset; raises ``UploadFailedError`` if the upload gave up."""
+        return await asyncio.wait_for(asyncio.shield(self._upload.future), timeout)
+
+    def __repr__(self) -> str:
+        return f"<UploadHandle asset_id={self.asset_id} state={self._upload.state}>"
+
+
+def part_size_for(size: int, threshold: int, part_size: int) -> int | None:
+    """None for a file sent in one PUT; otherwise a part size that keeps it under 10,000 parts."""
+    if size < threshold:
+        return None
+    return max(part_size, math.ceil(size / MAX_PARTS / MiB) * MiB)
+
+
+def plan_components(
+    specs: Sequence[ComponentSpec], *, part_threshold: int, part_size: int
+) -> dict[str, ComponentUpload]:
+    """The components of a new registration, each sent whole or in parts."""
+    return {
+        s.path: ComponentUpload(
+            path=s.path,
+            identity=FileIdentity(os.fspath(s.local_path), s.size, s.mtime_ns, s.inode),
+            sha256=s.sha256,
+            part_size=part_size_for(s.size, part_threshold, part_size),
+        )
+        for s in specs
+    }
+
+
+def adopted_upload(
+    tracked: TrackedAsset, tracker: AsyncTracker, server_url: str
+) -> AssetUpload | None:
+    """The upload (not started) of an asset an earlier process left unfinished.
+
+    None when the tracker does not record which run the asset belongs to.
+    """
+    if tracked.binding is None:
+        return None
+    b = tracked.binding
+    return AssetUpload(
+        asset_id=tracked.asset_id,
+        asset_type=tracked.asset_type,
+        binding=RunBinding(server_url, b.run_id, b.experiment_id, b.variation, b.run),
+        metadata=tracked.metadata,
+        components=_tracked_components(tracked),
+        tracker=tracker,
+        local_dir=tracked.local_dir,
+        sealed=tracked.sealed,
+        resumed=True,
+        state=AssetState.PAUSED if tracked.state == AssetState.PAUSED else AssetState.REGISTERED,
+    )
+
+
+def _tracked_components(tracked: TrackedAsset) -> dict[str, ComponentUpload]:
+    """Rebuild the in-memory view of a tracked asset's components."""
+    return {
+        tc.path: ComponentUpload(
+            path=tc.path,
+            identity=FileIdentity(tc.local_path, tc.size, tc.mtime_ns, tc.inode),
+            sha256=tc.sha256,
+            part_size=tc.part_size,
+            state=(
+                ComponentState.COMPLETED
+                if tc.state == ComponentState.COMPLETED
+                else ComponentState.QUEUED
+            ),
+            bytes_done=tc.bytes_sent,
+            attempts=tc.attempts,
+            last_error=tc.last_error,
+            checksum=tc.checksum,
+            parts_done=set(tc.parts_done),
+        )
+        for tc in tracked.components
+    }
