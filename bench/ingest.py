@@ -29,16 +29,15 @@ import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+from harness import children_of, free_port, proc_cpu, serve_argv
 
 MiB = 1024 * 1024
-TICK = os.sysconf("SC_CLK_TCK")
 RESULTS = Path(__file__).parent / "results" / "ingest.json"
 
 NGINX_CONF = """\
@@ -66,12 +65,6 @@ http {{
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -83,28 +76,6 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on {port}")
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / TICK
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry.name))
-            except OSError:
-                pass
-    return out
 
 
 @dataclass
@@ -179,7 +150,7 @@ class Nginx:
         wait_port(self.port, self.proc)
 
     def pids(self) -> list[int]:
-        return [self.proc.pid, *children(self.proc.pid)]
+        return [self.proc.pid, *children_of(self.proc.pid)]
 
     def targets(self, label: str, sources: list[Source]) -> list[tuple[Path, str]]:
         return [(s.path, f"http://127.0.0.1:{self.port}/{label}/{s.path.name}") for s in sources]
@@ -206,16 +177,7 @@ class Methodic:
         if src:
             env["PYTHONPATH"] = src
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "methodic",
-                "serve",
-                "--data-dir",
-                str(data_dir),
-                "--port",
-                str(self.port),
-            ],
+            serve_argv(data_dir, self.port),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=env,
@@ -277,9 +239,9 @@ class Samples:
 def measure(server: Nginx | Methodic, label: str, sources: list[Source]) -> tuple[float, float]:
     pairs = server.targets(label, sources)
     pids = server.pids()
-    cpu_before = cpu_seconds(pids)
+    cpu_before = proc_cpu(pids)
     elapsed = curl(pairs)
-    cpu = cpu_seconds(pids) - cpu_before
+    cpu = proc_cpu(pids) - cpu_before
     server.verify_and_clean(label, sources)
     total = sum(s.size for s in sources)
     return total / elapsed / 1e6, cpu / (total / 1e9)

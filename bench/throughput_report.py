@@ -1,0 +1,191 @@
+"""bench/throughput.py's results: medians per variant, the ratios against curl, the goals, the table."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+GOAL_THROUGHPUT = 0.9  # engine / curl
+
+
+GOAL_CPU = 2.5  # engine CPU/GB / curl CPU/GB, sha256 included
+
+
+GOAL_RSS_MB = 150.0
+
+
+RSS_FLAT_MB = 10.0  # "the same" peak RSS for 1 GiB and 8 GiB: within this many MB
+
+
+def median_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["section"], r["workload"], r["variant"]), []).append(r)
+    out = []
+    for (section, workload, variant), rs in groups.items():
+        out.append(
+            {
+                "section": section,
+                "workload": workload,
+                "variant": variant,
+                "runs": len(rs),
+                "bytes": rs[0]["bytes"],
+                **{
+                    k: statistics.median(r[k] for r in rs)
+                    for k in ("mb_s", "cpu_s_per_gb", "peak_rss_mb", "receiver_cpu_s_per_gb")
+                },
+                "mb_s_min": min(r["mb_s"] for r in rs),
+                "mb_s_max": max(r["mb_s"] for r in rs),
+                "finalize_s": (
+                    statistics.median(r["finalize_s"] for r in rs)
+                    if all(r.get("finalize_s") for r in rs)
+                    else None
+                ),
+                "retries": sum(r.get("retries", 0) for r in rs),
+            }
+        )
+    return out
+
+
+def find(
+    rows: list[dict[str, Any]], section: str, workload: str, prefix: str, tree: str | None = None
+) -> dict[str, Any] | None:
+    suffix = f" [{tree}]" if tree else ""
+    return next(
+        (
+            r
+            for r in rows
+            if r["section"] == section
+            and r["workload"] == workload
+            and r["variant"].startswith(prefix)
+            and r["variant"].endswith(suffix)
+            and (tree or not r["variant"].endswith("]"))
+        ),
+        None,
+    )
+
+
+PAIRS = [  # (section, workload, engine variant prefix, curl variant prefix, checks CPU)
+    ("nginx", "many", "engine send_range x", "curl --parallel", True),
+    ("nginx", "single", "engine send_range, 1 stream", "curl, 1 stream", True),
+    ("nginx", "single", "engine send_range x", "curl --parallel", True),
+    # Against the cheapest client that hashes what it sends (informational: the ceiling here).
+    ("nginx", "many", "engine send_range x", "sha256 + curl --parallel", False),
+    ("nginx", "single", "engine send_range, 1 stream", "sha256 + curl, 1 stream", False),
+    ("server", "many", "engine whole files x", "curl --parallel", False),
+    ("server", "single", "engine, 1 stream", "curl, 1 stream", False),
+    ("server", "single", "engine x", "curl --parallel", False),
+]
+
+
+def evaluate(
+    rows: list[dict[str, Any]], rss: list[dict[str, Any]], trees: list[str]
+) -> list[dict[str, Any]]:
+    goals = []
+    for (section, workload, eng, ref, cpu), tree in (
+        (pair, tree) for tree in [None, *trees] for pair in PAIRS
+    ):
+        e, c = find(rows, section, workload, eng, tree), find(rows, section, workload, ref)
+        if e is None or c is None:
+            continue
+        ratio = e["mb_s"] / c["mb_s"]
+        goal = {
+            "section": section,
+            "workload": workload,
+            "tree": tree,
+            "engine": e["variant"],
+            "curl": c["variant"],
+            "throughput_ratio": ratio,
+            "throughput_pass": ratio >= GOAL_THROUGHPUT,
+        }
+        if cpu:
+            cr = e["cpu_s_per_gb"] / c["cpu_s_per_gb"]
+            goal.update(cpu_ratio=cr, cpu_pass=cr <= GOAL_CPU)
+        goals.append(goal)
+    engine_rss = [
+        r["peak_rss_mb"]
+        for r in rows
+        if r["variant"].startswith("engine") and not r["variant"].endswith("]")
+    ]
+    engine_rss += [r["peak_rss_mb"] for r in rss]
+    if engine_rss:
+        goals.append(
+            {
+                "section": "rss",
+                "max_engine_peak_rss_mb": max(engine_rss),
+                "rss_pass": max(engine_rss) < GOAL_RSS_MB,
+            }
+        )
+    if len(rss) >= 2:
+        spread = max(r["peak_rss_mb"] for r in rss) - min(r["peak_rss_mb"] for r in rss)
+        goals.append(
+            {
+                "section": "rss-flat",
+                "spread_mb": spread,
+                "flat_pass": spread <= RSS_FLAT_MB,
+                "sizes": [r["size_gib"] for r in rss],
+            }
+        )
+    return goals
+
+
+def print_report(
+    rows: list[dict[str, Any]],
+    rss: list[dict[str, Any]],
+    goals: list[dict[str, Any]],
+    labels: dict[str, str],
+    trees: list[str],
+) -> None:
+    refs = {}
+    for section, workload, eng, ref, _ in PAIRS:
+        for tree in [None, *trees]:
+            c, e = find(rows, section, workload, ref), find(rows, section, workload, eng, tree)
+            if c and e:  # the table compares with plain curl (the first pair)
+                refs.setdefault((section, workload, e["variant"]), c)
+    print()
+    print(
+        "| receiver | files | client | MB/s | vs curl | CPU s/GB | vs curl | peak RSS MB "
+        "| receiver CPU s/GB | of which finalize, s |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        c = refs.get((r["section"], r["workload"], r["variant"]))
+        vs = f"{r['mb_s'] / c['mb_s']:.2f}x" if c else ""
+        vs_cpu = f"{r['cpu_s_per_gb'] / c['cpu_s_per_gb']:.2f}x" if c else ""
+        receiver = "nginx WebDAV" if r["section"] == "nginx" else "methodic serve"
+        print(
+            f"| {receiver} | {labels[r['workload']]} | {r['variant']} | {r['mb_s']:.0f} | {vs} "
+            f"| {r['cpu_s_per_gb']:.2f} | {vs_cpu} | {r['peak_rss_mb']:.0f} "
+            f"| {r['receiver_cpu_s_per_gb']:.2f} "
+            f"| {'' if r['finalize_s'] is None else format(r['finalize_s'], '.1f')} |"
+        )
+    for r in rss:
+        print(
+            f"| methodic serve | 1 x {r['size_gib']:g} GiB (sparse) | engine x{r['workers']} (defaults) "
+            f"| {r['mb_s']:.0f} | | {r['cpu_s_per_gb']:.2f} | | {r['peak_rss_mb']:.0f} | | |"
+        )
+    print()
+    for g in goals:
+        if g["section"] in ("nginx", "server"):
+            line = (
+                f"- {g['section']}, {labels[g['workload']]}: {g['engine']} at "
+                f"{g['throughput_ratio']:.2f}x {g['curl']}'s throughput "
+                f"(goal >= {GOAL_THROUGHPUT}x): {'PASS' if g['throughput_pass'] else 'FAIL'}"
+            )
+            if "cpu_ratio" in g:
+                line += (
+                    f"; {g['cpu_ratio']:.2f}x its CPU/GB (goal <= {GOAL_CPU}x): "
+                    f"{'PASS' if g['cpu_pass'] else 'FAIL'}"
+                )
+            print(line)
+        elif g["section"] == "rss":
+            print(
+                f"- engine peak RSS, every run: max {g['max_engine_peak_rss_mb']:.0f} MB "
+                f"(goal < {GOAL_RSS_MB:.0f} MB): {'PASS' if g['rss_pass'] else 'FAIL'}"
+            )
+        else:
+            print(
+                f"- engine peak RSS for {' and '.join(f'{s:g} GiB' for s in g['sizes'])}: "
+                f"spread {g['spread_mb']:.1f} MB (goal: the same, within {RSS_FLAT_MB:.0f} MB): "
+                f"{'PASS' if g['flat_pass'] else 'FAIL'}"
+            )
