@@ -218,7 +218,10 @@ class Scheduler:
     ) -> None:
         if part is not None:
             c.parts_done.add(part)
-            await up.track(ops.record_part(up.asset_id, c.path, part, etag=etag))
+            try:
+                await up.track(ops.record_part(up.asset_id, c.path, part, etag=etag))
+            except ChronicleError as exc:  # the server stores the part: a resume learns it there
+                log.warning("part %d of %s not recorded in the tracker: %s", part, c.path, exc)
             # Two last parts may finish together: only the first to get here completes the file.
             if len(c.parts_done) < c.part_count or c.state == ComponentState.COMPLETED:
                 return
