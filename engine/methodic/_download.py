@@ -1,10 +1,21 @@
-"""Downloading a finalized asset: every component to a temporary file, checked, then renamed."""
+"""Downloading a finalized asset: every component to a temporary file, checked, then renamed.
+
+Nothing is written outside the destination: the manifest's paths are checked before any byte
+is written (relative, no ``..``, no duplicates, no path that is both a file and a directory),
+and every directory below the destination is walked by file descriptor without following a
+symlink, so a link already inside the destination cannot lead out of it. Temporary names are
+short (``.methodic-<8 hex>.part``), so a 255-byte file name can still be restored.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import hashlib
 import os
+import secrets
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -14,13 +25,22 @@ from methodic._errors import ChronicleError
 from methodic._paths import component_path_problem
 from methodic._transfer import CHUNK_SIZE
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
 
 async def download_asset(
     api: ApiClient, http: httpx.AsyncClient, asset_id: str, dest: Path, *, concurrency: int
 ) -> Path:
     """Write a byte-identical copy of a finalized asset under ``dest``; returns it."""
     targets = await api.download_targets(asset_id)
-    await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
+    check_manifest(asset_id, [t.path for t in targets])
+    try:
+        await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ChronicleError(
+            f"cannot create the download destination {dest}: {exc.strerror}"
+        ) from None
     limit = asyncio.Semaphore(concurrency)
 
     async def one(target: DownloadTarget) -> None:
@@ -31,33 +51,120 @@ async def download_asset(
     return dest
 
 
+def check_manifest(asset_id: str, paths: Sequence[str]) -> None:
+    """Refuse a manifest that would write outside the destination or clash with itself."""
+    files: set[str] = set()
+    dirs: set[str] = set()
+    for path in paths:
+        problem = component_path_problem(path)
+        if problem:
+            raise ChronicleError(
+                f"asset {asset_id}: the server sent a component path {path!r} that {problem}; "
+                "refusing to download it (nothing was written)"
+            )
+        if path in files:
+            raise ChronicleError(
+                f"asset {asset_id}: the server listed {path!r} twice; "
+                "refusing to download it (nothing was written)"
+            )
+        files.add(path)
+        parts = path.split("/")
+        dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    clash = sorted(files & dirs)
+    if clash:
+        raise ChronicleError(
+            f"asset {asset_id}: the server listed {clash[0]!r} both as a file and as a directory; "
+            "refusing to download it (nothing was written)"
+        )
+
+
+def _open_parent(dest: Path, path: str) -> int:
+    """A descriptor of the directory that will hold ``path``, created below ``dest`` as needed.
+
+    Each level is opened with O_NOFOLLOW: a symlink (or a file) where a directory should be is
+    refused, never followed out of the destination.
+    """
+    fd = os.open(dest, _DIR_FLAGS & ~os.O_NOFOLLOW)
+    try:
+        for segment in path.split("/")[:-1]:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(segment, 0o777, dir_fd=fd)
+            try:
+                child = os.open(segment, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise ChronicleError(
+                        f"cannot download {path}: {segment!r} in {dest} is a symlink or a file, "
+                        "not a directory; methodic never writes through a link. Move it aside "
+                        "or download into an empty directory"
+                    ) from None
+                raise
+            os.close(fd)
+            fd = child
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 async def _download_component(
     http: httpx.AsyncClient, target: DownloadTarget, dest: Path, server_url: str
 ) -> None:
     path = target.path
-    problem = component_path_problem(path)
-    if problem:
-        raise ChronicleError(
-            f"the server sent a component path {path!r} that {problem}; refusing to write it"
-        )
-    final = dest / path
-    tmp = final.with_name(f".{final.name}.methodic-partial")
-    await asyncio.to_thread(final.parent.mkdir, parents=True, exist_ok=True)
-    hasher = hashlib.sha256()
-    size = 0
-    async with http.stream("GET", target.url) as response:
-        if response.status_code >= 300:
-            await response.aread()
-            raise_for_response(response, server_url)
-        f = await asyncio.to_thread(open, tmp, "wb")
+    name = path.rsplit("/", 1)[-1]
+    tmp = f".methodic-{secrets.token_hex(4)}.part"
+    try:
+        parent = await asyncio.to_thread(_open_parent, dest, path)
+    except OSError as exc:
+        raise ChronicleError(f"cannot download {path} into {dest}: {exc.strerror}") from None
+    try:
+        hasher = hashlib.sha256()
+        size = 0
+        async with http.stream("GET", target.url) as response:
+            if response.status_code >= 300:
+                await response.aread()
+                raise_for_response(response, server_url)
+            fd = await asyncio.to_thread(os.open, tmp, _TMP_FLAGS, 0o666, dir_fd=parent)
+            try:
+                async for chunk in response.aiter_bytes(CHUNK_SIZE):
+                    hasher.update(chunk)
+                    size += len(chunk)
+                    await asyncio.to_thread(_write_all, fd, chunk)
+            except BaseException:
+                await asyncio.to_thread(_discard, fd, tmp, parent)
+                raise
+            await asyncio.to_thread(os.close, fd)
+        if size != target.size or (target.sha256 and hasher.hexdigest() != target.sha256):
+            await asyncio.to_thread(_unlink, tmp, parent)
+            raise ChronicleError(
+                f"download of {path} was corrupt (size or sha256 differs); try again"
+            )
         try:
-            async for chunk in response.aiter_bytes(CHUNK_SIZE):
-                hasher.update(chunk)
-                size += len(chunk)
-                await asyncio.to_thread(f.write, chunk)
-        finally:
-            await asyncio.to_thread(f.close)
-    if size != target.size or (target.sha256 and hasher.hexdigest() != target.sha256):
-        tmp.unlink(missing_ok=True)
-        raise ChronicleError(f"download of {path} was corrupt (size or sha256 differs); try again")
-    await asyncio.to_thread(os.replace, tmp, final)
+            # rename() replaces a symlink at the final name itself, never what it points to.
+            await asyncio.to_thread(os.replace, tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+        except OSError as exc:
+            await asyncio.to_thread(_unlink, tmp, parent)
+            raise ChronicleError(
+                f"cannot download {path} into {dest}: {exc.strerror} "
+                "(is a directory in the way? download into an empty directory)"
+            ) from None
+    except OSError as exc:
+        raise ChronicleError(f"cannot download {path} into {dest}: {exc.strerror}") from None
+    finally:
+        os.close(parent)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _unlink(name: str, dir_fd: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def _discard(fd: int, name: str, dir_fd: int) -> None:
+    os.close(fd)
+    _unlink(name, dir_fd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -14,6 +15,8 @@ from methodic._progress import Progress
 from methodic._states import AssetState, ComponentState
 from methodic._types import Asset
 from methodic._uploads import AssetUpload, ComponentUpload
+
+log = logging.getLogger("methodic")
 
 Spawn = Callable[[Coroutine[Any, Any, Any], str], None]
 
@@ -29,15 +32,39 @@ class Finisher:
 
     async def set_state(self, up: AssetUpload, state: AssetState, error: str | None = None) -> None:
         up.state, up.last_error = state, error
-        with contextlib.suppress(ChronicleError):
-            await up.track(ops.set_asset_state(up.asset_id, state, error=error))
+        await self._track(up, ops.set_asset_state(up.asset_id, state, error=error), state)
         self._events.emit(AssetStateChanged(up.asset_id, state, error))
+
+    @staticmethod
+    async def _track(up: AssetUpload, op: ops.Op[Any], what: str) -> None:
+        """Write ``op`` through the asset's tracker; a failure is a warning, not the asset's end.
+
+        The server is the truth of what is stored and finalized: a process that resumes the
+        asset later asks it, and fixes the tracker row from the answer.
+        """
+        try:
+            await up.track(op)
+        except ChronicleError as exc:
+            if up.tracker is not None and up.tracker.lost is not None:
+                return  # said once, loudly, when the loss was found
+            log.warning(
+                "asset %s is %s, but the tracker could not record it: %s; "
+                "the next `methodic-tui resume` (or drain) brings the tracker up to date",
+                up.asset_id,
+                what,
+                exc,
+            )
 
     def maybe_finalize(self, up: AssetUpload) -> None:
         """Finalize in the background once the asset is sealed and every component stored."""
         if up.sealed and up.state == AssetState.UPLOADING and up.remaining == 0:
             up.state = AssetState.FINALIZING
-            self._spawn(self.finalize(up), f"methodic-finalize-{up.asset_id}")
+            self._spawn(self._finalize_in_background(up), f"methodic-finalize-{up.asset_id}")
+
+    async def _finalize_in_background(self, up: AssetUpload) -> None:
+        # The outcome reaches the waiters through up.future; nobody awaits this task.
+        with contextlib.suppress(ChronicleError):
+            await self.finalize(up)
 
     async def finalize(self, up: AssetUpload, *, force: bool = False) -> Asset:
         """Ask the server to finalize; ``force`` sends no checksums (the server still verifies)."""
@@ -65,10 +92,12 @@ class Finisher:
         for c in up.components.values():
             c.state, c.bytes_done = ComponentState.COMPLETED, c.size
         up.completed = len(up.components)
-        await up.track(
+        await self._track(
+            up,
             ops.mark_components(
                 up.asset_id, list(up.components), ComponentState.COMPLETED, sizes_done=True
-            )
+            ),
+            "finalized on the server",
         )
         await self.set_state(up, AssetState.FINALIZED)
         self._events.emit(
@@ -82,8 +111,10 @@ class Finisher:
     ) -> None:
         """One file cannot be sent: it fails, and with it the asset."""
         c.state, c.last_error = ComponentState.FAILED, message
-        await up.track(
-            ops.set_component_state(up.asset_id, c.path, ComponentState.FAILED, error=message)
+        await self._track(
+            up,
+            ops.set_component_state(up.asset_id, c.path, ComponentState.FAILED, error=message),
+            f"failing ({c.path})",
         )
         self._events.emit(
             ComponentStateChanged(up.asset_id, c.path, ComponentState.FAILED, message)

@@ -2,7 +2,9 @@
 
 A job is one component, or one part of a large component. Targets are presigned lazily, in
 batches of the next queued keys, and used while they keep enough validity. A transfer that
-fails transiently is retried with backoff; an expired target is presigned again once.
+fails transiently is retried with backoff; an expired target is presigned again once, and after a
+connection failure or a 421 Misdirected Request the asset's targets on that origin are dropped, so
+the retry presigns again (the server may have moved to another blob port).
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ log = logging.getLogger("methodic")
 PRESIGN_BATCH = 200
 # Seconds of validity a target must keep to be used (at most a quarter of its TTL).
 PRESIGN_MARGIN = 30.0
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    u = httpx.URL(url)
+    return (u.scheme, u.host, u.port)
 
 
 @dataclass
@@ -181,6 +188,8 @@ class Scheduler:
             up.targets.pop(job.key, None)
             self._queue.put_nowait(job)
             return
+        if exc.stale:
+            self._forget_origin(up, job.key)
         elapsed = time.monotonic() - job.started
         if (
             not exc.transient
@@ -209,7 +218,10 @@ class Scheduler:
     ) -> None:
         if part is not None:
             c.parts_done.add(part)
-            await up.track(ops.record_part(up.asset_id, c.path, part, etag=etag))
+            try:
+                await up.track(ops.record_part(up.asset_id, c.path, part, etag=etag))
+            except ChronicleError as exc:  # the server stores the part: a resume learns it there
+                log.warning("part %d of %s not recorded in the tracker: %s", part, c.path, exc)
             # Two last parts may finish together: only the first to get here completes the file.
             if len(c.parts_done) < c.part_count or c.state == ComponentState.COMPLETED:
                 return
@@ -250,6 +262,23 @@ class Scheduler:
                 up.targets[(target.path, target.part)] = target
                 up.use_until[(target.path, target.part)] = target.expires_at - margin
             return up.targets[key]
+
+    @staticmethod
+    def _forget_origin(up: AssetUpload, key: Key) -> None:
+        """Drop the job's target and every cached target of the asset on the same origin.
+
+        A connection failure or a 421 says the listener behind that origin may not be the server
+        that signed the URLs (it restarted elsewhere, or something else took its port): no job
+        of the asset sends there again before the server is asked for targets afresh.
+        """
+        failed = up.targets.pop(key, None)
+        up.use_until.pop(key, None)
+        if failed is None:
+            return
+        origin = _origin(failed.url)
+        for k in [k for k, t in up.targets.items() if _origin(t.url) == origin]:
+            del up.targets[k]
+            up.use_until.pop(k, None)
 
     @staticmethod
     def _fresh(up: AssetUpload, key: Key) -> UploadTarget | None:

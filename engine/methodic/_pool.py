@@ -13,6 +13,7 @@ The pool builds its collaborators and owns their lifetime; each lives in a room 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from methodic._api import ApiClient
 from methodic._background import Background
 from methodic._bandwidth import TokenBucket
 from methodic._controls import Controls
-from methodic._errors import UploadFailedError
+from methodic._errors import TrackerError, UploadFailedError
 from methodic._events import EventBus, PoolSnapshot
 from methodic._finish import Finisher
 from methodic._intake import Intake
@@ -33,6 +34,10 @@ from methodic._retry import RetryPolicy
 from methodic._sendfile import Connections
 from methodic._tracker import AsyncTracker
 from methodic._uploads import AssetUpload
+
+log = logging.getLogger("methodic")
+
+TRACKER_CHECK_INTERVAL = 2.0  # seconds between checks that each tracker file is still there
 
 
 class UploadPool:
@@ -57,7 +62,9 @@ class UploadPool:
 
         self._progress = Progress(self.events, self.assets, bucket)
         self.meter = self._progress.meter
-        finisher = Finisher(api, self.events, self._progress, self._background.spawn)
+        finisher = self._finisher = Finisher(
+            api, self.events, self._progress, self._background.spawn
+        )
         self.scheduler = Scheduler(
             api,
             http,
@@ -92,6 +99,25 @@ class UploadPool:
         ]
         self._tasks.append(asyncio.create_task(self._progress.flusher(), name="methodic-flusher"))
         self._tasks.append(asyncio.create_task(self._progress.sampler(), name="methodic-sampler"))
+        self._tasks.append(asyncio.create_task(self._watch_trackers(), name="methodic-trackers"))
+
+    async def _watch_trackers(self) -> None:
+        while True:
+            await asyncio.sleep(TRACKER_CHECK_INTERVAL)
+            await self.check_trackers()
+
+    async def check_trackers(self) -> None:
+        """Fail, loudly, every unfinished asset whose tracker file was deleted or replaced."""
+        for tracker in list(self._trackers.values()):
+            if tracker.lost is not None:
+                continue
+            reason = await tracker.check_file()
+            if reason is None:
+                continue
+            log.warning("%s", reason)
+            for up in list(self.assets.values()):
+                if up.tracker is tracker and not up.future.done():
+                    await self._finisher.fail_asset(up, TrackerError(reason))
 
     async def close(self) -> None:
         await self._background.cancel_all(*self._tasks)

@@ -237,12 +237,20 @@ def _set_wal(conn: sqlite3.Connection) -> None:
 
 
 class AsyncTracker:
-    """The engine's connection to a tracker file, on its event loop (aiosqlite)."""
+    """The engine's connection to a tracker file, on its event loop (aiosqlite).
+
+    An operation, once started, runs to its COMMIT or ROLLBACK even if its caller is cancelled:
+    aiosqlite runs each statement on its own thread whatever happens to the awaiting task, so a
+    cancelled caller that let go of the lock mid-transaction would leave the shared connection
+    inside a transaction (the next BEGIN: "cannot start a transaction within a transaction").
+    """
 
     def __init__(self, db_path: Path) -> None:
         self.db_path = db_path
         self._conn: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()  # one transaction at a time on the shared connection
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
+        self.lost: str | None = None  # why the file can no longer be trusted, once it cannot
 
     async def open(self) -> AsyncTracker:
         # Create and migrate the file in a thread: a blocking open on this loop could wait on
@@ -254,11 +262,51 @@ class AsyncTracker:
             )
             for pragma in _PRAGMAS:
                 await self._conn.execute(pragma)
+            st = await asyncio.to_thread(os.stat, self.db_path)
         except sqlite3.Error as exc:
             raise tracker_error(exc, self.db_path) from None
+        self._identity = (st.st_dev, st.st_ino)
         return self
 
+    async def check_file(self) -> str | None:
+        """None while the file opened is still at ``db_path``; else why it is not (and from then on).
+
+        A tracker deleted or replaced under a running process would take every later write into
+        an unlinked file: a crash then leaves nothing that says what to resume.
+        """
+        if self.lost is None and self._identity is not None:
+            try:
+                st = await asyncio.to_thread(os.stat, self.db_path)
+                moved = (st.st_dev, st.st_ino) != self._identity
+            except FileNotFoundError:
+                moved = True
+            except OSError:
+                moved = False  # unreadable for a moment (NFS): not proof it is gone
+            if moved:
+                self.lost = (
+                    f"upload tracker {self.db_path} was removed or replaced while uploading; "
+                    "this process stopped writing to it. Keep the server's pending asset: "
+                    "register the checkpoint again with a tracker at a path nothing deletes, "
+                    "or restore the tracker file and run `methodic-tui resume`"
+                )
+        return self.lost
+
     async def run(self, op: ops.Op[T]) -> T:
+        if self.lost is not None:
+            raise TrackerError(self.lost)
+        task = asyncio.ensure_future(self._locked(op))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                # The transaction ends (COMMIT or ROLLBACK) before the caller learns it was
+                # cancelled, so neither the lock nor the connection is left mid-transaction.
+                await asyncio.wait({task})
+                if not task.cancelled():
+                    task.exception()  # retrieved: the caller was cancelled, not failed
+            raise
+
+    async def _locked(self, op: ops.Op[T]) -> T:
         async with self._lock:
             return await self._run(op)
 
@@ -267,6 +315,8 @@ class AsyncTracker:
         if conn is None:
             raise TrackerError(f"upload tracker {self.db_path} is closed")
         try:
+            if conn.in_transaction:  # never expected: end it rather than fail every later write
+                await conn.execute("ROLLBACK")
             await conn.execute("BEGIN IMMEDIATE" if op.write else "BEGIN")
             try:
                 gen = op.make()
@@ -291,6 +341,7 @@ class AsyncTracker:
             raise tracker_error(exc, self.db_path) from None
 
     async def close(self) -> None:
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        async with self._lock:  # after the operation in flight, never under it
+            if self._conn is not None:
+                await self._conn.close()
+                self._conn = None

@@ -20,6 +20,7 @@ from methodic._sendfile import Connections, SendError, put_file_range
 from methodic._types import UploadTarget
 
 CHUNK_SIZE = 1 << 20
+MISDIRECTED = 421
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -36,11 +37,15 @@ class TransferError(Exception):
         *,
         transient: bool,
         expired: bool = False,
+        stale: bool = False,
         retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.transient = transient
         self.expired = expired
+        # The target may no longer lead to the server that signed it (connection failed, 421):
+        # the next attempt presigns again instead of trusting a cached URL.
+        self.stale = stale
         self.retry_after = retry_after
 
 
@@ -171,7 +176,7 @@ async def _put_by_sendfile(
     try:
         response = await put_file_range(connections, target, f, hasher, bucket, counted, timeout)
     except SendError as exc:
-        raise TransferError(str(exc), transient=True) from exc
+        raise TransferError(str(exc), transient=True, stale=True) from exc
     return _accepted(response)
 
 
@@ -213,7 +218,7 @@ async def _put(
         response = await http.request(target.method, target.url, content=content, headers=headers)
     except httpx.TransportError as exc:
         raise TransferError(
-            f"{type(exc).__name__}: {exc or 'connection lost'}", transient=True
+            f"{type(exc).__name__}: {exc or 'connection lost'}", transient=True, stale=True
         ) from exc
     return _accepted(response)
 
@@ -222,10 +227,14 @@ def _accepted(response: httpx.Response) -> str | None:
     """The ETag of a 2xx answer; any other answer raises TransferError with the server's words."""
     if response.status_code >= 300:
         _code, message, _ = error_message(response)
+        # 421 Misdirected Request: the URL reached a listener that did not sign it (the server
+        # moved, e.g. to another blob port after a restart). Presigning again finds it.
+        misdirected = response.status_code == MISDIRECTED
         raise TransferError(
             f"HTTP {response.status_code}: {message}",
-            transient=is_transient_status(response.status_code),
+            transient=misdirected or is_transient_status(response.status_code),
             expired=response.status_code == 403 and "expired" in message.lower(),
+            stale=misdirected,
             retry_after=retry_after_seconds(response),
         )
     etag: str | None = response.headers.get("etag")
