@@ -23,7 +23,7 @@ from methodic.server.manifest import manifest_digest, validate_manifest
 from methodic.server.models import AssetCreate
 from methodic.server.records import ASSET_SELECT, AssetRecords, asset_out
 from methodic.server.signing import expiry
-from methodic.server.storage.base import Found, Slot, part_range
+from methodic.server.storage.base import Component, Found, Slot, part_range
 from methodic.server.sweeper import doom, purge
 
 # Presigning marks an asset active at most this often (one write per asset per minute).
@@ -202,25 +202,36 @@ class Catalog:
         if time.time() - touched_at >= _TOUCH_GRANULARITY_S:
             self.records.touch(asset_id)
 
-    def _slots(self, asset_id: str, wanted: Sequence[tuple[str, int | None]] | None) -> list[Slot]:
-        """The PUTs for each wanted (path, part), or for everything; marks the asset active."""
+    def _components(self, asset_id: str) -> list[Component]:
+        """The pending asset's components; marks the asset active."""
         with self.db.read() as conn:
             asset = self.records.asset_row(conn, asset_id)
             if asset["state"] != "pending":
                 raise conflict(f"asset {asset_id} is finalized; it takes no more uploads")
             components = self.records.components(conn, asset_id)
         self._touch(asset_id, asset["touched_at"])
+        return components
+
+    @staticmethod
+    def _first_slots(components: Sequence[Component], limit: int) -> tuple[list[Slot], int]:
+        """The manifest's first ``limit`` PUTs, and how many PUTs there are in all."""
         out: list[Slot] = []
-        if wanted is None:
-            for c in components:
-                if c.part_size is None:
+        total = 0
+        for c in components:
+            if c.part_size is None:
+                total += 1
+                if len(out) < limit:
                     out.append(Slot(c, None, 0, c.size))
-                else:
-                    out.extend(
-                        Slot(c, n, *part_range(c.size, c.part_size, n))
-                        for n in range(1, c.parts + 1)
-                    )
-            return out
+                continue
+            total += c.parts
+            for n in range(1, min(c.parts, limit - len(out)) + 1):
+                out.append(Slot(c, n, *part_range(c.size, c.part_size, n)))
+        return out, total
+
+    def _slots(self, asset_id: str, wanted: Sequence[tuple[str, int | None]]) -> list[Slot]:
+        """The PUTs for each wanted (path, part); marks the asset active."""
+        components = self._components(asset_id)
+        out: list[Slot] = []
         by_path = {c.path: c for c in components}
         for path, part in wanted:
             component = by_path.get(path)
@@ -243,13 +254,26 @@ class Catalog:
         return out
 
     def presign(
-        self, asset_id: str, wanted: Sequence[tuple[str, int | None]] | None, origin: str
+        self, asset_id: str, wanted: Sequence[tuple[str, int | None]], origin: str
     ) -> list[dict[str, Any]]:
-        """Upload targets (docs/http-api.md ``Target``) for ``wanted``, or for every PUT.
+        """Upload targets (docs/http-api.md ``Target``) for ``wanted``, in that order.
 
         ``origin`` is where this server's blob routes are reached (for a receiving backend).
         """
-        slots = self._slots(asset_id, wanted)
+        return self._targets(asset_id, self._slots(asset_id, wanted), origin)
+
+    def presign_first(
+        self, asset_id: str, origin: str, limit: int
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Targets for the manifest's first ``limit`` PUTs, and how many PUTs they leave out.
+
+        (A create with ``"presign": true``: the work is bounded by the presign batch, whatever
+        the manifest; the client presigns the rest in batches.)
+        """
+        slots, total = self._first_slots(self._components(asset_id), limit)
+        return self._targets(asset_id, slots, origin), total - len(slots)
+
+    def _targets(self, asset_id: str, slots: list[Slot], origin: str) -> list[dict[str, Any]]:
         expires = expiry(self.config.presign_ttl)
         signed = self.storage.presign_puts(asset_id, slots, expires, origin)
         return [

@@ -52,6 +52,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def default_data_dir() -> Path:
     import platformdirs
 
@@ -137,6 +147,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="lifetime of presigned URLs (default: 3600)",
     )
+    limits = serve.add_argument_group(
+        "limits", "what one request may ask of the server (over them: 413, naming the limit)"
+    )
+    limits.add_argument(
+        "--max-components-per-asset",
+        type=_count,
+        default=200_000,
+        metavar="N",
+        help="components in one asset's manifest (default: 200000)",
+    )
+    limits.add_argument(
+        "--max-request-bytes",
+        type=_count,
+        default=64 * 1024 * 1024,
+        metavar="BYTES",
+        help="size of a control-API request body (default: 67108864, 64 MiB)",
+    )
+    limits.add_argument(
+        "--max-presign-batch",
+        type=_count,
+        default=1000,
+        metavar="N",
+        help="upload targets per presign call, and per create with presign (default: 1000)",
+    )
     return parser
 
 
@@ -179,6 +213,9 @@ def _serve(args: argparse.Namespace) -> int:
             s3_endpoint_url=args.s3_endpoint_url,
             s3_region=args.s3_region,
             pending_ttl=args.pending_ttl,
+            max_components_per_asset=args.max_components_per_asset,
+            max_json_body=args.max_request_bytes,
+            max_presign_batch=args.max_presign_batch,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
