@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Request
@@ -24,7 +25,9 @@ from methodic.server.errors import (
     CODES,
     APIError,
     api_error_response,
+    disk_full,
     error_response,
+    insufficient_storage,
     too_large,
     unauthorized,
 )
@@ -145,10 +148,26 @@ def _install_error_handlers(app: FastAPI) -> None:
             {"Retry-After": "2"},
         )
 
+    # Handled here, not by the catch-all below: starlette re-raises what reaches the catch-all
+    # after answering, so the server would log a traceback for a full disk.
+    @app.exception_handler(OSError)
+    @app.exception_handler(sqlite3.Error)
+    async def _disk(request: Request, exc: Exception) -> JSONResponse:
+        if disk_full(exc):
+            log.warning("%s %s: the disk is full (507): %s", request.method, request.url.path, exc)
+            return api_error_response(insufficient_storage())
+        return _internal_error(request, exc)
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(500, "internal", "internal server error; see the server's log")
+        if disk_full(exc):
+            return await _disk(request, exc)
+        return _internal_error(request, exc)
+
+
+def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal", "internal server error; see the server's log")
 
 
 def _origin(config: ServerConfig, request: Request) -> str:
