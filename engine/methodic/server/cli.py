@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from methodic.server.runner import QuietServer
 
 EXIT_USAGE = 2
+KEY_ENV = "METHODIC_API_KEY"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,10 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=8765,
         help="port to listen on; 0 picks a free one (default: 8765)",
     )
-    serve.add_argument(
+    keys = serve.add_mutually_exclusive_group()
+    keys.add_argument(
         "--api-key",
         default=None,
-        help="accept this API key instead of the generated one in DATA_DIR/api_key",
+        metavar="KEY",
+        help="accept this API key instead of the generated one in DATA_DIR/api_key; the "
+        "command line is visible to other users of this host (ps): prefer --api-key-file "
+        f"or the {KEY_ENV} environment variable",
+    )
+    keys.add_argument(
+        "--api-key-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="accept the API key held in this file (mode 0600 recommended); default: "
+        f"{KEY_ENV} if set, else the key generated in DATA_DIR/api_key",
     )
     serve.add_argument(
         "--public-url",
@@ -199,10 +213,11 @@ def _serve(args: argparse.Namespace) -> int:
     from methodic.server.state import DataDirError
 
     data_dir: Path = (args.data_dir or default_data_dir()).expanduser().absolute()
+    api_key, key_source = _api_key(args)
     try:
         config = ServerConfig(
             data_dir=data_dir,
-            api_key=args.api_key,
+            api_key=api_key,
             public_url=args.public_url,
             presign_ttl=args.presign_ttl,
             host=args.host,
@@ -248,7 +263,7 @@ def _serve(args: argparse.Namespace) -> int:
             _say(f"storage: {state.storage.describe()}")
             key = state.active_key
             if key.key_file is None:
-                _say("API key: the one given with --api-key")
+                _say(f"API key: the one given with {key_source}")
             elif key.generated_now:
                 _say(f"API key: generated now and written to {key.key_file} (mode 0600)")
             else:
@@ -262,6 +277,26 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         server.close()
     return 0
+
+
+def _api_key(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The key this start accepts (None: DATA_DIR/api_key's) and where it came from."""
+    if args.api_key is not None:
+        return args.api_key, "--api-key"
+    path: Path | None = args.api_key_file
+    if path is not None:
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise UsageError(f"cannot read the API key file {path}: {reason}") from None
+        if not key:
+            raise UsageError(f"the API key file {path} is empty")
+        return key, f"--api-key-file {path}"
+    key = os.environ.get(KEY_ENV, "").strip()
+    if key:
+        return key, f"the {KEY_ENV} environment variable"
+    return None, "DATA_DIR/api_key"
 
 
 def _behind_tls(config: ServerConfig) -> bool:

@@ -125,5 +125,10 @@ def remember_blob_port(data_dir: Path, port: int) -> None:
     """Record the port for the next start (best effort; the data dir exists by now)."""
     tmp = data_dir / f".{PORT_FILE}.tmp"
     with contextlib.suppress(OSError):
-        tmp.write_text(f"{port}\n")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask, like every file of the data dir
+            os.write(fd, f"{port}\n".encode())
+        finally:
+            os.close(fd)
         os.replace(tmp, data_dir / PORT_FILE)
