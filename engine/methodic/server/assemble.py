@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from methodic.server.app import create_app
 from methodic.server.blobs.listener import (
     BlobListener,
+    RememberedPortTaken,
     bind_blob_socket,
     receives_blobs,
     serve_blobs,
@@ -29,13 +30,15 @@ class ListenError(OSError):
     """A listening socket could not be bound.
 
     ``listener`` is ``"control"`` (the API port) or ``"blob"`` (the blob port); ``in_use``
-    says whether another process holds the address.
+    says whether another process holds the address; ``remembered``, whether that address is
+    the blob port the data dir had last time (the server refuses to move it silently).
     """
 
     def __init__(self, listener: str, port: int | None, cause: OSError) -> None:
         super().__init__(cause.errno, cause.strerror if cause.strerror is not None else str(cause))
         self.listener = listener
-        self.port = port
+        self.remembered = isinstance(cause, RememberedPortTaken)
+        self.port = cause.port if isinstance(cause, RememberedPortTaken) else port
         self.in_use = isinstance(cause, PortInUseError)
 
 

@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--blob-port",
         type=_port,
         default=None,
-        help="port of the blob data path (presigned PUT/GET); 0 picks a free one "
-        "(default: the data dir's port of last time if free, else a free one)",
+        help="port of the blob data path (presigned PUT/GET); 0 picks a free one (default: "
+        "the data dir's port of last time, and the server refuses to start if another process "
+        "took it; give 0 or a port to move it; for a new data dir, a free one)",
     )
     serve.add_argument(
         "--public-blob-url",
@@ -306,6 +307,8 @@ def _behind_tls(config: ServerConfig) -> bool:
 
 
 def _listen_problem(exc: ListenError, host: str) -> str:
+    if exc.remembered:
+        return str(exc.strerror)
     option = "--blob-port" if exc.listener == "blob" else "--port"
     if exc.in_use:
         return f"port {exc.port} on {host} is already in use (another server?); choose another with {option}"

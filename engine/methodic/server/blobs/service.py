@@ -29,6 +29,9 @@ from methodic.server.storage.base import Component, Received
 log = logging.getLogger("methodic.server.blobs")
 
 BLOB_PREFIX = "/blobs/"
+# On every answer of the blob listener (the 100 Continue too): the id of the server answering,
+# the ``sid`` of the URLs it issues.
+SERVER_HEADER = "X-Methodic-Server-Id"
 
 
 def blob_origin(config: ServerConfig, request_origin: str, blob_port: int | None) -> str:
@@ -94,6 +97,14 @@ class BlobService:
         if claimed is None:
             raise forbidden("the presigned URL is malformed; presign again")
         grant, signature = claimed
+        if grant.server is not None and grant.server != self.signer.server_id:
+            raise APIError(
+                421,
+                "misdirected",
+                f"this presigned URL was issued by Chronicle server {grant.server}, but this is "
+                f"server {self.signer.server_id} (another server now listens at that address): "
+                "presign again from the server that holds the asset; nothing was stored",
+            )
         if (grant.length is None) != (method == "GET") or not self.signer.verify(grant, signature):
             raise forbidden(
                 "the presigned URL's signature does not match (tampered, or used for another "
