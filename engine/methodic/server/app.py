@@ -241,7 +241,7 @@ def _asset_routes(
     router: APIRouter, catalog: Catalog, finalizer: Finalizer, config: ServerConfig
 ) -> None:
     def create(run_id: str, body: bytes, origin: str) -> Response:
-        spec = parse_asset_create(body)
+        spec = parse_asset_create(body, config.max_components_per_asset)
         asset, created = catalog.create_asset(run_id, spec)
         if spec.presign:
             if asset["state"] == "pending":

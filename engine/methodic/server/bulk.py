@@ -19,6 +19,7 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
+from methodic.server.errors import APIError, too_large
 from methodic.server.models import AssetCreate, ComponentIn
 
 SLICE = 2000
@@ -40,15 +41,16 @@ def _errors(exc: ValidationError, prefix: tuple[Any, ...], offset: int = 0) -> l
     return out
 
 
-def parse_asset_create(body: bytes) -> AssetCreate:
-    """The create-asset request in ``body``; raises RequestValidationError (422) as FastAPI would."""
+def parse_asset_create(body: bytes, max_components: int) -> AssetCreate:
+    """The create-asset request in ``body``; raises RequestValidationError (422) as FastAPI
+    would, or APIError 413 when it has over ``max_components`` (before validating them)."""
     if len(body) < BIG_BODY:
-        return _parse(body)
+        return _parse(body, max_components)
     with _big:
-        return _parse(body)
+        return _parse(body, max_components)
 
 
-def _parse(body: bytes) -> AssetCreate:
+def _parse(body: bytes, max_components: int) -> AssetCreate:
     if not body:
         raise RequestValidationError(
             [{"loc": ("body",), "msg": "Field required", "type": "missing"}]
@@ -72,6 +74,8 @@ def _parse(body: bytes) -> AssetCreate:
         )
     components = data.get("components")
     sliced = isinstance(components, list)
+    if isinstance(components, list) and len(components) > max_components:
+        raise too_many_components(len(components), max_components)
     try:
         spec = AssetCreate.model_validate({**data, "components": []} if sliced else data)
     except ValidationError as exc:
@@ -111,3 +115,9 @@ def _render(value: Any) -> Iterator[str]:
         yield "}"
     else:
         yield _dumps(value)
+
+
+def too_many_components(count: int, limit: int) -> APIError:
+    return too_large(
+        f"the manifest has {count} components; this server accepts at most {limit} per asset"
+    )

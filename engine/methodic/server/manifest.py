@@ -8,6 +8,7 @@ import re
 from collections.abc import Sequence
 
 from methodic._paths import component_path_problem
+from methodic.server.bulk import too_many_components
 from methodic.server.config import ServerConfig
 from methodic.server.errors import invalid, too_large
 from methodic.server.models import AssetCreate, ComponentIn
@@ -49,11 +50,8 @@ def validate_manifest(spec: AssetCreate, config: ServerConfig, limits: StorageLi
             f"asset id {spec.asset_id[:200]!r} is not valid: use 1-128 letters, digits, '.', '_' "
             "or '-', starting with a letter or digit (a UUID fits)"
         )
-    limit = config.max_components_per_asset
-    if len(spec.components) > limit:
-        raise too_large(
-            f"the manifest has {len(spec.components)} components; this server accepts at most {limit} per asset"
-        )
+    if len(spec.components) > config.max_components_per_asset:
+        raise too_many_components(len(spec.components), config.max_components_per_asset)
     seen: set[str] = set()
     for component in spec.components:
         problem = _path_problem(component.path)
