@@ -84,8 +84,18 @@ def test_a_full_disk_answers_507_with_the_error_shape_and_no_traceback(
         api = served.api
         experiment = api.post("/api/v1/experiments", json={"name": "e"}).json()["id"]
         run = api.put(f"/api/v1/experiments/{experiment}/runs/0/0").json()["id"]
+        blob = {
+            "asset_id": uuid.uuid4().hex,
+            "asset_type": "checkpoint",
+            "components": [{"path": "model.bin", "size": 256 * 1024}],
+            "presign": True,
+        }
+        target = api.post(f"/api/v1/runs/{run}/assets", json=blob).json()["targets"][0]
         filler = small_disk / "filler"
         fill(filler)
+        put = httpx.put(target["url"], content=b"w" * (256 * 1024), trust_env=False)
+        assert put.status_code == 507, put.text[:500]
+        assert put.json()["error"]["code"] == "insufficient_storage"
         spec = {
             "asset_id": uuid.uuid4().hex,
             "asset_type": "checkpoint",
@@ -104,6 +114,8 @@ def test_a_full_disk_answers_507_with_the_error_shape_and_no_traceback(
         # Room again: the same requests succeed, nothing half-done in the way.
         filler.unlink()
         assert api.post(f"/api/v1/runs/{run}/assets", json=spec).status_code == 201
+        put = httpx.put(target["url"], content=b"w" * (256 * 1024), trust_env=False)
+        assert put.status_code == 201, put.text[:500]
         assert api.get("/healthz").status_code == 200
     finally:
         log = served.stop()
