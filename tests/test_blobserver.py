@@ -561,10 +561,12 @@ def test_the_blob_port_is_kept_across_restarts(tmp_path: Path) -> None:
         port = first.blob_port
     with EmbeddedServer(tmp_path / "s") as second:
         assert second.blob_port == port
-    with socket.socket() as taken:  # taken meanwhile: another free port, no failure
+    with socket.socket() as taken:  # taken meanwhile: refused; moved only when told to
         taken.bind(("127.0.0.1", port))
         taken.listen()
-        with EmbeddedServer(tmp_path / "s") as third:
+        with pytest.raises(OSError, match=str(port)):
+            EmbeddedServer(tmp_path / "s").start()
+        with EmbeddedServer(tmp_path / "s", blob_port=0) as third:
             assert third.blob_port not in (None, port)
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -15,13 +18,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from methodic import __version__
 from methodic.server import models as m
 from methodic.server.blobs.service import blob_origin, misdirected_route
+from methodic.server.bulk import parse_asset_create, render_json
 from methodic.server.catalog import Catalog
 from methodic.server.config import ServerConfig
 from methodic.server.errors import (
     CODES,
     APIError,
     api_error_response,
+    disk_full,
     error_response,
+    insufficient_storage,
     too_large,
     unauthorized,
 )
@@ -142,10 +148,26 @@ def _install_error_handlers(app: FastAPI) -> None:
             {"Retry-After": "2"},
         )
 
+    # Handled here, not by the catch-all below: starlette re-raises what reaches the catch-all
+    # after answering, so the server would log a traceback for a full disk.
+    @app.exception_handler(OSError)
+    @app.exception_handler(sqlite3.Error)
+    async def _disk(request: Request, exc: Exception) -> JSONResponse:
+        if disk_full(exc):
+            log.warning("%s %s: the disk is full (507): %s", request.method, request.url.path, exc)
+            return api_error_response(insufficient_storage())
+        return _internal_error(request, exc)
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(500, "internal", "internal server error; see the server's log")
+        if disk_full(exc):
+            return await _disk(request, exc)
+        return _internal_error(request, exc)
+
+
+def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal", "internal server error; see the server's log")
 
 
 def _origin(config: ServerConfig, request: Request) -> str:
@@ -218,20 +240,34 @@ def _run_routes(router: APIRouter, catalog: Catalog) -> None:
 def _asset_routes(
     router: APIRouter, catalog: Catalog, finalizer: Finalizer, config: ServerConfig
 ) -> None:
+    def create(run_id: str, body: bytes, origin: str) -> Response:
+        spec = parse_asset_create(body, config.max_components_per_asset)
+        asset, created = catalog.create_asset(run_id, spec)
+        if spec.presign:
+            if asset["state"] == "pending":
+                targets, remaining = catalog.presign_first(
+                    spec.asset_id, origin, config.max_presign_batch
+                )
+            else:
+                targets, remaining = [], 0
+            asset["targets"], asset["targets_remaining"] = targets, remaining
+        return Response(
+            render_json(asset), status_code=201 if created else 200, media_type="application/json"
+        )
+
     @router.post(
         "/runs/{run_id}/assets",
         status_code=201,
         response_model=m.Asset,
         tags=["assets"],
         responses={200: {"model": m.Asset, "description": "The asset exists with this manifest"}},
+        openapi_extra={"requestBody": _json_body(m.AssetCreate)},
     )
-    def create_asset(run_id: str, body: m.AssetCreate, request: Request) -> Response:
-        asset, created = catalog.create_asset(run_id, body)
-        if body.presign:
-            pending = asset["state"] == "pending"
-            origin = _origin(config, request)
-            asset["targets"] = catalog.presign(body.asset_id, None, origin) if pending else []
-        return JSONResponse(asset, status_code=201 if created else 200)
+    async def create_asset(run_id: str, request: Request) -> Response:
+        # The body is parsed, validated and stored on a worker thread, in slices: a big
+        # manifest must not stall the event loop (bulk.py).
+        body = await request.body()
+        return await run_in_threadpool(create, run_id, body, _origin(config, request))
 
     @router.get("/runs/{run_id}/assets", response_model=m.AssetList, tags=["assets"])
     def list_assets(
@@ -273,6 +309,30 @@ def _asset_routes(
         return JSONResponse(catalog.download(asset_id, _origin(config, request)))
 
 
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI requestBody of a route that parses its body itself (see ``_add_schemas``)."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"required": True, "content": {"application/json": {"schema": ref}}}
+
+
+def _add_schemas(app: FastAPI, *models: type[BaseModel]) -> None:
+    """Put ``models`` (bodies that routes parse themselves) into the OpenAPI components."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = generate()
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(schema.pop("$defs", {}))
+                schemas[model.__name__] = schema
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(
     config: ServerConfig, *, state: ServerState | None = None, blob_port: int | None = None
 ) -> FastAPI:
@@ -298,6 +358,7 @@ def create_app(
         return {"status": "ok"}
 
     app.include_router(_api_router(state))
+    _add_schemas(app, m.AssetCreate)
     app.state.blob_port = blob_port  # the blob listener's (blobs/listener.py), once it is bound
     app.router.routes.append(misdirected_route(blob_port))
     return app

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from methodic.server.app import create_app
 from methodic.server.blobs.listener import (
     BlobListener,
+    RememberedPortTaken,
     bind_blob_socket,
     receives_blobs,
     serve_blobs,
@@ -22,20 +23,22 @@ from methodic.server.blobs.server import BlobLimits
 from methodic.server.config import ServerConfig
 from methodic.server.fault_injection import FaultPlan
 from methodic.server.runner import PortInUseError, QuietServer, bind_socket, make_server, socket_url
-from methodic.server.state import ServerState, open_state
+from methodic.server.state import DataDirLock, ServerState, open_state
 
 
 class ListenError(OSError):
     """A listening socket could not be bound.
 
     ``listener`` is ``"control"`` (the API port) or ``"blob"`` (the blob port); ``in_use``
-    says whether another process holds the address.
+    says whether another process holds the address; ``remembered``, whether that address is
+    the blob port the data dir had last time (the server refuses to move it silently).
     """
 
     def __init__(self, listener: str, port: int | None, cause: OSError) -> None:
         super().__init__(cause.errno, cause.strerror if cause.strerror is not None else str(cause))
         self.listener = listener
-        self.port = port
+        self.remembered = isinstance(cause, RememberedPortTaken)
+        self.port = cause.port if isinstance(cause, RememberedPortTaken) else port
         self.in_use = isinstance(cause, PortInUseError)
 
 
@@ -76,11 +79,18 @@ def build_server(
 ) -> AssembledServer:
     """Bind ``config``'s sockets, open its data dir, start the blob listener, make the app.
 
-    The sockets are bound before the data dir is touched, so a busy port leaves no fresh API
-    key behind. Raises ListenError, DataDirError or ValueError (a bad API key); whatever was
-    opened by then is closed again.
+    The data dir is locked first (DATA_DIR/lock: one server per data dir), then the sockets are
+    bound before anything else in the data dir is touched, so a busy port leaves no fresh API
+    key behind (nor a data dir created for it). Raises ListenError, DataDirError or ValueError
+    (a bad API key); whatever was opened by then is closed again.
     """
-    sock = _bind("control", config.port, lambda: bind_socket(config.host, config.port))
+    # First, so that a second server on this data dir is told so (not that its ports are busy).
+    lock = DataDirLock(config.data_dir).acquire()
+    try:
+        sock = _bind("control", config.port, lambda: bind_socket(config.host, config.port))
+    except BaseException:
+        lock.release(undo_create=True)
+        raise
     blob_sock: socket.socket | None = None
     state: ServerState | None = None
     blobs: BlobListener | None = None
@@ -91,7 +101,7 @@ def build_server(
                 config.blob_port,
                 lambda: bind_blob_socket(config.host, config.blob_port, config.data_dir),
             )
-        state = open_state(config)
+        state = open_state(config, lock)
         if blob_sock is not None:
             blobs = serve_blobs(state, blob_sock, faults, blob_limits)
         app = create_app(config, state=state, blob_port=blobs.port if blobs else None)
@@ -109,7 +119,9 @@ def build_server(
         elif blob_sock is not None:
             blob_sock.close()
         if state is not None:
-            state.close()
+            state.close()  # releases the lock
+        else:
+            lock.release(undo_create=True)
         sock.close()
         raise
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from methodic.server.runner import QuietServer
 
 EXIT_USAGE = 2
+KEY_ENV = "METHODIC_API_KEY"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +51,16 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
     if not value > 0 or value != value or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value
 
 
@@ -82,10 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=8765,
         help="port to listen on; 0 picks a free one (default: 8765)",
     )
-    serve.add_argument(
+    keys = serve.add_mutually_exclusive_group()
+    keys.add_argument(
         "--api-key",
         default=None,
-        help="accept this API key instead of the generated one in DATA_DIR/api_key",
+        metavar="KEY",
+        help="accept this API key instead of the generated one in DATA_DIR/api_key; the "
+        "command line is visible to other users of this host (ps): prefer --api-key-file "
+        f"or the {KEY_ENV} environment variable",
+    )
+    keys.add_argument(
+        "--api-key-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="accept the API key held in this file (mode 0600 recommended); default: "
+        f"{KEY_ENV} if set, else the key generated in DATA_DIR/api_key",
     )
     serve.add_argument(
         "--public-url",
@@ -96,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--blob-port",
         type=_port,
         default=None,
-        help="port of the blob data path (presigned PUT/GET); 0 picks a free one "
-        "(default: the data dir's port of last time if free, else a free one)",
+        help="port of the blob data path (presigned PUT/GET); 0 picks a free one (default: "
+        "the data dir's port of last time, and the server refuses to start if another process "
+        "took it; give 0 or a port to move it; for a new data dir, a free one)",
     )
     serve.add_argument(
         "--public-blob-url",
@@ -137,6 +162,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="lifetime of presigned URLs (default: 3600)",
     )
+    limits = serve.add_argument_group(
+        "limits", "what one request may ask of the server (over them: 413, naming the limit)"
+    )
+    limits.add_argument(
+        "--max-components-per-asset",
+        type=_count,
+        default=200_000,
+        metavar="N",
+        help="components in one asset's manifest (default: 200000)",
+    )
+    limits.add_argument(
+        "--max-request-bytes",
+        type=_count,
+        default=64 * 1024 * 1024,
+        metavar="BYTES",
+        help="size of a control-API request body (default: 67108864, 64 MiB)",
+    )
+    limits.add_argument(
+        "--max-presign-batch",
+        type=_count,
+        default=1000,
+        metavar="N",
+        help="upload targets per presign call, and per create with presign (default: 1000)",
+    )
     return parser
 
 
@@ -165,10 +214,11 @@ def _serve(args: argparse.Namespace) -> int:
     from methodic.server.state import DataDirError
 
     data_dir: Path = (args.data_dir or default_data_dir()).expanduser().absolute()
+    api_key, key_source = _api_key(args)
     try:
         config = ServerConfig(
             data_dir=data_dir,
-            api_key=args.api_key,
+            api_key=api_key,
             public_url=args.public_url,
             presign_ttl=args.presign_ttl,
             host=args.host,
@@ -179,6 +229,9 @@ def _serve(args: argparse.Namespace) -> int:
             s3_endpoint_url=args.s3_endpoint_url,
             s3_region=args.s3_region,
             pending_ttl=args.pending_ttl,
+            max_components_per_asset=args.max_components_per_asset,
+            max_json_body=args.max_request_bytes,
+            max_presign_batch=args.max_presign_batch,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -211,7 +264,7 @@ def _serve(args: argparse.Namespace) -> int:
             _say(f"storage: {state.storage.describe()}")
             key = state.active_key
             if key.key_file is None:
-                _say("API key: the one given with --api-key")
+                _say(f"API key: the one given with {key_source}")
             elif key.generated_now:
                 _say(f"API key: generated now and written to {key.key_file} (mode 0600)")
             else:
@@ -227,6 +280,26 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_key(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The key this start accepts (None: DATA_DIR/api_key's) and where it came from."""
+    if args.api_key is not None:
+        return args.api_key, "--api-key"
+    path: Path | None = args.api_key_file
+    if path is not None:
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise UsageError(f"cannot read the API key file {path}: {reason}") from None
+        if not key:
+            raise UsageError(f"the API key file {path} is empty")
+        return key, f"--api-key-file {path}"
+    key = os.environ.get(KEY_ENV, "").strip()
+    if key:
+        return key, f"the {KEY_ENV} environment variable"
+    return None, "DATA_DIR/api_key"
+
+
 def _behind_tls(config: ServerConfig) -> bool:
     """Whether clients are told to reach this server through TLS (an https public URL)."""
     urls = [config.public_url, config.public_blob_url]
@@ -234,6 +307,8 @@ def _behind_tls(config: ServerConfig) -> bool:
 
 
 def _listen_problem(exc: ListenError, host: str) -> str:
+    if exc.remembered:
+        return str(exc.strerror)
     option = "--blob-port" if exc.listener == "blob" else "--port"
     if exc.in_use:
         return f"port {exc.port} on {host} is already in use (another server?); choose another with {option}"

@@ -56,11 +56,14 @@ class ServerConfig:
     blob_port: int | None = None
     # Origin of presigned blob URLs; None: public_url, else the request's host and blob_port.
     public_blob_url: str | None = None
-    max_components_per_asset: int = 1_000_000
+    # Bounded work per request (docs/http-api.md, Limits): a 100,000-file checkpoint fits twice.
+    max_components_per_asset: int = 200_000
     # S3's multipart limit, so that both backends accept the same manifests.
     max_parts_per_component: int = 10_000
+    # Targets per presign call, and per create with "presign": true.
     max_presign_batch: int = 1000
-    max_json_body: int = 256 * MiB
+    # A control-API request body; 200,000 components with paths of ~200 characters fit.
+    max_json_body: int = 64 * MiB
     # How many component files finalize reads (to verify) and fsyncs at once.
     finalize_workers: int = 8
     # "local", or "s3://bucket[/prefix]" (then the data dir keeps only metadata).
@@ -95,6 +98,9 @@ class ServerConfig:
             raise ValueError("pending_ttl must be a positive number of seconds")
         if self.sweep_interval is not None and not _positive(self.sweep_interval):
             raise ValueError("sweep_interval must be a positive number of seconds")
+        for name in ("max_components_per_asset", "max_presign_batch", "max_json_body"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
         location = parse_storage(self.storage)
         if location is None:
             if self.s3_endpoint_url or self.s3_region:

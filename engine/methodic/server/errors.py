@@ -5,6 +5,8 @@ Starlette-only (no FastAPI), so the blob data path can use it outside the contro
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -19,7 +21,9 @@ CODES = {
     411: "length_required",
     413: "too_large",
     422: "invalid_request",
+    507: "insufficient_storage",
 }
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class APIError(Exception):
@@ -65,6 +69,30 @@ def error_response(
     return JSONResponse(
         {"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers
     )
+
+
+def insufficient_storage() -> APIError:
+    return APIError(
+        507,
+        "insufficient_storage",
+        "the server's disk is full (no space or quota left in its data directory); retry later",
+    )
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) says the disk or a quota is full:
+    an OSError ENOSPC/EDQUOT, or SQLite's SQLITE_FULL ("database or disk is full")."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+            return True
+        if isinstance(exc, sqlite3.Error) and (
+            getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" or "disk is full" in str(exc)
+        ):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def forbidden(message: str) -> APIError:

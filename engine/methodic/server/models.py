@@ -111,6 +111,8 @@ class AssetSummary(BaseModel):
 class Asset(AssetSummary):
     components: list[ComponentOut] | None = None
     targets: list[Target] | None = None
+    # With "presign": true: how many PUTs the targets leave out (get them from .../presign).
+    targets_remaining: int | None = None
 
 
 class AssetList(BaseModel):

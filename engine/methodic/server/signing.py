@@ -1,9 +1,13 @@
 """HMAC-SHA256 presigned blob URLs.
 
 A URL grants one method on one byte range of one component until it expires:
-``/blobs/{asset_id}/{quoted path}?part=N&off=O&len=L&exp=E&sig=S`` (GET URLs carry only
-``exp`` and ``sig``). The signature covers every one of those fields, JSON-encoded so that
-no choice of path can make two different grants sign the same message.
+``/blobs/{asset_id}/{quoted path}?part=N&off=O&len=L&sid=I&exp=E&sig=S`` (GET URLs carry only
+``sid``, ``exp`` and ``sig``). The signature covers every one of those fields, JSON-encoded so
+that no choice of path can make two different grants sign the same message.
+
+``sid`` names the server that issued the URL (``Signer.server_id``, stable per data dir): a
+blob listener answers a URL of another server 421, and names itself in every answer, so a
+client can tell that what listens at a URL's address is not the server that issued it.
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ import hashlib
 import hmac
 import json
 import math
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, urlencode
 
 _DOMAIN = "methodic-blob-v1"
+_SERVER_ID = re.compile(r"[0-9a-f]{16,64}")
 
 
 @dataclass(frozen=True)
@@ -29,30 +36,45 @@ class Grant:
     offset: int | None  # None (with length) for GET
     length: int | None
     expires: int  # Unix seconds
+    server: str | None = None  # the issuing server's id (None: a URL from before ids)
 
 
 class Signer:
     def __init__(self, secret: bytes) -> None:
         self._secret = secret
+        # Derived from the data dir's secret: the same across restarts, another for another dir.
+        self.server_id = hmac.new(secret, b"methodic-server-id-v1", hashlib.sha256).hexdigest()[:16]
 
     def __repr__(self) -> str:
         return "Signer(<secret>)"
 
+    def grant(
+        self,
+        method: str,
+        asset_id: str,
+        path: str,
+        part: int | None,
+        offset: int | None,
+        length: int | None,
+        expires: int,
+    ) -> Grant:
+        """A Grant issued by this server (its ``server`` is ``server_id``)."""
+        return Grant(method, asset_id, path, part, offset, length, expires, self.server_id)
+
     def _mac(self, grant: Grant) -> str:
-        message = json.dumps(
-            [
-                _DOMAIN,
-                grant.method,
-                grant.asset_id,
-                grant.path,
-                grant.part,
-                grant.offset,
-                grant.length,
-                grant.expires,
-            ],
-            separators=(",", ":"),
-            ensure_ascii=True,
-        )
+        signed: list[Any] = [
+            _DOMAIN,
+            grant.method,
+            grant.asset_id,
+            grant.path,
+            grant.part,
+            grant.offset,
+            grant.length,
+            grant.expires,
+        ]
+        if grant.server is not None:
+            signed.append(grant.server)
+        message = json.dumps(signed, separators=(",", ":"), ensure_ascii=True)
         return hmac.new(self._secret, message.encode("ascii"), hashlib.sha256).hexdigest()
 
     def url(self, origin: str, grant: Grant) -> str:
@@ -62,6 +84,8 @@ class Signer:
         if grant.offset is not None and grant.length is not None:
             params["off"] = grant.offset
             params["len"] = grant.length
+        if grant.server is not None:
+            params["sid"] = grant.server
         params["exp"] = grant.expires
         params["sig"] = self._mac(grant)
         return f"{origin}/blobs/{grant.asset_id}/{quote(grant.path, safe='/')}?{urlencode(params)}"
@@ -95,8 +119,11 @@ def grant_from_query(
             offset=_uint(query.get("off")),
             length=_uint(query.get("len")),
             expires=_uint(query["exp"]) or 0,
+            server=query.get("sid"),
         )
     except (KeyError, ValueError):
+        return None
+    if grant.server is not None and not _SERVER_ID.fullmatch(grant.server):
         return None
     signature = query.get("sig", "")
     if (grant.offset is None) != (grant.length is None):

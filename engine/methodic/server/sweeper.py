@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from methodic.server.errors import disk_full
 from methodic.server.records import AssetRecords
 
 log = logging.getLogger("methodic.server")
@@ -109,8 +110,15 @@ class Sweeper:
         while True:
             try:
                 self.sweep()
-            except Exception:  # a storage or database hiccup must not end the sweeping
-                log.exception("the sweep of expired pending assets failed; trying again later")
+            except Exception as exc:  # a storage or database hiccup must not end the sweeping
+                if disk_full(exc):
+                    log.warning(
+                        "the sweep of expired pending assets found the disk full (%s); "
+                        "trying again later",
+                        exc,
+                    )
+                else:
+                    log.exception("the sweep of expired pending assets failed; trying again later")
             if self._stop.wait(self._interval):
                 return
 

@@ -17,7 +17,6 @@ from typing import Any, BinaryIO, TypeVar
 from methodic.server.blobs.framing import CLOSED, JSON, FramedConnection, Lost
 from methodic.server.blobs.service import fault_error, split_blob_path, storage_failure
 from methodic.server.blobs.wire import (
-    CONTINUE,
     BadRequest,
     RangeNotSatisfiable,
     RequestHead,
@@ -92,7 +91,7 @@ class BlobConnection(FramedConnection):
         received: Received | None = None
         try:
             if head.expects_continue and grant.length:
-                self._write(CONTINUE)
+                self._write(self.server.continue_head)
             try:
                 received = await self._receive(slot.upload, grant.length)
             except OSError as exc:
@@ -127,7 +126,9 @@ class BlobConnection(FramedConnection):
                 status, (offset, count) = 206, wanted
                 headers["Content-Range"] = f"bytes {offset}-{offset + count - 1}/{size}"
             close = self._closes(close)
-            self._write(response_head(status, headers, length=count, close=close))
+            self._write(
+                response_head(status, self.server.named(headers), length=count, close=close)
+            )
             if head.method == "GET" and count:
                 await self._send_file(file, offset, count)
             else:
@@ -161,7 +162,9 @@ class BlobConnection(FramedConnection):
         if head.method != "HEAD":
             return await self._send(error.status, headers, body, close=close)
         close = self._closes(close)
-        self._write(response_head(error.status, headers, length=len(body), close=close))
+        self._write(
+            response_head(error.status, self.server.named(headers), length=len(body), close=close)
+        )
         await self._drain()
         return close
 
@@ -169,7 +172,9 @@ class BlobConnection(FramedConnection):
         self, status: int, headers: dict[str, str], body: bytes, *, close: bool = False
     ) -> bool:
         close = self._closes(close)
-        self._write(response_head(status, headers, length=len(body), close=close) + body)
+        self._write(
+            response_head(status, self.server.named(headers), length=len(body), close=close) + body
+        )
         await self._drain()
         return close
 

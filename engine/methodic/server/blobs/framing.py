@@ -248,7 +248,8 @@ class FramedConnection(asyncio.BufferedProtocol):
     def _answer_and_close(self, status: int, code: str, message: str) -> None:
         """Answer from a loop callback (no request task), then close."""
         body = error_body(code, message)
-        self._write(response_head(status, JSON, length=len(body), close=True) + body)
+        head = response_head(status, self.server.named(JSON), length=len(body), close=True)
+        self._write(head + body)
         self._close_after_answer()
 
     def _close_after_answer(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 import threading
@@ -22,7 +23,7 @@ from methodic.server.blobs.server import BlobLimits, BlobServer
 from methodic.server.blobs.service import BlobService
 from methodic.server.config import ServerConfig
 from methodic.server.fault_injection import FaultPlan
-from methodic.server.runner import bind_socket
+from methodic.server.runner import PortInUseError, bind_socket
 from methodic.server.state import ServerState
 
 PORT_FILE = "blob_port"
@@ -106,24 +107,56 @@ def serve_blobs(
 # ---- the listener's port ------------------------------------------------------------------
 
 
-def bind_blob_socket(host: str, port: int | None, data_dir: Path) -> socket.socket:
-    """The blob listener's socket; ``port`` None: the one this data dir had last time if it
-    is free (presigned URLs handed out before a restart keep working), else a free one.
+class RememberedPortTaken(PortInUseError):
+    """The blob port this data dir had last time is taken: the server does not move silently."""
 
-    Raises OSError (``PortInUseError`` when a given port is taken).
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(
+            errno.EADDRINUSE,
+            f"blob port {port} on {host}, where this data dir's presigned URLs point "
+            f"(DATA_DIR/{PORT_FILE}), is taken by another process; the server will not move "
+            "it silently (that process would be sent uploads meant for this server): free the "
+            "port, or move it with --blob-port 0 (any free port; EmbeddedServer: blob_port=0) "
+            "or --blob-port N, and clients presign again",
+        )
+        self.port = port
+
+
+def bind_blob_socket(host: str, port: int | None, data_dir: Path) -> socket.socket:
+    """The blob listener's socket; ``port`` None: the one this data dir had last time
+    (presigned URLs handed out before a restart keep working), else a free one.
+
+    Raises OSError: ``RememberedPortTaken`` when the remembered port is taken (moving it is
+    the caller's explicit choice: a ``port``), ``PortInUseError`` when a given port is.
     """
     if port is not None:
         return bind_socket(host, port)
-    with contextlib.suppress(OSError, ValueError):
-        remembered = int((data_dir / PORT_FILE).read_text().strip())
-        if 0 < remembered < 65536:
-            return bind_socket(host, remembered)
-    return bind_socket(host, 0)
+    remembered = remembered_blob_port(data_dir)
+    if remembered is None:
+        return bind_socket(host, 0)
+    try:
+        return bind_socket(host, remembered)
+    except PortInUseError as exc:
+        raise RememberedPortTaken(host, remembered) from exc
+
+
+def remembered_blob_port(data_dir: Path) -> int | None:
+    """The port in DATA_DIR/blob_port, or None (none yet, or unreadable)."""
+    try:
+        port = int((data_dir / PORT_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return port if 0 < port < 65536 else None
 
 
 def remember_blob_port(data_dir: Path, port: int) -> None:
     """Record the port for the next start (best effort; the data dir exists by now)."""
     tmp = data_dir / f".{PORT_FILE}.tmp"
     with contextlib.suppress(OSError):
-        tmp.write_text(f"{port}\n")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask, like every file of the data dir
+            os.write(fd, f"{port}\n".encode())
+        finally:
+            os.close(fd)
         os.replace(tmp, data_dir / PORT_FILE)

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-from methodic.server.blobs.service import BlobService
+from methodic.server.blobs.service import SERVER_HEADER, BlobService
 from methodic.server.blobs.sink import BufferPool
 
 
@@ -51,6 +51,11 @@ class BlobServer:
         limits: BlobLimits | None = None,
     ) -> None:
         self.service = service
+        # Every answer names this server (service.SERVER_HEADER), the 100 Continue too.
+        self.identity = {SERVER_HEADER: service.signer.server_id}
+        self.continue_head = (
+            f"HTTP/1.1 100 Continue\r\n{SERVER_HEADER}: {service.signer.server_id}\r\n\r\n"
+        ).encode("latin-1")
         self._connection = connection
         self.sock = sock
         self.limits = limits or BlobLimits()
@@ -65,6 +70,10 @@ class BlobServer:
     @property
     def port(self) -> int:
         return int(self.sock.getsockname()[1])
+
+    def named(self, headers: dict[str, str]) -> dict[str, str]:
+        """``headers`` with this server's identity header."""
+        return {**self.identity, **headers}
 
     def track(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)

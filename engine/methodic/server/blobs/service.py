@@ -8,8 +8,8 @@ every receiving storage backend shares. Presigned URLs name the listener's origi
 
 from __future__ import annotations
 
-import errno
 import logging
+import sqlite3
 import time
 from collections.abc import Mapping
 from typing import BinaryIO
@@ -21,7 +21,14 @@ from starlette.routing import Route
 
 from methodic.server.blobs.ledger import BlobLedger, UploadSlot
 from methodic.server.config import ServerConfig
-from methodic.server.errors import APIError, error_response, forbidden, invalid, not_found
+from methodic.server.errors import (
+    APIError,
+    disk_full,
+    error_response,
+    forbidden,
+    invalid,
+    not_found,
+)
 from methodic.server.fault_injection import Fault, FaultPlan
 from methodic.server.signing import Grant, Signer, grant_from_query
 from methodic.server.storage.base import Component, Received
@@ -29,6 +36,9 @@ from methodic.server.storage.base import Component, Received
 log = logging.getLogger("methodic.server.blobs")
 
 BLOB_PREFIX = "/blobs/"
+# On every answer of the blob listener (the 100 Continue too): the id of the server answering,
+# the ``sid`` of the URLs it issues.
+SERVER_HEADER = "X-Methodic-Server-Id"
 
 
 def blob_origin(config: ServerConfig, request_origin: str, blob_port: int | None) -> str:
@@ -75,8 +85,8 @@ def split_blob_path(path: str) -> tuple[str, str]:
     raise not_found(f"no blob at {path[:300]!r}; use a presigned URL")
 
 
-def storage_failure(exc: OSError, asset_id: str, path: str) -> APIError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+def storage_failure(exc: OSError | sqlite3.Error, asset_id: str, path: str) -> APIError:
+    if disk_full(exc):
         return APIError(507, "insufficient_storage", "the server's storage is full")
     log.error("storing %s/%s failed", asset_id, path, exc_info=exc)
     return APIError(500, "storage_error", "the server could not store the body")
@@ -94,6 +104,14 @@ class BlobService:
         if claimed is None:
             raise forbidden("the presigned URL is malformed; presign again")
         grant, signature = claimed
+        if grant.server is not None and grant.server != self.signer.server_id:
+            raise APIError(
+                421,
+                "misdirected",
+                f"this presigned URL was issued by Chronicle server {grant.server}, but this is "
+                f"server {self.signer.server_id} (another server now listens at that address): "
+                "presign again from the server that holds the asset; nothing was stored",
+            )
         if (grant.length is None) != (method == "GET") or not self.signer.verify(grant, signature):
             raise forbidden(
                 "the presigned URL's signature does not match (tampered, or used for another "
@@ -125,7 +143,7 @@ class BlobService:
     def begin(self, grant: Grant) -> UploadSlot:
         try:
             return self.ledger.begin_upload(grant)
-        except OSError as exc:
+        except (OSError, sqlite3.Error) as exc:  # sqlite3: SQLITE_FULL is a 507 too
             raise storage_failure(exc, grant.asset_id, grant.path) from exc
 
     def settle(self, slot: UploadSlot, received: Received | None) -> None:
@@ -133,7 +151,7 @@ class BlobService:
         try:
             if received is not None:
                 self.ledger.complete_upload(slot, received)
-        except OSError as exc:
+        except (OSError, sqlite3.Error) as exc:  # sqlite3: SQLITE_FULL is a 507 too
             raise storage_failure(exc, slot.key.asset_id, slot.key.path) from exc
         finally:
             self.ledger.end_upload(slot)

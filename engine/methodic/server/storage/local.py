@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
-from methodic.server.signing import Grant, Signer
+from methodic.server.signing import Signer
 from methodic.server.storage.base import (
     BlobKey,
     Component,
@@ -262,7 +262,9 @@ class LocalStorage:
             Presigned(
                 self._signer.url(
                     origin,
-                    Grant("PUT", asset_id, s.component.path, s.part, s.offset, s.length, expires),
+                    self._signer.grant(
+                        "PUT", asset_id, s.component.path, s.part, s.offset, s.length, expires
+                    ),
                 )
             )
             for s in slots
@@ -270,7 +272,7 @@ class LocalStorage:
 
     def presign_get(self, key: BlobKey, expires: int, origin: str) -> str:
         return self._signer.url(
-            origin, Grant("GET", key.asset_id, key.path, None, None, None, expires)
+            origin, self._signer.grant("GET", key.asset_id, key.path, None, None, None, expires)
         )
 
     # ---- the receiving side (Receiver) -----------------------------------------------------
