@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import make_checkpoint
-from test_tui_data import sample_snapshot
-from test_tui_helpers import MiB, tui_cmd, tui_env
+from helpers import CEILING, make_checkpoint
+from tui_data import sample_snapshot
+from tui_helpers import MiB, tui_cmd, tui_env
 
 from methodic import UploadTracker
 from methodic._events import AssetFinalized, RetryScheduled
@@ -174,7 +174,7 @@ def test_signals_stop_cleanly_and_resume_continues(
                         break
             time.sleep(0.05)
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=20)
+        _, err = proc.communicate(timeout=CEILING)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -248,7 +248,7 @@ def test_watch_uploads_each_complete_directory_once(server, tmp_path: Path) -> N
             time.sleep(0.1)
         time.sleep(1.0)  # more scans: nothing is uploaded twice
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=20)
+        _, err = proc.communicate(timeout=CEILING)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -267,7 +267,7 @@ def test_watch_uploads_each_complete_directory_once(server, tmp_path: Path) -> N
     )
     time.sleep(2.0)
     again.send_signal(signal.SIGTERM)
-    _, err = again.communicate(timeout=20)
+    _, err = again.communicate(timeout=CEILING)
     assert again.returncode == 143, err
     with UploadTracker(tmp_path / "u.sqlite") as tracker:
         assert len(tracker.list_assets()) == 2
@@ -297,7 +297,7 @@ def test_the_headless_path_never_imports_textual(server, tmp_path: Path) -> None
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=CEILING,
         env=tui_env(tmp_path),
     )
     assert result.stdout.strip() == "0 []", result.stdout + result.stderr

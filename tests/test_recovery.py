@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    CEILING,
     claim_in_child,
     free_port,
     make_checkpoint,
@@ -46,7 +47,7 @@ def test_drain_of_an_asset_the_server_already_finalized_sends_nothing(
     with Chronicle(server.url, server.api_key) as chronicle:
         run = chronicle.run(chronicle.create_experiment("x"), 0, 0)
         handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
-        handle.result(timeout=30)
+        handle.result(timeout=CEILING)
     # As if the process died after the server finalized but before the tracker heard of it.
     from methodic import _tracker_ops as ops
 
@@ -107,7 +108,7 @@ def test_drain_leaves_assets_a_live_process_owns_and_claims_the_others(
         assert taken.state == "finalized" and taken.owner_pid == os.getpid()
     finally:
         live.kill()
-        live.wait(10)
+        live.wait(CEILING)
     # Once its owner is gone, the next drain takes it.
     with Chronicle(server.url, server.api_key) as chronicle:
         report = drain_incomplete_uploads(chronicle, tracker)
@@ -137,7 +138,7 @@ def test_an_owner_killed_but_not_yet_reaped_does_not_hold_its_uploads(
             report = drain_incomplete_uploads(chronicle, tracker)
         assert report.skipped == {} and report.finalized == [asset_id]
     finally:
-        owner.wait(10)
+        owner.wait(CEILING)
 
 
 def test_server_sigkilled_mid_upload_and_restarted_the_uploader_finishes(tmp_path: Path) -> None:
@@ -169,16 +170,16 @@ def test_server_sigkilled_mid_upload_and_restarted_the_uploader_finishes(tmp_pat
             time.sleep(1.2)
             assert not handle.done()
             proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
+            proc.wait(CEILING)
             time.sleep(0.5)
             proc = start()
-            asset = handle.result(timeout=60)
+            asset = handle.result(timeout=CEILING)
             assert asset.state == "finalized"
             dest = run.download_asset(handle.asset_id, tmp_path / "dl")
         assert tree_digest(dest) == tree_digest(ckpt)
     finally:
         proc.terminate()
-        proc.wait(10)
+        proc.wait(CEILING)
 
 
 PRODUCER = """
@@ -249,10 +250,10 @@ def test_many_producer_threads_and_processes_share_one_tracker(server, tmp_path:
             th.start()
         for th in threads:
             th.join()
-        run.wait_for_uploads(timeout=120)
+        run.wait_for_uploads(timeout=CEILING)
         assert len(run.list_assets()) == 24
     for proc in procs:
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=CEILING)
         assert proc.returncode == 0, err
         assert "locked" not in err
     assert errors == []

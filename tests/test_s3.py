@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from helpers import (
+    CEILING,
     free_port,
     make_checkpoint,
     methodic_cmd,
@@ -396,14 +397,14 @@ def test_methodic_serve_on_s3_end_to_end(
             handle = run.register_and_upload_async(
                 ckpt, upload_tracker=UploadTracker(tmp_path / "u.sqlite")
             )
-            handle.result(timeout=60)
+            handle.result(timeout=CEILING)
             dest = run.download_asset(handle.asset_id, tmp_path / "dl")
         assert tree_digest(dest) == tree_digest(ckpt)
         assert len(bucket_keys(moto_endpoint, s3_bucket)) == 2
         assert not list((data_dir).glob("blobs/*"))  # the data dir keeps only metadata
     finally:
         proc.terminate()
-        out, err = proc.communicate(timeout=15)
+        out, err = proc.communicate(timeout=CEILING)
     assert proc.returncode == 0, err
     assert f"s3://{s3_bucket}/ckpts/" in out
 
@@ -416,7 +417,7 @@ def _serve_error(
         [sys.executable, "-c", code, "serve", "--port", "0", *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=CEILING,
         env=env or subprocess_env(),
     )
 

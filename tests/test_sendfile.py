@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import make_checkpoint, tree_digest
+from helpers import CEILING, make_checkpoint, tree_digest
 
 import methodic._transfer as transfer
 from methodic import Chronicle, UploadTracker
@@ -46,7 +46,7 @@ def test_bodies_go_by_sendfile_over_one_kept_alive_connection(
         handle = run.register_and_upload_async(
             ckpt, upload_tracker=UploadTracker(tmp_path / "u.sqlite")
         )
-        handle.result(timeout=60)
+        handle.result(timeout=CEILING)
         connections, sent = any_proxy.connections, any_proxy.bytes_up
         dest = run.download_asset(handle.asset_id, tmp_path / "dl")
     assert sorted(calls) == sorted(sizes.values())

@@ -10,17 +10,18 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import make_checkpoint
-from test_tui_helpers import (
+from textual.command import CommandList, CommandPalette
+from tui_helpers import (
     MiB,
     asset_id,
     cell_text,
     running,
     screen_text,
+    settled,
     states,
     until,
     upload_source,
 )
-from textual.command import CommandPalette
 
 from methodic import AsyncChronicle, NotFoundError, UploadTracker
 from methodic_tui.screens.dashboard import DashboardScreen
@@ -41,6 +42,13 @@ def ckpts(tmp_path: Path, n: int = 1, size: int = 3 * MiB, files: int = 2) -> li
     ]
 
 
+def palette_hits(app) -> list[str]:
+    """The commands the open palette lists now, as plain text."""
+    hits = app.screen.query_one(CommandList)
+    prompts = [hits.get_option_at_index(i).prompt for i in range(hits.option_count)]
+    return [str(getattr(p, "plain", p)) for p in prompts]
+
+
 def tracked_state(tmp_path: Path, aid: str) -> str:
     with UploadTracker(tmp_path / "u.sqlite") as tracker:
         t = tracker.get_asset(aid)
@@ -51,14 +59,17 @@ def tracked_state(tmp_path: Path, aid: str) -> str:
 async def test_uploads_show_live_and_finalize(server, tmp_path: Path) -> None:
     dirs = ckpts(tmp_path, n=2, size=200_000)
     async with running(upload_source(server, tmp_path, dirs)) as (app, pilot):
-        await until(pilot, lambda: set(states(app).values()) == {"finalized"}, what="finalized")
-        await pilot.pause(0.4)
+        await until(
+            pilot,
+            lambda: states(app) == {"checkpoint-1000": "finalized", "checkpoint-2000": "finalized"},
+            what="finalized",
+        )
         aid = asset_id(app, "checkpoint-1000")
-        assert cell_text(app, "assets", aid, "state") == "finalized"
+        await until(pilot, lambda: cell_text(app, "assets", aid, "state") == "finalized")
         assert cell_text(app, "assets", aid, "files") == "2/2"
         assert tracked_state(tmp_path, aid) == "finalized"
-        assert any("finalized checkpoint-2000" in e.text for e in app.entries)
-        assert "all finalized" in screen_text(app)
+        await until(pilot, lambda: any("finalized checkpoint-2000" in e.text for e in app.entries))
+        await until(pilot, lambda: "all finalized" in screen_text(app))
 
 
 async def test_p_pauses_and_resumes_the_selected_asset(server, tmp_path: Path) -> None:
@@ -69,10 +80,9 @@ async def test_p_pauses_and_resumes_the_selected_asset(server, tmp_path: Path) -
         aid = asset_id(app, "checkpoint-1000")
         await pilot.press("p")
         await until(pilot, lambda: states(app)["checkpoint-1000"] == "paused", what="paused")
-        await pilot.pause(0.4)
         assert tracked_state(tmp_path, aid) == "paused"
-        assert cell_text(app, "assets", aid, "state") == "paused"
-        assert "PAUSED" in screen_text(app)
+        await until(pilot, lambda: cell_text(app, "assets", aid, "state") == "paused")
+        await until(pilot, lambda: "PAUSED" in screen_text(app))
         await pilot.press("p")
         await until(pilot, lambda: states(app)["checkpoint-1000"] == "uploading", what="resumed")
         src.set_bandwidth(None)
@@ -100,9 +110,8 @@ async def test_r_retries_failed_uploads(server, tmp_path: Path) -> None:
     async with running(upload_source(server, tmp_path, dirs)) as (app, pilot):
         await until(pilot, lambda: states(app).get("checkpoint-1000") == "failed", what="failed")
         aid = asset_id(app, "checkpoint-1000")
-        await pilot.pause(0.4)
-        assert cell_text(app, "assets", aid, "state") == "failed"
-        assert any(e.level == "error" and "400" in e.text for e in app.entries)
+        await until(pilot, lambda: cell_text(app, "assets", aid, "state") == "failed")
+        await until(pilot, lambda: any(e.level == "error" and "400" in e.text for e in app.entries))
         await pilot.press("r")
         await until(pilot, lambda: states(app)["checkpoint-1000"] == "finalized", what="retried")
         assert tracked_state(tmp_path, aid) == "finalized"
@@ -164,8 +173,11 @@ async def test_f_finalizes_once_storage_holds_every_byte(server, tmp_path: Path)
         await until(pilot, lambda: states(app)["checkpoint-1000"] == "finalized", what="finalized")
         assert tracked_state(tmp_path, aid) == "finalized"
         assert any("force-finalized checkpoint-1000" in e.text for e in app.entries)
-        await pilot.press("f")  # already finalized: nothing to ask
-        await pilot.pause(0.2)
+        await pilot.press("f")  # already finalized: nothing to ask, it says so
+        await until(
+            pilot, lambda: any("already finalized" in str(n.message) for n in app._notifications)
+        )
+        await settled(pilot)
         assert not isinstance(app.screen, ConfirmScreen)
 
 
@@ -184,8 +196,7 @@ async def test_d_discards_after_confirmation(server, tmp_path: Path) -> None:
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.click("#yes")
         await until(pilot, lambda: states(app)["checkpoint-1000"] == "discarded", what="discarded")
-        await pilot.pause(0.4)
-        assert cell_text(app, "assets", aid, "state") == "discarded"
+        await until(pilot, lambda: cell_text(app, "assets", aid, "state") == "discarded")
         assert tracked_state(tmp_path, aid) == "discarded"
         async with AsyncChronicle(server.url, server.api_key) as chronicle:
             with pytest.raises(NotFoundError):
@@ -202,10 +213,10 @@ async def test_plus_and_minus_move_the_bandwidth_cap(server, tmp_path: Path) -> 
         await pilot.press("minus")
         await pilot.press("minus")
         await until(pilot, lambda: bucket.rate == 1_000_000, what="lowered")
-        await pilot.pause(0.4)
-        assert "cap 1 MB/s" in screen_text(app)
-        await pilot.press("minus")  # the bottom step stays
-        await pilot.pause(0.1)
+        await until(pilot, lambda: "cap 1 MB/s" in screen_text(app))
+        said = sum("bandwidth" in e.text for e in app.entries)
+        await pilot.press("minus")  # the bottom step stays (and the log says the cap again)
+        await until(pilot, lambda: sum("bandwidth" in e.text for e in app.entries) > said)
         assert bucket.rate == 1_000_000
         for _ in range(12):  # past the top step the cap is lifted
             await pilot.press("plus")
@@ -255,15 +266,20 @@ async def test_help_and_the_command_palette(server, tmp_path: Path) -> None:
         await until(pilot, lambda: isinstance(app.screen, HelpScreen), what="help")
         assert "Force-finalize the selected asset" in screen_text(app)
         await pilot.press("p")  # keys belong to the dialog: nothing is paused
-        await pilot.pause(0.2)
+        await settled(pilot)
         assert states(app)["checkpoint-1000"] == "uploading"
         await pilot.press("escape")
         await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
+        await settled(pilot)
+        assert states(app)["checkpoint-1000"] == "uploading"
         await pilot.press("ctrl+p")
         await until(pilot, lambda: isinstance(app.screen, CommandPalette), what="palette")
-        await pilot.pause(0.3)
         await pilot.press(*"pause or resume every")
-        await pilot.pause(0.5)
+        await until(
+            pilot,
+            lambda: len(hits := palette_hits(app)) == 1 and "every" in hits[0].lower(),
+            what="the one matching command listed",
+        )
         await pilot.press("enter")
         await until(
             pilot, lambda: states(app)["checkpoint-1000"] == "paused", what="paused via palette"
@@ -323,7 +339,7 @@ async def test_escape_and_alt_keys_never_destroy(server, tmp_path: Path) -> None
         await until(pilot, lambda: states(app).get("checkpoint-1000") == "uploading")
         for key in ("escape", "alt+d", "alt+f", "alt+q", "escape", "ctrl+d", "delete"):
             await pilot.press(key)
-        await pilot.pause(0.3)
+        await settled(pilot)
         assert app.is_running and isinstance(app.screen, DashboardScreen)
         assert states(app)["checkpoint-1000"] == "uploading"
 
@@ -331,8 +347,9 @@ async def test_escape_and_alt_keys_never_destroy(server, tmp_path: Path) -> None
 async def test_a_bracket_in_a_name_is_not_markup(server, tmp_path: Path) -> None:
     d = make_checkpoint(tmp_path / "ckpt[bold]red", {"rng_state[0].pth": 1000})
     async with running(upload_source(server, tmp_path, [d])) as (app, pilot):
-        await until(pilot, lambda: set(states(app).values()) == {"finalized"})
-        await pilot.pause(0.4)
+        await until(pilot, lambda: states(app) == {"ckpt[bold]red": "finalized"})
         aid = asset_id(app, "ckpt[bold]red")
+        await until(pilot, lambda: cell_text(app, "assets", aid, "state") == "finalized")
         assert cell_text(app, "assets", aid, "name").startswith("ckpt[bold]red")
+        await until(pilot, lambda: app.screen.query_one("#components").row_count == 1)
         assert cell_text(app, "components", "rng_state[0].pth", "path") == "rng_state[0].pth"

@@ -9,8 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from helpers import claim_in_child, make_checkpoint, tree_digest
-from test_tui_helpers import (
+from helpers import CEILING, claim_in_child, make_checkpoint, tree_digest
+from tui_helpers import (
     MiB,
     cell_text,
     running,
@@ -21,7 +21,7 @@ from test_tui_helpers import (
     until,
     upload_source,
 )
-from test_tui_helpers import resume_source as make_resume_source
+from tui_helpers import resume_source as make_resume_source
 
 from methodic import AsyncChronicle, UploadTracker
 from methodic_tui.attach import AttachSource
@@ -162,12 +162,12 @@ async def test_recovery_discard_force_finalize_and_resume_all(server, tmp_path: 
         await until(pilot, lambda: table.row_count == 1)
         # u resumes what is left.
         await pilot.press("u")
-        await until(pilot, lambda: states(app).get("ckpt-c") == "finalized", timeout=30)
+        await until(pilot, lambda: states(app).get("ckpt-c") == "finalized")
         await pilot.press("escape")
         await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
         # The refused one is failed on the dashboard; r retries it to the end.
         await pilot.press("r")
-        await until(pilot, lambda: states(app).get("ckpt-b") == "finalized", timeout=30)
+        await until(pilot, lambda: states(app).get("ckpt-b") == "finalized")
     assert tracked_states(tracker_path) == {
         "ckpt-a": "discarded",
         "ckpt-b": "finalized",
@@ -202,11 +202,11 @@ async def test_recovery_leaves_an_upload_a_live_process_owns(server, tmp_path: P
                 what="the warning",
             )
             await pilot.press("u")
-            await until(pilot, lambda: states(app).get("mine") == "finalized", timeout=30)
+            await until(pilot, lambda: states(app).get("mine") == "finalized")
         assert tracked_states(tracker_path)["theirs"] == "uploading"
     finally:
         live.kill()
-        live.wait(10)
+        live.wait(CEILING)
 
 
 async def test_upload_opens_on_recovery_and_u_resumes_from_the_dashboard(
@@ -222,7 +222,7 @@ async def test_upload_opens_on_recovery_and_u_resumes_from_the_dashboard(
         assert states(app)["old-1"] == "interrupted"
         await until(pilot, lambda: "from an earlier process (u resumes)" in screen_text(app))
         await pilot.press("u")
-        await until(pilot, lambda: states(app)["old-1"] == "finalized", timeout=30)
+        await until(pilot, lambda: states(app)["old-1"] == "finalized")
         await pilot.press("u")  # nothing left: says so
         await until(
             pilot,
@@ -273,9 +273,9 @@ async def test_attach_watches_another_process_read_only(server, tmp_path: Path) 
             await pilot.press("p")
             await until(pilot, lambda: any("read-only" in str(n.title) for n in app._notifications))
             assert tracked_states(tracker_path)["checkpoint-9"] == "uploading"
-            await until(pilot, lambda: states(app)["checkpoint-9"] == "finalized", timeout=30)
+            await until(pilot, lambda: states(app)["checkpoint-9"] == "finalized")
             await until(pilot, lambda: any("finalized checkpoint-9" in e.text for e in app.entries))
-        assert child.wait(30) == 0
+        assert child.wait(CEILING) == 0
     finally:
         if child.poll() is None:
             child.kill()

@@ -10,8 +10,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from test_tui_data import NOW, recovery_source, sample_source
 from textual.pilot import Pilot
+from tui_data import NOW, recovery_source, sample_source
 
 from methodic_tui.app import MethodicApp
 from methodic_tui.source import StaticSource
