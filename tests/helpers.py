@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -134,6 +135,45 @@ def with_query(url: str, **changes: str) -> str:
     query = {k: v[0] for k, v in parse_qs(parts.query).items()}
     query.update(changes)
     return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def tracked_assets(tracker_path: Path) -> list[Any]:
+    """What an upload tracker holds now ([] while no process has created it yet)."""
+    from methodic import UploadTracker
+
+    if not tracker_path.exists():
+        return []
+    with UploadTracker(tracker_path) as tracker:
+        return list(tracker.list_assets())
+
+
+class Lines:
+    """A child process's text stream, read line by line in the background, so that a test can
+    wait for what the child says instead of sleeping."""
+
+    def __init__(self, stream: Any) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: Any) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def count(self, needle: str) -> int:
+        return sum(needle in line for line in list(self.lines))
+
+    def wait_for(self, needle: str, times: int = 1) -> None:
+        wait_until(lambda: self.count(needle) >= times, what=f"{times} x {needle!r}")
+
+    def rest(self) -> str:
+        """Everything, once the child has closed the stream (it exited)."""
+        self._thread.join(CEILING)
+        assert not self._thread.is_alive(), "the stream was not closed"
+        return self.text()
 
 
 def receiving_a_body(srv: Any) -> bool:

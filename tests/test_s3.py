@@ -14,12 +14,12 @@ import httpx
 import pytest
 from helpers import (
     CEILING,
-    free_port,
+    api_client,
     make_checkpoint,
-    methodic_cmd,
+    start_serve,
+    stop_process,
     subprocess_env,
     tree_digest,
-    wait_healthy,
 )
 from s3helpers import REGION, bucket_keys, multipart_uploads, new_bucket, s3_client
 
@@ -46,12 +46,7 @@ def s3_server(tmp_path: Path, moto_endpoint: str, s3_bucket: str) -> Iterator[Em
 @pytest.fixture
 def api(s3_server: EmbeddedServer) -> Iterator[httpx.Client]:
     assert s3_server.url is not None
-    with httpx.Client(
-        base_url=s3_server.url,
-        headers={"Authorization": f"Bearer {s3_server.api_key}"},
-        timeout=30,
-        trust_env=False,
-    ) as client:
+    with api_client(s3_server.url, s3_server.api_key) as client:
         yield client
 
 
@@ -349,12 +344,7 @@ def test_the_control_api_answers_the_same_json_on_both_backends(
     for name, config in configs.items():
         with (
             EmbeddedServer.from_config(config) as srv,
-            httpx.Client(
-                base_url=srv.url or "",
-                headers={"Authorization": f"Bearer {srv.api_key}"},
-                trust_env=False,
-                timeout=30,
-            ) as client,
+            api_client(srv.url, srv.api_key) as client,
         ):
             answers[name] = _script(client)
     assert answers["local"] == answers["s3"]
@@ -366,30 +356,17 @@ def test_the_control_api_answers_the_same_json_on_both_backends(
 def test_methodic_serve_on_s3_end_to_end(
     tmp_path: Path, moto_endpoint: str, s3_bucket: str
 ) -> None:
-    port = free_port()
     data_dir = tmp_path / "served"
-    proc = subprocess.Popen(
-        methodic_cmd(
-            "serve",
-            "--data-dir",
-            str(data_dir),
-            "--port",
-            str(port),
-            "--storage",
-            f"s3://{s3_bucket}/ckpts",
-            "--s3-endpoint-url",
-            moto_endpoint,
-            "--s3-region",
-            REGION,
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=subprocess_env(),
+    proc, url = start_serve(
+        data_dir,
+        "--storage",
+        f"s3://{s3_bucket}/ckpts",
+        "--s3-endpoint-url",
+        moto_endpoint,
+        "--s3-region",
+        REGION,
     )
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc=proc)
         key = (data_dir / "api_key").read_text().strip()
         ckpt = make_checkpoint(tmp_path / "ckpt", {"big.bin": 11 * MiB, "small/a.json": 100})
         with Chronicle(url, key, part_threshold=8 * MiB, part_size=PART) as chronicle:
@@ -403,8 +380,7 @@ def test_methodic_serve_on_s3_end_to_end(
         assert len(bucket_keys(moto_endpoint, s3_bucket)) == 2
         assert not list((data_dir).glob("blobs/*"))  # the data dir keeps only metadata
     finally:
-        proc.terminate()
-        out, err = proc.communicate(timeout=CEILING)
+        out, err = stop_process(proc)
     assert proc.returncode == 0, err
     assert f"s3://{s3_bucket}/ckpts/" in out
 

@@ -6,10 +6,17 @@ import asyncio
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
-from helpers import CEILING, claim_in_child, make_checkpoint, tree_digest
+from helpers import (
+    CEILING,
+    claim_in_child,
+    make_checkpoint,
+    tracked_assets,
+    tree_digest,
+    wait_until,
+    wait_until_async,
+)
 from tui_helpers import (
     MiB,
     cell_text,
@@ -40,15 +47,12 @@ def tracked_states(tracker_path: Path) -> dict[str, str]:
         return {os.path.basename(t.local_dir or ""): t.state for t in tracker.list_assets()}
 
 
-def wait_for_bytes(tracker_path: Path, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if tracker_path.exists():
-            with UploadTracker(tracker_path) as tracker:
-                if any(t.bytes_sent > 0 for t in tracker.list_assets()):
-                    return
-        time.sleep(0.05)
-    raise AssertionError("the uploader sent nothing")
+def wait_for_bytes(tracker_path: Path) -> None:
+    wait_until(
+        lambda: any(t.bytes_sent > 0 for t in tracked_assets(tracker_path)),
+        interval=0.05,
+        what="the uploader's first bytes",
+    )
 
 
 async def leave_unfinished(
@@ -66,8 +70,9 @@ async def leave_unfinished(
         run = await chronicle.run(await chronicle.create_experiment("tui"), 0, 0)
         for d in dirs:
             await run.register_and_upload_async(d, upload_tracker=tracker)
-        while chronicle.pool.snapshot().bytes_done < 1_000_000:
-            await asyncio.sleep(0.02)
+        await wait_until_async(
+            lambda: chronicle.pool.snapshot().bytes_done >= 1_000_000, what="1 MB sent"
+        )
     tracker.close()
     return dirs
 

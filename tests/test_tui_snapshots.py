@@ -39,7 +39,7 @@ def app_on(source: StaticSource, *, recovery: bool = False) -> MethodicApp:
 
 async def ready(pilot: Pilot) -> None:
     await pilot.app.ready.wait()  # type: ignore[attr-defined]
-    await pilot.pause(0.1)
+    await pilot.pause()  # until the app has handled every message (the first paint)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x40"])
