@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from faultproxy import FaultProxy
-from helpers import free_port, start_serve, stop_process
+from helpers import connect, free_port, start_serve, stop_process
 from s3helpers import REGION, DataProxy, moto_server, new_bucket
 
 from methodic.server import EmbeddedServer, ServerConfig
@@ -25,6 +26,13 @@ def server(tmp_path: Path) -> Iterator[EmbeddedServer]:
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture
+def api(server: EmbeddedServer) -> Iterator[httpx.Client]:
+    """An API client on ``server`` (base URL: its control port), with its key."""
+    with connect(server) as client:
+        yield client
 
 
 @dataclass

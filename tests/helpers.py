@@ -118,12 +118,12 @@ def wait_healthy(
     wait_until(healthy, timeout=timeout, interval=0.05, what=f"{url} healthy")
 
 
-def api_client(url: str | None, api_key: str | None, timeout: float = 60.0) -> httpx.Client:
-    """An httpx client on a Chronicle server's control port, with its API key."""
-    assert url is not None
+def connect(srv: Any, timeout: float = 60.0) -> httpx.Client:
+    """An httpx client on an EmbeddedServer's control port, with its API key."""
+    assert srv.url is not None
     return httpx.Client(
-        base_url=url,
-        headers={"Authorization": f"Bearer {api_key}"},
+        base_url=srv.url,
+        headers={"Authorization": f"Bearer {srv.api_key}"},
         timeout=timeout,
         trust_env=False,
     )

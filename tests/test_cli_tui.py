@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers import CEILING, make_checkpoint, wait_until
-from tui_helpers import MiB, tui_cmd, tui_env
+from tui_helpers import MiB, remote_args, tui_cmd, tui_env
 
 from methodic import UploadTracker
 
@@ -121,12 +121,7 @@ def test_a_dropped_terminal_exits_cleanly_and_the_upload_stays_resumable(
         [
             "upload",
             str(ckpt),
-            "--server-url",
-            server.url,
-            "--api-key",
-            server.api_key,
-            "--tracker",
-            str(tracker_path),
+            *remote_args(server, tracker_path),
             "--max-bandwidth",
             "1MB",
             "--workers",
@@ -146,12 +141,7 @@ def test_a_dropped_terminal_exits_cleanly_and_the_upload_stays_resumable(
     resumed = subprocess.run(
         tui_cmd(
             "resume",
-            "--server-url",
-            server.url,
-            "--api-key",
-            server.api_key,
-            "--tracker",
-            str(tracker_path),
+            *remote_args(server, tracker_path),
         ),
         capture_output=True,
         text=True,
@@ -169,12 +159,7 @@ def test_sigterm_stops_the_dashboard_cleanly(server, tmp_path: Path, terminals) 
         [
             "upload",
             str(ckpt),
-            "--server-url",
-            server.url,
-            "--api-key",
-            server.api_key,
-            "--tracker",
-            str(tmp_path / "u.sqlite"),
+            *remote_args(server, tmp_path / "u.sqlite"),
             "--max-bandwidth",
             "500KB",
         ],

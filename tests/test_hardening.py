@@ -19,7 +19,7 @@ import pytest
 from conftest import Served
 from helpers import (
     CEILING,
-    api_client,
+    connect,
     free_port,
     make_checkpoint,
     methodic_cmd,
@@ -36,16 +36,6 @@ from methodic.server import EmbeddedServer, ServerConfig
 
 MiB = 1 << 20
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
-
-
-def connect(srv: EmbeddedServer) -> httpx.Client:
-    return api_client(srv.url, srv.api_key)
-
-
-@pytest.fixture
-def api(server: EmbeddedServer) -> Iterator[httpx.Client]:
-    with connect(server) as client:
-        yield client
 
 
 def new_asset(api: httpx.Client, components: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import CEILING, Lines, make_checkpoint, tracked_assets, wait_until
 from tui_data import sample_snapshot
-from tui_helpers import MiB, tui_cmd, tui_env
+from tui_helpers import MiB, remote_args, tui_cmd, tui_env
 
 from methodic import UploadTracker
 from methodic._events import AssetFinalized, RetryScheduled
@@ -36,12 +36,7 @@ def run_tui(
 
 def remote(server, tmp_path: Path) -> list[str]:
     return [
-        "--server-url",
-        server.url,
-        "--api-key",
-        server.api_key,
-        "--tracker",
-        str(tmp_path / "u.sqlite"),
+        *remote_args(server, tmp_path / "u.sqlite"),
         "--experiment",
         "headless",
     ]
@@ -184,12 +179,7 @@ def test_signals_stop_cleanly_and_resume_continues(
     resumed = run_tui(
         tmp_path,
         "resume",
-        "--server-url",
-        server.url,
-        "--api-key",
-        server.api_key,
-        "--tracker",
-        str(tracker_path),
+        *remote_args(server, tracker_path),
     )
     assert resumed.returncode == 0, resumed.stderr
     with UploadTracker(tracker_path) as tracker:

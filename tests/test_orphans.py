@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import backend_config
-from helpers import api_client, make_checkpoint, tree_digest, wait_until
+from helpers import connect, make_checkpoint, tree_digest, wait_until
 from s3helpers import bucket_keys, multipart_uploads
 
 from methodic import Chronicle, UploadTracker, drain_incomplete_uploads
@@ -19,10 +19,6 @@ from methodic.server import EmbeddedServer
 MiB = 1 << 20
 TTL = 1.0
 SWEEP = 0.1
-
-
-def connect(srv: EmbeddedServer) -> httpx.Client:
-    return api_client(srv.url, srv.api_key)
 
 
 def new_asset(api: httpx.Client, components: list[dict[str, Any]]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from helpers import (
     CEILING,
-    api_client,
+    connect,
     make_checkpoint,
     start_serve,
     stop_process,
@@ -46,7 +46,7 @@ def s3_server(tmp_path: Path, moto_endpoint: str, s3_bucket: str) -> Iterator[Em
 @pytest.fixture
 def api(s3_server: EmbeddedServer) -> Iterator[httpx.Client]:
     assert s3_server.url is not None
-    with api_client(s3_server.url, s3_server.api_key) as client:
+    with connect(s3_server) as client:
         yield client
 
 
@@ -344,7 +344,7 @@ def test_the_control_api_answers_the_same_json_on_both_backends(
     for name, config in configs.items():
         with (
             EmbeddedServer.from_config(config) as srv,
-            api_client(srv.url, srv.api_key) as client,
+            connect(srv) as client,
         ):
             answers[name] = _script(client)
     assert answers["local"] == answers["s3"]

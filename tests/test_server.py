@@ -15,23 +15,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from helpers import CEILING, api_client, receiving_a_body, uploads_released, wait_until, with_query
+from helpers import CEILING, connect, receiving_a_body, uploads_released, wait_until, with_query
 
 from methodic.server import EmbeddedServer, ServerConfig
 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def connect(srv: EmbeddedServer) -> httpx.Client:
-    return api_client(srv.url, srv.api_key)
-
-
-@pytest.fixture
-def api(server: EmbeddedServer) -> Iterator[httpx.Client]:
-    with connect(server) as client:
-        yield client
 
 
 def make_run(api: httpx.Client, name: str = "exp") -> str:

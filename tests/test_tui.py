@@ -5,12 +5,15 @@ Each test checks the key's effect on the engine (pool snapshot, tracker, server)
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 from helpers import make_checkpoint
 from textual.command import CommandList, CommandPalette
+from textual.pilot import Pilot
 from tui_helpers import (
     MiB,
     asset_id,
@@ -24,11 +27,13 @@ from tui_helpers import (
 )
 
 from methodic import AsyncChronicle, NotFoundError, UploadTracker
+from methodic_tui.app import MethodicApp
+from methodic_tui.engine_source import EngineSource
 from methodic_tui.screens.dashboard import DashboardScreen
 from methodic_tui.screens.details import DetailsScreen
 from methodic_tui.screens.modals import ConfirmScreen, HelpScreen
 
-SLOW = 500_000  # bytes/s: 8 MiB stays in flight for the whole test
+SLOW = 50_000  # bytes/s: 8 MiB take ~3 min, so they stay in flight for the whole test
 
 
 def ckpts(tmp_path: Path, n: int = 1, size: int = 3 * MiB, files: int = 2) -> list[Path]:
@@ -40,6 +45,18 @@ def ckpts(tmp_path: Path, n: int = 1, size: int = 3 * MiB, files: int = 2) -> li
         )
         for i in range(1, n + 1)
     ]
+
+
+@contextlib.asynccontextmanager
+async def slow_uploads(
+    server, tmp_path: Path, n: int = 1
+) -> AsyncIterator[tuple[MethodicApp, Pilot, EngineSource]]:
+    """The app on ``n`` checkpoints of 8 MiB sent at SLOW, once all of them are uploading."""
+    src = upload_source(server, tmp_path, ckpts(tmp_path, n=n, size=8 * MiB), max_bandwidth=SLOW)
+    names = [f"checkpoint-{i}000" for i in range(1, n + 1)]
+    async with running(src) as (app, pilot):
+        await until(pilot, lambda: all(states(app).get(name) == "uploading" for name in names))
+        yield app, pilot, src
 
 
 def palette_hits(app) -> list[str]:
@@ -67,20 +84,19 @@ async def test_uploads_show_live_and_finalize(server, tmp_path: Path) -> None:
         aid = asset_id(app, "checkpoint-1000")
         await until(pilot, lambda: cell_text(app, "assets", aid, "state") == "finalized")
         assert cell_text(app, "assets", aid, "files") == "2/2"
-        assert tracked_state(tmp_path, aid) == "finalized"
+        await until(
+            pilot, lambda: tracked_state(tmp_path, aid) == "finalized", what="tracked finalized"
+        )
         await until(pilot, lambda: any("finalized checkpoint-2000" in e.text for e in app.entries))
         await until(pilot, lambda: "all finalized" in screen_text(app))
 
 
 async def test_p_pauses_and_resumes_the_selected_asset(server, tmp_path: Path) -> None:
-    dirs = ckpts(tmp_path, n=1, size=8 * MiB)
-    src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
-    async with running(src) as (app, pilot):
-        await until(pilot, lambda: states(app).get("checkpoint-1000") == "uploading")
+    async with slow_uploads(server, tmp_path) as (app, pilot, src):
         aid = asset_id(app, "checkpoint-1000")
         await pilot.press("p")
         await until(pilot, lambda: states(app)["checkpoint-1000"] == "paused", what="paused")
-        assert tracked_state(tmp_path, aid) == "paused"
+        await until(pilot, lambda: tracked_state(tmp_path, aid) == "paused", what="tracked paused")
         await until(pilot, lambda: cell_text(app, "assets", aid, "state") == "paused")
         await until(pilot, lambda: "PAUSED" in screen_text(app))
         await pilot.press("p")
@@ -90,12 +106,7 @@ async def test_p_pauses_and_resumes_the_selected_asset(server, tmp_path: Path) -
 
 
 async def test_a_and_shift_p_pause_and_resume_everything(server, tmp_path: Path) -> None:
-    dirs = ckpts(tmp_path, n=2, size=8 * MiB)
-    src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
-    async with running(src) as (app, pilot):
-        await until(
-            pilot, lambda: set(states(app).values()) == {"uploading"} and len(states(app)) == 2
-        )
+    async with slow_uploads(server, tmp_path, n=2) as (app, pilot, _):
         await pilot.press("a")
         await until(pilot, lambda: set(states(app).values()) == {"paused"}, what="all paused")
         await pilot.press("P")
@@ -114,14 +125,13 @@ async def test_r_retries_failed_uploads(server, tmp_path: Path) -> None:
         await until(pilot, lambda: any(e.level == "error" and "400" in e.text for e in app.entries))
         await pilot.press("r")
         await until(pilot, lambda: states(app)["checkpoint-1000"] == "finalized", what="retried")
-        assert tracked_state(tmp_path, aid) == "finalized"
+        await until(
+            pilot, lambda: tracked_state(tmp_path, aid) == "finalized", what="tracked finalized"
+        )
 
 
 async def test_f_asks_first_and_the_server_still_verifies(server, tmp_path: Path) -> None:
-    dirs = ckpts(tmp_path, n=1, size=8 * MiB)
-    src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
-    async with running(src) as (app, pilot):
-        await until(pilot, lambda: states(app).get("checkpoint-1000") == "uploading")
+    async with slow_uploads(server, tmp_path) as (app, pilot, _):
         aid = asset_id(app, "checkpoint-1000")
         await pilot.press("f")
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="confirmation")
@@ -171,7 +181,9 @@ async def test_f_finalizes_once_storage_holds_every_byte(server, tmp_path: Path)
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("y")
         await until(pilot, lambda: states(app)["checkpoint-1000"] == "finalized", what="finalized")
-        assert tracked_state(tmp_path, aid) == "finalized"
+        await until(
+            pilot, lambda: tracked_state(tmp_path, aid) == "finalized", what="tracked finalized"
+        )
         assert any("force-finalized checkpoint-1000" in e.text for e in app.entries)
         await pilot.press("f")  # already finalized: nothing to ask, it says so
         await until(
@@ -182,10 +194,7 @@ async def test_f_finalizes_once_storage_holds_every_byte(server, tmp_path: Path)
 
 
 async def test_d_discards_after_confirmation(server, tmp_path: Path) -> None:
-    dirs = ckpts(tmp_path, n=1, size=8 * MiB)
-    src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
-    async with running(src) as (app, pilot):
-        await until(pilot, lambda: states(app).get("checkpoint-1000") == "uploading")
+    async with slow_uploads(server, tmp_path) as (app, pilot, _):
         aid = asset_id(app, "checkpoint-1000")
         await pilot.press("d")
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
@@ -197,7 +206,9 @@ async def test_d_discards_after_confirmation(server, tmp_path: Path) -> None:
         await pilot.click("#yes")
         await until(pilot, lambda: states(app)["checkpoint-1000"] == "discarded", what="discarded")
         await until(pilot, lambda: cell_text(app, "assets", aid, "state") == "discarded")
-        assert tracked_state(tmp_path, aid) == "discarded"
+        await until(
+            pilot, lambda: tracked_state(tmp_path, aid) == "discarded", what="tracked discarded"
+        )
         async with AsyncChronicle(server.url, server.api_key) as chronicle:
             with pytest.raises(NotFoundError):
                 await chronicle.get_asset(aid)
@@ -258,10 +269,7 @@ async def test_slash_filters_the_assets(server, tmp_path: Path) -> None:
 
 
 async def test_help_and_the_command_palette(server, tmp_path: Path) -> None:
-    dirs = ckpts(tmp_path, n=1, size=8 * MiB)
-    src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
-    async with running(src) as (app, pilot):
-        await until(pilot, lambda: states(app).get("checkpoint-1000") == "uploading")
+    async with slow_uploads(server, tmp_path) as (app, pilot, _):
         await pilot.press("question_mark")
         await until(pilot, lambda: isinstance(app.screen, HelpScreen), what="help")
         assert "Force-finalize the selected asset" in screen_text(app)
@@ -289,10 +297,7 @@ async def test_help_and_the_command_palette(server, tmp_path: Path) -> None:
 async def test_q_with_uploads_in_flight_asks_and_they_stay_resumable(
     server, tmp_path: Path
 ) -> None:
-    dirs = ckpts(tmp_path, n=1, size=8 * MiB)
-    src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
-    async with running(src) as (app, pilot):
-        await until(pilot, lambda: states(app).get("checkpoint-1000") == "uploading")
+    async with slow_uploads(server, tmp_path) as (app, pilot, _):
         aid = asset_id(app, "checkpoint-1000")
         await pilot.press("q")
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="quit dialog")
@@ -310,9 +315,7 @@ async def test_q_with_uploads_in_flight_asks_and_they_stay_resumable(
 
 
 async def test_q_asks_too_when_uploads_are_only_paused(server, tmp_path: Path) -> None:
-    dirs = ckpts(tmp_path, n=1, size=8 * MiB)
-    async with running(upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)) as (app, pilot):
-        await until(pilot, lambda: states(app).get("checkpoint-1000") == "uploading")
+    async with slow_uploads(server, tmp_path) as (app, pilot, _):
         await pilot.press("p")
         await until(pilot, lambda: states(app)["checkpoint-1000"] == "paused")
         await pilot.press("q")
@@ -333,10 +336,7 @@ async def test_q_when_nothing_is_in_flight_quits_at_once(server, tmp_path: Path)
 
 
 async def test_escape_and_alt_keys_never_destroy(server, tmp_path: Path) -> None:
-    dirs = ckpts(tmp_path, n=1, size=8 * MiB)
-    src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
-    async with running(src) as (app, pilot):
-        await until(pilot, lambda: states(app).get("checkpoint-1000") == "uploading")
+    async with slow_uploads(server, tmp_path) as (app, pilot, _):
         for key in ("escape", "alt+d", "alt+f", "alt+q", "escape", "ctrl+d", "delete"):
             await pilot.press(key)
         await settled(pilot)

@@ -20,6 +20,7 @@ from helpers import (
 from tui_helpers import (
     MiB,
     cell_text,
+    remote_args,
     running,
     screen_text,
     states,
@@ -87,12 +88,7 @@ async def test_recovery_screen_after_a_sigkilled_upload(server, tmp_path: Path) 
             "upload",
             str(ckpt),
             "--no-ui",
-            "--server-url",
-            server.url,
-            "--api-key",
-            server.api_key,
-            "--tracker",
-            str(tracker_path),
+            *remote_args(server, tracker_path),
             "--max-bandwidth",
             "1MB",
             "--workers",
@@ -156,7 +152,7 @@ async def test_recovery_discard_force_finalize_and_resume_all(server, tmp_path: 
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("y")
         await until(pilot, lambda: table.row_count == 2 and isinstance(app.screen, RecoveryScreen))
-        assert tracked_states(tracker_path)["ckpt-a"] == "discarded"
+        await until(pilot, lambda: tracked_states(tracker_path)["ckpt-a"] == "discarded")
         # f on the next: storage lacks bytes, so the server refuses (and says what is missing).
         await pilot.press("f")
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
@@ -251,17 +247,12 @@ async def test_resume_with_nothing_pending_says_so(server, tmp_path: Path) -> No
 async def test_attach_watches_another_process_read_only(server, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "checkpoint-9", {f"s{i}.bin": MiB for i in range(6)})
     tracker_path = tmp_path / "u.sqlite"
-    child = subprocess.Popen(  # ~9 s of uploading: still going when the view is up, even on a busy machine
+    child = subprocess.Popen(  # ~9 s of uploading
         tui_cmd(
             "upload",
             str(ckpt),
             "--no-ui",
-            "--server-url",
-            server.url,
-            "--api-key",
-            server.api_key,
-            "--tracker",
-            str(tracker_path),
+            *remote_args(server, tracker_path),
             "--max-bandwidth",
             "700KB",
         ),
@@ -271,6 +262,9 @@ async def test_attach_watches_another_process_read_only(server, tmp_path: Path) 
     )
     try:
         await asyncio.to_thread(wait_for_bytes, tracker_path)
+        # Frozen mid-upload while the view is checked: it cannot finish first, however slow the
+        # machine is to bring the view up.
+        child.send_signal(signal.SIGSTOP)
         source = AttachSource(tracker_path, poll=0.2)
         async with running(source) as (app, pilot):
             await until(pilot, lambda: states(app).get("checkpoint-9") == "uploading")
@@ -278,6 +272,7 @@ async def test_attach_watches_another_process_read_only(server, tmp_path: Path) 
             await pilot.press("p")
             await until(pilot, lambda: any("read-only" in str(n.title) for n in app._notifications))
             assert tracked_states(tracker_path)["checkpoint-9"] == "uploading"
+            child.send_signal(signal.SIGCONT)
             await until(pilot, lambda: states(app)["checkpoint-9"] == "finalized")
             await until(pilot, lambda: any("finalized checkpoint-9" in e.text for e in app.entries))
         assert child.wait(CEILING) == 0

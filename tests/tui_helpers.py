@@ -92,6 +92,11 @@ def tui_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "methodic_tui", *args]
 
 
+def remote_args(server, tracker_path: Path) -> list[str]:
+    """The command-line options that point a ``methodic-tui`` at ``server`` and a tracker."""
+    return ["--server-url", server.url, "--api-key", server.api_key, "--tracker", str(tracker_path)]
+
+
 def tui_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     # The embedded server's default data dir must not be the real user's.
     return subprocess_env(XDG_DATA_HOME=str(tmp_path / "xdg"), **extra)
