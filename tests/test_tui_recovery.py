@@ -64,15 +64,24 @@ async def leave_unfinished(
         make_checkpoint(tmp_path / n, {"a.bin": size // 2, "b.bin": size // 2}, seed=i)
         for i, n in enumerate(names)
     ]
-    tracker = UploadTracker(tmp_path / "u.sqlite")
+    tracker_path = tmp_path / "u.sqlite"
+    tracker = UploadTracker(tracker_path)
+    # 300 kB/s: one checkpoint alone takes > 20 s, so none can finish before the last one is
+    # registered and uploading, however slow the machine.
     async with AsyncChronicle(
-        server.url, server.api_key, max_upload_workers=2, max_bandwidth=4_000_000
+        server.url, server.api_key, max_upload_workers=2, max_bandwidth=300_000
     ) as chronicle:
         run = await chronicle.run(await chronicle.create_experiment("tui"), 0, 0)
         for d in dirs:
             await run.register_and_upload_async(d, upload_tracker=tracker)
+        # Every one uploading in the tracker (the engine's state leads its tracker write), and
+        # some bytes stored.
         await wait_until_async(
-            lambda: chronicle.pool.snapshot().bytes_done >= 1_000_000, what="1 MB sent"
+            lambda: (
+                chronicle.pool.snapshot().bytes_done >= 1_000_000
+                and [t.state for t in tracked_assets(tracker_path)] == ["uploading"] * len(dirs)
+            ),
+            what="every upload started and 1 MB sent",
         )
     tracker.close()
     return dirs
