@@ -17,7 +17,9 @@ from methodic import Chronicle, UploadTracker, drain_incomplete_uploads
 from methodic.server import EmbeddedServer
 
 MiB = 1 << 20
-TTL = 1.0
+# Far longer than any step of the client takes, even on a loaded machine (a 6 MiB PUT, an
+# upload at 400 kB/s): a pending asset must not expire while its client is still at work.
+TTL = 10.0
 SWEEP = 0.1
 
 
