@@ -25,7 +25,7 @@ class Reply:
 
 
 class RawClient:
-    def __init__(self, url: str, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, timeout: float = 60.0) -> None:
         parts = urlsplit(url)
         assert parts.hostname is not None and parts.port is not None
         self.host = f"{parts.hostname}:{parts.port}"
@@ -80,7 +80,7 @@ class RawClient:
         reply.body, self._buffer = self._buffer[:length], self._buffer[length:]
         return reply
 
-    def closed_by_server(self, timeout: float = 5.0) -> bool:
+    def closed_by_server(self, timeout: float = 60.0) -> bool:
         """True once the server has closed the connection (after any bytes still unread)."""
         self.sock.settimeout(timeout)
         try:

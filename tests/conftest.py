@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from faultproxy import FaultProxy
-from helpers import free_port, methodic_cmd, subprocess_env, wait_healthy
+from helpers import connect, free_port, start_serve, stop_process
 from s3helpers import REGION, DataProxy, moto_server, new_bucket
 
 from methodic.server import EmbeddedServer, ServerConfig
@@ -27,6 +28,13 @@ def server(tmp_path: Path) -> Iterator[EmbeddedServer]:
         srv.stop()
 
 
+@pytest.fixture
+def api(server: EmbeddedServer) -> Iterator[httpx.Client]:
+    """An API client on ``server`` (base URL: its control port), with its key."""
+    with connect(server) as client:
+        yield client
+
+
 @dataclass
 class Served:
     url: str
@@ -39,25 +47,11 @@ class Served:
 def served(tmp_path: Path) -> Iterator[Served]:
     """`methodic serve` as a real subprocess on a free loopback port; always stopped."""
     data_dir = tmp_path / "served"
-    port = free_port()
-    proc = subprocess.Popen(
-        methodic_cmd("serve", "--data-dir", str(data_dir), "--port", str(port)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=subprocess_env(),
-    )
+    proc, url = start_serve(data_dir)
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc=proc)
         yield Served(url, (data_dir / "api_key").read_text().strip(), data_dir, proc)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 # ---- storage backends: the same tests on local storage and on S3 (moto) --------------------

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 from faultproxy import FaultProxy
-from helpers import free_port, make_checkpoint, subprocess_env, tree_digest
+from helpers import CEILING, free_port, make_checkpoint, subprocess_env, tree_digest
 
 from methodic.server import EmbeddedServer
 
@@ -151,7 +151,7 @@ def kill_round(
     finished = child.poll() is not None
     if not finished:
         os.kill(child.pid, signal.SIGKILL)
-    out, err = child.communicate(timeout=30)
+    out, err = child.communicate(timeout=CEILING)
     if finished:
         assert child.returncode == 0, err
     check_nothing_incomplete_visible(api)

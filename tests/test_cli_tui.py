@@ -11,12 +11,11 @@ import struct
 import subprocess
 import termios
 import threading
-import time
 from pathlib import Path
 
 import pytest
-from helpers import make_checkpoint
-from test_tui_helpers import MiB, tui_cmd, tui_env
+from helpers import CEILING, make_checkpoint, wait_until
+from tui_helpers import MiB, remote_args, tui_cmd, tui_env
 
 from methodic import UploadTracker
 
@@ -57,15 +56,21 @@ class Terminal:
                     return
                 self.output += data
 
-    def wait_for(self, text: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def wait_for(self, text: str) -> None:
+        def shown() -> bool:
             if text.encode() in self.output:
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"{text!r} never shown; exit {self.proc.poll()}")
+                return True
+            if self.proc.poll() is not None and not self._reader.is_alive():  # all read
+                raise AssertionError(f"{text!r} never shown; exit {self.proc.returncode}")
+            return False
+
+        wait_until(shown, interval=0.05, what=f"{text!r} shown")
+
+    def all_output(self) -> str:
+        """Everything the child wrote, once it has exited (the reader stops at the pty's end)."""
+        self.proc.wait(CEILING)
+        self._reader.join(CEILING)
+        return self.output.decode(errors="replace")
 
     def press(self, keys: str) -> None:
         os.write(self.master, keys.encode())
@@ -86,6 +91,11 @@ class Terminal:
             os.close(self.master)
 
 
+def completed_files(tracker_path: Path) -> int:
+    with UploadTracker(tracker_path) as tracker:
+        return sum(t.completed_count for t in tracker.list_assets())
+
+
 @pytest.fixture
 def terminals():
     opened: list[Terminal] = []
@@ -99,7 +109,7 @@ def test_demo_in_a_terminal_finishes_and_q_quits(tmp_path: Path, terminals) -> N
     terminals.append(term)
     term.wait_for("all finalized")
     term.press("q")
-    assert term.proc.wait(15) == 0
+    assert term.proc.wait(CEILING) == 0
 
 
 def test_a_dropped_terminal_exits_cleanly_and_the_upload_stays_resumable(
@@ -111,12 +121,7 @@ def test_a_dropped_terminal_exits_cleanly_and_the_upload_stays_resumable(
         [
             "upload",
             str(ckpt),
-            "--server-url",
-            server.url,
-            "--api-key",
-            server.api_key,
-            "--tracker",
-            str(tracker_path),
+            *remote_args(server, tracker_path),
             "--max-bandwidth",
             "1MB",
             "--workers",
@@ -126,16 +131,9 @@ def test_a_dropped_terminal_exits_cleanly_and_the_upload_stays_resumable(
     )
     terminals.append(term)
     term.wait_for("uploading")
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        with UploadTracker(tracker_path) as tracker:
-            if any(t.completed_count for t in tracker.list_assets()):
-                break
-        time.sleep(0.05)
+    wait_until(lambda: completed_files(tracker_path) > 0, what="a file stored")
     term.hang_up()
-    started = time.monotonic()
-    code = term.proc.wait(15)  # not left spinning
-    assert time.monotonic() - started < 10
+    code = term.proc.wait(CEILING)  # not left spinning: it exits by itself
     assert code == 129, term.output[-2000:].decode(errors="replace")
     with UploadTracker(tracker_path) as tracker:
         (left,) = tracker.get_pending_uploads()
@@ -143,16 +141,11 @@ def test_a_dropped_terminal_exits_cleanly_and_the_upload_stays_resumable(
     resumed = subprocess.run(
         tui_cmd(
             "resume",
-            "--server-url",
-            server.url,
-            "--api-key",
-            server.api_key,
-            "--tracker",
-            str(tracker_path),
+            *remote_args(server, tracker_path),
         ),
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=CEILING,
         env=tui_env(tmp_path),
     )
     assert resumed.returncode == 0, resumed.stderr
@@ -166,12 +159,7 @@ def test_sigterm_stops_the_dashboard_cleanly(server, tmp_path: Path, terminals) 
         [
             "upload",
             str(ckpt),
-            "--server-url",
-            server.url,
-            "--api-key",
-            server.api_key,
-            "--tracker",
-            str(tmp_path / "u.sqlite"),
+            *remote_args(server, tmp_path / "u.sqlite"),
             "--max-bandwidth",
             "500KB",
         ],
@@ -180,7 +168,7 @@ def test_sigterm_stops_the_dashboard_cleanly(server, tmp_path: Path, terminals) 
     terminals.append(term)
     term.wait_for("uploading")
     term.proc.send_signal(signal.SIGTERM)
-    assert term.proc.wait(15) == 143
+    assert term.proc.wait(CEILING) == 143
     with UploadTracker(tmp_path / "u.sqlite") as tracker:
         assert len(tracker.get_pending_uploads()) == 1
 
@@ -202,9 +190,8 @@ def test_a_wrong_key_in_the_dashboard_is_one_line_exit_2(server, tmp_path: Path,
         tmp_path,
     )
     terminals.append(term)
-    assert term.proc.wait(30) == 2
-    time.sleep(0.2)
-    text = term.output.decode(errors="replace")
+    assert term.proc.wait(CEILING) == 2
+    text = term.all_output()
     assert "methodic-tui: error: the server at" in text and "refused the API key" in text
     assert bad not in text and "Traceback" not in text
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import make_checkpoint, sha256_file, tree_digest
+from helpers import CEILING, make_checkpoint, sha256_file, tree_digest
 
 from methodic import (
     AssetIncompleteError,
@@ -107,7 +107,7 @@ def test_large_file_goes_in_parts(any_server, tmp_path: Path) -> None:
     ) as chronicle:
         run = chronicle.run(chronicle.create_experiment("parts"), 0, 0)
         handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
-        handle.result(timeout=60)
+        handle.result(timeout=CEILING)
         remote = chronicle.get_asset(handle.asset_id)
         big = next(c for c in remote.components if c.path == "big.bin")
         assert big.part_size == 5 * MiB and sorted(big.parts_stored) == [1, 2, 3, 4, 5]
@@ -189,7 +189,7 @@ def test_upload_failure_surfaces_without_losing_state(server, tmp_path: Path) ->
         run.core.id = "no-such-run"
         handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
         with pytest.raises(ChronicleError):
-            handle.result(timeout=30)
+            handle.result(timeout=CEILING)
         with pytest.raises(ChronicleError):
             run.wait_for_uploads()
     tracked = tracker.get_asset(handle.asset_id)

@@ -12,11 +12,21 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from helpers import free_port, make_checkpoint, methodic_cmd, subprocess_env
+from conftest import Served
+from helpers import (
+    CEILING,
+    connect,
+    free_port,
+    make_checkpoint,
+    methodic_cmd,
+    stop_process,
+    subprocess_env,
+    with_query,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,21 +36,6 @@ from methodic.server import EmbeddedServer, ServerConfig
 
 MiB = 1 << 20
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
-
-
-def connect(srv: EmbeddedServer) -> httpx.Client:
-    return httpx.Client(
-        base_url=srv.url or "",
-        headers={"Authorization": f"Bearer {srv.api_key}"},
-        timeout=30,
-        trust_env=False,
-    )
-
-
-@pytest.fixture
-def api(server: EmbeddedServer) -> Iterator[httpx.Client]:
-    with connect(server) as client:
-        yield client
 
 
 def new_asset(api: httpx.Client, components: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -54,13 +49,6 @@ def new_asset(api: httpx.Client, components: list[dict[str, Any]], **extra: Any)
         **extra,
     }
     return dict(api.post(f"/api/v1/runs/{run}/assets", json=body).json())
-
-
-def with_query(url: str, **changes: str) -> str:
-    parts = urlsplit(url)
-    query = {k: v[0] for k, v in parse_qs(parts.query).items()}
-    query.update(changes)
-    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def stored_files(srv: EmbeddedServer) -> list[Path]:
@@ -209,7 +197,7 @@ def test_bodies_and_manifests_over_the_limits_are_413(tmp_path: Path) -> None:
         # A declared Content-Length over the limit is refused before a byte of body is sent.
         url = urlsplit(srv.url or "")
         assert url.hostname is not None and url.port is not None
-        with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        with socket.create_connection((url.hostname, url.port), timeout=CEILING) as sock:
             sock.sendall(
                 f"POST /api/v1/experiments HTTP/1.1\r\nHost: {url.netloc}\r\n"
                 f"Authorization: Bearer {srv.api_key}\r\nContent-Type: application/json\r\n"
@@ -307,14 +295,11 @@ def _serve_stderrs(tmp_path: Path, *variants: list[str]) -> list[str]:
     for proc in procs:
         try:
             assert proc.stdout is not None
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:  # wait until it serves
-                line = proc.stdout.readline()
-                if "listening" in line or not line:
-                    break
+            # Until it serves (or exits): readline blocks until a line or EOF, no deadline needed.
+            while (line := proc.stdout.readline()) and "listening" not in line:
+                pass
         finally:
-            proc.terminate()
-            errs.append(proc.communicate(timeout=15)[1])
+            errs.append(stop_process(proc)[1])
     return errs
 
 
@@ -350,7 +335,7 @@ def _full_upload(url: str, key: str, tmp_path: Path) -> None:
         handle = run.register_and_upload_async(
             ckpt, upload_tracker=UploadTracker(tmp_path / "u.sqlite")
         )
-        handle.result(timeout=60)
+        handle.result(timeout=CEILING)
         data = httpx.get(
             f"{url}/api/v1/assets/{handle.asset_id}/download",
             headers={"Authorization": f"Bearer {key}"},
@@ -391,24 +376,7 @@ def test_no_presigned_signature_in_any_info_log_line(
     assert _secrets_in([r.getMessage() for r in caplog.records], [server.api_key]) == []
 
 
-def test_methodic_serve_logs_no_secret(tmp_path: Path) -> None:
-    port = free_port()
-    data_dir = tmp_path / "served"
-    proc = subprocess.Popen(
-        methodic_cmd("serve", "--data-dir", str(data_dir), "--port", str(port)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=subprocess_env(),
-    )
-    try:
-        from helpers import wait_healthy
-
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc=proc)
-        key = (data_dir / "api_key").read_text().strip()
-        _full_upload(url, key, tmp_path)
-    finally:
-        proc.terminate()
-        out, err = proc.communicate(timeout=15)
-    assert _secrets_in((out + err).splitlines(), [key]) == []
+def test_methodic_serve_logs_no_secret(served: Served, tmp_path: Path) -> None:
+    _full_upload(served.url, served.api_key, tmp_path)
+    out, err = stop_process(served.proc)
+    assert _secrets_in((out + err).splitlines(), [served.api_key]) == []

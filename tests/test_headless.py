@@ -7,13 +7,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers import make_checkpoint
-from test_tui_data import sample_snapshot
-from test_tui_helpers import MiB, tui_cmd, tui_env
+from helpers import CEILING, Lines, make_checkpoint, tracked_assets, wait_until
+from tui_data import sample_snapshot
+from tui_helpers import MiB, remote_args, tui_cmd, tui_env
 
 import methodic_tui
 from methodic import AssetFinalized, RetryScheduled, UploadTracker
@@ -37,12 +36,7 @@ def run_tui(
 
 def remote(server, tmp_path: Path) -> list[str]:
     return [
-        "--server-url",
-        server.url,
-        "--api-key",
-        server.api_key,
-        "--tracker",
-        str(tmp_path / "u.sqlite"),
+        *remote_args(server, tmp_path / "u.sqlite"),
         "--experiment",
         "headless",
     ]
@@ -166,15 +160,12 @@ def test_signals_stop_cleanly_and_resume_continues(
         env=tui_env(tmp_path),
     )
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if tracker_path.exists():
-                with UploadTracker(tracker_path) as tracker:
-                    if any(t.completed_count > 0 for t in tracker.list_assets()):
-                        break
-            time.sleep(0.05)
+        wait_until(
+            lambda: any(t.completed_count > 0 for t in tracked_assets(tracker_path)),
+            what="a file stored",
+        )
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=20)
+        _, err = proc.communicate(timeout=CEILING)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -188,12 +179,7 @@ def test_signals_stop_cleanly_and_resume_continues(
     resumed = run_tui(
         tmp_path,
         "resume",
-        "--server-url",
-        server.url,
-        "--api-key",
-        server.api_key,
-        "--tracker",
-        str(tracker_path),
+        *remote_args(server, tracker_path),
     )
     assert resumed.returncode == 0, resumed.stderr
     with UploadTracker(tracker_path) as tracker:
@@ -231,24 +217,26 @@ def test_watch_uploads_each_complete_directory_once(server, tmp_path: Path) -> N
     make_checkpoint(root / "checkpoint-100", {"a.bin": 1000, ".complete": 0})
     make_checkpoint(root / "checkpoint-200", {"a.bin": 2000})  # settles
     make_checkpoint(root / "other", {"a.bin": 1})  # does not match the pattern
+    tracker_path = tmp_path / "u.sqlite"
     proc = subprocess.Popen(
         tui_cmd("watch", str(root), "--settle", "0.5", *remote(server, tmp_path)),
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
         env=tui_env(tmp_path),
     )
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if (tmp_path / "u.sqlite").exists():
-                with UploadTracker(tmp_path / "u.sqlite") as tracker:
-                    if sum(t.state == "finalized" for t in tracker.list_assets()) == 2:
-                        break
-            time.sleep(0.1)
-        time.sleep(1.0)  # more scans: nothing is uploaded twice
+        err_lines = Lines(proc.stderr)
+        wait_until(
+            lambda: sum(t.state == "finalized" for t in tracked_assets(tracker_path)) == 2,
+            what="both checkpoints finalized",
+        )
+        # More scans (every 0.2 s here) while two more status lines (one per 2 s) are printed:
+        # nothing is uploaded twice.
+        err_lines.wait_for("status ", times=err_lines.count("status ") + 2)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=20)
+        proc.wait(CEILING)
+        err = err_lines.rest()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -260,14 +248,23 @@ def test_watch_uploads_each_complete_directory_once(server, tmp_path: Path) -> N
     # Restarted, the watch remembers what the tracker already holds.
     again = subprocess.Popen(
         tui_cmd("watch", str(root), "--settle", "0.2", *remote(server, tmp_path)),
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
         env=tui_env(tmp_path),
     )
-    time.sleep(2.0)
-    again.send_signal(signal.SIGTERM)
-    _, err = again.communicate(timeout=20)
+    try:
+        err_lines = Lines(again.stderr)
+        # Watching (its signal handlers are set), then scans for two status lines (>= 2 s).
+        err_lines.wait_for("watching ")
+        err_lines.wait_for("status ", times=2)
+        again.send_signal(signal.SIGTERM)
+        again.wait(CEILING)
+        err = err_lines.rest()
+    finally:
+        if again.poll() is None:
+            again.kill()
+            again.wait()
     assert again.returncode == 143, err
     with UploadTracker(tmp_path / "u.sqlite") as tracker:
         assert len(tracker.list_assets()) == 2
@@ -297,7 +294,7 @@ def test_the_headless_path_never_imports_textual(server, tmp_path: Path) -> None
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=CEILING,
         env=tui_env(tmp_path),
     )
     assert result.stdout.strip() == "0 []", result.stdout + result.stderr

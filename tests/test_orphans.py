@@ -4,31 +4,23 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from conftest import backend_config
-from helpers import make_checkpoint, tree_digest
+from helpers import connect, make_checkpoint, tree_digest, wait_until
 from s3helpers import bucket_keys, multipart_uploads
 
 from methodic import Chronicle, UploadTracker, drain_incomplete_uploads
 from methodic.server import EmbeddedServer
 
 MiB = 1 << 20
-TTL = 1.0
+# Far longer than any step of the client takes, even on a loaded machine (a 6 MiB PUT, an
+# upload at 400 kB/s): a pending asset must not expire while its client is still at work.
+TTL = 10.0
 SWEEP = 0.1
-
-
-def connect(srv: EmbeddedServer) -> httpx.Client:
-    return httpx.Client(
-        base_url=srv.url or "",
-        headers={"Authorization": f"Bearer {srv.api_key}"},
-        timeout=30,
-        trust_env=False,
-    )
 
 
 def new_asset(api: httpx.Client, components: list[dict[str, Any]]) -> dict[str, Any]:
@@ -64,13 +56,6 @@ def stored_bytes(
     return bucket_keys(endpoint, bucket) + [k for k, _ in multipart_uploads(endpoint, bucket)]
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-
-
 def test_an_idle_pending_asset_expires_and_its_bytes_are_removed(
     storage_backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -89,8 +74,8 @@ def test_an_idle_pending_asset_expires_and_its_bytes_are_removed(
         put(orphan["targets"][1], data)
         assert len(stored_bytes(srv, storage_backend, request)) == 3  # done, a, m (part or upload)
 
-        wait_for(lambda: api.get(f"/api/v1/assets/{orphan['asset_id']}").status_code == 404)
-        wait_for(lambda: len(stored_bytes(srv, storage_backend, request)) == 1)
+        wait_until(lambda: api.get(f"/api/v1/assets/{orphan['asset_id']}").status_code == 404)
+        wait_until(lambda: len(stored_bytes(srv, storage_backend, request)) == 1)
         assert api.get(f"/api/v1/assets/{finalized['asset_id']}").json()["state"] == "finalized"
         url = api.get(f"/api/v1/assets/{finalized['asset_id']}/download").json()["components"][0][
             "url"
@@ -107,20 +92,24 @@ def test_activity_keeps_a_pending_asset_alive(
     from methodic.server import catalog as catalog_module
 
     monkeypatch.setattr(catalog_module, "_TOUCH_GRANULARITY_S", 0.0)  # every presign counts
+    # A TTL well over the client's pauses (0.5 s, plus a loaded machine's delays), and the
+    # client active for longer than the TTL.
+    ttl = 4.0
     config = backend_config(
-        storage_backend, tmp_path / "srv", request, pending_ttl=1.5, sweep_interval=SWEEP
+        storage_backend, tmp_path / "srv", request, pending_ttl=ttl, sweep_interval=SWEEP
     )
     with EmbeddedServer.from_config(config) as srv, connect(srv) as api:
         asset = new_asset(api, [{"path": "a", "size": 3}])
         presign = f"/api/v1/assets/{asset['asset_id']}/presign"
-        for _ in range(6):  # 3 s of a slow client: twice the TTL
+        active_until = time.monotonic() + 1.5 * ttl
+        while time.monotonic() < active_until:  # a slow client, active for 1.5 x the TTL
             assert (
                 api.post(presign, json={"targets": [{"path": "a", "part": None}]}).status_code
                 == 200
             )
             time.sleep(0.5)
         assert api.get(f"/api/v1/assets/{asset['asset_id']}").status_code == 200
-        wait_for(lambda: api.get(f"/api/v1/assets/{asset['asset_id']}").status_code == 404)
+        wait_until(lambda: api.get(f"/api/v1/assets/{asset['asset_id']}").status_code == 404)
 
 
 def test_assets_that_expired_while_the_server_was_down_go_at_start(tmp_path: Path) -> None:
@@ -132,7 +121,7 @@ def test_assets_that_expired_while_the_server_was_down_go_at_start(tmp_path: Pat
     time.sleep(0.3)
     config = ServerConfig(data_dir=tmp_path / "srv", port=0, pending_ttl=0.2, sweep_interval=3600)
     with EmbeddedServer.from_config(config) as srv, connect(srv) as api:
-        wait_for(lambda: api.get(f"/api/v1/assets/{asset['asset_id']}").status_code == 404)
+        wait_until(lambda: api.get(f"/api/v1/assets/{asset['asset_id']}").status_code == 404)
         assert not [p for p in (tmp_path / "srv" / "blobs").rglob("*") if p.is_file()]
 
 
@@ -171,10 +160,10 @@ def test_a_client_back_after_expiry_uploads_everything_again(
         ) as chronicle:
             run = chronicle.run(chronicle.create_experiment("back"), 0, 0)
             handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
-            wait_for(lambda: chronicle.snapshot().assets[0].components_done >= 1)
+            wait_until(lambda: chronicle.snapshot().assets[0].components_done >= 1)
         # The process is gone for longer than the TTL: the server forgets the pending asset.
         with connect(srv) as api:
-            wait_for(lambda: api.get(f"/api/v1/assets/{handle.asset_id}").status_code == 404)
+            wait_until(lambda: api.get(f"/api/v1/assets/{handle.asset_id}").status_code == 404)
         with Chronicle(srv.url, srv.api_key) as chronicle:
             report = drain_incomplete_uploads(chronicle, tracker)
             assert report.finalized == [handle.asset_id], report

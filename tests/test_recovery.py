@@ -5,18 +5,19 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from helpers import (
+    CEILING,
     claim_in_child,
     free_port,
     make_checkpoint,
-    methodic_cmd,
+    start_serve,
+    stop_process,
     subprocess_env,
     tree_digest,
-    wait_healthy,
+    wait_until,
 )
 from killharness import counted_server, kill_round
 
@@ -26,6 +27,12 @@ ROUNDS = 20
 # Spread kills over start-up, registration, transfers (mid-part) and finalize; seeded, so a
 # failing round can be replayed with the same instant.
 KILL_TIMES = [round(0.2 + 3.0 * random.Random(i).random(), 3) for i in range(ROUNDS)]
+
+
+def uploading(chronicle: Chronicle, *asset_ids: str) -> bool:
+    """Every one of these assets registered on the server and its transfers started."""
+    states = {a.asset_id: a.state for a in chronicle.snapshot().assets}
+    return all(states.get(a) == "uploading" for a in asset_ids)
 
 
 @pytest.mark.parametrize("round_no", range(ROUNDS))
@@ -46,7 +53,7 @@ def test_drain_of_an_asset_the_server_already_finalized_sends_nothing(
     with Chronicle(server.url, server.api_key) as chronicle:
         run = chronicle.run(chronicle.create_experiment("x"), 0, 0)
         handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
-        handle.result(timeout=30)
+        handle.result(timeout=CEILING)
     # As if the process died after the server finalized but before the tracker heard of it.
     from methodic import _tracker_ops as ops
 
@@ -66,7 +73,7 @@ def test_drain_with_a_vanished_file_fails_that_asset_only(server, tmp_path: Path
         run = chronicle.run(chronicle.create_experiment("x"), 0, 0)
         h_good = run.register_and_upload_async(good, upload_tracker=tracker)
         h_bad = run.register_and_upload_async(bad, upload_tracker=tracker)
-        time.sleep(0.3)
+        wait_until(lambda: uploading(chronicle, h_good.asset_id, h_bad.asset_id))
     (bad / "gone.bin").unlink()
     with Chronicle(server.url, server.api_key) as chronicle:
         report = drain_incomplete_uploads(chronicle, tracker)
@@ -92,7 +99,7 @@ def test_drain_leaves_assets_a_live_process_owns_and_claims_the_others(
         run = chronicle.run(chronicle.create_experiment("x"), 0, 0)
         owned = run.register_and_upload_async(owned_dir, upload_tracker=tracker).asset_id
         orphan = run.register_and_upload_async(orphan_dir, upload_tracker=tracker).asset_id
-        time.sleep(0.3)
+        wait_until(lambda: uploading(chronicle, owned, orphan))
     dead = claim_in_child(tracker_path, orphan, hold=False)  # claimed, then died
     live = claim_in_child(tracker_path, owned, hold=True)  # claimed, still running
     try:
@@ -107,7 +114,7 @@ def test_drain_leaves_assets_a_live_process_owns_and_claims_the_others(
         assert taken.state == "finalized" and taken.owner_pid == os.getpid()
     finally:
         live.kill()
-        live.wait(10)
+        live.wait(CEILING)
     # Once its owner is gone, the next drain takes it.
     with Chronicle(server.url, server.api_key) as chronicle:
         report = drain_incomplete_uploads(chronicle, tracker)
@@ -125,34 +132,24 @@ def test_an_owner_killed_but_not_yet_reaped_does_not_hold_its_uploads(
     with Chronicle(server.url, server.api_key, max_bandwidth="1KB") as chronicle:
         run = chronicle.run(chronicle.create_experiment("x"), 0, 0)
         asset_id = run.register_and_upload_async(ckpt, upload_tracker=tracker).asset_id
-        time.sleep(0.3)
+        wait_until(lambda: uploading(chronicle, asset_id))
     owner = claim_in_child(tracker_path, asset_id, hold=True)
     owner.kill()  # not waited for: a zombie, as after `kill -9` under a supervisor that is slow to reap
     try:
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{owner.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(
+            lambda: Path(f"/proc/{owner.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+            what="the killed owner a zombie",
+        )
         with Chronicle(server.url, server.api_key) as chronicle:
             report = drain_incomplete_uploads(chronicle, tracker)
         assert report.skipped == {} and report.finalized == [asset_id]
     finally:
-        owner.wait(10)
+        owner.wait(CEILING)
 
 
 def test_server_sigkilled_mid_upload_and_restarted_the_uploader_finishes(tmp_path: Path) -> None:
     data_dir, port = tmp_path / "served", free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = methodic_cmd("serve", "--data-dir", str(data_dir), "--port", str(port))
-
-    def start() -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env()
-        )
-        wait_healthy(url, proc=proc)
-        return proc
-
-    proc = start()
+    proc, url = start_serve(data_dir, port=port)
     try:
         key = (data_dir / "api_key").read_text().strip()
         ckpt = make_checkpoint(tmp_path / "ckpt", {f"s{i}.bin": 1_500_000 for i in range(8)})
@@ -162,23 +159,23 @@ def test_server_sigkilled_mid_upload_and_restarted_the_uploader_finishes(tmp_pat
             key,
             max_upload_workers=2,
             max_bandwidth="4MB",
-            retry=RetryPolicy(max_attempts=30, base=0.1, cap=0.5),
+            # Retries for longer than a restart takes on a loaded machine (~4 min).
+            retry=RetryPolicy(max_attempts=500, base=0.1, cap=0.5),
         ) as chronicle:
             run = chronicle.run(chronicle.create_experiment("server-kill"), 0, 0)
             handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
-            time.sleep(1.2)
+            # Mid-upload: bytes are flowing (12 MB at 4 MB/s: seconds more to go).
+            wait_until(lambda: chronicle.snapshot().bytes_done > 1_000_000, what="1 MB sent")
             assert not handle.done()
             proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-            time.sleep(0.5)
-            proc = start()
-            asset = handle.result(timeout=60)
+            proc.wait(CEILING)
+            proc, _ = start_serve(data_dir, port=port)
+            asset = handle.result(timeout=CEILING)
             assert asset.state == "finalized"
             dest = run.download_asset(handle.asset_id, tmp_path / "dl")
         assert tree_digest(dest) == tree_digest(ckpt)
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc)
 
 
 PRODUCER = """
@@ -249,10 +246,10 @@ def test_many_producer_threads_and_processes_share_one_tracker(server, tmp_path:
             th.start()
         for th in threads:
             th.join()
-        run.wait_for_uploads(timeout=120)
+        run.wait_for_uploads(timeout=CEILING)
         assert len(run.list_assets()) == 24
     for proc in procs:
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=CEILING)
         assert proc.returncode == 0, err
         assert "locked" not in err
     assert errors == []

@@ -13,12 +13,13 @@ from typing import Any
 import httpx
 import pytest
 from helpers import (
-    free_port,
+    CEILING,
+    connect,
     make_checkpoint,
-    methodic_cmd,
+    start_serve,
+    stop_process,
     subprocess_env,
     tree_digest,
-    wait_healthy,
 )
 from s3helpers import REGION, bucket_keys, multipart_uploads, new_bucket, s3_client
 
@@ -45,12 +46,7 @@ def s3_server(tmp_path: Path, moto_endpoint: str, s3_bucket: str) -> Iterator[Em
 @pytest.fixture
 def api(s3_server: EmbeddedServer) -> Iterator[httpx.Client]:
     assert s3_server.url is not None
-    with httpx.Client(
-        base_url=s3_server.url,
-        headers={"Authorization": f"Bearer {s3_server.api_key}"},
-        timeout=30,
-        trust_env=False,
-    ) as client:
+    with connect(s3_server) as client:
         yield client
 
 
@@ -348,12 +344,7 @@ def test_the_control_api_answers_the_same_json_on_both_backends(
     for name, config in configs.items():
         with (
             EmbeddedServer.from_config(config) as srv,
-            httpx.Client(
-                base_url=srv.url or "",
-                headers={"Authorization": f"Bearer {srv.api_key}"},
-                trust_env=False,
-                timeout=30,
-            ) as client,
+            connect(srv) as client,
         ):
             answers[name] = _script(client)
     assert answers["local"] == answers["s3"]
@@ -365,30 +356,17 @@ def test_the_control_api_answers_the_same_json_on_both_backends(
 def test_methodic_serve_on_s3_end_to_end(
     tmp_path: Path, moto_endpoint: str, s3_bucket: str
 ) -> None:
-    port = free_port()
     data_dir = tmp_path / "served"
-    proc = subprocess.Popen(
-        methodic_cmd(
-            "serve",
-            "--data-dir",
-            str(data_dir),
-            "--port",
-            str(port),
-            "--storage",
-            f"s3://{s3_bucket}/ckpts",
-            "--s3-endpoint-url",
-            moto_endpoint,
-            "--s3-region",
-            REGION,
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=subprocess_env(),
+    proc, url = start_serve(
+        data_dir,
+        "--storage",
+        f"s3://{s3_bucket}/ckpts",
+        "--s3-endpoint-url",
+        moto_endpoint,
+        "--s3-region",
+        REGION,
     )
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc=proc)
         key = (data_dir / "api_key").read_text().strip()
         ckpt = make_checkpoint(tmp_path / "ckpt", {"big.bin": 11 * MiB, "small/a.json": 100})
         with Chronicle(url, key, part_threshold=8 * MiB, part_size=PART) as chronicle:
@@ -396,14 +374,13 @@ def test_methodic_serve_on_s3_end_to_end(
             handle = run.register_and_upload_async(
                 ckpt, upload_tracker=UploadTracker(tmp_path / "u.sqlite")
             )
-            handle.result(timeout=60)
+            handle.result(timeout=CEILING)
             dest = run.download_asset(handle.asset_id, tmp_path / "dl")
         assert tree_digest(dest) == tree_digest(ckpt)
         assert len(bucket_keys(moto_endpoint, s3_bucket)) == 2
         assert not list((data_dir).glob("blobs/*"))  # the data dir keeps only metadata
     finally:
-        proc.terminate()
-        out, err = proc.communicate(timeout=15)
+        out, err = stop_process(proc)
     assert proc.returncode == 0, err
     assert f"s3://{s3_bucket}/ckpts/" in out
 
@@ -416,7 +393,7 @@ def _serve_error(
         [sys.executable, "-c", code, "serve", "--port", "0", *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=CEILING,
         env=env or subprocess_env(),
     )
 

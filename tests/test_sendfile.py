@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import make_checkpoint, tree_digest
+from helpers import CEILING, make_checkpoint, tree_digest, wait_until_async
 
 import methodic._transfer as transfer
 from methodic import Chronicle, UploadTracker
@@ -46,7 +46,7 @@ def test_bodies_go_by_sendfile_over_one_kept_alive_connection(
         handle = run.register_and_upload_async(
             ckpt, upload_tracker=UploadTracker(tmp_path / "u.sqlite")
         )
-        handle.result(timeout=60)
+        handle.result(timeout=CEILING)
         connections, sent = any_proxy.connections, any_proxy.bytes_up
         dest = run.download_asset(handle.asset_id, tmp_path / "dl")
     assert sorted(calls) == sorted(sizes.values())
@@ -85,6 +85,7 @@ class _OneShotServer:
     def __init__(self) -> None:
         self.bodies: list[bytes] = []
         self.connections = 0
+        self.closed = 0  # connections this side has closed (FIN sent)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -100,6 +101,8 @@ class _OneShotServer:
         writer.write(f'HTTP/1.1 200 OK\r\nContent-Length: 0\r\nETag: "{etag}"\r\n\r\n'.encode())
         await writer.drain()
         writer.close()
+        await writer.wait_closed()
+        self.closed += 1
 
 
 @pytest.mark.parametrize("by_sendfile", [True, False], ids=["sendfile", "httpx"])
@@ -129,7 +132,8 @@ async def test_ranges_arrive_whole_and_a_closed_connection_is_not_reused(
                     length=length,
                     expires_at=0.0,
                 )
-                await asyncio.sleep(0.05)  # the server has closed the previous connection
+                # The server has closed the previous connection (so it must not be reused).
+                await wait_until_async(lambda: peer.closed == peer.connections, what="closed")
                 etag, digest = await send_range(
                     http,
                     target,
@@ -241,7 +245,7 @@ async def test_a_refusal_before_the_body_reaches_the_caller_with_the_servers_wor
 
 async def test_a_slow_link_is_not_a_stall(tmp_path: Path) -> None:
     """The stall timeout counts from the last byte the socket took, not per 4 MiB slice."""
-    data = os.urandom(16 * MiB)
+    data = os.urandom(12 * MiB)
     path = tmp_path / "f.bin"
     path.write_bytes(data)
     st = path.stat()
@@ -251,9 +255,11 @@ async def test_a_slow_link_is_not_a_stall(tmp_path: Path) -> None:
     async def slow_reader(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         assert b"content-length: %d" % len(data) in head.lower()
-        while len(received) < len(data):  # ~8 MB/s: a 4 MiB slice takes ~0.5 s
+        # At most ~1.3 MB/s (slower on a loaded machine, never faster): a 4 MiB slice takes
+        # over 3 s, more than the 2 s stall timeout, while bytes keep moving every ~50 ms.
+        while len(received) < len(data):
             received.extend(await reader.read(64 * 1024))
-            await asyncio.sleep(0.008)
+            await asyncio.sleep(0.05)
         etag = hashlib.sha256(received).hexdigest()
         writer.write(f'HTTP/1.1 200 OK\r\nContent-Length: 0\r\nETag: "{etag}"\r\n\r\n'.encode())
         await writer.drain()
@@ -276,7 +282,7 @@ async def test_a_slow_link_is_not_a_stall(tmp_path: Path) -> None:
     progress: list[int] = []
     connections = Connections()
     try:
-        async with httpx.AsyncClient(timeout=0.3) as http:  # the stall timeout: 0.3 s
+        async with httpx.AsyncClient(timeout=2.0) as http:  # the stall timeout: 2 s
             _etag, digest = await send_range(
                 http, target, identity, TokenBucket(None), progress.append, connections
             )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import CEILING
 
 _SCRIPT = Path(sys.executable).parent / "methodic"
 METHODIC = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "methodic.server.cli"]
@@ -39,7 +40,7 @@ class Serve:
         for line in self.proc.stdout:
             self.lines.put(line)
 
-    def wait_for_url(self, timeout: float = 20.0) -> str:
+    def wait_for_url(self, timeout: float = CEILING) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -54,7 +55,7 @@ class Serve:
                 return found.group(0)
         raise AssertionError(f"no URL printed; stderr: {self.stop()[1]}")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> tuple[int, str]:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> tuple[int, str]:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
@@ -80,7 +81,7 @@ def serve() -> Iterator[list[Serve]]:
 
 
 def run_to_exit(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*METHODIC, *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([*METHODIC, *args], capture_output=True, text=True, timeout=CEILING)
 
 
 def test_serve_prints_its_url_serves_and_stops_on_sigterm(
@@ -104,10 +105,10 @@ def test_serve_prints_its_url_serves_and_stops_on_sigterm(
     )
     assert httpx.get(f"{url}/api/v1/experiments", trust_env=False).status_code == 401
 
-    started = time.monotonic()
+    # Exits by itself (stop() kills it and fails the test if it has not within a minute: far
+    # more than an idle server's shutdown takes, even on a loaded machine).
     returncode, stderr = s.stop(signal.SIGTERM)
     assert returncode == 0, stderr
-    assert time.monotonic() - started < 5
     output = "".join(s.stdout)
     assert str(key_file) in output
     assert key not in output and key not in stderr

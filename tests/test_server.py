@@ -11,32 +11,17 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from helpers import CEILING, connect, receiving_a_body, uploads_released, wait_until, with_query
 
 from methodic.server import EmbeddedServer, ServerConfig
 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def connect(srv: EmbeddedServer) -> httpx.Client:
-    assert srv.url is not None
-    return httpx.Client(
-        base_url=srv.url,
-        headers={"Authorization": f"Bearer {srv.api_key}"},
-        timeout=10.0,
-        trust_env=False,
-    )
-
-
-@pytest.fixture
-def api(server: EmbeddedServer) -> Iterator[httpx.Client]:
-    with connect(server) as client:
-        yield client
 
 
 def make_run(api: httpx.Client, name: str = "exp") -> str:
@@ -71,13 +56,6 @@ def create_asset(
 def put(target: dict[str, Any], data: bytes) -> httpx.Response:
     start = target["offset"]
     return httpx.put(target["url"], content=data[start : start + target["length"]], trust_env=False)
-
-
-def with_query(url: str, **changes: str) -> str:
-    parts = urlsplit(url)
-    query = {k: v[0] for k, v in parse_qs(parts.query).items()}
-    query.update(changes)
-    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def stored_files(srv: EmbeddedServer) -> list[Path]:
@@ -472,15 +450,21 @@ def test_wrong_length_is_400_and_stores_nothing(
     assert_nothing_stored(server, api, asset_id)
 
 
-def test_expired_url_is_403(tmp_path: Path) -> None:
+def test_expired_url_is_403(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from methodic.server import catalog as catalog_module
+    from methodic.server import signing
+
     with EmbeddedServer(tmp_path / "s", presign_ttl=1) as srv, connect(srv) as api:
         created = create_asset(api, make_run(api), [{"path": "a", "size": 3}])
         target = created.json()["targets"][0]
-        time.sleep(max(0.0, target["expires_at"] - time.time()) + 0.1)
+        wait_until(lambda: time.time() > target["expires_at"] + 0.1, what="the URL's expiry")
         error = assert_error(put(target, b"abc"), 403, "forbidden")
         assert "expired" in error["message"]
         assert_nothing_stored(srv, api, created.json()["asset_id"])
-        # A fresh presign works.
+        # A fresh presign works. (Given an hour, not the 1 s TTL: a loaded machine may take
+        # longer than that between the presign and the PUT.)
+        real_expiry = signing.expiry
+        monkeypatch.setattr(catalog_module, "expiry", lambda ttl, now=None: real_expiry(3600, now))
         fresh = api.post(
             f"/api/v1/assets/{created.json()['asset_id']}/presign",
             json={"targets": [{"path": "a", "part": None}]},
@@ -494,16 +478,14 @@ def test_body_cut_short_leaves_nothing_stored(
     asset_id, target = one_target
     url = urlsplit(target["url"])
     assert url.hostname is not None and url.port is not None
-    with socket.create_connection((url.hostname, url.port), timeout=5) as sock:
+    with socket.create_connection((url.hostname, url.port), timeout=CEILING) as sock:
         head = (
             f"PUT {url.path}?{url.query} HTTP/1.1\r\nHost: {url.netloc}\r\n"
             f"Content-Length: {target['length']}\r\n\r\n"
         )
         sock.sendall(head.encode() + b"1234")
-        time.sleep(0.2)  # let the server start receiving the body
-    deadline = time.monotonic() + 5
-    while temp_files(server) and time.monotonic() < deadline:
-        time.sleep(0.02)
+        wait_until(lambda: receiving_a_body(server), what="the server receiving the body")
+    wait_until(lambda: uploads_released(server), what="the cut upload released")
     assert_nothing_stored(server, api, asset_id)
     assert put(target, b"12345678").status_code == 201
 
@@ -738,16 +720,14 @@ def test_a_part_resend_cut_short_makes_finalize_read_the_file_back(
     st = stored.stat()
     url = urlsplit(targets[0]["url"])
     assert url.hostname is not None and url.port is not None
-    with socket.create_connection((url.hostname, url.port), timeout=5) as sock:
+    with socket.create_connection((url.hostname, url.port), timeout=CEILING) as sock:
         head = f"PUT {url.path}?{url.query} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Length: {part}\r\n\r\n"
         sock.sendall(head.encode() + b"X" * (part * 3 // 4))  # other bytes, then the line drops
-        time.sleep(0.3)  # the listener writes the buffers it filled
-    deadline = time.monotonic() + 5
-    while stored.read_bytes()[:1] != b"X" and time.monotonic() < deadline:
-        time.sleep(0.02)
+        # The listener writes the buffers it filled into the stored part.
+        wait_until(lambda: stored.read_bytes()[:1] == b"X", what="the resent bytes written")
+    wait_until(lambda: uploads_released(server), what="the aborted upload released")
     # As if it all happened within one tick of the file clock: the stamp alone cannot tell.
     os.utime(stored, ns=(st.st_atime_ns, st.st_mtime_ns))
-    time.sleep(0.3)  # the aborted upload is released
     error = assert_error(api.post(f"/api/v1/assets/{asset_id}/finalize"), 409, "asset_incomplete")
     [missing] = error["missing"]
     assert missing["reason"].startswith("checksum mismatch") and missing["parts_missing"] == [1]
@@ -909,15 +889,18 @@ def test_finalize_during_a_part_upload_reports_it_in_progress(
     [target] = created.json()["targets"]
     url = urlsplit(target["url"])
     assert url.hostname is not None and url.port is not None
-    with socket.create_connection((url.hostname, url.port), timeout=5) as sock:
+    with socket.create_connection((url.hostname, url.port), timeout=CEILING) as sock:
         head = f"PUT {url.path}?{url.query} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Length: 8\r\n\r\n"
         sock.sendall(head.encode() + b"1234")
-        deadline = time.monotonic() + 5
-        reason = None
-        while reason != "upload in progress" and time.monotonic() < deadline:
-            response = api.post(f"/api/v1/assets/{asset_id}/finalize")
-            reason = response.json()["error"]["missing"][0]["reason"]
-        assert reason == "upload in progress"
+        wait_until(
+            lambda: (
+                api.post(f"/api/v1/assets/{asset_id}/finalize").json()["error"]["missing"][0][
+                    "reason"
+                ]
+                == "upload in progress"
+            ),
+            what="finalize saying the upload is in progress",
+        )
         sock.sendall(b"5678")
         assert sock.recv(4096).startswith(b"HTTP/1.1 201")
     assert api.post(f"/api/v1/assets/{asset_id}/finalize").status_code == 200

@@ -5,29 +5,35 @@ Each test checks the key's effect on the engine (pool snapshot, tracker, server)
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 from helpers import make_checkpoint
-from test_tui_helpers import (
+from textual.command import CommandList, CommandPalette
+from textual.pilot import Pilot
+from tui_helpers import (
     MiB,
     asset_id,
     cell_text,
     running,
     screen_text,
+    settled,
     states,
     until,
     upload_source,
 )
-from textual.command import CommandPalette
 
 from methodic import AsyncChronicle, NotFoundError, UploadTracker
+from methodic_tui.dashboard.app import MethodicApp
 from methodic_tui.dashboard.screens.dashboard import DashboardScreen
 from methodic_tui.dashboard.screens.details import DetailsScreen
 from methodic_tui.dashboard.screens.modals import ConfirmScreen, HelpScreen
+from methodic_tui.engine_source import EngineSource
 
-SLOW = 500_000  # bytes/s: 8 MiB stays in flight for the whole test
+SLOW = 50_000  # bytes/s: 8 MiB take ~3 min, so they stay in flight for the whole test
 
 
 def ckpts(tmp_path: Path, n: int = 1, size: int = 3 * MiB, files: int = 2) -> list[Path]:
@@ -41,6 +47,25 @@ def ckpts(tmp_path: Path, n: int = 1, size: int = 3 * MiB, files: int = 2) -> li
     ]
 
 
+@contextlib.asynccontextmanager
+async def slow_uploads(
+    server, tmp_path: Path, n: int = 1
+) -> AsyncIterator[tuple[MethodicApp, Pilot, EngineSource]]:
+    """The app on ``n`` checkpoints of 8 MiB sent at SLOW, once all of them are uploading."""
+    src = upload_source(server, tmp_path, ckpts(tmp_path, n=n, size=8 * MiB), max_bandwidth=SLOW)
+    names = [f"checkpoint-{i}000" for i in range(1, n + 1)]
+    async with running(src) as (app, pilot):
+        await until(pilot, lambda: all(states(app).get(name) == "uploading" for name in names))
+        yield app, pilot, src
+
+
+def palette_hits(app) -> list[str]:
+    """The commands the open palette lists now, as plain text."""
+    hits = app.screen.query_one(CommandList)
+    prompts = [hits.get_option_at_index(i).prompt for i in range(hits.option_count)]
+    return [str(getattr(p, "plain", p)) for p in prompts]
+
+
 def tracked_state(tmp_path: Path, aid: str) -> str:
     with UploadTracker(tmp_path / "u.sqlite") as tracker:
         t = tracker.get_asset(aid)
@@ -51,28 +76,31 @@ def tracked_state(tmp_path: Path, aid: str) -> str:
 async def test_uploads_show_live_and_finalize(server, tmp_path: Path) -> None:
     dirs = ckpts(tmp_path, n=2, size=200_000)
     async with running(upload_source(server, tmp_path, dirs)) as (app, pilot):
-        await until(pilot, lambda: set(states(app).values()) == {"finalized"}, what="finalized")
-        await pilot.pause(0.4)
+        await until(
+            pilot,
+            lambda: states(app) == {"checkpoint-1000": "finalized", "checkpoint-2000": "finalized"},
+            what="finalized",
+        )
         aid = asset_id(app, "checkpoint-1000")
-        assert cell_text(app, "assets", aid, "state") == "finalized"
+        await until(pilot, lambda: cell_text(app, "assets", aid, "state") == "finalized")
         assert cell_text(app, "assets", aid, "files") == "2/2"
-        assert tracked_state(tmp_path, aid) == "finalized"
-        assert any("finalized checkpoint-2000" in e.text for e in app.session.entries)
-        assert "all finalized" in screen_text(app)
+        await until(
+            pilot, lambda: tracked_state(tmp_path, aid) == "finalized", what="tracked finalized"
+        )
+        await until(
+            pilot, lambda: any("finalized checkpoint-2000" in e.text for e in app.session.entries)
+        )
+        await until(pilot, lambda: "all finalized" in screen_text(app))
 
 
 async def test_p_pauses_and_resumes_the_selected_asset(server, tmp_path: Path) -> None:
-    dirs = ckpts(tmp_path, n=1, size=8 * MiB)
-    src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
-    async with running(src) as (app, pilot):
-        await until(pilot, lambda: states(app).get("checkpoint-1000") == "uploading")
+    async with slow_uploads(server, tmp_path) as (app, pilot, src):
         aid = asset_id(app, "checkpoint-1000")
         await pilot.press("p")
         await until(pilot, lambda: states(app)["checkpoint-1000"] == "paused", what="paused")
-        await pilot.pause(0.4)
-        assert tracked_state(tmp_path, aid) == "paused"
-        assert cell_text(app, "assets", aid, "state") == "paused"
-        assert "PAUSED" in screen_text(app)
+        await until(pilot, lambda: tracked_state(tmp_path, aid) == "paused", what="tracked paused")
+        await until(pilot, lambda: cell_text(app, "assets", aid, "state") == "paused")
+        await until(pilot, lambda: "PAUSED" in screen_text(app))
         await pilot.press("p")
         await until(pilot, lambda: states(app)["checkpoint-1000"] == "uploading", what="resumed")
         src.set_bandwidth(None)
@@ -80,12 +108,7 @@ async def test_p_pauses_and_resumes_the_selected_asset(server, tmp_path: Path) -
 
 
 async def test_a_and_shift_p_pause_and_resume_everything(server, tmp_path: Path) -> None:
-    dirs = ckpts(tmp_path, n=2, size=8 * MiB)
-    src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
-    async with running(src) as (app, pilot):
-        await until(
-            pilot, lambda: set(states(app).values()) == {"uploading"} and len(states(app)) == 2
-        )
+    async with slow_uploads(server, tmp_path, n=2) as (app, pilot, _):
         await pilot.press("a")
         await until(pilot, lambda: set(states(app).values()) == {"paused"}, what="all paused")
         await pilot.press("P")
@@ -100,19 +123,19 @@ async def test_r_retries_failed_uploads(server, tmp_path: Path) -> None:
     async with running(upload_source(server, tmp_path, dirs)) as (app, pilot):
         await until(pilot, lambda: states(app).get("checkpoint-1000") == "failed", what="failed")
         aid = asset_id(app, "checkpoint-1000")
-        await pilot.pause(0.4)
-        assert cell_text(app, "assets", aid, "state") == "failed"
-        assert any(e.level == "error" and "400" in e.text for e in app.session.entries)
+        await until(pilot, lambda: cell_text(app, "assets", aid, "state") == "failed")
+        await until(
+            pilot, lambda: any(e.level == "error" and "400" in e.text for e in app.session.entries)
+        )
         await pilot.press("r")
         await until(pilot, lambda: states(app)["checkpoint-1000"] == "finalized", what="retried")
-        assert tracked_state(tmp_path, aid) == "finalized"
+        await until(
+            pilot, lambda: tracked_state(tmp_path, aid) == "finalized", what="tracked finalized"
+        )
 
 
 async def test_f_asks_first_and_the_server_still_verifies(server, tmp_path: Path) -> None:
-    dirs = ckpts(tmp_path, n=1, size=8 * MiB)
-    src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
-    async with running(src) as (app, pilot):
-        await until(pilot, lambda: states(app).get("checkpoint-1000") == "uploading")
+    async with slow_uploads(server, tmp_path) as (app, pilot, _):
         aid = asset_id(app, "checkpoint-1000")
         await pilot.press("f")
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="confirmation")
@@ -162,18 +185,20 @@ async def test_f_finalizes_once_storage_holds_every_byte(server, tmp_path: Path)
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("y")
         await until(pilot, lambda: states(app)["checkpoint-1000"] == "finalized", what="finalized")
-        assert tracked_state(tmp_path, aid) == "finalized"
+        await until(
+            pilot, lambda: tracked_state(tmp_path, aid) == "finalized", what="tracked finalized"
+        )
         assert any("force-finalized checkpoint-1000" in e.text for e in app.session.entries)
-        await pilot.press("f")  # already finalized: nothing to ask
-        await pilot.pause(0.2)
+        await pilot.press("f")  # already finalized: nothing to ask, it says so
+        await until(
+            pilot, lambda: any("already finalized" in str(n.message) for n in app._notifications)
+        )
+        await settled(pilot)
         assert not isinstance(app.screen, ConfirmScreen)
 
 
 async def test_d_discards_after_confirmation(server, tmp_path: Path) -> None:
-    dirs = ckpts(tmp_path, n=1, size=8 * MiB)
-    src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
-    async with running(src) as (app, pilot):
-        await until(pilot, lambda: states(app).get("checkpoint-1000") == "uploading")
+    async with slow_uploads(server, tmp_path) as (app, pilot, _):
         aid = asset_id(app, "checkpoint-1000")
         await pilot.press("d")
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
@@ -184,9 +209,10 @@ async def test_d_discards_after_confirmation(server, tmp_path: Path) -> None:
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.click("#yes")
         await until(pilot, lambda: states(app)["checkpoint-1000"] == "discarded", what="discarded")
-        await pilot.pause(0.4)
-        assert cell_text(app, "assets", aid, "state") == "discarded"
-        assert tracked_state(tmp_path, aid) == "discarded"
+        await until(pilot, lambda: cell_text(app, "assets", aid, "state") == "discarded")
+        await until(
+            pilot, lambda: tracked_state(tmp_path, aid) == "discarded", what="tracked discarded"
+        )
         async with AsyncChronicle(server.url, server.api_key) as chronicle:
             with pytest.raises(NotFoundError):
                 await chronicle.get_asset(aid)
@@ -202,10 +228,10 @@ async def test_plus_and_minus_move_the_bandwidth_cap(server, tmp_path: Path) -> 
         await pilot.press("minus")
         await pilot.press("minus")
         await until(pilot, lambda: bucket.rate == 1_000_000, what="lowered")
-        await pilot.pause(0.4)
-        assert "cap 1 MB/s" in screen_text(app)
-        await pilot.press("minus")  # the bottom step stays
-        await pilot.pause(0.1)
+        await until(pilot, lambda: "cap 1 MB/s" in screen_text(app))
+        said = sum("bandwidth" in e.text for e in app.session.entries)
+        await pilot.press("minus")  # the bottom step stays (and the log says the cap again)
+        await until(pilot, lambda: sum("bandwidth" in e.text for e in app.session.entries) > said)
         assert bucket.rate == 1_000_000
         for _ in range(12):  # past the top step the cap is lifted
             await pilot.press("plus")
@@ -247,23 +273,25 @@ async def test_slash_filters_the_assets(server, tmp_path: Path) -> None:
 
 
 async def test_help_and_the_command_palette(server, tmp_path: Path) -> None:
-    dirs = ckpts(tmp_path, n=1, size=8 * MiB)
-    src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
-    async with running(src) as (app, pilot):
-        await until(pilot, lambda: states(app).get("checkpoint-1000") == "uploading")
+    async with slow_uploads(server, tmp_path) as (app, pilot, _):
         await pilot.press("question_mark")
         await until(pilot, lambda: isinstance(app.screen, HelpScreen), what="help")
         assert "Force-finalize the selected asset" in screen_text(app)
         await pilot.press("p")  # keys belong to the dialog: nothing is paused
-        await pilot.pause(0.2)
+        await settled(pilot)
         assert states(app)["checkpoint-1000"] == "uploading"
         await pilot.press("escape")
         await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
+        await settled(pilot)
+        assert states(app)["checkpoint-1000"] == "uploading"
         await pilot.press("ctrl+p")
         await until(pilot, lambda: isinstance(app.screen, CommandPalette), what="palette")
-        await pilot.pause(0.3)
         await pilot.press(*"pause or resume every")
-        await pilot.pause(0.5)
+        await until(
+            pilot,
+            lambda: len(hits := palette_hits(app)) == 1 and "every" in hits[0].lower(),
+            what="the one matching command listed",
+        )
         await pilot.press("enter")
         await until(
             pilot, lambda: states(app)["checkpoint-1000"] == "paused", what="paused via palette"
@@ -273,10 +301,7 @@ async def test_help_and_the_command_palette(server, tmp_path: Path) -> None:
 async def test_q_with_uploads_in_flight_asks_and_they_stay_resumable(
     server, tmp_path: Path
 ) -> None:
-    dirs = ckpts(tmp_path, n=1, size=8 * MiB)
-    src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
-    async with running(src) as (app, pilot):
-        await until(pilot, lambda: states(app).get("checkpoint-1000") == "uploading")
+    async with slow_uploads(server, tmp_path) as (app, pilot, _):
         aid = asset_id(app, "checkpoint-1000")
         await pilot.press("q")
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="quit dialog")
@@ -294,9 +319,7 @@ async def test_q_with_uploads_in_flight_asks_and_they_stay_resumable(
 
 
 async def test_q_asks_too_when_uploads_are_only_paused(server, tmp_path: Path) -> None:
-    dirs = ckpts(tmp_path, n=1, size=8 * MiB)
-    async with running(upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)) as (app, pilot):
-        await until(pilot, lambda: states(app).get("checkpoint-1000") == "uploading")
+    async with slow_uploads(server, tmp_path) as (app, pilot, _):
         await pilot.press("p")
         await until(pilot, lambda: states(app)["checkpoint-1000"] == "paused")
         await pilot.press("q")
@@ -317,13 +340,10 @@ async def test_q_when_nothing_is_in_flight_quits_at_once(server, tmp_path: Path)
 
 
 async def test_escape_and_alt_keys_never_destroy(server, tmp_path: Path) -> None:
-    dirs = ckpts(tmp_path, n=1, size=8 * MiB)
-    src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
-    async with running(src) as (app, pilot):
-        await until(pilot, lambda: states(app).get("checkpoint-1000") == "uploading")
+    async with slow_uploads(server, tmp_path) as (app, pilot, _):
         for key in ("escape", "alt+d", "alt+f", "alt+q", "escape", "ctrl+d", "delete"):
             await pilot.press(key)
-        await pilot.pause(0.3)
+        await settled(pilot)
         assert app.is_running and isinstance(app.screen, DashboardScreen)
         assert states(app)["checkpoint-1000"] == "uploading"
 
@@ -331,8 +351,9 @@ async def test_escape_and_alt_keys_never_destroy(server, tmp_path: Path) -> None
 async def test_a_bracket_in_a_name_is_not_markup(server, tmp_path: Path) -> None:
     d = make_checkpoint(tmp_path / "ckpt[bold]red", {"rng_state[0].pth": 1000})
     async with running(upload_source(server, tmp_path, [d])) as (app, pilot):
-        await until(pilot, lambda: set(states(app).values()) == {"finalized"})
-        await pilot.pause(0.4)
+        await until(pilot, lambda: states(app) == {"ckpt[bold]red": "finalized"})
         aid = asset_id(app, "ckpt[bold]red")
+        await until(pilot, lambda: cell_text(app, "assets", aid, "state") == "finalized")
         assert cell_text(app, "assets", aid, "name").startswith("ckpt[bold]red")
+        await until(pilot, lambda: app.screen.query_one("#components").row_count == 1)
         assert cell_text(app, "components", "rng_state[0].pth", "path") == "rng_state[0].pth"

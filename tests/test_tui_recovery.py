@@ -6,13 +6,21 @@ import asyncio
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
-from helpers import claim_in_child, make_checkpoint, tree_digest
-from test_tui_helpers import (
+from helpers import (
+    CEILING,
+    claim_in_child,
+    make_checkpoint,
+    tracked_assets,
+    tree_digest,
+    wait_until,
+    wait_until_async,
+)
+from tui_helpers import (
     MiB,
     cell_text,
+    remote_args,
     running,
     screen_text,
     states,
@@ -21,7 +29,7 @@ from test_tui_helpers import (
     until,
     upload_source,
 )
-from test_tui_helpers import resume_source as make_resume_source
+from tui_helpers import resume_source as make_resume_source
 
 from methodic import AsyncChronicle, UploadTracker
 from methodic_tui.attach import AttachSource
@@ -40,15 +48,12 @@ def tracked_states(tracker_path: Path) -> dict[str, str]:
         return {os.path.basename(t.local_dir or ""): t.state for t in tracker.list_assets()}
 
 
-def wait_for_bytes(tracker_path: Path, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if tracker_path.exists():
-            with UploadTracker(tracker_path) as tracker:
-                if any(t.bytes_sent > 0 for t in tracker.list_assets()):
-                    return
-        time.sleep(0.05)
-    raise AssertionError("the uploader sent nothing")
+def wait_for_bytes(tracker_path: Path) -> None:
+    wait_until(
+        lambda: any(t.bytes_sent > 0 for t in tracked_assets(tracker_path)),
+        interval=0.05,
+        what="the uploader's first bytes",
+    )
 
 
 async def leave_unfinished(
@@ -59,15 +64,25 @@ async def leave_unfinished(
         make_checkpoint(tmp_path / n, {"a.bin": size // 2, "b.bin": size // 2}, seed=i)
         for i, n in enumerate(names)
     ]
-    tracker = UploadTracker(tmp_path / "u.sqlite")
+    tracker_path = tmp_path / "u.sqlite"
+    tracker = UploadTracker(tracker_path)
+    # 300 kB/s: one checkpoint alone takes > 20 s, so none can finish before the last one is
+    # registered and uploading, however slow the machine.
     async with AsyncChronicle(
-        server.url, server.api_key, max_upload_workers=2, max_bandwidth=4_000_000
+        server.url, server.api_key, max_upload_workers=2, max_bandwidth=300_000
     ) as chronicle:
         run = await chronicle.run(await chronicle.create_experiment("tui"), 0, 0)
         for d in dirs:
             await run.register_and_upload_async(d, upload_tracker=tracker)
-        while (await chronicle.snapshot()).bytes_done < 1_000_000:
-            await asyncio.sleep(0.02)
+
+        # Every one uploading in the tracker (the engine's state leads its tracker write), and
+        # some bytes stored.
+        async def started() -> bool:
+            return (await chronicle.snapshot()).bytes_done >= 1_000_000 and [
+                t.state for t in tracked_assets(tracker_path)
+            ] == ["uploading"] * len(dirs)
+
+        await wait_until_async(started, what="every upload started and 1 MB sent")
     tracker.close()
     return dirs
 
@@ -82,12 +97,7 @@ async def test_recovery_screen_after_a_sigkilled_upload(server, tmp_path: Path) 
             "upload",
             str(ckpt),
             "--no-ui",
-            "--server-url",
-            server.url,
-            "--api-key",
-            server.api_key,
-            "--tracker",
-            str(tracker_path),
+            *remote_args(server, tracker_path),
             "--max-bandwidth",
             "1MB",
             "--workers",
@@ -151,7 +161,7 @@ async def test_recovery_discard_force_finalize_and_resume_all(server, tmp_path: 
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("y")
         await until(pilot, lambda: table.row_count == 2 and isinstance(app.screen, RecoveryScreen))
-        assert tracked_states(tracker_path)["ckpt-a"] == "discarded"
+        await until(pilot, lambda: tracked_states(tracker_path)["ckpt-a"] == "discarded")
         # f on the next: storage lacks bytes, so the server refuses (and says what is missing).
         await pilot.press("f")
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
@@ -162,12 +172,12 @@ async def test_recovery_discard_force_finalize_and_resume_all(server, tmp_path: 
         await until(pilot, lambda: table.row_count == 1)
         # u resumes what is left.
         await pilot.press("u")
-        await until(pilot, lambda: states(app).get("ckpt-c") == "finalized", timeout=30)
+        await until(pilot, lambda: states(app).get("ckpt-c") == "finalized")
         await pilot.press("escape")
         await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
         # The refused one is failed on the dashboard; r retries it to the end.
         await pilot.press("r")
-        await until(pilot, lambda: states(app).get("ckpt-b") == "finalized", timeout=30)
+        await until(pilot, lambda: states(app).get("ckpt-b") == "finalized")
     assert tracked_states(tracker_path) == {
         "ckpt-a": "discarded",
         "ckpt-b": "finalized",
@@ -202,11 +212,11 @@ async def test_recovery_leaves_an_upload_a_live_process_owns(server, tmp_path: P
                 what="the warning",
             )
             await pilot.press("u")
-            await until(pilot, lambda: states(app).get("mine") == "finalized", timeout=30)
+            await until(pilot, lambda: states(app).get("mine") == "finalized")
         assert tracked_states(tracker_path)["theirs"] == "uploading"
     finally:
         live.kill()
-        live.wait(10)
+        live.wait(CEILING)
 
 
 async def test_upload_opens_on_recovery_and_u_resumes_from_the_dashboard(
@@ -222,7 +232,7 @@ async def test_upload_opens_on_recovery_and_u_resumes_from_the_dashboard(
         assert states(app)["old-1"] == "interrupted"
         await until(pilot, lambda: "from an earlier process (u resumes)" in screen_text(app))
         await pilot.press("u")
-        await until(pilot, lambda: states(app)["old-1"] == "finalized", timeout=30)
+        await until(pilot, lambda: states(app)["old-1"] == "finalized")
         await pilot.press("u")  # nothing left: says so
         await until(
             pilot,
@@ -246,17 +256,12 @@ async def test_resume_with_nothing_pending_says_so(server, tmp_path: Path) -> No
 async def test_attach_watches_another_process_read_only(server, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "checkpoint-9", {f"s{i}.bin": MiB for i in range(6)})
     tracker_path = tmp_path / "u.sqlite"
-    child = subprocess.Popen(  # ~9 s of uploading: still going when the view is up, even on a busy machine
+    child = subprocess.Popen(  # ~9 s of uploading
         tui_cmd(
             "upload",
             str(ckpt),
             "--no-ui",
-            "--server-url",
-            server.url,
-            "--api-key",
-            server.api_key,
-            "--tracker",
-            str(tracker_path),
+            *remote_args(server, tracker_path),
             "--max-bandwidth",
             "700KB",
         ),
@@ -266,6 +271,9 @@ async def test_attach_watches_another_process_read_only(server, tmp_path: Path) 
     )
     try:
         await asyncio.to_thread(wait_for_bytes, tracker_path)
+        # Frozen mid-upload while the view is checked: it cannot finish first, however slow the
+        # machine is to bring the view up.
+        child.send_signal(signal.SIGSTOP)
         source = AttachSource(tracker_path, poll=0.2)
         async with running(source) as (app, pilot):
             await until(pilot, lambda: states(app).get("checkpoint-9") == "uploading")
@@ -273,11 +281,12 @@ async def test_attach_watches_another_process_read_only(server, tmp_path: Path) 
             await pilot.press("p")
             await until(pilot, lambda: any("read-only" in str(n.title) for n in app._notifications))
             assert tracked_states(tracker_path)["checkpoint-9"] == "uploading"
-            await until(pilot, lambda: states(app)["checkpoint-9"] == "finalized", timeout=30)
+            child.send_signal(signal.SIGCONT)
+            await until(pilot, lambda: states(app)["checkpoint-9"] == "finalized")
             await until(
                 pilot, lambda: any("finalized checkpoint-9" in e.text for e in app.session.entries)
             )
-        assert child.wait(30) == 0
+        assert child.wait(CEILING) == 0
     finally:
         if child.poll() is None:
             child.kill()

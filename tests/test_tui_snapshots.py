@@ -10,8 +10,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from test_tui_data import NOW, recovery_source, sample_source
 from textual.pilot import Pilot
+from tui_data import NOW, recovery_source, sample_source
 
 from methodic_tui.dashboard.app import MethodicApp
 from methodic_tui.source import StaticSource
@@ -39,7 +39,7 @@ def app_on(source: StaticSource, *, recovery: bool = False) -> MethodicApp:
 
 async def ready(pilot: Pilot) -> None:
     await pilot.app.session.ready.wait()  # type: ignore[attr-defined]
-    await pilot.pause(0.1)
+    await pilot.pause()  # until the app has handled every message (the first paint)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x40"])

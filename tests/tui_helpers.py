@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
-from helpers import subprocess_env
+from helpers import CEILING, subprocess_env, wait_until_async
 from textual.pilot import Pilot
 
 from methodic import RetryPolicy
@@ -45,14 +44,19 @@ def resume_source(server, tmp_path: Path, **kw: object) -> EngineSource:
 
 
 async def until(
-    pilot: Pilot, predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition"
+    pilot: Pilot, predicate: Callable[[], object], timeout: float = CEILING, what: str = "condition"
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        await pilot.pause(0.05)
-    raise AssertionError(f"{what} not reached in {timeout} s")
+    """Until ``predicate()`` holds, the app handling its messages meanwhile (never a fixed pause)."""
+    await wait_until_async(predicate, timeout=timeout, what=what, pause=lambda: pilot.pause(0.05))
+
+
+async def settled(pilot: Pilot) -> None:
+    """Once every key pressed so far is handled and every engine control it started is done:
+    then what a key did not do, it will not do (a check that nothing happened may follow)."""
+    await pilot.pause()
+    await until(
+        pilot, lambda: not pilot.app.operator._controls, what="the controls started by keys done"
+    )
 
 
 @contextlib.asynccontextmanager
@@ -63,7 +67,7 @@ async def running(
     app = MethodicApp(source, watch_terminal=False, **app_kw)  # type: ignore[arg-type]
     try:
         async with app.run_test(size=size) as pilot:
-            await asyncio.wait_for(app.session.ready.wait(), 20)
+            await asyncio.wait_for(app.session.ready.wait(), CEILING)
             await pilot.pause()
             yield app, pilot
     finally:
@@ -92,6 +96,11 @@ def asset_id(app: MethodicApp, name: str) -> str:
 
 def tui_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "methodic_tui", *args]
+
+
+def remote_args(server, tracker_path: Path) -> list[str]:
+    """The command-line options that point a ``methodic-tui`` at ``server`` and a tracker."""
+    return ["--server-url", server.url, "--api-key", server.api_key, "--tracker", str(tracker_path)]
 
 
 def tui_env(tmp_path: Path, **extra: str) -> dict[str, str]:
