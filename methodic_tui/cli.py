@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -107,7 +108,7 @@ def _add_options(parser: argparse.ArgumentParser, groups: Sequence[str], top: bo
     # Given at either level (`methodic-tui --no-ui demo` or `methodic-tui demo --no-ui`);
     # SUPPRESS keeps the subcommand's absent flags from hiding the top level's.
     d = argparse.SUPPRESS
-    g = parser if top else parser.add_argument_group("options")
+    g = parser if top else parser.add_argument_group("common options")
     if SERVER in groups:
         g.add_argument(
             "--server-url",
@@ -214,7 +215,7 @@ def _command(
     p = sub.add_parser(
         name,
         help=summary,
-        description=description,
+        description=textwrap.fill(description, 88),
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -272,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
         RUNNING,
     )
     upload.add_argument("dirs", nargs="+", type=Path, metavar="DIR")
-    upload.add_argument("--asset-type", default="checkpoint", help="(default: checkpoint)")
+    upload.add_argument(
+        "--asset-type", default="checkpoint", metavar="TYPE", help="(default: checkpoint)"
+    )
     upload.add_argument(
         "--dry-run",
         action="store_true",
@@ -308,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="complete after this long without change, if no marker file "
         "(.complete, COMPLETE) appears first (default 30)",
     )
-    watch.add_argument("--asset-type", default="checkpoint", help="(default: checkpoint)")
+    watch.add_argument(
+        "--asset-type", default="checkpoint", metavar="TYPE", help="(default: checkpoint)"
+    )
     _run_options(watch)
 
     _command(
@@ -369,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
             "upload a failed (or held) asset again and wait for it",
             "Queue ASSET's failed files again (attempts reset) and upload until it is "
             "finalized or fails again. Other unfinished uploads are left alone.",
-            RUNNING,
+            (SERVER, TRACKER, TRANSFER, JSON, OUTPUT),  # always headless
         ),
     ):
         p = _command(
