@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, TextIO
 
-from methodic import DONE_STATES, Event, PoolSnapshot
+from methodic import DONE_STATES, AssetStateChanged, Event, PoolSnapshot
 from methodic_tui import format as fmt
 from methodic_tui.engine_source import ConfigError
 from methodic_tui.notices import Notice
@@ -107,6 +107,13 @@ class Reporter:
         described = fmt.describe_event(event, self.name)
         if described is None:
             return
+        if isinstance(event, AssetStateChanged) and event.state == "interrupted":
+            # No `u` key here: held by `retry`, which leaves the other uploads alone.
+            described = (
+                "info",
+                f"unfinished {self.name(event.asset_id)}: left by an earlier process; "
+                "`methodic-tui resume` continues it",
+            )
         if self.json_lines:
             data = event.to_json()
             if isinstance(event, Notice):

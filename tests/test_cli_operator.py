@@ -263,6 +263,7 @@ def test_list_retry_and_discard_a_failed_asset(server, tmp_path: Path) -> None:
 
     retried = run_tui(tmp_path, "retry", "checkpoint-1", *remote(server, tmp_path)[:6])
     assert retried.returncode == 0, retried.stderr
+    assert "press u" not in retried.stderr  # no keys in a log
     by_name = {x["name"]: x["asset_id"] for x in assets}
     assert states(tracker_path)[by_name["checkpoint-1"]] == "finalized"
 
