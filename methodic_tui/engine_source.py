@@ -166,11 +166,13 @@ class EngineSource(Source):
         except (DataDirError, ValueError, OSError) as exc:
             raise ConfigError(f"cannot start the embedded server in {data_dir}: {exc}") from None
         self.server = server
+        self.labels.local_only = True
         assert server.url is not None and server.api_key is not None
         self.notice(
             "info",
             f"no --server-url: started an embedded Chronicle server at {server.url} "
-            f"(data in {data_dir}); its port changes each start",
+            f"(data in {data_dir}); the bytes stay on this machine, and its port changes "
+            "each start",
         )
         return server.url, server.api_key
 

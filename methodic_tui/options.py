@@ -13,6 +13,7 @@ DEFAULT_TRACKER = Path("uploads.sqlite")
 @dataclass
 class Options:
     server_url: str | None = None  # None: start an embedded server
+    embedded: bool = False  # no server URL: the bytes stay on this machine (said in the header)
     api_key: str | None = field(default=None, repr=False)
     tracker: Path = DEFAULT_TRACKER
     workers: int = 8

@@ -38,6 +38,7 @@ class Labels:
     run: str = ""
     tracker: str = ""
     mode: str = ""  # e.g. "demo", "upload", "attach (read-only)"
+    local_only: bool = False  # an embedded server: the bytes stay on this machine
 
 
 class Source:

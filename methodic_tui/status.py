@@ -28,6 +28,7 @@ def as_json(
     for a in assets:
         counts[a.state] = counts.get(a.state, 0) + 1
     return {
+        "schema": 1,
         "tracker": str(tracker_path),
         "assets": len(assets),
         "states": counts,
@@ -70,6 +71,8 @@ def render(
         )
     if pending:
         lines.append("  `methodic-tui resume` finishes them")
+    if any(t.state == "failed" for t in pending):
+        lines.append("  `methodic-tui retry ASSET` retries a failed one, `discard ASSET` drops it")
     return lines
 
 

@@ -187,6 +187,7 @@ def test_signals_stop_cleanly_and_resume_continues(
 
 
 def test_resume_with_nothing_to_do_exits_0(server, tmp_path: Path) -> None:
+    UploadTracker(tmp_path / "u.sqlite").close()  # no tracker at all is exit 2: test_cli_operator
     result = run_tui(
         tmp_path, "resume", *remote(server, tmp_path)[:4], "--tracker", str(tmp_path / "u.sqlite")
     )
@@ -204,9 +205,9 @@ def test_demo_no_ui_retries_and_exits_0(tmp_path: Path) -> None:
     assert result.stderr.count("finalized checkpoint-") == 5
 
 
-def test_embedded_server_by_default_under_the_user_data_dir(tmp_path: Path) -> None:
+def test_embedded_server_on_request_under_the_user_data_dir(tmp_path: Path) -> None:
     a = make_checkpoint(tmp_path / "checkpoint-1", {"x.bin": 1000})
-    result = run_tui(tmp_path, "upload", str(a))
+    result = run_tui(tmp_path, "upload", str(a), "--embedded")
     assert result.returncode == 0, result.stderr
     assert f"(data in {tmp_path / 'xdg' / 'methodic' / 'server'})" in result.stderr
     assert (tmp_path / "uploads.sqlite").exists()  # the default tracker, in the cwd

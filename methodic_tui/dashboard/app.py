@@ -251,17 +251,21 @@ class MethodicApp(App[int]):
         self.push_screen(HelpScreen())
 
 
-def run_app(source: Source, *, start_on_recovery: bool = False) -> int:
+def run_app(source: Source, *, start_on_recovery: bool = False) -> tuple[int, int]:
     """Run the dashboard until it exits; the source is closed after it (tracker flushed).
 
-    Raises the ``ChronicleError`` that kept the source from starting (a setup problem).
+    Returns (exit status, how many uploads it left unfinished and resumable). Raises the
+    ``ChronicleError`` that kept the source from starting (a setup problem).
     """
     app = MethodicApp(source, start_on_recovery=start_on_recovery)
+    left = 0
 
     async def main() -> int | None:
+        nonlocal left
         try:
             return await app.run_async()
         finally:
+            left = _resumable_left(source)
             await source.close()
 
     try:
@@ -270,4 +274,14 @@ def run_app(source: Source, *, start_on_recovery: bool = False) -> int:
         code = EXIT_HANGUP
     if app.error is not None:
         raise app.error
-    return app.return_code or 0 if code is None else code
+    return (app.return_code or 0 if code is None else code), left
+
+
+def _resumable_left(source: Source) -> int:
+    """Uploads left unfinished that ``resume`` can continue (none for the demo or attach)."""
+    if source.read_only or not source.resumable:
+        return 0
+    try:
+        return sum(source.unfinished().values())
+    except Exception:  # never started, or already stopping: nothing to say
+        return 0

@@ -69,6 +69,9 @@ def header_text(labels: Labels, snap: PoolSnapshot, read_only: str | None) -> Te
     if labels.mode:
         where.append(" ")
         where.append(labels.mode, "bold")
+    if labels.local_only:
+        where.append(" ")
+        where.append(" LOCAL: bytes stay on this machine ", "bold black on yellow")
     if labels.server:
         _field(where, labels.server, label="server")
     if labels.run:
