@@ -157,7 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--asset-type", default="checkpoint")
     _run_options(watch)
 
-    sub.add_parser("resume", help="finish the uploads an earlier process left unfinished")
+    resume = sub.add_parser("resume", help="finish the uploads an earlier process left unfinished")
+    resume.add_argument(
+        "--take-over",
+        action="store_true",
+        help="also take the uploads another live process owns (it may be sending them too)",
+    )
     sub.add_parser("attach", help="watch a tracker another process on this host uploads from")
     sub.add_parser("status", help="a one-shot summary of the tracker")
     for p in sub.choices.values():
@@ -232,7 +237,9 @@ def make_source(args: argparse.Namespace, opts: Options, headless: bool) -> Sour
             pending="leave" if headless else "hold",
         )
     assert command == "resume"
-    return EngineSource(opts, ResumeJob(), pending="start" if headless else "hold")
+    return EngineSource(
+        opts, ResumeJob(), pending="start" if headless else "hold", take_over=args.take_over
+    )
 
 
 def wants_headless(args: argparse.Namespace) -> bool:
