@@ -205,8 +205,12 @@ class EngineSource(Source):
         for asset_id, why in self.report.skipped.items():
             if asset_id not in self._adopted:  # left to the live process that owns it
                 self.notice("warn", f"not taking over {asset_id}: {why}", asset_id)
+        tracked = {t.asset_id: t for t in before}
         for asset_id, what in self.report.unsealed.items():
-            self.notice("warn", f"{asset_id} is {what}", asset_id)
+            t = tracked.get(asset_id)
+            self.notice(
+                "warn", f"{asset_id} is {t.unsealed_note(cli=True) if t else what}", asset_id
+            )
         await self.refresh_pending()
 
     async def _run_job(self) -> None:
@@ -337,7 +341,7 @@ def stopped_reason(t: TrackedAsset) -> str:
             "`methodic-tui resume --take-over` takes it over anyway)"
         )
     if not t.sealed:
-        return t.unsealed_note()
+        return t.unsealed_note(cli=True)
     if t.last_error:
         return t.last_error
     who = f"process {t.owner_pid}" if t.owner_pid else "the uploading process"

@@ -263,11 +263,14 @@ def drain_in_child(
     return report
 
 
-def register_unsealed_and_die(workdir: Path, url: str, key: str, seed: int = 0) -> tuple[str, Path]:
+def register_unsealed_and_die(
+    workdir: Path, url: str, key: str, seed: int = 0, tracker: Path | None = None
+) -> tuple[str, Path]:
     """A child registers a checkpoint with ``seal=False`` (in two calls) and is SIGKILLed
     before ``seal()``. Returns the asset id and the checkpoint."""
     ckpt = make_checkpoint(workdir / "ckpt", LAYOUT, seed=seed)
-    res = run_python(UNSEALED_REGISTRAR, url, key, str(workdir / "uploads.sqlite"), str(ckpt))
+    tracker = tracker or workdir / "uploads.sqlite"
+    res = run_python(UNSEALED_REGISTRAR, url, key, str(tracker), str(ckpt))
     assert res.returncode == -signal.SIGKILL, res.stderr
     return res.stdout.split()[1], ckpt
 

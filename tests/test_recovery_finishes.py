@@ -131,14 +131,24 @@ def test_resume_no_ui_returns_on_an_unsealed_asset_and_names_seal_and_discard(
         assert tracker.get_asset(asset_id).state == "registered"  # untouched, still resumable
 
 
-def test_the_recovery_screen_says_an_asset_is_unsealed(server, tmp_path: Path) -> None:
+async def test_the_recovery_screen_shows_an_asset_as_unsealed(server, tmp_path: Path) -> None:
+    from test_tui_helpers import resume_source, running, screen_text, until
+
+    from methodic_tui.dashboard.screens.recovery import RecoveryScreen
     from methodic_tui.engine_source import stopped_reason
 
-    asset_id, _ = register_unsealed_and_die(tmp_path, server.url, server.api_key)
-    with UploadTracker(tmp_path / "uploads.sqlite") as tracker:
-        (t,) = tracker.get_pending_uploads()
-    why = stopped_reason(t)
-    assert why.startswith("unsealed") and f"methodic-tui seal {asset_id}" in why
+    asset_id, _ = register_unsealed_and_die(
+        tmp_path, server.url, server.api_key, tracker=tmp_path / "u.sqlite"
+    )
+    async with running(resume_source(server, tmp_path), start_on_recovery=True) as (app, pilot):
+        await until(pilot, lambda: isinstance(app.screen, RecoveryScreen))
+        table = app.screen.query_one("#pending")
+        await until(pilot, lambda: table.row_count == 1)
+        (t,) = app.session.source.pending()
+        assert t.asset_id == asset_id
+        why = stopped_reason(t)
+        assert why.startswith("unsealed") and f"methodic-tui seal {asset_id}" in why
+        await until(pilot, lambda: "unsealed" in screen_text(app), what="unsealed on screen")
 
 
 def test_registering_more_into_an_asset_whose_part_was_uploaded_is_refused(

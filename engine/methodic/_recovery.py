@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 from methodic import _tracker_ops as ops
 from methodic._client import AsyncChronicle
-from methodic._events import Subscription
 from methodic._states import AssetState
 from methodic._types import TrackedAsset
 from methodic._uploads import AssetUpload, adopted_upload
@@ -154,15 +153,11 @@ async def drain_incomplete_uploads_async(
     sealed, the next drain finalizes it; register nothing more in it).
     """
     report = DrainReport()
-    sub = chronicle.subscribe()
-    try:
-        adopted, open_started = await _adopt(
-            chronicle, tracker, report, True, take_over, upload_unsealed
-        )
-        uploads = [up for up in adopted if up.asset_id in report.resumed]
-        await asyncio.gather(chronicle._pool.wait(uploads), _until_stored(open_started, sub))
-    finally:
-        sub.close()
+    adopted, open_started = await _adopt(
+        chronicle, tracker, report, True, take_over, upload_unsealed
+    )
+    uploads = [up for up in adopted if up.asset_id in report.resumed]
+    await asyncio.gather(chronicle._pool.wait(uploads), _until_stored(chronicle, open_started))
     for up in uploads:
         report.bytes_resent += up.bytes_sent
         report.bytes_skipped += up.bytes_skipped
@@ -198,9 +193,13 @@ def _sent_all_it_can(up: AssetUpload) -> bool:
     return up.state == AssetState.UPLOADING and up.remaining == 0
 
 
-async def _until_stored(uploads: list[AssetUpload], sub: Subscription) -> None:
+async def _until_stored(chronicle: AsyncChronicle, uploads: list[AssetUpload]) -> None:
     """Wait (on the pool's events) until every unsealed upload has sent all it can."""
-    while not all(_sent_all_it_can(up) for up in uploads):
-        # Every state change is an event; the timeout only re-checks if one was missed.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(anext(sub), 1.0)
+    if not uploads:
+        return
+    async with chronicle.subscribe() as sub:
+        while not all(_sent_all_it_can(up) for up in uploads):
+            # Every state change is an event; the timeout re-checks one that came before
+            # this subscription.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(anext(sub), 1.0)

@@ -100,21 +100,26 @@ class TrackedAsset:
     def missing(self) -> list[TrackedComponent]:
         return [c for c in self.components if c.state != ComponentState.COMPLETED]
 
-    def unsealed_note(self, *, stored: bool = False) -> str:
+    def unsealed_note(self, *, stored: bool = False, cli: bool = False) -> str:
         """For an asset registered with ``seal=False`` and never sealed: what it holds (whether
-        it is ``stored`` on the server) and what an operator does with it."""
+        it is ``stored`` on the server) and what an operator does with it (in the Python API
+        and the commands, or with ``cli`` the commands only)."""
         who = f"pid {self.owner_pid}" if self.owner_pid else "the registering process"
         held = f"{self.component_count} registered components ({_size(self.total_bytes)})"
-        done = (
-            "stored on the server, not finalized"
-            if stored
-            else "not finalized: more may have been meant to follow"
+        done = "stored on the server, not finalized" if stored else "not finalized"
+        seal, discard = (
+            f"methodic-tui seal {self.asset_id}",
+            f"methodic-tui discard {self.asset_id}",
         )
+        if cli:
+            return (
+                f"unsealed: {held}, {done}; {who} stopped before sealing it: "
+                f"`{seal}` if nothing else belongs in it, or `{discard}`"
+            )
         return (
             f"unsealed: {held}, {done}; {who} stopped before seal(). If nothing else belongs "
-            f"in it, `tracker.seal({self.asset_id!r})` (`methodic-tui seal {self.asset_id}`) "
-            f"and drain again; otherwise discard it: `tracker.discard(...)` or "
-            f"`chronicle.discard(...)` (`methodic-tui discard {self.asset_id}`)"
+            f"in it, `tracker.seal({self.asset_id!r})` (`{seal}`) and drain again; otherwise "
+            f"discard it: `tracker.discard(...)` or `chronicle.discard(...)` (`{discard}`)"
         )
 
     @property
