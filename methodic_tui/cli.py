@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _run_options(watch)
 
-    _command(
+    resume = _command(
         sub,
         "resume",
         "finish the uploads an earlier process left unfinished",
@@ -325,8 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
         [
             "methodic-tui resume --tracker /scratch/run1/uploads.sqlite",
             "methodic-tui resume --no-ui --server-url http://chronicle:8765",
+            "methodic-tui resume --no-ui --take-over   # the owner's pid was reused",
         ],
         RUNNING,
+    )
+    resume.add_argument(
+        "--take-over",
+        action="store_true",
+        help="also take the uploads another live process owns (it may be sending them too)",
     )
     _command(
         sub,
@@ -517,7 +523,9 @@ def make_source(args: argparse.Namespace, opts: Options, headless: bool) -> Sour
     if command == "retry":
         return EngineSource(opts, AssetJob(args.asset, "retry"), pending="hold")
     assert command == "resume"
-    return EngineSource(opts, ResumeJob(), pending="start" if headless else "hold")
+    return EngineSource(
+        opts, ResumeJob(), pending="start" if headless else "hold", take_over=args.take_over
+    )
 
 
 def wants_headless(args: argparse.Namespace) -> bool:

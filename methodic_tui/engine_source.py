@@ -81,10 +81,13 @@ class EngineSource(Source):
     ``hold`` them for the operator (the dashboard), ``start`` them (``resume --no-ui``), or
     ``leave`` them alone (headless upload, which only mentions them)."""
 
-    def __init__(self, options: Options, job: Job, *, pending: PendingMode = "hold") -> None:
+    def __init__(
+        self, options: Options, job: Job, *, pending: PendingMode = "hold", take_over: bool = False
+    ) -> None:
         self.options = options
         self.job = job
         self.pending_mode = pending
+        self.take_over = take_over  # adopt even assets a live process owns (`--take-over`)
         job.prepare(options)
         self.labels = Labels(tracker=str(options.tracker), mode=job.name)
         self.server: EmbeddedServer | None = None
@@ -192,7 +195,11 @@ class EngineSource(Source):
         before = await asyncio.to_thread(self.tracker.list_assets, None)
         self._stopped_by = {t.asset_id: t.owner_pid for t in before}
         adopted = await adopt_incomplete_uploads(
-            self.chronicle, self.tracker, self.report, start=self.pending_mode == "start"
+            self.chronicle,
+            self.tracker,
+            self.report,
+            start=self.pending_mode == "start",
+            take_over=self.take_over,
         )
         self._adopted = set(adopted)
         for asset_id, why in self.report.failed.items():
@@ -200,6 +207,12 @@ class EngineSource(Source):
         for asset_id, why in self.report.skipped.items():
             if asset_id not in self._adopted:  # left to the live process that owns it
                 self.notice("warn", f"not taking over {asset_id}: {why}", asset_id)
+        tracked = {t.asset_id: t for t in before}
+        for asset_id, what in self.report.unsealed.items():
+            t = tracked.get(asset_id)
+            self.notice(
+                "warn", f"{asset_id} is {t.unsealed_note(cli=True) if t else what}", asset_id
+            )
         await self.refresh_pending()
 
     async def _run_job(self) -> None:
@@ -325,7 +338,12 @@ def stopped_reason(t: TrackedAsset) -> str:
     if t.state == AssetState.PAUSED:
         return "paused by the operator"
     if t.owner_alive:
-        return f"pid {t.owner_pid} is still running: it may be uploading this (see `attach`)"
+        return (
+            f"pid {t.owner_pid} is still running: it may be uploading this (see `attach`; "
+            "`methodic-tui resume --take-over` takes it over anyway)"
+        )
+    if not t.sealed:
+        return t.unsealed_note(cli=True)
     if t.last_error:
         return t.last_error
     who = f"process {t.owner_pid}" if t.owner_pid else "the uploading process"

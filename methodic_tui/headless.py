@@ -265,7 +265,24 @@ def _outcome(
         )
     if source.job_error:
         return EXIT_FAILED, f"stopped: {source.job_error}"
+    unsealed = _unsealed(source)
+    if unsealed:
+        cmds = "; ".join(
+            f"`methodic-tui seal {a}` once every file is registered, or `methodic-tui discard {a}`"
+            for a in unsealed
+        )
+        return EXIT_FAILED, (
+            f"done in {took}: {len(unsealed)} unsealed, not finalized "
+            f"({', '.join(reporter.name(a) for a in unsealed)}): {cmds}"
+        )
     return EXIT_OK, f"done in {took}: {fmt.status_line(snap)}"
+
+
+def _unsealed(source: Source) -> list[str]:
+    """Assets an earlier process registered unsealed: not this run's failure, nor finalized."""
+    from methodic_tui.engine_source import EngineSource
+
+    return list(source.report.unsealed) if isinstance(source, EngineSource) else []
 
 
 def _drain(source: Source, reporter: Reporter) -> PoolSnapshot:

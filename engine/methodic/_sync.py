@@ -229,23 +229,46 @@ async def _close(sub: Subscription) -> None:
 
 
 @overload
-def drain_incomplete_uploads(chronicle: Chronicle, tracker: UploadTracker) -> DrainReport: ...
+def drain_incomplete_uploads(
+    chronicle: Chronicle,
+    tracker: UploadTracker,
+    *,
+    upload_unsealed: bool = False,
+    take_over: bool = False,
+) -> DrainReport: ...
 @overload
 def drain_incomplete_uploads(
-    chronicle: AsyncChronicle, tracker: UploadTracker
+    chronicle: AsyncChronicle,
+    tracker: UploadTracker,
+    *,
+    upload_unsealed: bool = False,
+    take_over: bool = False,
 ) -> Coroutine[Any, Any, DrainReport]: ...
 def drain_incomplete_uploads(
-    chronicle: Chronicle | AsyncChronicle, tracker: UploadTracker
+    chronicle: Chronicle | AsyncChronicle,
+    tracker: UploadTracker,
+    *,
+    upload_unsealed: bool = False,
+    take_over: bool = False,
 ) -> DrainReport | Coroutine[Any, Any, DrainReport]:
     """Resume every unfinished upload recorded in ``tracker`` and finalize it; returns a DrainReport.
 
     For each asset: create it on the server if the crash came before that, ask the server which
-    components and parts it already stores, send only the rest, then finalize. With an
-    ``AsyncChronicle`` this returns a coroutine (``drain_incomplete_uploads_async``).
+    components and parts it already stores, send only the rest, then finalize. It always
+    returns: assets another live process owns are ``skipped`` (``take_over=True`` takes them),
+    unsealed ones are reported in ``unsealed`` (``upload_unsealed=True`` sends what they hold,
+    without finalizing). With an ``AsyncChronicle`` this returns a coroutine
+    (``drain_incomplete_uploads_async``).
     """
+    coro = drain_incomplete_uploads_async(
+        chronicle.core if isinstance(chronicle, Chronicle) else chronicle,
+        tracker,
+        upload_unsealed=upload_unsealed,
+        take_over=take_over,
+    )
     if isinstance(chronicle, Chronicle):
-        return chronicle._call(drain_incomplete_uploads_async(chronicle.core, tracker))
-    return drain_incomplete_uploads_async(chronicle, tracker)
+        return chronicle._call(coro)
+    return coro
 
 
 class Run:

@@ -16,12 +16,12 @@ from functools import wraps
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from methodic._errors import InvalidInputError
-from methodic._owner import owner_alive
+from methodic._owner import my_identity, owner_alive
 from methodic._scan import validate_specs
 from methodic._states import DONE_STATES, UNFINISHED_STATES
 from methodic._types import ComponentSpec, RunBinding, TrackedAsset, TrackedComponent
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Forward migrations: MIGRATIONS[n] takes a database from version n to n + 1.
 MIGRATIONS: list[str] = [
@@ -68,6 +68,14 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (asset_id, path, part),
         FOREIGN KEY (asset_id, path) REFERENCES components(asset_id, path) ON DELETE CASCADE
     ) WITHOUT ROWID;
+    """,
+    # 1 -> 2: the owner is its pid and its start time (a pid alone may be reused once it
+    # dies). ``owner_start_pid`` is the pid that start time was read for: a writer that
+    # changes ``owner_pid`` alone (an older tool, a manual fix) leaves a start time that no
+    # longer describes the owner, and the pid alone decides.
+    """
+    ALTER TABLE assets ADD COLUMN owner_start INTEGER;
+    ALTER TABLE assets ADD COLUMN owner_start_pid INTEGER;
     """,
 ]
 
@@ -153,6 +161,13 @@ def register(
                 f"asset {asset_id} is sealed ({state}); register every component in one call, "
                 "or register with seal=False and call seal() once all are registered"
             )
+        if state != "registered":
+            # A pool has taken it unsealed (``drain(upload_unsealed=True)``): the server
+            # fixed its manifest when it created it, so nothing more can join it.
+            raise InvalidInputError(
+                f"asset {asset_id} was uploaded unsealed ({state}) with the components "
+                "registered so far; no more can join it: seal() it as it is, or discard() it"
+            )
         have = yield q("SELECT path FROM components WHERE asset_id = ?", (asset_id,))
         clash = {p for (p,) in have}.intersection(r[1] for r in rows)
         if clash:
@@ -167,8 +182,9 @@ def register(
         b = binding
         yield q(
             "INSERT INTO assets (asset_id, asset_type, state, sealed, metadata, server_url, run_id,"
-            " experiment_id, variation, run, local_dir, created_at, updated_at, owner_pid)"
-            " VALUES (?, ?, 'registered', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " experiment_id, variation, run, local_dir, created_at, updated_at, owner_pid,"
+            " owner_start, owner_start_pid)"
+            " VALUES (?, ?, 'registered', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 asset_id,
                 asset_type,
@@ -182,7 +198,7 @@ def register(
                 local_dir,
                 now,
                 now,
-                os.getpid(),
+                *_owner_columns(),
             ),
         )
     ps = part_sizes or {}
@@ -225,7 +241,7 @@ _ASSET_SUMMARY = (
     " a.experiment_id, a.variation, a.run, a.local_dir, a.created_at, a.updated_at, a.last_error,"
     " a.owner_pid, count(c.path), coalesce(sum(c.state = 'completed'), 0),"
     " coalesce(sum(c.size), 0), coalesce(sum(CASE WHEN c.state = 'completed' THEN c.size"
-    " ELSE c.bytes_sent END), 0)"
+    " ELSE c.bytes_sent END), 0), a.owner_start, a.owner_start_pid"
     " FROM assets a LEFT JOIN components c ON c.asset_id = a.asset_id"
 )
 
@@ -246,6 +262,7 @@ def _asset_from_row(
         updated_at=row[12],
         last_error=row[13],
         owner_pid=row[14],
+        owner_start=_owner_start(row[14], row[19], row[20]),
         component_count=row[15],
         completed_count=row[16],
         total_bytes=row[17],
@@ -415,16 +432,37 @@ def discard(asset_id: str) -> OpGen[bool]:
     return bool(rows)
 
 
-@write_op
-def claim(asset_id: str) -> OpGen[int | None]:
-    """Record that this process is now the one uploading ``asset_id``, unless another live
-    process owns it: then nothing changes and that process's pid is returned (None once claimed).
+def _owner_columns() -> tuple[int, int | None, int]:
+    """This process as the owner: (owner_pid, owner_start, owner_start_pid)."""
+    pid, start = my_identity()
+    return pid, start, pid
 
-    Checked and written in one write transaction, so two processes adopting at once cannot
-    both take the asset.
+
+def _owner_start(pid: int | None, start: int | None, start_pid: int | None) -> int | None:
+    """The owner's recorded start time, if it was recorded for the pid the row names now."""
+    return start if start is not None and start_pid == pid else None
+
+
+@write_op
+def claim(asset_id: str, *, take_over: bool = False) -> OpGen[tuple[int, int | None] | None]:
+    """Record that this process is now the one uploading ``asset_id``, unless another live
+    process owns it: then nothing changes and that owner's (pid, start time) is returned
+    (None once claimed). ``take_over`` claims it even from a live owner.
+
+    The owner is its pid and its start time: a live process that merely reuses a dead owner's
+    pid does not hold the asset. Checked and written in one write transaction, so two
+    processes adopting at once cannot both take the asset.
     """
-    rows = yield q("SELECT owner_pid FROM assets WHERE asset_id = ?", (asset_id,))
-    if rows and owner_alive(rows[0][0]):
-        return int(rows[0][0])
-    yield q("UPDATE assets SET owner_pid = ? WHERE asset_id = ?", (os.getpid(), asset_id))
+    rows = yield q(
+        "SELECT owner_pid, owner_start, owner_start_pid FROM assets WHERE asset_id = ?",
+        (asset_id,),
+    )
+    if rows and not take_over:
+        pid, start = rows[0][0], _owner_start(*rows[0])
+        if owner_alive(pid, start):
+            return int(pid), start
+    yield q(
+        "UPDATE assets SET owner_pid = ?, owner_start = ?, owner_start_pid = ? WHERE asset_id = ?",
+        (*_owner_columns(), asset_id),
+    )
     return None

@@ -65,6 +65,15 @@ class TrackedComponent:
     parts_done: frozenset[int] = frozenset()
 
 
+def _size(n: int) -> str:
+    x = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if x < 1000 or unit == "GB":
+            return f"{n} B" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1000
+    raise AssertionError("unreachable")
+
+
 @dataclass(frozen=True)
 class TrackedAsset:
     """An asset as the local tracker records it (``components`` is empty in summaries)."""
@@ -85,15 +94,38 @@ class TrackedAsset:
     total_bytes: int
     bytes_sent: int
     components: tuple[TrackedComponent, ...] = ()
+    owner_start: int | None = None  # the owner's start time (clock ticks since boot), if known
 
     @property
     def missing(self) -> list[TrackedComponent]:
         return [c for c in self.components if c.state != ComponentState.COMPLETED]
 
+    def unsealed_note(self, *, stored: bool = False, cli: bool = False) -> str:
+        """For an asset registered with ``seal=False`` and never sealed: what it holds (whether
+        it is ``stored`` on the server) and what an operator does with it (in the Python API
+        and the commands, or with ``cli`` the commands only)."""
+        who = f"pid {self.owner_pid}" if self.owner_pid else "the registering process"
+        held = f"{self.component_count} registered components ({_size(self.total_bytes)})"
+        done = "stored on the server, not finalized" if stored else "not finalized"
+        seal, discard = (
+            f"methodic-tui seal {self.asset_id}",
+            f"methodic-tui discard {self.asset_id}",
+        )
+        if cli:
+            return (
+                f"unsealed: {held}, {done}; {who} stopped before sealing it: "
+                f"`{seal}` if nothing else belongs in it, or `{discard}`"
+            )
+        return (
+            f"unsealed: {held}, {done}; {who} stopped before seal(). If nothing else belongs "
+            f"in it, `tracker.seal({self.asset_id!r})` (`{seal}`) and drain again; otherwise "
+            f"discard it: `tracker.discard(...)` or `chronicle.discard(...)` (`{discard}`)"
+        )
+
     @property
     def owner_alive(self) -> bool:
         """Whether the process that owns this upload is another one that still runs here."""
-        return owner_alive(self.owner_pid)
+        return owner_alive(self.owner_pid, self.owner_start)
 
 
 @dataclass(frozen=True)
