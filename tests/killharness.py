@@ -37,7 +37,6 @@ LAYOUT = {
     "rng/state-0.pt": 70_000,
     "rng/state-1.pt": 70_001,
 }
-CEILING = 120  # seconds: only fails a hung child; a working one is far quicker
 OPTS = f"part_threshold={8 * MiB}, part_size={PART}, max_upload_workers={WORKERS}"
 
 UPLOADER = textwrap.dedent(f"""
