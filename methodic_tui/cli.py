@@ -203,6 +203,20 @@ def _add_options(parser: argparse.ArgumentParser, groups: Sequence[str], top: bo
 RUNNING = (SERVER, TRACKER, TRANSFER, UI, JSON, OUTPUT)
 
 
+def _filter_options(p: argparse.ArgumentParser) -> None:
+    for flag, what in (
+        ("--include", "only files matching GLOB"),
+        ("--exclude", "never files matching GLOB"),
+    ):
+        p.add_argument(
+            flag,
+            action="append",
+            metavar="GLOB",
+            help=f"{what} (repeatable; relative to each directory; a GLOB without / matches "
+            "a file name at any depth)",
+        )
+
+
 def _command(
     sub: argparse._SubParsersAction[_Parser],
     name: str,
@@ -286,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="upload a directory again even if this tracker already finalized it",
     )
+    _filter_options(upload)
     _run_options(upload)
 
     watch = _command(
@@ -314,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument(
         "--asset-type", default="checkpoint", metavar="TYPE", help="(default: checkpoint)"
     )
+    _filter_options(watch)
     _run_options(watch)
 
     resume = _command(
@@ -449,6 +465,8 @@ def options_from(args: argparse.Namespace) -> Options:
         variation=getattr(args, "variation", 0),
         run=getattr(args, "run", 0),
         asset_type=getattr(args, "asset_type", "checkpoint"),
+        include=getattr(args, "include", None),
+        exclude=getattr(args, "exclude", None) or [],
     )
     opts.tracker = opts.tracker.expanduser().absolute()
     if opts.tracker.is_dir():
@@ -504,7 +522,7 @@ def make_source(args: argparse.Namespace, opts: Options, headless: bool) -> Sour
             opts, DemoJob(total_size=int(size), interval=args.every), pending="leave"
         )
     if command == "upload":
-        problem = check_dirs(args.dirs)
+        problem = check_dirs(args.dirs, include=opts.include, exclude=opts.exclude)
         if problem:
             raise UsageError(problem)
         job = UploadJob(args.dirs, args.asset_type, force=args.force)
@@ -594,7 +612,7 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command in ("upload", "watch"):
         from methodic_tui.jobs import check_dirs
 
-        problem = check_dirs(args.dirs) if args.command == "upload" else None
+        problem = check_dirs(args.dirs, include=opts.include, exclude=opts.exclude) if args.command == "upload" else None
         problem = problem or (
             check_dirs([args.dir], allow_empty=True) if args.command == "watch" else None
         )
@@ -603,7 +621,17 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "upload" and args.dry_run:
         from methodic_tui.jobs import dry_run
 
-        return dry_run(args.dirs, opts.tracker, force=args.force, json_out=json_out)
+        try:
+            return dry_run(
+                args.dirs,
+                opts.tracker,
+                force=args.force,
+                json_out=json_out,
+                include=opts.include,
+                exclude=opts.exclude,
+            )
+        except ChronicleError as exc:
+            raise UsageError(str(exc)) from None
     headless = wants_headless(args)
     check_server(args, opts, headless)
     if args.command == "discard":

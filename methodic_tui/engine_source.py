@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
@@ -254,14 +254,22 @@ class EngineSource(Source):
     # -------------------------------------------------- for jobs
 
     async def upload_dir(
-        self, local_dir: Path, asset_type: str | None = None, **metadata: Any
+        self,
+        local_dir: Path,
+        asset_type: str | None = None,
+        *,
+        exclude: Sequence[str] = (),
+        **metadata: Any,
     ) -> AsyncUploadHandle:
+        """Upload ``local_dir`` as one asset, with the files --include/--exclude keep."""
         assert self.run is not None, "this job does not upload into a run"
         return await self._on_engine(
             self.run.register_and_upload_async(
                 os.fspath(local_dir),
                 asset_type=asset_type or self.options.asset_type,
                 upload_tracker=self.tracker,
+                include=self.options.include,
+                exclude=[*self.options.exclude, *exclude],
                 **metadata,
             )
         )

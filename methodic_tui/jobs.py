@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from methodic import ChronicleError, TrackedAsset, UploadTracker
+from methodic import (
+    AssetState,
+    ChronicleError,
+    ComponentSpec,
+    TrackedAsset,
+    UploadTracker,
+    scan_directory,
+)
 from methodic_tui import format as fmt
 from methodic_tui.options import Options
 
@@ -47,12 +54,22 @@ class UploadJob(BaseJob):
     name = "upload"
 
     async def run(self, source: EngineSource) -> None:
-        assert source.tracker is not None
-        known = await asyncio.to_thread(source.tracker.list_assets, None)
+        tracker = source.tracker
+        assert tracker is not None
+        opts = source.options
+        known = await asyncio.to_thread(tracker.list_assets, None)
         for d in self.dirs:
             path = d.expanduser().absolute()
-            done = finalized_from(known, path)
-            if done is not None and not self.force:
+            done = None
+            if not self.force:
+                try:
+                    files = await asyncio.to_thread(
+                        scan_directory, path, opts.include, opts.exclude
+                    )
+                except ChronicleError:
+                    files = []  # upload_dir says what is wrong with it
+                done = await asyncio.to_thread(finalized_from, tracker, known, path, files)
+            if done is not None:
                 source.notice(
                     "info",
                     f"skipped {path}: this tracker finalized it as {done.asset_id} "
@@ -62,11 +79,20 @@ class UploadJob(BaseJob):
             await source.upload_dir(path, self.asset_type)
 
 
-def finalized_from(known: Sequence[TrackedAsset], path: Path) -> TrackedAsset | None:
-    """The tracker's finalized asset uploaded from ``path``, if any."""
+def finalized_from(
+    tracker: UploadTracker,
+    known: Sequence[TrackedAsset],
+    path: Path,
+    files: Sequence[ComponentSpec],
+) -> TrackedAsset | None:
+    """The tracker's finalized asset uploaded from ``path`` with these very files, if any
+    (another --include of the same directory is another asset)."""
+    wanted = {f.path for f in files}
     for t in known:
-        if t.state == "finalized" and t.local_dir and Path(t.local_dir).absolute() == path:
-            return t
+        if t.state == AssetState.FINALIZED and t.local_dir and Path(t.local_dir).absolute() == path:
+            full = tracker.get_asset(t.asset_id)
+            if wanted and full is not None and {c.path for c in full.components} == wanted:
+                return t
     return None
 
 
@@ -125,7 +151,13 @@ class ResumeJob(BaseJob):
     needs_run = False
 
 
-def check_dirs(dirs: Sequence[Path], *, allow_empty: bool = False) -> str | None:
+def check_dirs(
+    dirs: Sequence[Path],
+    *,
+    allow_empty: bool = False,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+) -> str | None:
     """The first problem with the directories to upload, as one line, or None."""
     for d in dirs:
         p = d.expanduser()
@@ -139,6 +171,11 @@ def check_dirs(dirs: Sequence[Path], *, allow_empty: bool = False) -> str | None
             return f"{d} is {_kind(mode)}, not a directory; pass the checkpoint directory"
         if not allow_empty and not any(files for _, _, files in os.walk(p)):
             return f"{d} is an empty directory: no file to upload"
+        if not allow_empty and (include is not None or exclude):
+            try:
+                scan_directory(p, include, exclude)
+            except ChronicleError as exc:
+                return str(exc)
     return None
 
 
@@ -152,21 +189,40 @@ def _kind(mode: int) -> str:
     return "a file"
 
 
-def dry_run(dirs: Sequence[Path], tracker_path: Path, *, force: bool, json_out: bool) -> int:
-    """``upload --dry-run``: what would be uploaded; no server, no tracker rows (nor file)."""
-    known: list[TrackedAsset] = []
-    if tracker_path.exists():
-        with UploadTracker(tracker_path) as tracker:
-            known = tracker.list_assets()
+def dry_run(
+    dirs: Sequence[Path],
+    tracker_path: Path,
+    *,
+    force: bool,
+    json_out: bool,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+) -> int:
+    """``upload --dry-run``: what would be uploaded (the engine's own scan of each directory,
+    with --include/--exclude); no server, no tracker rows (nor file)."""
+    tracker = UploadTracker(tracker_path) if tracker_path.exists() else None
+    try:
+        return _dry_run(dirs, tracker, force, json_out, include, exclude)
+    finally:
+        if tracker is not None:
+            tracker.close()
+
+
+def _dry_run(
+    dirs: Sequence[Path],
+    tracker: UploadTracker | None,
+    force: bool,
+    json_out: bool,
+    include: Sequence[str] | None,
+    exclude: Sequence[str],
+) -> int:
+    known = tracker.list_assets() if tracker is not None else []
     out = sys.stdout
     for d in dirs:
         path = d.expanduser().absolute()
-        files = sorted(
-            (os.path.relpath(os.path.join(dp, f), path), os.path.getsize(os.path.join(dp, f)))
-            for dp, _, names in os.walk(path)
-            for f in names
-        )
-        done = finalized_from(known, path)
+        specs = scan_directory(path, include, exclude)
+        files = [(c.path, c.size) for c in specs]
+        done = finalized_from(tracker, known, path, specs) if tracker is not None else None
         skip = done is not None and not force
         total = sum(n for _, n in files)
         if json_out:

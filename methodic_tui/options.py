@@ -26,6 +26,8 @@ class Options:
     part_threshold: int | None = None  # None: the engine's defaults
     part_size: int | None = None
     retry: RetryPolicy | None = None
+    include: list[str] | None = None  # globs relative to each directory: only these files
+    exclude: list[str] = field(default_factory=list)  # globs: never these files
 
     def chronicle_kwargs(self) -> dict[str, object]:
         kwargs: dict[str, object] = {

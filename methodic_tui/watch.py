@@ -114,7 +114,7 @@ class WatchJob(BaseJob):
         while True:
             for d in await asyncio.to_thread(watcher.complete, loop.time()):
                 try:
-                    await source.upload_dir(d)
+                    await source.upload_dir(d, exclude=MARKERS)
                 except ChronicleError as exc:  # one bad directory must not stop the watch
                     source.notice("error", f"watch: {exc}")
             await asyncio.sleep(interval)

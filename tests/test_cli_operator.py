@@ -15,11 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import make_checkpoint
+from helpers import CEILING, make_checkpoint, wait_until
 from test_cli_tui import Terminal, terminals  # noqa: F401  (the fixture)
 from test_headless import assert_one_line_error, remote, run_tui
-from test_tui_data import sample_snapshot
-from test_tui_helpers import MiB, tui_cmd, tui_env
+from tui_data import sample_snapshot
+from tui_helpers import MiB, tui_cmd, tui_env
 
 from methodic import ComponentSpec, UploadTracker
 from methodic_tui import parsing
@@ -337,3 +337,54 @@ def test_each_subcommand_help_has_examples_exit_codes_and_only_its_options(
     takes_transfers = command in ("demo", "upload", "watch", "resume", "retry")
     assert ("--workers" in out) == takes_transfers
     assert ("--server-url" in out) == (command in ("upload", "watch", "resume", "retry", "discard"))
+
+
+# ------------------------------------------------------------ choosing files: --include/--exclude
+
+
+def test_include_and_exclude_choose_the_files_of_an_upload(server, tmp_path: Path) -> None:
+    tracker_path = tmp_path / "u.sqlite"
+    ckpt = make_checkpoint(
+        tmp_path / "checkpoint-1",
+        {"__0_0.distcp": 10, "__1_0.distcp": 20, "sub/__1_1.distcp": 30, ".metadata": 5},
+    )
+    chosen = ("--include", "__1_*.distcp", "--exclude", "sub/*")
+    dry = run_tui(tmp_path, "upload", str(ckpt), "--dry-run", *chosen, "--tracker", "t.sqlite")
+    assert dry.returncode == 0, dry.stderr
+    assert "would upload: 1 files" in dry.stdout and "__1_0.distcp" in dry.stdout
+    result = run_tui(tmp_path, "upload", str(ckpt), *chosen, *remote(server, tmp_path))
+    assert result.returncode == 0, result.stderr
+    with UploadTracker(tracker_path) as tracker:
+        (asset,) = tracker.list_assets()
+        assert [c.path for c in tracker.get_asset(asset.asset_id).components] == ["__1_0.distcp"]
+    # The same directory with another selection is another asset, not "already finalized".
+    rank0 = run_tui(tmp_path, "upload", str(ckpt), "--include", "__0_*", *remote(server, tmp_path))
+    assert rank0.returncode == 0 and "skipped" not in rank0.stderr, rank0.stderr
+    again = run_tui(tmp_path, "upload", str(ckpt), *chosen, *remote(server, tmp_path))
+    assert "skipped" in again.stderr, again.stderr
+    assert len(finalized(tracker_path)) == 2
+    nothing = run_tui(tmp_path, "upload", str(ckpt), "--include", "*.pt", *remote(server, tmp_path))
+    line = assert_one_line_error(nothing)
+    assert "nothing to upload" in line and "*.pt" in line
+
+
+def test_watch_never_uploads_its_marker_file(server, tmp_path: Path) -> None:
+    root = tmp_path / "out"
+    ckpt = make_checkpoint(root / "checkpoint-1", {"w.bin": 100})
+    (ckpt / ".complete").write_text("")
+    tracker_path = tmp_path / "u.sqlite"
+    proc = subprocess.Popen(
+        tui_cmd("watch", str(root), "--settle", "600", *remote(server, tmp_path)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=tui_env(tmp_path),
+    )
+    try:
+        wait_until(lambda: tracker_path.exists() and finalized(tracker_path), what="finalized")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=CEILING)
+    with UploadTracker(tracker_path) as tracker:
+        (asset_id,) = finalized(tracker_path)
+        assert [c.path for c in tracker.get_asset(asset_id).components] == ["w.bin"]

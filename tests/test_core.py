@@ -358,3 +358,22 @@ async def test_find_experiment_raises_every_error_but_not_found(
         assert stub.id_lookups == lookups
     finally:
         stub.close()
+
+
+def test_include_and_exclude_globs_choose_the_components(server, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(
+        tmp_path / "ckpt", {"__3_0.distcp": 11, "__3_1.distcp": 12, "__4_0.distcp": 13, "a/x": 1}
+    )
+    with Chronicle(server.url, server.api_key) as chronicle:
+        run = chronicle.run(chronicle.create_experiment("globs"), 0, 0)
+        h = run.register_and_upload_async(ckpt, include=["__3_*.distcp", "a/*"], exclude=["__3_1*"])
+        asset = h.result(timeout=120)
+        assert sorted(c.path for c in asset.components) == ["__3_0.distcp", "a/x"]
+        run.download_asset(h.asset_id, tmp_path / "restore")
+        assert tree_digest(tmp_path / "restore") == {
+            k: v for k, v in tree_digest(ckpt).items() if k in ("__3_0.distcp", "a/x")
+        }
+        with pytest.raises(InvalidInputError, match="nothing to upload"):
+            run.register_and_upload_async(ckpt, include=["*.pt"])
+        with pytest.raises(InvalidInputError, match="list of non-empty glob"):
+            run.register_and_upload_async(ckpt, include="*.distcp")  # type: ignore[arg-type]

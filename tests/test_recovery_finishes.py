@@ -24,7 +24,7 @@ from killharness import (
     reused_pid_round,
     unsealed_round,
 )
-from test_tui_helpers import tui_cmd, tui_env
+from tui_helpers import tui_cmd, tui_env
 
 from methodic import Chronicle, UploadTracker, drain_incomplete_uploads
 from methodic import _tracker_ops as ops
@@ -132,7 +132,7 @@ def test_resume_no_ui_returns_on_an_unsealed_asset_and_names_seal_and_discard(
 
 
 async def test_the_recovery_screen_shows_an_asset_as_unsealed(server, tmp_path: Path) -> None:
-    from test_tui_helpers import resume_source, running, screen_text, until
+    from tui_helpers import resume_source, running, screen_text, until
 
     from methodic_tui.dashboard.screens.recovery import RecoveryScreen
     from methodic_tui.engine_source import stopped_reason

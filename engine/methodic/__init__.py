@@ -41,6 +41,7 @@ from methodic._recovery import (
     drain_incomplete_uploads_async,
 )
 from methodic._retry import RetryPolicy
+from methodic._scan import scan_directory
 from methodic._states import (
     DONE_STATES,
     HELD_STATES,
@@ -124,4 +125,5 @@ __all__ = [
     "drain_incomplete_uploads",
     "drain_incomplete_uploads_async",
     "parse_rate",
+    "scan_directory",
 ]

@@ -257,14 +257,19 @@ class AsyncRun:
         local_dir: Path | str,
         asset_type: str = "checkpoint",
         upload_tracker: Any = None,
+        *,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
         **metadata: Any,
     ) -> AsyncUploadHandle:
         """Register every file under ``local_dir`` in one tracker call, then queue the upload.
 
-        Returns at once with a handle; the shared pool uploads in the background and finalizes
-        the asset as soon as every component is stored.
+        ``include``/``exclude`` are globs relative to ``local_dir`` choosing which files (a
+        pattern without ``/`` matches a name at any depth). Returns at once with a handle; the
+        shared pool uploads in the background and finalizes the asset once every component is
+        stored.
         """
-        specs = await asyncio.to_thread(scan_directory, local_dir)
+        specs = await asyncio.to_thread(scan_directory, local_dir, include, exclude)
         return await self._submit(specs, asset_type, upload_tracker, os.fspath(local_dir), metadata)
 
     async def _submit(

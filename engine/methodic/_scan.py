@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Sequence
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from methodic._errors import InvalidInputError
@@ -12,13 +13,34 @@ from methodic._paths import component_path_problem
 from methodic._types import ComponentSpec
 
 
-def scan_directory(local_dir: Path | str) -> list[ComponentSpec]:
+def matches(rel: str, patterns: Sequence[str]) -> bool:
+    """Whether the relative POSIX path ``rel`` matches a glob: a pattern without ``/`` matches
+    a file's name at any depth; one with ``/`` matches the whole path (``*`` may cross ``/``)."""
+    name = rel.rsplit("/", 1)[-1]
+    return any(fnmatchcase(rel if "/" in p else name, p) for p in patterns)
+
+
+def scan_directory(
+    local_dir: Path | str,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> list[ComponentSpec]:
     """One component per regular file under ``local_dir`` (recursive), paths relative and POSIX.
 
-    Refused before anything is registered: a missing path, a file instead of a directory, an
-    empty directory, a file that cannot be read, a symlink that leaves the directory or points
-    nowhere, a symlinked directory, and special files (FIFOs, sockets, devices).
+    With ``include``, only files matching one of its globs; never those matching ``exclude``
+    (see ``matches``). Refused before anything is registered: a missing path, a file instead
+    of a directory, nothing left to upload, a file that cannot be read, a symlink that leaves
+    the directory or points nowhere, a symlinked directory, and special files (FIFOs, sockets,
+    devices) among the files kept.
     """
+    for name, patterns in (("include", include), ("exclude", exclude)):
+        if isinstance(patterns, str) or (
+            patterns is not None and not all(isinstance(p, str) and p for p in patterns)
+        ):
+            raise InvalidInputError(
+                f"{name} must be a list of non-empty glob strings, e.g. ['*.distcp'], "
+                f"not {patterns!r}"
+            )
     root = Path(local_dir).expanduser()
     if not root.exists():
         raise InvalidInputError(
@@ -39,8 +61,15 @@ def scan_directory(local_dir: Path | str) -> list[ComponentSpec]:
                 )
         dirnames.sort()
         for name in sorted(filenames):
-            specs.append(_component(root, real_root, here / name))
+            rel = (here / name).relative_to(root).as_posix()
+            if (include is None or matches(rel, include)) and not matches(rel, exclude or ()):
+                specs.append(_component(root, real_root, here / name))
     if not specs:
+        if include is not None or exclude:
+            raise InvalidInputError(
+                f"no file under {root} is kept by include={list(include or [])!r} "
+                f"exclude={list(exclude or [])!r}: there is nothing to upload"
+            )
         raise InvalidInputError(f"{root} is empty: there is nothing to upload")
     return specs
 

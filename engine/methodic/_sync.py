@@ -301,11 +301,22 @@ class Run:
         local_dir: Path | str,
         asset_type: str = "checkpoint",
         upload_tracker: Any = None,
+        *,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
         **metadata: Any,
     ) -> UploadHandle:
-        """Register every file under ``local_dir`` in one call and upload it in the background."""
+        """Register every file under ``local_dir`` (or those ``include``/``exclude`` globs keep)
+        in one call and upload it in the background."""
         handle = self._call(
-            self.core.register_and_upload_async(local_dir, asset_type, upload_tracker, **metadata)
+            self.core.register_and_upload_async(
+                local_dir,
+                asset_type,
+                upload_tracker,
+                include=include,
+                exclude=exclude,
+                **metadata,
+            )
         )
         return UploadHandle(handle, self._chronicle._loop)
 
