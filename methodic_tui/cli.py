@@ -612,7 +612,11 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command in ("upload", "watch"):
         from methodic_tui.jobs import check_dirs
 
-        problem = check_dirs(args.dirs, include=opts.include, exclude=opts.exclude) if args.command == "upload" else None
+        problem = (
+            check_dirs(args.dirs, include=opts.include, exclude=opts.exclude)
+            if args.command == "upload"
+            else None
+        )
         problem = problem or (
             check_dirs([args.dir], allow_empty=True) if args.command == "watch" else None
         )

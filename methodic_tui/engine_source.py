@@ -163,7 +163,7 @@ class EngineSource(Source):
         from methodic.server import DataDirError, EmbeddedServer
 
         data_dir = self.options.server_dir or default_server_dir()
-        server = EmbeddedServer(data_dir)
+        server = EmbeddedServer(data_dir, blob_port=0)  # its URLs end with it: no port to keep
         try:
             await asyncio.to_thread(server.start)
         except (DataDirError, ValueError, OSError) as exc:

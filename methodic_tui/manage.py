@@ -116,7 +116,7 @@ async def run_discard(
     if url is None:
         from methodic.server import EmbeddedServer
 
-        server = EmbeddedServer(options.server_dir or default_server_dir())
+        server = EmbeddedServer(options.server_dir or default_server_dir(), blob_port=0)
         await asyncio.to_thread(server.start)
         url, key = server.url, server.api_key
     try:
