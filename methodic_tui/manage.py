@@ -37,6 +37,7 @@ def find(tracker_path: Path, text: str) -> TrackedAsset:
 
 
 def asset_json(t: TrackedAsset) -> dict[str, Any]:
+    """One asset of the tracker as `list --json` and `status --json` show it."""
     return {
         "asset_id": t.asset_id,
         "name": fmt.asset_name(t.asset_id, t.local_dir),

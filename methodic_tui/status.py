@@ -11,6 +11,7 @@ from typing import Any, TextIO
 from methodic import TrackedAsset, UploadTracker
 from methodic_tui import format as fmt
 from methodic_tui.engine_source import ConfigError, missing_summary, stopped_reason
+from methodic_tui.manage import asset_json
 
 
 def collect(tracker_path: Path) -> tuple[list[TrackedAsset], list[TrackedAsset]]:
@@ -35,21 +36,7 @@ def as_json(
         "bytes_total": sum(a.total_bytes for a in assets),
         "bytes_sent": sum(a.bytes_sent for a in assets),
         "unfinished": [
-            {
-                "asset_id": t.asset_id,
-                "name": fmt.asset_name(t.asset_id, t.local_dir),
-                "asset_type": t.asset_type,
-                "state": t.state,
-                "local_dir": t.local_dir,
-                "created_at": t.created_at,
-                "updated_at": t.updated_at,
-                "components": t.component_count,
-                "components_done": t.completed_count,
-                "bytes_total": t.total_bytes,
-                "bytes_sent": t.bytes_sent,
-                "missing": [c.path for c in t.missing],
-                "why": stopped_reason(t),
-            }
+            {**asset_json(t), "missing": [c.path for c in t.missing], "why": stopped_reason(t)}
             for t in pending
         ],
     }
