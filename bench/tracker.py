@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from methodic import ComponentSpec, UploadTracker
-from methodic import _tracker_ops as ops
+from methodic import _tracker_schema as schema
 
 
 def components(n: int) -> list[ComponentSpec]:
@@ -39,7 +39,7 @@ def raw_executemany(db: Path, specs: list[ComponentSpec]) -> float:
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
-    conn.executescript(ops.MIGRATIONS[0])
+    conn.executescript(schema.MIGRATIONS[0])
     start = time.perf_counter()
     conn.execute("BEGIN IMMEDIATE")
     conn.execute(

@@ -28,6 +28,7 @@ from tui_helpers import tui_cmd, tui_env
 
 from methodic import Chronicle, UploadTracker, drain_incomplete_uploads
 from methodic import _tracker_ops as ops
+from methodic import _tracker_schema as schema
 from methodic._owner import owner_alive, process_start
 
 CEILING = 120  # fails a hung child; a working one returns long before
@@ -265,7 +266,7 @@ def test_the_tracker_records_its_owner_by_pid_and_start_time(tmp_path: Path) -> 
 def test_a_version_1_tracker_is_migrated_and_its_owners_judged_by_pid(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite"
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.executescript(ops.MIGRATIONS[0])
+        conn.executescript(schema.MIGRATIONS[0])
         conn.execute(
             "INSERT INTO assets (asset_id, asset_type, state, created_at, updated_at, owner_pid)"
             " VALUES ('A', 'c', 'uploading', 0, 0, ?)",
@@ -274,7 +275,7 @@ def test_a_version_1_tracker_is_migrated_and_its_owners_judged_by_pid(tmp_path: 
         conn.execute("PRAGMA user_version = 1")
         conn.commit()
     with squatter() as proc, UploadTracker(path) as tracker:
-        assert tracker._conn.execute("PRAGMA user_version").fetchone()[0] == ops.SCHEMA_VERSION
+        assert tracker._conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
         with contextlib.closing(sqlite3.connect(path)) as conn, conn:
             conn.execute("UPDATE assets SET owner_pid = ?", (proc.pid,))
         t = tracker.get_asset("A")

@@ -12,6 +12,7 @@ import pytest
 
 from methodic import ComponentSpec, InvalidInputError, TrackerError, UploadTracker
 from methodic import _tracker_ops as ops
+from methodic import _tracker_schema as schema
 
 
 def specs(n: int, prefix: str = "f") -> list[ComponentSpec]:
@@ -86,7 +87,7 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "u.sqlite"
     UploadTracker(path).close()
     with sqlite3.connect(path) as raw:
-        raw.execute(f"PRAGMA user_version = {ops.SCHEMA_VERSION + 1}")
+        raw.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION + 1}")
     with pytest.raises(TrackerError, match="newer") as info:
         UploadTracker(path)
     assert str(path) in str(info.value)

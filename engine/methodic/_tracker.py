@@ -20,6 +20,7 @@ import aiosqlite
 
 from methodic import _tracker_ops as ops
 from methodic._errors import TrackerError
+from methodic._tracker_schema import MIGRATIONS, SCHEMA_VERSION
 from methodic._types import ComponentSpec, RunBinding, TrackedAsset
 
 T = TypeVar("T")
@@ -66,12 +67,12 @@ def _ensure_file(path: Path) -> None:
 
 
 def _migrate_statements(version: int, path: Path) -> list[str]:
-    if version > ops.SCHEMA_VERSION:
+    if version > SCHEMA_VERSION:
         raise TrackerError(
             f"upload tracker {path} has schema version {version}, newer than this methodic "
-            f"understands ({ops.SCHEMA_VERSION}); upgrade methodic, or pass another --tracker path"
+            f"understands ({SCHEMA_VERSION}); upgrade methodic, or pass another --tracker path"
         )
-    return ops.MIGRATIONS[version:]
+    return MIGRATIONS[version:]
 
 
 def _drive_sync(conn: sqlite3.Connection, op: ops.Op[T]) -> T:
