@@ -103,6 +103,7 @@ class EngineSource(Source):
         self._stopped_by: dict[str, int | None] = {}  # owner_pid of each asset before adopting
         self._logging: tuple[logging.Handler, list[logging.Handler]] | None = None
         self._closed = False
+        self._closing: asyncio.Task[None] | None = None  # on the engine's loop: one close, shared
         self._engine: LoopThread | None = None
         self.job_error: str | None = None  # the job itself stopped on an error
 
@@ -227,12 +228,26 @@ class EngineSource(Source):
             return
         self._closed = True
         try:
-            await self._on_engine(self._close())
+            await self._on_engine(self._close_once())
         finally:
             if self._engine is not None:
                 await asyncio.to_thread(self._engine.stop)
             if self._logging is not None:
                 restore_logging(*self._logging)
+
+    def close_now(self, timeout: float) -> None:
+        """From any thread but the engine's (a watchdog whose UI loop is stuck): close the engine,
+        flushing the tracker, giving up after ``timeout`` seconds. Shares a close under way."""
+        engine = self._engine
+        if engine is None:
+            return
+        with contextlib.suppress(Exception):  # the loop already stopped, or the time ran out
+            engine.call(self._close_once(), timeout)
+
+    async def _close_once(self) -> None:
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
 
     async def _close(self) -> None:
         if self._job_task is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from methodic._ids import new_asset_id
 from methodic._pool import UploadPool
 from methodic._retry import RetryPolicy
 from methodic._scan import scan_directory, validate_specs
+from methodic._states import DONE_STATES
 from methodic._types import Asset, ComponentSpec, PresignedAsset, RunBinding
 from methodic._uploads import (
     AssetUpload,
@@ -35,8 +37,29 @@ from methodic._uploads import (
     plan_components,
 )
 
+log = logging.getLogger("methodic")
 DEFAULT_PART_THRESHOLD = 64 * MiB
 DEFAULT_PART_SIZE = 16 * MiB
+
+
+def _warn_unfinished(pool: UploadPool) -> None:
+    """Closing abandons the uploads not yet finalized: say so, and how to finish them."""
+    left = [u for u in pool.assets.values() if u.state not in DONE_STATES]
+    if not left:
+        return
+    trackers = sorted({str(u.tracker.db_path) for u in left if u.tracker is not None})
+    how = (
+        "; resume them with drain_incomplete_uploads(chronicle, UploadTracker(PATH)) or "
+        + " / ".join(f"`methodic-tui resume --tracker {t}`" for t in trackers)
+        if trackers
+        else " (no upload tracker: they cannot be resumed; wait_for_uploads() before closing)"
+    )
+    log.warning(
+        "closing with %d upload%s unfinished%s",
+        len(left),
+        "" if len(left) == 1 else "s",
+        how,
+    )
 
 
 def _not_open() -> ChronicleError:
@@ -104,6 +127,7 @@ class AsyncChronicle:
 
     async def close(self) -> None:
         if self._upload_pool is not None:
+            _warn_unfinished(self._upload_pool)
             await self._upload_pool.close()
         if self._http_client is not None:
             await self._http_client.aclose()

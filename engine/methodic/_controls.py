@@ -89,13 +89,11 @@ class Controls:
     async def force_finalize(self, asset_id: str) -> Asset:
         """Ask the server to finalize now, whatever the tracker says; the server still verifies.
 
-        Raises ``AssetIncompleteError`` (listing what storage lacks) when the server refuses.
+        Raises ``AssetIncompleteError`` (listing what storage lacks) when the server refuses;
+        a refusal (or any error) changes nothing here: the asset keeps its state and progress
+        and its transfers go on, as the confirm dialog promises.
         """
-        up = self._get(asset_id)
-        up.cancel_transfers()
-        if up.future.done():
-            up.future = new_future()
-        return await self._finisher.finalize(up, force=True)
+        return await self._finisher.force(self._get(asset_id))
 
     async def discard(self, asset_id: str) -> None:
         """Stop, forget locally and abort the pending asset on the server (its bytes are removed)."""

@@ -14,7 +14,7 @@ from methodic._events import AssetFinalized, AssetStateChanged, ComponentStateCh
 from methodic._progress import Progress
 from methodic._states import AssetState, ComponentState
 from methodic._types import Asset
-from methodic._uploads import AssetUpload, ComponentUpload
+from methodic._uploads import AssetUpload, ComponentUpload, new_future
 
 log = logging.getLogger("methodic")
 
@@ -86,6 +86,20 @@ class Finisher:
         except ChronicleError as exc:
             await self.fail_asset(up, exc)
             raise
+
+    async def force(self, up: AssetUpload) -> Asset:
+        """Ask the server to finalize now, checksums unsent; only a yes changes the asset.
+
+        Until the server answers, transfers go on and the state stays; a refusal (or an error)
+        is raised with the asset exactly as it was.
+        """
+        await self._progress.flush()
+        asset = await self._api.finalize(up.asset_id, {})
+        up.cancel_transfers()  # what they were sending, the server already holds
+        if up.future.done():
+            up.future = new_future()
+        await self.finalized(up, asset)
+        return asset
 
     async def finalized(self, up: AssetUpload, asset: Asset) -> None:
         """The server holds ``asset`` finalized: so does the tracker, and the waiters learn it."""

@@ -29,11 +29,13 @@ from methodic_tui.dashboard.screens.modals import HelpScreen
 from methodic_tui.dashboard.screens.recovery import RecoveryScreen
 from methodic_tui.dashboard.session import LogEntry, Session
 from methodic_tui.source import Source
+from methodic_tui.watchdog import TerminalWatchdog
 
 EXIT_USAGE = 2
 EXIT_HANGUP = 128 + signal.SIGHUP
-# A dropped terminal (SIGHUP) or a scheduler's warning (SIGTERM): leave cleanly, 128 + signal.
-STOP_SIGNALS = (signal.SIGHUP, signal.SIGTERM)
+# A scheduler's warning (SIGTERM): leave cleanly, 128 + signal. SIGHUP (a dropped terminal) is
+# the watchdog's, which does not depend on this loop running (see methodic_tui.watchdog).
+STOP_SIGNALS = (signal.SIGTERM,)
 OUR_ACTIONS = frozenset(spec.action for spec in ACTIONS)
 # What the recovery screen lets through of the app's keys; the rest is the dashboard's.
 RECOVERY_ACTIONS = frozenset(
@@ -255,22 +257,42 @@ def run_app(source: Source, *, start_on_recovery: bool = False) -> tuple[int, in
     """Run the dashboard until it exits; the source is closed after it (tracker flushed).
 
     Returns (exit status, how many uploads it left unfinished and resumable). Raises the
-    ``ChronicleError`` that kept the source from starting (a setup problem).
+    ``ChronicleError`` that kept the source from starting (a setup problem). A dropped terminal
+    ends the process within a few seconds (status 129) even if Textual is stuck writing to it:
+    see ``methodic_tui.watchdog``.
     """
     app = MethodicApp(source, start_on_recovery=start_on_recovery)
     left = 0
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def leave() -> None:
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(app.hang_up)
+
+    def flush(timeout: float) -> None:
+        close_now = getattr(source, "close_now", None)
+        if close_now is not None:
+            close_now(timeout)
+
+    watchdog = TerminalWatchdog(leave, flush)
 
     async def main() -> int | None:
-        nonlocal left
+        nonlocal left, loop
+        loop = asyncio.get_running_loop()
         try:
             return await app.run_async()
         finally:
             left = _resumable_left(source)
             await source.close()
 
+    watchdog.start()
     try:
         code = asyncio.run(main())
     except OSError:  # the terminal vanished while the app was restoring it
+        code = EXIT_HANGUP
+    finally:
+        watchdog.stop()
+    if watchdog.lost:
         code = EXIT_HANGUP
     if app.error is not None:
         raise app.error
