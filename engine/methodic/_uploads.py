@@ -157,6 +157,7 @@ class AssetUpload:
             eta=(total - done) / rate if rate else None,
             last_error=self.last_error,
             components=tuple(c.snapshot() for c in comps) if with_components else (),
+            files_uploading=sum(1 for c in comps if c.state == ComponentState.UPLOADING),
         )
 
 
