@@ -22,7 +22,8 @@ def info_text(a: AssetSnapshot | None) -> Text:
     text = Text(no_wrap=False)
     text.append(f"{fmt.name_of(a)}  ", "bold")  # runs start with no space (SVG renderers drop it)
     text.append(f"{a.asset_type}  ", "dim")
-    text.append(a.state, STATE_STYLES.get(a.state, ""))
+    state = fmt.shown_state(a)
+    text.append(state, STATE_STYLES.get(state, ""))
     text.append(f"\n{a.asset_id}", "dim")
     if a.local_dir:
         text.append(f"  {a.local_dir}", "dim")
