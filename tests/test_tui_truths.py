@@ -28,6 +28,7 @@ from methodic import AssetFinalized, AssetStateChanged
 from methodic._events import RateMeter
 from methodic_tui import format as fmt
 from methodic_tui.attach import AttachSource
+from methodic_tui.dashboard.screens.details import info_text
 from methodic_tui.dashboard.session import Session
 from methodic_tui.dashboard.widgets.panels import header_text
 from methodic_tui.dashboard.widgets.tables import AssetsTable, ComponentsTable
@@ -52,6 +53,13 @@ def test_an_asset_with_no_file_in_flight_is_queued() -> None:
     assert fmt.shown_state(replace(waiting, files_uploading=1)) == "uploading"
     # Not known (a tracker read by attach): as the engine says.
     assert fmt.shown_state(replace(waiting, files_uploading=None)) == "uploading"
+
+
+def test_details_of_a_queued_asset_show_no_rate() -> None:
+    a = replace(asset(1, "uploading", MB, 2 * MB, (0, 2), rate=MB, eta=1.0), files_uploading=0)
+    text = info_text(a).plain
+    assert "queued" in text and "MB/s" not in text
+    assert "1 MB/s" in info_text(replace(a, files_uploading=1)).plain
 
 
 def test_a_rate_meter_settles_after_one_full_interval() -> None:

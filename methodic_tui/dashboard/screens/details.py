@@ -31,7 +31,7 @@ def info_text(a: AssetSnapshot | None) -> Text:
         f"\n{a.components_done}/{a.component_count} files stored, "
         f"{fmt.size_pair(a.bytes_done, a.bytes_total)} ({fmt.percent(a.bytes_done, a.bytes_total)})"
     )
-    if a.state == AssetState.UPLOADING and a.rate:
+    if state == AssetState.UPLOADING and a.rate:  # queued: no file in flight, no rate
         text.append(f", {fmt.rate(a.rate)}, ETA {fmt.long_duration(a.eta)}")
     if a.last_error:
         text.append(f"\nlast error: {a.last_error}", "red")
