@@ -191,3 +191,19 @@ async def test_header_says_paused_at_once_after_pause_all(server, tmp_path: Path
         assert src.snapshot().rate > 0  # the meter still averages the last seconds
         rate_line = screen_text(app).split("\n")[1]
         assert rate_line.startswith(" ↑ paused"), rate_line
+
+
+async def test_pause_does_not_move_bytes_back(server, tmp_path: Path) -> None:
+    dirs = [make_checkpoint(tmp_path / "checkpoint-1000", {"a.bin": 8 * MiB})]
+    src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
+    async with running(src) as (app, pilot):
+        await until(pilot, lambda: src.snapshot().assets and src.snapshot().bytes_done > 0)
+        before = src.snapshot().bytes_done
+        await pilot.press("p")
+        await settled(pilot)
+        await until(pilot, lambda: states(app)["checkpoint-1000"] == "paused")
+        paused = src.snapshot(asset_id(app, "checkpoint-1000")).assets[0]
+        assert paused.bytes_done >= before
+        assert [c.state for c in paused.components] == ["queued"]  # none listed as uploading
+        await pilot.press("p")  # resumed: the attempt sent again moves on from there
+        await until(pilot, lambda: src.snapshot().bytes_done > paused.bytes_done)

@@ -143,7 +143,7 @@ class Scheduler:
                     target,
                     c.identity,
                     self._bucket,
-                    lambda n: self._progress.sent(up, c, n),
+                    lambda n: self._progress.sent(up, c, n, job.part),
                     self._connections,
                 )
             )
@@ -217,6 +217,7 @@ class Scheduler:
     async def _piece_done(
         self, up: AssetUpload, c: ComponentUpload, part: int | None, etag: str | None, digest: str
     ) -> None:
+        self._progress.piece_done(c, part)
         if part is not None:
             c.parts_done.add(part)
             try:

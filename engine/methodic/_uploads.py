@@ -42,6 +42,11 @@ class ComponentUpload:
     checksum: str | None = None
     parts_done: set[int] = field(default_factory=set)
     last_event: float = 0.0
+    # Per piece in progress (part number, None for a whole file): bytes its current attempt
+    # sent, and bytes of it counted in bytes_done (the most any attempt sent). A stopped or
+    # failed attempt does not take its bytes out of bytes_done: progress never goes back.
+    piece_sent: dict[int | None, int] = field(default_factory=dict)
+    piece_counted: dict[int | None, int] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
