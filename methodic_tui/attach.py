@@ -52,7 +52,8 @@ class AttachSource(Source):
         self.poll = poll
         self.clock = clock
         self.read_only = READ_ONLY
-        self.labels = Labels(tracker=str(tracker_path), mode="attach")
+        # The tracker does not record the uploader's bandwidth cap: say so, not "no cap".
+        self.labels = Labels(tracker=str(tracker_path), mode="attach", cap_known=False)
         self.tracker: UploadTracker | None = None
         self.meter = RateMeter()
         self._snapshot = EMPTY

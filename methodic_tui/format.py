@@ -28,6 +28,22 @@ DASH = "-"
 _BLOCKS = " ▏▎▍▌▋▊▉█"
 
 
+def plural(n: int, noun: str) -> str:
+    """``1 file``, ``2 files``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def shown_state(a: AssetSnapshot) -> str:
+    """The state to show: ``queued`` for an asset uploading with no file in flight yet/now.
+
+    The engine says ``uploading`` from the moment an asset is queued; with more assets than
+    workers most of them wait, and the operator must tell those from the ones that send.
+    """
+    if a.state == AssetState.UPLOADING and a.files_uploading == 0:
+        return "queued"
+    return a.state
+
+
 def size(n: float) -> str:
     """``1.2 GB``: decimal units, like the ``--max-bandwidth 200MB`` the user types."""
     return humanize.naturalsize(n, format="%.1f").replace(" Bytes", " B").replace(" Byte", " B")
@@ -122,11 +138,15 @@ def name_of(a: AssetSnapshot) -> str:
 NameLookup = Callable[[str | None], str]
 
 
-def describe_event(event: Event, name: NameLookup) -> tuple[str, str] | None:
+def describe_event(
+    event: Event, name: NameLookup, was: str | None = None
+) -> tuple[str, str] | None:
     """(level, text) for an event worth a line, None for progress and samples.
 
     Levels: ``ok``, ``info``, ``warn`` (retries, interruptions), ``error``. A failed file
     is not a line of its own: its asset fails with the same message, naming the file.
+    ``was``: the asset's state before this event, when the caller knows it (a paused or
+    interrupted asset uploading again is a line: "resumed").
     """
     who = name(event.asset_id)
     if isinstance(event, RetryScheduled):
@@ -135,8 +155,16 @@ def describe_event(event: Event, name: NameLookup) -> tuple[str, str] | None:
             f"({event.cause}); next in {event.delay:.1f}s"
         )
     if isinstance(event, AssetFinalized):
-        return "ok", (f"finalized {who}: {event.component_count} files, {size(event.total_size)}")
+        files = plural(event.component_count, "file")
+        return "ok", f"finalized {who}: {files}, {size(event.total_size)}"
     if isinstance(event, AssetStateChanged):
+        if event.state == AssetState.UPLOADING and was in (
+            AssetState.PAUSED,
+            AssetState.INTERRUPTED,
+        ):
+            return "info", f"resumed {who}"
+        if event.state == AssetState.UPLOADING and was == AssetState.FAILED:
+            return "info", f"retrying {who}"
         return _describe_state(who, event)
     if isinstance(event, Notice):
         return event.level, event.message

@@ -39,6 +39,7 @@ class Labels:
     tracker: str = ""
     mode: str = ""  # e.g. "demo", "upload", "attach (read-only)"
     local_only: bool = False  # an embedded server: the bytes stay on this machine
+    cap_known: bool = True  # False: the snapshot's bandwidth cap is not the uploader's
 
 
 class Source:

@@ -141,7 +141,7 @@ class RateMeter:
     (before, a just-started transfer would show a tiny rate and an ETA of days).
     """
 
-    SETTLE_SAMPLES = 2
+    SETTLE_SAMPLES = 1
 
     def __init__(self, alpha: float = 0.3, history: int = 60) -> None:
         self.alpha = alpha
@@ -206,6 +206,9 @@ class AssetSnapshot:
     eta: float | None
     last_error: str | None
     components: tuple[ComponentSnapshot, ...] = ()
+    # Files in flight now (None: not known, e.g. read from a tracker). Uploading with none in
+    # flight is waiting for a worker (or a retry): a UI says "queued", not "uploading".
+    files_uploading: int | None = None
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,9 @@ class Scheduler:
             up.queued.discard(job.key)
             return
         job.attempt += 1
-        c.attempts += 1
+        # A file's tries are those of its most-tried part: a 9-part file sent without an error
+        # took 1 try, not 9 (and a pause, which takes the attempt back, adds none).
+        c.attempts = max(c.attempts, job.attempt)
         if c.state != ComponentState.UPLOADING:
             c.state = ComponentState.UPLOADING
             self._events.emit(ComponentStateChanged(up.asset_id, c.path, ComponentState.UPLOADING))
@@ -141,7 +143,7 @@ class Scheduler:
                     target,
                     c.identity,
                     self._bucket,
-                    lambda n: self._progress.sent(up, c, n),
+                    lambda n: self._progress.sent(up, c, n, job.part),
                     self._connections,
                 )
             )
@@ -169,8 +171,7 @@ class Scheduler:
     def _stopped(self, job: Job, c: ComponentUpload) -> None:
         """A transfer a control stopped: not a failed attempt. Resumed already: queue it again."""
         up = job.asset
-        job.attempt -= 1
-        c.attempts -= 1
+        job.attempt -= 1  # not a failed attempt (the file's tries are the max, so none to undo)
         if c.state == ComponentState.UPLOADING:
             c.state = ComponentState.QUEUED
             self._progress.changed(up, c)
@@ -216,6 +217,7 @@ class Scheduler:
     async def _piece_done(
         self, up: AssetUpload, c: ComponentUpload, part: int | None, etag: str | None, digest: str
     ) -> None:
+        self._progress.piece_done(c, part)
         if part is not None:
             c.parts_done.add(part)
             try:

@@ -38,14 +38,30 @@ class Progress:
         self._bucket = bucket
         self._dirty: set[tuple[AssetUpload, ComponentUpload]] = set()
 
+    @staticmethod
+    def piece_done(c: ComponentUpload, piece: int | None) -> None:
+        c.piece_sent.pop(piece, None)
+        c.piece_counted.pop(piece, None)
+
     def changed(self, up: AssetUpload, c: ComponentUpload) -> None:
         """``c`` changed (state, attempts, bytes): the next flush writes it."""
         self._dirty.add((up, c))
 
-    def sent(self, up: AssetUpload, c: ComponentUpload, n: int) -> None:
-        """``n`` more bytes of ``c`` are sent (negative: a failed attempt's are taken back)."""
-        c.bytes_done += n
+    def sent(self, up: AssetUpload, c: ComponentUpload, n: int, piece: int | None = None) -> None:
+        """``n`` more bytes of ``c``'s ``piece`` are sent (negative: a stopped or failed
+        attempt's are taken back).
+
+        ``up.bytes_sent`` is net (a taken-back attempt's bytes are sent again). ``c.bytes_done``
+        counts each piece at the most any attempt of it sent, so a pause or a retry never moves
+        progress back; the next attempt moves it on once it passes that mark.
+        """
         up.bytes_sent += n
+        sent = max(c.piece_sent.get(piece, 0) + n, 0)
+        c.piece_sent[piece] = sent
+        counted = c.piece_counted.get(piece, 0)
+        if sent > counted:
+            c.bytes_done += sent - counted
+            c.piece_counted[piece] = sent
         if n > 0:
             up.meter.add(n)
             self.meter.add(n)

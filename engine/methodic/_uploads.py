@@ -42,6 +42,11 @@ class ComponentUpload:
     checksum: str | None = None
     parts_done: set[int] = field(default_factory=set)
     last_event: float = 0.0
+    # Per piece in progress (part number, None for a whole file): bytes its current attempt
+    # sent, and bytes of it counted in bytes_done (the most any attempt sent). A stopped or
+    # failed attempt does not take its bytes out of bytes_done: progress never goes back.
+    piece_sent: dict[int | None, int] = field(default_factory=dict)
+    piece_counted: dict[int | None, int] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -157,6 +162,7 @@ class AssetUpload:
             eta=(total - done) / rate if rate else None,
             last_error=self.last_error,
             components=tuple(c.snapshot() for c in comps) if with_components else (),
+            files_uploading=sum(1 for c in comps if c.state == ComponentState.UPLOADING),
         )
 
 

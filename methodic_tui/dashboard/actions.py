@@ -18,6 +18,7 @@ class ActionSpec:
     help: str
     show: bool = True  # in the footer
     group: str | None = None  # footer group (keys shown together)
+    footer_when: str | None = None  # in the footer only while an asset is in this state
 
 
 ACTIONS: tuple[ActionSpec, ...] = (
@@ -52,8 +53,8 @@ ACTIONS: tuple[ActionSpec, ...] = (
         "Resume",
         "Resume uploads an earlier process left",
         "Starts every upload held from an earlier process; only what the server lacks is sent.",
-        show=False,
-    ),  # the header says when there are any
+        footer_when="interrupted",
+    ),
     ActionSpec(
         "force_finalize",
         "f",

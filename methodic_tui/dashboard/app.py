@@ -53,13 +53,15 @@ def _bindings() -> list[BindingType]:
         out.append(
             Binding(
                 first,
-                spec.action,
+                f"{spec.action}({spec.footer_when!r})" if spec.footer_when else spec.action,
                 spec.label,
                 show=spec.show,
                 key_display=spec.key_display,
                 group=group,
             )
         )
+        if spec.footer_when:  # shown while check_action allows it; the key works always
+            out.append(Binding(first, spec.action, spec.label, show=False))
         for key in rest:  # alternatives: same action, not repeated in the footer
             out.append(
                 Binding(key, spec.action, spec.label, show=False, priority=key.startswith("ctrl+"))
@@ -204,6 +206,8 @@ class MethodicApp(App[int]):
         screen = self.screen
         if isinstance(screen, ModalScreen):
             return False  # a dialog is open: keys belong to it
+        if parameters == ("interrupted",):  # a footer key shown while such assets exist
+            return any(a.state == "interrupted" for a in self.session.snapshot.assets)
         if isinstance(screen, RecoveryScreen):
             return action in RECOVERY_ACTIONS
         if action in ("details", "filter"):
@@ -216,7 +220,7 @@ class MethodicApp(App[int]):
     def action_toggle_pause_all(self) -> None:
         self.operator.toggle_pause_all()
 
-    def action_resume_pending(self) -> None:
+    def action_resume_pending(self, _footer_when: str = "") -> None:
         self.operator.resume_pending()
 
     def action_retry_failed(self) -> None:

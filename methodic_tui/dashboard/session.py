@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from rich.text import Text
 
-from methodic import AssetSnapshot, Event, PoolSnapshot
+from methodic import AssetSnapshot, AssetStateChanged, Event, PoolSnapshot
 from methodic_tui import format as fmt
 from methodic_tui.source import EMPTY, Source
 
@@ -48,6 +48,7 @@ class Session:
         self.snapshot: PoolSnapshot = EMPTY
         self.entries: deque[LogEntry] = deque(maxlen=LOG_KEPT)
         self.names: dict[str, str] = {}
+        self.states: dict[str, str] = {}  # each asset's state as its events told it
         self.selected: str | None = None
         self.ready = asyncio.Event()  # the source has started
 
@@ -68,8 +69,13 @@ class Session:
             if a.asset_id not in self.names:
                 self.names[a.asset_id] = fmt.name_of(a)
         entries = []
+        for a in snap.assets:
+            self.states.setdefault(a.asset_id, a.state)
         for event in events:
-            described = fmt.describe_event(event, self.asset_label)
+            was = self.states.get(event.asset_id) if event.asset_id else None
+            if isinstance(event, AssetStateChanged) and event.asset_id:
+                self.states[event.asset_id] = event.state
+            described = fmt.describe_event(event, self.asset_label, was)
             if described is not None:
                 entries.append(LogEntry(event.at, described[0], described[1], event.asset_id))
         return entries

@@ -21,7 +21,8 @@ def matches(a: AssetSnapshot, needle: str) -> bool:
     if not needle:
         return True
     needle = needle.lower()
-    return any(needle in s.lower() for s in (fmt.name_of(a), a.state, a.asset_type, a.asset_id))
+    fields = (fmt.name_of(a), a.state, fmt.shown_state(a), a.asset_type, a.asset_id)
+    return any(needle in s.lower() for s in fields)
 
 
 class DashboardScreen(LiveScreen):
@@ -61,6 +62,11 @@ class DashboardScreen(LiveScreen):
     # ------------------------------------------------------------ live updates
 
     def apply(self, snap: PoolSnapshot, entries: list[LogEntry]) -> None:
+        interrupted = any(a.state == "interrupted" for a in snap.assets)
+        if self._snap is None or interrupted != any(
+            a.state == "interrupted" for a in self._snap.assets
+        ):
+            self.app.refresh_bindings()  # the footer shows u while there is something to resume
         self._snap = snap
         session = self.session
         source = session.source
@@ -72,7 +78,8 @@ class DashboardScreen(LiveScreen):
         key = table.cursor_key()
         if key is not None and key != session.selected and self.is_active:
             self.host.select(key)
-        selected = next((a for a in snap.assets if a.asset_id == session.selected), None)
+        # The files of the selected asset, if the filter shows it: with no match, none.
+        selected = next((a for a in shown if a.asset_id == session.selected), None)
         comps = self.query_one(ComponentsTable)
         if selected is None:
             comps.show_components(None, ())
@@ -84,7 +91,7 @@ class DashboardScreen(LiveScreen):
                 f"files of {fmt.name_of(selected)} "
                 f"({selected.components_done}/{selected.component_count} stored)",
             )
-        self.query_one(BandwidthPanel).show(snap)
+        self.query_one(BandwidthPanel).show(snap, source.labels)
         self.query_one(EventLog).add(entries)
 
     def _title_assets(self, shown: int, total: int) -> None:

@@ -22,7 +22,8 @@ def info_text(a: AssetSnapshot | None) -> Text:
     text = Text(no_wrap=False)
     text.append(f"{fmt.name_of(a)}  ", "bold")  # runs start with no space (SVG renderers drop it)
     text.append(f"{a.asset_type}  ", "dim")
-    text.append(a.state, STATE_STYLES.get(a.state, ""))
+    state = fmt.shown_state(a)
+    text.append(state, STATE_STYLES.get(state, ""))
     text.append(f"\n{a.asset_id}", "dim")
     if a.local_dir:
         text.append(f"  {a.local_dir}", "dim")
@@ -30,7 +31,7 @@ def info_text(a: AssetSnapshot | None) -> Text:
         f"\n{a.components_done}/{a.component_count} files stored, "
         f"{fmt.size_pair(a.bytes_done, a.bytes_total)} ({fmt.percent(a.bytes_done, a.bytes_total)})"
     )
-    if a.state == AssetState.UPLOADING and a.rate:
+    if state == AssetState.UPLOADING and a.rate:  # queued: no file in flight, no rate
         text.append(f", {fmt.rate(a.rate)}, ETA {fmt.long_duration(a.eta)}")
     if a.last_error:
         text.append(f"\nlast error: {a.last_error}", "red")

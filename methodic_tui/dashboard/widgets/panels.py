@@ -60,6 +60,24 @@ def _field(text: Text, value: str, style: str = "", label: str = "") -> None:
     text.append(value, style)
 
 
+def sending(snap: PoolSnapshot) -> bool:
+    return any(a.state == "uploading" for a in snap.assets)
+
+
+def current_rate(snap: PoolSnapshot) -> str:
+    """The send rate, or why there is none: the meter's average lags a pause by seconds, so
+    with no asset uploading the rate is 0 at once."""
+    if sending(snap) and snap.rate > 0:
+        return fmt.rate(snap.rate)
+    if any(a.state == "paused" for a in snap.assets):
+        return "paused"
+    return "idle"
+
+
+def cap_text(labels: Labels, snap: PoolSnapshot) -> str:
+    return "cap unknown" if not labels.cap_known else fmt.cap(snap.bandwidth_cap)
+
+
 def header_text(labels: Labels, snap: PoolSnapshot, read_only: str | None) -> Text:
     where = Text(no_wrap=True, overflow="ellipsis")
     where.append(" methodic ", "bold reverse")
@@ -88,8 +106,8 @@ def header_text(labels: Labels, snap: PoolSnapshot, read_only: str | None) -> Te
     how = Text(no_wrap=True, overflow="ellipsis")
     how.append(" ")
     how.append("↑ ", "bold")
-    how.append(fmt.rate(snap.rate) if snap.rate > 0 else "idle", "bold cyan")
-    _field(how, fmt.long_duration(snap.eta), label="ETA")
+    how.append(current_rate(snap), "bold cyan")
+    _field(how, fmt.duration(snap.eta if sending(snap) else None), label="ETA")
     _field(how, f"{fmt.size_pair(done, total)} {fmt.percent(done, total)}")
     _field(how, f"{counts.get('finalized', 0)}/{len(assets)} done")
     paused = counts.get("paused", 0)
@@ -101,7 +119,7 @@ def header_text(labels: Labels, snap: PoolSnapshot, read_only: str | None) -> Te
         _field(how, f"{paused} paused", "yellow")
     if counts.get("interrupted"):
         _field(how, f"{counts['interrupted']} from an earlier process (u resumes)", "yellow")
-    _field(how, fmt.cap(snap.bandwidth_cap), "dim")
+    _field(how, cap_text(labels, snap), "dim")
     if assets and counts.get("finalized", 0) == len(assets):
         _field(how, "✓ all finalized (q quits)", "bold green")
     text = Text("\n", no_wrap=True, overflow="ellipsis").join([where, how])
@@ -110,17 +128,28 @@ def header_text(labels: Labels, snap: PoolSnapshot, read_only: str | None) -> Te
 
 
 class BandwidthPanel(Vertical):
-    """The last minute of the total send rate."""
+    """The last minute of the total send rate, bars from 0 up to the peak the scale line names."""
 
     def compose(self) -> ComposeResult:
+        yield LiveText(id="bandwidth-scale")
         yield Sparkline([], summary_function=max, id="sparkline")
 
-    def show(self, snap: PoolSnapshot) -> None:
-        rate = fmt.rate(snap.rate) if snap.rate > 0 else "idle"
-        title = f"↑ {rate} · {fmt.cap(snap.bandwidth_cap)}"
+    def show(self, snap: PoolSnapshot, labels: Labels) -> None:
+        title = f"↑ {current_rate(snap)} · {cap_text(labels, snap)}"
+        if len(title) + 2 > self.size.width:  # narrow: "↑ 24.6 MB/s ≤ 25 MB/s"
+            capped = labels.cap_known and snap.bandwidth_cap
+            title = f"↑ {current_rate(snap)}" + (
+                f" ≤ {fmt.rate(snap.bandwidth_cap)}" if capped else ""
+            )
         if self.border_title != title:
             self.border_title = title
-        data = list(snap.history) or [0.0]
+        history = list(snap.history)
+        peak = max(history, default=0.0)
+        # No samples, or none with bytes: no bars (one sample alone would fill the height).
+        # A 0 first keeps the bars' scale from 0, not from the lowest sample.
+        data = [0.0, *history] if peak > 0 else []
+        scale = Text(f"peak {fmt.rate(peak)}" if peak > 0 else "no samples yet", "dim")
+        self.query_one("#bandwidth-scale", LiveText).show(scale)
         spark = self.query_one(Sparkline)
         if list(spark.data or []) != data:
             spark.data = data

@@ -313,10 +313,11 @@ class AssetsTable(LiveTable[AssetSnapshot]):
     )
 
     def row(self, a: AssetSnapshot) -> list[Text]:
-        moving = a.state == "uploading"
+        state = fmt.shown_state(a)
+        moving = state == "uploading"
         return [
             name_cell(fmt.name_of(a), a.asset_type, self.width_of("name")),
-            state_cell(a.state),
+            state_cell(state),
             cell(f"{a.components_done}/{a.component_count}", right=True),
             cell(fmt.size_pair(a.bytes_done, a.bytes_total), right=True),
             progress_cell(a.bytes_done, a.bytes_total, a.state, self.width_of("progress")),
@@ -334,6 +335,7 @@ class AssetsTable(LiveTable[AssetSnapshot]):
             a.eta,
             a.bytes_total,
             a.component_count,
+            a.files_uploading,
         ) == (
             b.state,
             b.bytes_done,
@@ -342,6 +344,7 @@ class AssetsTable(LiveTable[AssetSnapshot]):
             b.eta,
             b.bytes_total,
             b.component_count,
+            b.files_uploading,
         )
 
     def show_assets(self, assets: Sequence[AssetSnapshot]) -> None:
