@@ -87,7 +87,7 @@ def _drive_sync(conn: sqlite3.Connection, op: ops.Op[T]) -> T:
                 rows = conn.execute(sql, cast(Sequence[Any], params)).fetchall()
             sql, params, is_many = gen.send(rows)
     except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
+        return cast(T, stop.value)
 
 
 class UploadTracker:
