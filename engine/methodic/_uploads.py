@@ -145,8 +145,8 @@ class AssetUpload:
         comps = self.components.values()
         done = sum(c.bytes_done for c in comps)
         total = sum(c.size for c in comps)
-        # No rate (nor ETA) until the meter has a few seconds of transfer: a first sample
-        # would show a tiny rate and an ETA of days.
+        # No rate (nor ETA) until the meter has one full interval of transfer: a first, partly
+        # busy sample would show a tiny rate and an ETA of days.
         settled = self.state == AssetState.UPLOADING and self.meter.settled
         rate = self.meter.rate if settled else None
         return AssetSnapshot(
