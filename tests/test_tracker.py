@@ -17,7 +17,9 @@ from methodic import _tracker_schema as schema
 
 def specs(n: int, prefix: str = "f") -> list[ComponentSpec]:
     return [
-        ComponentSpec(f"{prefix}{i}.bin", f"/data/{prefix}{i}.bin", 100 + i, mtime_ns=1, inode=i + 1)
+        ComponentSpec(
+            f"{prefix}{i}.bin", f"/data/{prefix}{i}.bin", 100 + i, mtime_ns=1, inode=i + 1
+        )
         for i in range(n)
     ]
 
