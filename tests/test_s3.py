@@ -186,7 +186,9 @@ def test_checksums_the_client_computed_are_recorded_and_checked_against_the_mani
 
     good, other = hashlib.sha256(b"abc").hexdigest(), hashlib.sha256(b"xyz").hexdigest()
     asset = create(
-        api, [{"path": "a", "size": 3, "sha256": good}, {"path": "b", "size": 3}], algorithm="sha256"
+        api,
+        [{"path": "a", "size": 3, "sha256": good}, {"path": "b", "size": 3}],
+        algorithm="sha256",
     )
     asset_id = asset["asset_id"]
     for target in asset["targets"]:

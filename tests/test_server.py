@@ -638,9 +638,7 @@ def test_checksum_mismatch_at_finalize_forgets_the_component(
     assert len(stored_files(server)) == 1
 
     assert put(targets["a"], good).status_code == 201
-    finalized = api.post(
-        f"/api/v1/assets/{asset_id}/finalize", json={"checksums": {"a": ck(good)}}
-    )
+    finalized = api.post(f"/api/v1/assets/{asset_id}/finalize", json={"checksums": {"a": ck(good)}})
     assert finalized.status_code == 200
 
 
