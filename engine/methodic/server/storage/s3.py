@@ -430,8 +430,16 @@ class S3Storage:
                     if param is not None and good[n].get(param):
                         item[param] = good[n][param]
                     listed.append(item)
+                listed_whole = None
+                if upload_algorithm is not None and upload_algorithm == c.algorithm:
+                    listed_whole = _listed_whole(c, upload_algorithm, good)
+                if client is not None and listed_whole is not None and listed_whole != client:
+                    return (
+                        f"checksum mismatch: stored {upload_algorithm}:{listed_whole}, "
+                        f"the client computed {upload_algorithm}:{client}"
+                    )
                 if upload_algorithm == _checksum.CRC64NVME:
-                    whole = client or _combined_crc(c, good)
+                    whole = client or listed_whole
                     if whole is not None:
                         extra = {
                             "ChecksumCRC64NVME": _checksum.to_base64(whole),
@@ -531,14 +539,19 @@ class S3Storage:
         )
 
     def _abort_all(self, asset_id: str) -> None:
-        for page in self._paginate(
+        pages = self._paginate(
             "list_multipart_uploads",
             "ListMultipartUploads",
             Bucket=self.bucket,
             Prefix=self._asset_prefix(asset_id),
-        ):
-            for upload in page.get("Uploads", ()):
-                self._abort(upload["Key"], upload["UploadId"])
+        )
+        try:
+            for page in pages:
+                for upload in page.get("Uploads", ()):
+                    self._abort(upload["Key"], upload["UploadId"])
+        except StorageUnavailable as exc:
+            if not self._no_such_upload(exc):  # rclone's answer when the prefix has none
+                raise
 
     def delete_asset(self, asset_id: str) -> None:
         self._abort_all(asset_id)
@@ -552,11 +565,15 @@ class S3Storage:
             )
 
 
-def _combined_crc(c: Component, parts: Mapping[int, Mapping[str, Any]]) -> str | None:
-    """The full-object CRC64NVME from the CRCs S3 listed for the parts (None: not all listed)."""
-    values = [parts[n].get("ChecksumCRC64NVME") for n in sorted(parts)]
-    if not all(values):
+def _listed_whole(
+    c: Component, algorithm: str, parts: Mapping[int, Mapping[str, Any]]
+) -> str | None:
+    """The whole-file checksum value from the checksums S3 listed for the parts (the combined
+    CRC64NVME, or the composite SHA256); None when a part has none listed."""
+    param = _S3_CHECKSUM[algorithm][0]
+    values = [parts[n].get(param) for n in sorted(parts)]
+    if not values or not all(values):
         return None
     digests = [_checksum.from_base64(str(v)) for v in values]
     lengths = [c.part_length(n) for n in sorted(parts)]
-    return _checksum.whole_file(_checksum.CRC64NVME, digests, lengths, parted=True)
+    return _checksum.whole_file(algorithm, digests, lengths, parted=True)
