@@ -58,12 +58,18 @@ def api(srv: EmbeddedServer) -> Iterator[httpx.Client]:
 
 
 def new_asset(
-    api: httpx.Client, components: list[dict[str, Any]]
+    api: httpx.Client, components: list[dict[str, Any]], algorithm: str = "sha256"
 ) -> tuple[str, list[dict[str, Any]]]:
     experiment = api.post("/experiments", json={"name": "blobs"}).json()
     run = api.put(f"/experiments/{experiment['id']}/runs/0/0").json()
     asset_id = uuid.uuid4().hex
-    body = {"asset_id": asset_id, "asset_type": "t", "components": components, "presign": True}
+    body = {
+        "asset_id": asset_id,
+        "asset_type": "t",
+        "components": components,
+        "presign": True,
+        "checksum_algorithm": algorithm,
+    }
     created = api.post(f"/runs/{run['id']}/assets", json=body)
     assert created.status_code == 201, created.text
     return asset_id, created.json()["targets"]
@@ -118,7 +124,12 @@ def test_put_answers_201_with_the_sha256_and_get_head_range_serve_it(
         c.send(c.put(target["url"], data))
         reply = c.read()
     assert reply.status == 201
-    assert reply.json() == {"size": len(data), "sha256": sha(data)}
+    assert reply.json() == {
+        "size": len(data),
+        "checksum": f"sha256:{sha(data)}",
+        "bound": False,
+        "sha256": sha(data),
+    }
     assert reply.headers["etag"] == f'"{sha(data)}"'
     assert reply.headers["content-type"] == "application/json"
     url = download_urls(api, asset_id)["dir/w.bin"]

@@ -23,7 +23,7 @@ from helpers import (
 )
 from s3helpers import REGION, bucket_keys, multipart_uploads, new_bucket, s3_client
 
-from methodic import Chronicle, UploadTracker
+from methodic import Chronicle, UploadTracker, _checksum
 from methodic.server import EmbeddedServer, ServerConfig
 
 MiB = 1 << 20
@@ -56,17 +56,28 @@ def make_run(api: httpx.Client) -> str:
 
 
 def create(
-    api: httpx.Client, components: list[dict[str, Any]], presign: bool = True
+    api: httpx.Client,
+    components: list[dict[str, Any]],
+    presign: bool = True,
+    algorithm: str | None = None,
 ) -> dict[str, Any]:
-    body = {
+    body: dict[str, Any] = {
         "asset_id": uuid.uuid4().hex,
         "asset_type": "checkpoint",
         "components": components,
         "presign": presign,
     }
+    if algorithm is not None:
+        body["checksum_algorithm"] = algorithm
     response = api.post(f"/api/v1/runs/{make_run(api)}/assets", json=body)
     assert response.status_code == 201, response.text
     return dict(response.json())
+
+
+def crc64(data: bytes) -> str:
+    hasher = _checksum.new_hasher("crc64nvme")
+    hasher.update(data)
+    return f"crc64nvme:{hasher.hexdigest()}"
 
 
 def put(target: dict[str, Any], data: bytes) -> httpx.Response:
@@ -174,18 +185,27 @@ def test_checksums_the_client_computed_are_recorded_and_checked_against_the_mani
     import hashlib
 
     good, other = hashlib.sha256(b"abc").hexdigest(), hashlib.sha256(b"xyz").hexdigest()
-    asset = create(api, [{"path": "a", "size": 3, "sha256": good}, {"path": "b", "size": 3}])
+    asset = create(
+        api,
+        [{"path": "a", "size": 3, "sha256": good}, {"path": "b", "size": 3}],
+        algorithm="sha256",
+    )
     asset_id = asset["asset_id"]
     for target in asset["targets"]:
         assert put(target, b"abc").status_code == 200
-    refused = api.post(f"/api/v1/assets/{asset_id}/finalize", json={"checksums": {"a": other}})
+    refused = api.post(
+        f"/api/v1/assets/{asset_id}/finalize", json={"checksums": {"a": f"sha256:{other}"}}
+    )
     assert refused.json()["error"]["missing"][0]["reason"].startswith("checksum mismatch")
     target = api.post(
         f"/api/v1/assets/{asset_id}/presign", json={"targets": [{"path": "a", "part": None}]}
     ).json()["targets"][0]
     assert put(target, b"abc").status_code == 200
-    done = api.post(f"/api/v1/assets/{asset_id}/finalize", json={"checksums": {"b": good}}).json()
+    done = api.post(
+        f"/api/v1/assets/{asset_id}/finalize", json={"checksums": {"b": f"sha256:{good}"}}
+    ).json()
     assert {c["path"]: c["sha256"] for c in done["components"]} == {"a": good, "b": good}
+    assert [c["checksum"] for c in done["components"]] == [None, f"sha256:{good}"]
 
 
 def test_delete_aborts_multipart_uploads_and_removes_objects(
@@ -232,7 +252,8 @@ def test_a_finalize_that_crashed_after_completing_the_upload_is_finished(
         assert put(target, data).status_code == 200
     catalog = s3_server._state.catalog  # type: ignore[union-attr]
     _, components = s3_server._state.records.load(asset["asset_id"])  # type: ignore[union-attr]
-    assert catalog.storage.seal(asset["asset_id"], components, 2) == []  # completed, not committed
+    # Completed, not committed:
+    assert catalog.storage.seal(asset["asset_id"], components, 2, {}) == []
     assert api.post(f"/api/v1/assets/{asset['asset_id']}/finalize").status_code == 200
     url = api.get(f"/api/v1/assets/{asset['asset_id']}/download").json()["components"][0]["url"]
     assert httpx.get(url, trust_env=False).content == data
@@ -256,7 +277,7 @@ def test_storage_errors_are_503_and_retryable(api: httpx.Client, s3_server: Embe
 
 def _script(api: httpx.Client) -> list[Any]:
     """A fixed sequence of control calls; returns the answers with ids and URLs normalized."""
-    data = os.urandom(PART + 3)
+    data = b"m" * (PART + 3)  # the same bytes, so the same checksums, on both backends
     answers: list[Any] = []
 
     def shape(value: Any) -> Any:
@@ -319,8 +340,9 @@ def _script(api: httpx.Client) -> list[Any]:
     )
     put(targets[("m", 1)], data)
     record(api.get(f"/api/v1/runs/{run}/assets"))
-    record(api.post(f"/api/v1/assets/{asset_id}/finalize"))
-    record(api.post(f"/api/v1/assets/{asset_id}/finalize"))
+    checksums = {"x/a": crc64(b"abc"), "m": crc64(data)}  # a FULL_OBJECT CRC is the file's
+    record(api.post(f"/api/v1/assets/{asset_id}/finalize", json={"checksums": checksums}))
+    record(api.post(f"/api/v1/assets/{asset_id}/finalize", json={"checksums": checksums}))
     record(api.get(f"/api/v1/assets/{asset_id}/download"))
     record(api.delete(f"/api/v1/assets/{asset_id}"))
     record(api.get(f"/api/v1/runs/{run}/assets"))

@@ -24,6 +24,11 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def ck(data: bytes) -> str:
+    """The finalize checksum of a component sent in one PUT, for a sha256 asset."""
+    return f"sha256:{sha(data)}"
+
+
 def make_run(api: httpx.Client, name: str = "exp") -> str:
     experiment = api.post("/api/v1/experiments", json={"name": name}).json()
     return api.put(f"/api/v1/experiments/{experiment['id']}/runs/0/0").json()["id"]
@@ -42,14 +47,17 @@ def create_asset(
     asset_id: str | None = None,
     asset_type: str = "checkpoint",
     presign: bool = True,
+    algorithm: str | None = "sha256",
 ) -> httpx.Response:
-    body = {
+    body: dict[str, Any] = {
         "asset_id": uuid.uuid4().hex if asset_id is None else asset_id,
         "asset_type": asset_type,
         "metadata": {"step": 1},
         "components": components,
         "presign": presign,
     }
+    if algorithm is not None:
+        body["checksum_algorithm"] = algorithm
     return api.post(f"/api/v1/runs/{run_id}/assets", json=body)
 
 
@@ -252,6 +260,8 @@ def test_presign_put_finalize_download_is_byte_identical(
         assert response.status_code == 201, response.text
         assert response.json() == {
             "size": len(files[target["path"]]),
+            "checksum": ck(files[target["path"]]),
+            "bound": False,
             "sha256": sha(files[target["path"]]),
         }
         assert response.headers["etag"] == f'"{sha(files[target["path"]])}"'
@@ -261,7 +271,7 @@ def test_presign_put_finalize_download_is_byte_identical(
 
     finalized = api.post(
         f"/api/v1/assets/{asset_id}/finalize",
-        json={"checksums": {p: sha(d) for p, d in files.items()}},
+        json={"checksums": {p: ck(d) for p, d in files.items()}},
     )
     assert finalized.status_code == 200, finalized.text
     assert finalized.json()["state"] == "finalized"
@@ -332,7 +342,7 @@ def test_finalize_twice_returns_the_same_asset(api: httpx.Client, run_id: str) -
     assert put(created.json()["targets"][0], b"hello").status_code == 201
     first = api.post(f"/api/v1/assets/{asset_id}/finalize")
     second = api.post(
-        f"/api/v1/assets/{asset_id}/finalize", json={"checksums": {"a": sha(b"hello")}}
+        f"/api/v1/assets/{asset_id}/finalize", json={"checksums": {"a": ck(b"hello")}}
     )
     assert first.status_code == second.status_code == 200
     assert first.json() == second.json()
@@ -342,7 +352,7 @@ def test_finalize_twice_returns_the_same_asset(api: httpx.Client, run_id: str) -
     assert again.status_code == 200
     assert (again.json()["state"], again.json()["targets"]) == ("finalized", [])
     assert_error(
-        api.post(f"/api/v1/assets/{asset_id}/finalize", json={"checksums": {"a": sha(b"other")}}),
+        api.post(f"/api/v1/assets/{asset_id}/finalize", json={"checksums": {"a": ck(b"other")}}),
         409,
         "conflict",
     )
@@ -573,11 +583,15 @@ def test_multipart_parts_out_of_order(
     component = api.get(f"/api/v1/assets/{asset_id}").json()["components"][0]
     assert (component["stored"], component["parts_stored"]) == (True, [1, 2, 3, 4])
 
+    # A parted sha256 file's checksum is the composite: sha256 of its parts' raw digests, -N.
+    parts = [hashlib.sha256(data[o : o + 1000]).digest() for o in range(0, 3500, 1000)]
+    composite = f"sha256:{hashlib.sha256(b''.join(parts)).hexdigest()}-4"
     finalized = api.post(
-        f"/api/v1/assets/{asset_id}/finalize", json={"checksums": {"weights.bin": sha(data)}}
+        f"/api/v1/assets/{asset_id}/finalize", json={"checksums": {"weights.bin": composite}}
     )
     assert finalized.status_code == 200, finalized.text
     assert finalized.json()["components"][0]["sha256"] == sha(data)
+    assert finalized.json()["components"][0]["checksum"] == composite
     url = api.get(f"/api/v1/assets/{asset_id}/download").json()["components"][0]["url"]
     assert httpx.get(url, trust_env=False).content == data
     assert len(stored_files(server)) == 1  # parts were written in place, not concatenated
@@ -612,7 +626,7 @@ def test_checksum_mismatch_at_finalize_forgets_the_component(
     assert put(targets["b"], b"b").status_code == 201
 
     error = assert_error(
-        api.post(f"/api/v1/assets/{asset_id}/finalize", json={"checksums": {"a": sha(good)}}),
+        api.post(f"/api/v1/assets/{asset_id}/finalize", json={"checksums": {"a": ck(good)}}),
         409,
         "asset_incomplete",
     )
@@ -624,9 +638,7 @@ def test_checksum_mismatch_at_finalize_forgets_the_component(
     assert len(stored_files(server)) == 1
 
     assert put(targets["a"], good).status_code == 201
-    finalized = api.post(
-        f"/api/v1/assets/{asset_id}/finalize", json={"checksums": {"a": sha(good)}}
-    )
+    finalized = api.post(f"/api/v1/assets/{asset_id}/finalize", json={"checksums": {"a": ck(good)}})
     assert finalized.status_code == 200
 
 
@@ -737,7 +749,7 @@ def test_unknown_path_in_checksums_is_400(api: httpx.Client, run_id: str) -> Non
     created = create_asset(api, run_id, [{"path": "a", "size": 1}])
     response = api.post(
         f"/api/v1/assets/{created.json()['asset_id']}/finalize",
-        json={"checksums": {"zzz": sha(b"")}},
+        json={"checksums": {"zzz": ck(b"")}},
     )
     assert_error(response, 400, "invalid_request")
 

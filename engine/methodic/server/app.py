@@ -285,7 +285,7 @@ def _asset_routes(
             raise too_large(
                 f"{len(body.targets)} targets asked for; at most {config.max_presign_batch} per presign call"
             )
-        wanted = [(t.path, t.part) for t in body.targets]
+        wanted = [(t.path, t.part, t.checksum) for t in body.targets]
         return JSONResponse(
             {"targets": catalog.presign(asset_id, wanted, _origin(config, request))}
         )

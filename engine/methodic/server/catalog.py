@@ -19,10 +19,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from methodic import _checksum
 from methodic.server.errors import conflict, invalid, not_found
 from methodic.server.manifest import manifest_digest, validate_manifest
 from methodic.server.models import AssetCreate
-from methodic.server.records import ASSET_SELECT, AssetRecords, asset_out
+from methodic.server.records import ASSET_SELECT, AssetRecords, asset_out, reported_sha256
 from methodic.server.signing import expiry
 from methodic.server.storage.base import Component, Found, Slot, part_range
 from methodic.server.sweeper import doom, purge
@@ -127,6 +128,13 @@ class Catalog:
     # ---- assets ---------------------------------------------------------------------------
     def create_asset(self, run_id: str, spec: AssetCreate) -> tuple[dict[str, Any], bool]:
         validate_manifest(spec, self.config, self.storage.limits)
+        algorithm = spec.checksum_algorithm or _checksum.DEFAULT_ALGORITHM
+        choices = self.storage.limits.checksum_algorithms
+        if algorithm not in choices:
+            raise invalid(
+                f"checksum_algorithm {algorithm!r} is not verified by this server's storage "
+                f"({self.storage.describe()}); use one of {', '.join(choices)}"
+            )
         digest = manifest_digest(run_id, spec.asset_type, spec.components)
         conn = self.db.connection()
         new = conn.execute("SELECT 1 FROM assets WHERE id = ?", (spec.asset_id,)).fetchone() is None
@@ -135,7 +143,7 @@ class Catalog:
             purge(self.records, spec.asset_id)
         now = time.time()
         with self._staged(spec, new) as staged, self.locks.hold(spec.asset_id):
-            created = self._create_asset(run_id, spec, digest, now, staged)
+            created = self._create_asset(run_id, spec, digest, now, staged, algorithm)
         asset, components = self.records.load(spec.asset_id)
         # A new asset holds nothing yet: no need to ask the storage.
         found = [Found(False)] * len(components) if created else None
@@ -172,7 +180,13 @@ class Catalog:
             conn.execute("DELETE FROM temp.staged_components")
 
     def _create_asset(
-        self, run_id: str, spec: AssetCreate, digest: str, now: float, staged: str | None
+        self,
+        run_id: str,
+        spec: AssetCreate,
+        digest: str,
+        now: float,
+        staged: str | None,
+        algorithm: str,
     ) -> bool:
         """Record the asset (unless it exists with this manifest); whether it is new."""
         with self.db.write(durable=True) as tx:
@@ -199,8 +213,8 @@ class Catalog:
             else:
                 tx.execute(
                     "INSERT INTO assets (id, run_id, asset_type, metadata, manifest_digest, state,"
-                    " component_count, total_size, created_at, touched_at)"
-                    " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+                    " component_count, total_size, created_at, touched_at, checksum_algorithm)"
+                    " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
                     (
                         spec.asset_id,
                         run_id,
@@ -211,6 +225,7 @@ class Catalog:
                         sum(c.size for c in spec.components),
                         now,
                         now,
+                        algorithm,
                     ),
                 )
                 if staged:
@@ -271,33 +286,44 @@ class Catalog:
                 out.append(Slot(c, n, *part_range(c.size, c.part_size, n)))
         return out, total
 
-    def _slots(self, asset_id: str, wanted: Sequence[tuple[str, int | None]]) -> list[Slot]:
-        """The PUTs for each wanted (path, part); marks the asset active."""
+    def _slots(
+        self, asset_id: str, wanted: Sequence[tuple[str, int | None, str | None]]
+    ) -> list[Slot]:
+        """The PUTs for each wanted (path, part, range digest); marks the asset active."""
         components = self._components(asset_id)
         out: list[Slot] = []
         by_path = {c.path: c for c in components}
-        for path, part in wanted:
+        for path, part, digest in wanted:
             component = by_path.get(path)
             if component is None:
                 raise not_found(f"asset {asset_id} has no component {path[:300]!r}")
+            checksum = None
+            if digest is not None:
+                algorithm = component.receipt_algorithm
+                if not _checksum.is_digest(algorithm, digest):
+                    raise invalid(
+                        f"checksum {digest[:140]!r} of {path[:300]!r} is not a {algorithm} digest "
+                        f"(the asset's algorithm): give {2 * _checksum.DIGEST_SIZE[algorithm]} "
+                        "lowercase hex digits of exactly that range's bytes"
+                    )
+                checksum = f"{algorithm}:{digest}"
             if component.part_size is None:
                 if part is not None:
                     raise invalid(
                         f"component {path!r} is sent in one PUT; ask for part null, not {part}"
                     )
-                out.append(Slot(component, None, 0, component.size))
+                out.append(Slot(component, None, 0, component.size, checksum))
             else:
                 if part is None or not 1 <= part <= component.parts:
                     raise invalid(
                         f"component {path!r} is sent in parts 1..{component.parts}; part {part} is not one of them"
                     )
-                out.append(
-                    Slot(component, part, *part_range(component.size, component.part_size, part))
-                )
+                offset, length = part_range(component.size, component.part_size, part)
+                out.append(Slot(component, part, offset, length, checksum))
         return out
 
     def presign(
-        self, asset_id: str, wanted: Sequence[tuple[str, int | None]], origin: str
+        self, asset_id: str, wanted: Sequence[tuple[str, int | None, str | None]], origin: str
     ) -> list[dict[str, Any]]:
         """Upload targets (docs/http-api.md ``Target``) for ``wanted``, in that order.
 
@@ -344,7 +370,9 @@ class Catalog:
                 {
                     "path": c.path,
                     "size": c.size,
-                    "sha256": c.stored_sha256 or c.sha256,
+                    "sha256": reported_sha256(c),
+                    "checksum": c.checksum,
+                    "part_size": c.part_size,
                     "url": self.storage.presign_get(c.key(asset_id), expires, origin),
                 }
                 for c in components

@@ -97,6 +97,24 @@ CREATE TABLE purges (
     since    REAL NOT NULL
 ) WITHOUT ROWID;
 """,
+    """
+-- The asset's checksum algorithm (crc64nvme, sha256, blake3): every receipt digest and its
+-- settled checksum use it. NULL: an asset from before algorithms (sha256 receipts, legacy).
+ALTER TABLE assets ADD COLUMN checksum_algorithm TEXT;
+-- Receipts hold a digest in the asset's algorithm, and whether the PUT was bound to it (the
+-- presigned URL carried the digest the client computed, and the body had it).
+ALTER TABLE parts RENAME COLUMN sha256 TO digest;
+ALTER TABLE parts ADD COLUMN bound INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE components RENAME COLUMN stored_sha256 TO stored_digest;
+ALTER TABLE components ADD COLUMN stored_bound INTEGER NOT NULL DEFAULT 0;
+-- The settled whole-file checksum, "algo:value", once finalized.
+ALTER TABLE components ADD COLUMN checksum TEXT;
+UPDATE components SET checksum = 'sha256:' || stored_digest
+ WHERE stored_digest IS NOT NULL
+   AND asset_id IN (SELECT id FROM assets WHERE state = 'finalized');
+-- The checksum algorithm an S3 multipart upload was created with (NULL: none).
+ALTER TABLE multipart_uploads ADD COLUMN checksum_algorithm TEXT;
+""",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

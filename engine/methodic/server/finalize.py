@@ -1,8 +1,11 @@
 """Finalize: verify that storage holds every component of an asset, then make it visible.
 
-Under the asset's lock, every manifest component is checked in storage (size, and sha256 where
-it can be known), storage seals what it must (fsync, S3 multipart completion), and only then
-does ``pending -> finalized`` commit, in one transaction. What failed verification is forgotten
+Under the asset's lock, every manifest component is checked in storage (size, and its whole-file
+checksum where it can be known: on local storage derived from the receipts' range digests
+without reading the file while this process's stamps hold), compared with the checksum the
+client computed (``{"checksums": {path: "algo:value"}}``), storage seals what it must (fsync,
+S3 multipart completion with the client's checksum, so S3 verifies it), and only then does
+``pending -> finalized`` commit, in one transaction, with each component's settled checksum. What failed verification is forgotten
 (its records, and for whole components its bytes) so that the client sends it again; a
 repeated finalize returns the finalized asset.
 """
@@ -14,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from methodic import _checksum
 from methodic.server.errors import APIError, conflict, invalid, not_found
 from methodic.server.records import AssetRecords
 from methodic.server.storage.base import Component
@@ -34,24 +38,36 @@ class Finalizer:
                 raise invalid(
                     f"checksums name paths that are not components of asset {asset_id}: {shown}"
                 )
+            algorithm: str | None = asset["checksum_algorithm"]
+            wanted = _client_checksums(asset_id, algorithm, components, checksums)
             if asset["state"] == "finalized":
-                self._check_refinalize(asset_id, components, checksums)
+                self._check_refinalize(asset_id, components, wanted)
                 return self.records.with_components(asset, components)
             self.records.touch(asset_id)
-            verdict = self._verify(asset_id, components, checksums)
+            verdict = self._verify(asset_id, components, wanted)
             if not verdict.missing:
+                by_index = {c.index: wanted[c.path] for c in components if c.path in wanted}
                 for c, why in self.records.storage.seal(
-                    asset_id, components, self.records.config.finalize_workers
+                    asset_id, components, self.records.config.finalize_workers, by_index
                 ):
                     verdict.missing.append(_missing_item(c, why, c.parts))
                     verdict.forget_whole.append(c)
             if verdict.missing:
                 self._forget(asset_id, verdict.forget_whole, verdict.forget_parts)
                 raise _incomplete(asset_id, verdict.missing, len(components))
+            settled_algorithm = algorithm or _checksum.SHA256
             with self.records.db.write(durable=True) as tx:
+                rows = []
+                for c in components:
+                    value = verdict.settled.get(c.index)
+                    checksum = f"{settled_algorithm}:{value}" if value else None
+                    # A legacy asset's receipts column held the settled sha256: keep it so.
+                    stored = value if algorithm is None and value else c.stored_digest
+                    rows.append((checksum, stored, asset_id, c.index))
                 tx.executemany(
-                    "UPDATE components SET stored_sha256 = ? WHERE asset_id = ? AND idx = ?",
-                    ((verdict.sha256[c.index], asset_id, c.index) for c in components),
+                    "UPDATE components SET checksum = ?, stored_digest = ?"
+                    " WHERE asset_id = ? AND idx = ?",
+                    rows,
                 )
                 cur = tx.execute(
                     "UPDATE assets SET state = 'finalized', finalized_at = ? WHERE id = ? AND state = 'pending'",
@@ -66,19 +82,23 @@ class Finalizer:
             return self.records.get_asset(asset_id)
 
     def _check_refinalize(
-        self, asset_id: str, components: list[Component], checksums: Mapping[str, str]
+        self, asset_id: str, components: list[Component], wanted: Mapping[str, str]
     ) -> None:
         for c in components:
-            want = checksums.get(c.path)
-            known = c.stored_sha256 or c.sha256
+            want = wanted.get(c.path)
+            known = c.checksum.partition(":")[2] if c.checksum else None
+            if c.algorithm is None:
+                known = known or c.stored_digest or c.sha256
             if want is not None and known is not None and want != known:
+                algorithm = c.receipt_algorithm
                 raise conflict(
-                    f"asset {asset_id} is already finalized and its {c.path!r} has sha256 {known}, "
-                    f"not {want}; upload different content under a new asset id"
+                    f"asset {asset_id} is already finalized and its {c.path!r} has checksum "
+                    f"{algorithm}:{known}, not {algorithm}:{want}; upload different content "
+                    "under a new asset id"
                 )
 
     def _verify(
-        self, asset_id: str, components: list[Component], checksums: Mapping[str, str]
+        self, asset_id: str, components: list[Component], wanted: Mapping[str, str]
     ) -> _Verdict:
         verdict = _Verdict()
         found = self.records.storage.inspect(
@@ -95,6 +115,7 @@ class Finalizer:
                     verdict.forget_whole.append(c)
                 continue
             reason: str | None = None
+            client = wanted.get(c.path)
             if f.size is not None and f.size != c.size:
                 reason = f"size mismatch: stored {f.size} bytes, the manifest says {c.size}"
             elif f.bad_parts:
@@ -110,10 +131,23 @@ class Finalizer:
                 continue
             elif f.damaged:
                 reason = f"checksum mismatch: {f.damaged}"
+            elif client is None and c.bound is None:
+                # Some receipts were bound, some not, and the client vouches for none.
+                unbound = [n for n in c.parts_stored if n not in c.parts_bound]
+                verdict.missing.append(
+                    _missing_item(
+                        c,
+                        f"not verified: parts {unbound} were sent without a checksum; "
+                        "send them again with one, or finalize with the file's checksum",
+                        unbound,
+                    )
+                )
+                verdict.forget_parts.append((c, unbound))
+                continue
             else:
-                reason = _checksum_problem(c, f.sha256, checksums.get(c.path))
+                reason = _checksum_problem(c, f.digest, client)
             if reason is None:
-                verdict.sha256[c.index] = f.sha256 or checksums.get(c.path) or c.sha256
+                verdict.settled[c.index] = client or f.digest or _legacy_sha256(c)
             else:
                 verdict.missing.append(_missing_item(c, reason, c.parts if c.part_size else ()))
                 verdict.forget_whole.append(c)
@@ -128,7 +162,8 @@ class Finalizer:
         with self.records.db.write() as tx:
             for c in whole:
                 tx.execute(
-                    "UPDATE components SET stored_sha256 = NULL WHERE asset_id = ? AND idx = ?",
+                    "UPDATE components SET stored_digest = NULL, stored_bound = 0"
+                    " WHERE asset_id = ? AND idx = ?",
                     (asset_id, c.index),
                 )
                 tx.execute("DELETE FROM parts WHERE asset_id = ? AND idx = ?", (asset_id, c.index))
@@ -141,6 +176,53 @@ class Finalizer:
             self.records.storage.forget(c.key(asset_id))
 
 
+def _legacy_sha256(c: Component) -> str | None:
+    """What a legacy asset settled on when nothing better was known: the manifest's sha256."""
+    return c.sha256 if c.algorithm is None else None
+
+
+def _client_checksums(
+    asset_id: str,
+    algorithm: str | None,
+    components: Sequence[Component],
+    checksums: Mapping[str, str],
+) -> dict[str, str]:
+    """{path: checksum value} of the finalize body, in the asset's algorithm. Raises 400.
+
+    A legacy asset (no algorithm) takes sha256 ones, and a bare 64-hex value as sha256.
+    """
+    expected = algorithm or _checksum.SHA256
+    by_path = {c.path: c for c in components}
+    out: dict[str, str] = {}
+    for path, text in checksums.items():
+        if algorithm is None and _checksum.is_digest(_checksum.SHA256, text.lower()):
+            out[path] = text.lower()
+            continue
+        try:
+            got, value = _checksum.parse(text)
+        except _checksum.ChecksumFormatError as exc:
+            raise invalid(f"checksum of {path[:300]!r}: {exc}") from None
+        if got != expected:
+            raise invalid(
+                f"checksum of {path[:300]!r} is {got}, but asset {asset_id} uses {expected} "
+                "checksums (its checksum_algorithm)"
+            )
+        c = by_path[path]
+        _digest, dash, count = value.partition("-")
+        composite = algorithm is not None and c.part_size is not None and got != _checksum.CRC64NVME
+        if composite and count != str(c.parts):
+            raise invalid(
+                f"checksum of {path[:300]!r}: a {got} file sent in {c.parts} parts has the "
+                f"composite checksum '{got}:<hex>-{c.parts}' (the digest of its parts' digests)"
+            )
+        if not composite and dash:
+            raise invalid(
+                f"checksum of {path[:300]!r}: give the plain {got} value, without '-{count}'"
+            )
+        out[path] = value
+    return out
+
+
 @dataclass
 class _Verdict:
     """What finalize's verification found: what is missing, what to forget, what was verified."""
@@ -148,7 +230,7 @@ class _Verdict:
     missing: list[dict[str, Any]] = field(default_factory=list)
     forget_whole: list[Component] = field(default_factory=list)
     forget_parts: list[tuple[Component, list[int]]] = field(default_factory=list)
-    sha256: dict[int, str | None] = field(default_factory=dict)
+    settled: dict[int, str | None] = field(default_factory=dict)  # whole-file checksum values
 
 
 def _missing_item(c: Component, reason: str, parts: Sequence[int] | int = ()) -> dict[str, Any]:
@@ -159,18 +241,25 @@ def _missing_item(c: Component, reason: str, parts: Sequence[int] | int = ()) ->
 
 
 def _checksum_problem(c: Component, stored: str | None, client: str | None) -> str | None:
-    """Why the stored bytes are not the manifest's or the client's, or None.
+    """Why the stored bytes are not the client's (or the manifest's sha256), or None.
 
-    ``stored`` is the sha256 storage computed (None when it cannot, as on S3): then the
-    manifest's and the client's digests can still contradict each other.
+    ``stored`` is the whole-file checksum value storage knows in the asset's algorithm (None
+    when it cannot, as on S3 before completion): then the manifest's and the client's can
+    still contradict each other.
     """
+    algorithm = c.receipt_algorithm
+    # The manifest's whole-file sha256 is comparable when the value is a plain sha256.
+    plain_sha256 = c.algorithm is None or (algorithm == _checksum.SHA256 and c.part_size is None)
     if stored is not None:
-        if c.sha256 is not None and stored != c.sha256:
-            return f"checksum mismatch: stored sha256 {stored}, the manifest says {c.sha256}"
         if client is not None and stored != client:
-            return f"checksum mismatch: stored sha256 {stored}, the client computed {client}"
+            return (
+                f"checksum mismatch: stored {algorithm}:{stored}, "
+                f"the client computed {algorithm}:{client}"
+            )
+        if plain_sha256 and c.sha256 is not None and stored != c.sha256:
+            return f"checksum mismatch: stored sha256 {stored}, the manifest says {c.sha256}"
         return None
-    if c.sha256 is not None and client is not None and c.sha256 != client:
+    if plain_sha256 and c.sha256 is not None and client is not None and c.sha256 != client:
         return f"checksum mismatch: the client computed {client}, the manifest says {c.sha256}"
     return None
 

@@ -73,12 +73,16 @@ class AssetCreate(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     components: list[ComponentIn]
     presign: bool = False
+    # The digest algorithm of every range digest and whole-file checksum of this asset
+    # (None: the server's default, crc64nvme). A repeated create keeps the first one.
+    checksum_algorithm: Literal["crc64nvme", "sha256", "blake3"] | None = None
 
 
 class ComponentOut(BaseModel):
     path: str
     size: int
     sha256: str | None
+    checksum: str | None  # the settled whole-file checksum "algo:value", once finalized
     part_size: int | None
     stored: bool
     parts_stored: list[int]
@@ -106,6 +110,7 @@ class AssetSummary(BaseModel):
     finalized_at: float | None
     component_count: int
     total_size: int
+    checksum_algorithm: str | None  # None: an asset from before algorithms (sha256, legacy)
 
 
 class Asset(AssetSummary):
@@ -122,6 +127,9 @@ class AssetList(BaseModel):
 class PresignItem(BaseModel):
     path: str
     part: int | None = None
+    # Lowercase hex digest of exactly this range's bytes in the asset's algorithm: bound
+    # into the target, so the receiver refuses a body with another digest.
+    checksum: str | None = Field(default=None, max_length=128)
 
 
 class PresignRequest(BaseModel):
@@ -133,21 +141,16 @@ class TargetList(BaseModel):
 
 
 class FinalizeRequest(BaseModel):
+    # {path: "algo:value"}: each component's whole-file checksum (docs/http-api.md).
     checksums: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("checksums")
-    @classmethod
-    def _hex(cls, value: dict[str, str]) -> dict[str, str]:
-        for path, digest in value.items():
-            if len(digest) != 64 or any(ch not in "0123456789abcdefABCDEF" for ch in digest):
-                raise ValueError(f"checksum of {path!r} is not a sha256 hex digest")
-        return {path: digest.lower() for path, digest in value.items()}
 
 
 class DownloadComponent(BaseModel):
     path: str
     size: int
     sha256: str | None
+    checksum: str | None
+    part_size: int | None
     url: str
 
 

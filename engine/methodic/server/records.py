@@ -43,7 +43,19 @@ def asset_out(row: sqlite3.Row) -> dict[str, Any]:
         "finalized_at": row["finalized_at"],
         "component_count": row["component_count"],
         "total_size": row["total_size"],
+        "checksum_algorithm": row["checksum_algorithm"],
     }
+
+
+def reported_sha256(c: Component) -> str | None:
+    """The component's whole-file sha256 when known: the manifest's, or a sha256 receipt or
+    settlement that is one (a legacy asset's, or a one-PUT component of a sha256 asset)."""
+    if c.sha256 is not None:
+        return c.sha256
+    if c.algorithm is None or (c.algorithm == "sha256" and c.part_size is None):
+        settled = c.checksum.partition(":")[2] if c.checksum else None
+        return c.stored_digest or settled
+    return None
 
 
 def component_out(c: Component, found: Found) -> dict[str, Any]:
@@ -56,23 +68,32 @@ def component_out(c: Component, found: Found) -> dict[str, Any]:
     return {
         "path": c.path,
         "size": c.size,
-        "sha256": c.stored_sha256 or c.sha256,
+        "sha256": reported_sha256(c),
+        "checksum": c.checksum,
         "part_size": c.part_size,
         "stored": found.complete,
         "parts_stored": parts,
     }
 
 
-def component_of(row: sqlite3.Row, parts: Sequence[tuple[int, str]] = ()) -> Component:
+def component_of(
+    row: sqlite3.Row, algorithm: str | None, parts: Sequence[tuple[int, str, int]] = ()
+) -> Component:
+    """A component row with its part receipts (part, digest, bound); ``algorithm`` is the
+    asset's (None: legacy)."""
     return Component(
         index=row["idx"],
         path=row["path"],
         size=row["size"],
         sha256=row["sha256"],
         part_size=row["part_size"],
-        stored_sha256=row["stored_sha256"],
-        parts_stored=tuple(n for n, _ in parts),
-        part_sha256=dict(parts),
+        stored_digest=row["stored_digest"],
+        parts_stored=tuple(n for n, _, _ in parts),
+        part_digest={n: digest for n, digest, _ in parts},
+        algorithm=algorithm,
+        stored_bound=bool(row["stored_bound"]),
+        parts_bound=frozenset(n for n, _, bound in parts if bound),
+        checksum=row["checksum"],
     )
 
 
@@ -93,15 +114,23 @@ class AssetRecords:
         return row
 
     @staticmethod
-    def components(conn: sqlite3.Connection, asset_id: str) -> list[Component]:
-        parts: dict[int, list[tuple[int, str]]] = {}
-        for idx, part, digest in conn.execute(
-            "SELECT idx, part, sha256 FROM parts WHERE asset_id = ? ORDER BY idx, part",
+    def algorithm(conn: sqlite3.Connection, asset_id: str) -> str | None:
+        row = conn.execute(
+            "SELECT checksum_algorithm FROM assets WHERE id = ?", (asset_id,)
+        ).fetchone()
+        return None if row is None else row[0]
+
+    @classmethod
+    def components(cls, conn: sqlite3.Connection, asset_id: str) -> list[Component]:
+        parts: dict[int, list[tuple[int, str, int]]] = {}
+        for idx, part, digest, bound in conn.execute(
+            "SELECT idx, part, digest, bound FROM parts WHERE asset_id = ? ORDER BY idx, part",
             (asset_id,),
         ):
-            parts.setdefault(idx, []).append((part, digest))
+            parts.setdefault(idx, []).append((part, digest, bound))
+        algorithm = cls.algorithm(conn, asset_id)
         return [
-            component_of(row, parts.get(row["idx"], ()))
+            component_of(row, algorithm, parts.get(row["idx"], ()))
             for row in conn.execute(
                 "SELECT * FROM components WHERE asset_id = ? ORDER BY idx", (asset_id,)
             )

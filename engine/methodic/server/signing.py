@@ -5,6 +5,11 @@ A URL grants one method on one byte range of one component until it expires:
 ``sid``, ``exp`` and ``sig``). The signature covers every one of those fields, JSON-encoded so
 that no choice of path can make two different grants sign the same message.
 
+A PUT grant may be *bound* to the digest of its body: the grant's ``checksum`` (``algo:hex``)
+travels as the request header ``x-methodic-checksum`` (not in the URL), and the signature
+covers it, so a request without that header, or with another value, fails the signature; the
+receiver then refuses a body whose digest differs.
+
 ``sid`` names the server that issued the URL (``Signer.server_id``, stable per data dir): a
 blob listener answers a URL of another server 421, and names itself in every answer, so a
 client can tell that what listens at a URL's address is not the server that issued it.
@@ -37,6 +42,10 @@ class Grant:
     length: int | None
     expires: int  # Unix seconds
     server: str | None = None  # the issuing server's id (None: a URL from before ids)
+    checksum: str | None = None  # "algo:hex" the PUT body must have (CHECKSUM_HEADER)
+
+
+CHECKSUM_HEADER = "x-methodic-checksum"
 
 
 class Signer:
@@ -57,9 +66,12 @@ class Signer:
         offset: int | None,
         length: int | None,
         expires: int,
+        checksum: str | None = None,
     ) -> Grant:
         """A Grant issued by this server (its ``server`` is ``server_id``)."""
-        return Grant(method, asset_id, path, part, offset, length, expires, self.server_id)
+        return Grant(
+            method, asset_id, path, part, offset, length, expires, self.server_id, checksum
+        )
 
     def _mac(self, grant: Grant) -> str:
         signed: list[Any] = [
@@ -74,6 +86,8 @@ class Signer:
         ]
         if grant.server is not None:
             signed.append(grant.server)
+        if grant.checksum is not None:
+            signed.append([CHECKSUM_HEADER, grant.checksum])
         message = json.dumps(signed, separators=(",", ":"), ensure_ascii=True)
         return hmac.new(self._secret, message.encode("ascii"), hashlib.sha256).hexdigest()
 
@@ -107,9 +121,16 @@ def _uint(value: str | None) -> int | None:
 
 
 def grant_from_query(
-    method: str, asset_id: str, path: str, query: Mapping[str, str]
+    method: str,
+    asset_id: str,
+    path: str,
+    query: Mapping[str, str],
+    checksum: str | None = None,
 ) -> tuple[Grant, str] | None:
-    """The grant a request claims and its signature, or None when the query is malformed."""
+    """The grant a request claims and its signature, or None when the query is malformed.
+
+    ``checksum``: the request's ``x-methodic-checksum`` header, if it has one.
+    """
     try:
         grant = Grant(
             method=method,
@@ -120,6 +141,7 @@ def grant_from_query(
             length=_uint(query.get("len")),
             expires=_uint(query["exp"]) or 0,
             server=query.get("sid"),
+            checksum=checksum,
         )
     except (KeyError, ValueError):
         return None

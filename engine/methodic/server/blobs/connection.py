@@ -26,6 +26,7 @@ from methodic.server.blobs.wire import (
     response_head,
 )
 from methodic.server.errors import APIError
+from methodic.server.signing import CHECKSUM_HEADER
 from methodic.server.storage.base import Received
 
 log = logging.getLogger("methodic.server.blobserver")
@@ -79,7 +80,9 @@ class BlobConnection(FramedConnection):
         service = self.server.service
         try:  # everything that can refuse the request before a byte of its body is read
             asset_id, path = split_blob_path(head.path)
-            grant = service.authorize("PUT", asset_id, path, head.query)
+            grant = service.authorize(
+                "PUT", asset_id, path, head.query, head.header(CHECKSUM_HEADER.encode("ascii"))
+            )
             service.check_length(grant, declared)
             fault = service.take_fault()
             if fault is not None:
@@ -103,8 +106,15 @@ class BlobConnection(FramedConnection):
             await self._run(service.settle, slot, received)
         except APIError as exc:  # the body was read: the connection stays usable
             return await self._answer(head, exc, close=False)
-        body = json_body({"size": received.size, "sha256": received.sha256})
-        return await self._send(201, {**JSON, "ETag": f'"{received.sha256}"'}, body)
+        algorithm = slot.algorithm
+        answer: dict[str, object] = {
+            "size": received.size,
+            "checksum": f"{algorithm}:{received.digest}",
+            "bound": slot.checksum is not None,
+        }
+        if algorithm == "sha256":
+            answer["sha256"] = received.digest
+        return await self._send(201, {**JSON, "ETag": f'"{received.digest}"'}, json_body(answer))
 
     async def _get(self, head: RequestHead, asset_id: str, path: str, close: bool) -> bool:
         service = self.server.service
@@ -113,8 +123,9 @@ class BlobConnection(FramedConnection):
         with file:
             size = os.fstat(file.fileno()).st_size
             headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
-            if component.stored_sha256:
-                headers["ETag"] = f'"{component.stored_sha256}"'
+            etag = component.checksum.partition(":")[2] if component.checksum else None
+            if etag:
+                headers["ETag"] = f'"{etag}"'
             try:
                 wanted = byte_range(head.header(b"range"), size)
             except RangeNotSatisfiable:

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from methodic.server.errors import conflict, invalid, not_found
+from methodic.server.errors import APIError, conflict, invalid, not_found
 from methodic.server.records import AssetRecords, component_of
 from methodic.server.signing import Grant
 from methodic.server.storage.base import (
@@ -32,6 +32,8 @@ class UploadSlot:
     key: BlobKey
     part: int | None
     upload: Upload
+    algorithm: str = "sha256"  # of the receipt digest (the asset's)
+    checksum: str | None = None  # hex digest the body must have (a bound URL's)
     expected_sha256: str | None = None  # the manifest's, checked when a whole-file PUT ends
 
 
@@ -48,7 +50,9 @@ class BlobLedger:
         return receiver
 
     def _upload_component(self, conn: sqlite3.Connection, grant: Grant) -> Component:
-        row = conn.execute("SELECT state FROM assets WHERE id = ?", (grant.asset_id,)).fetchone()
+        row = conn.execute(
+            "SELECT state, checksum_algorithm FROM assets WHERE id = ?", (grant.asset_id,)
+        ).fetchone()
         if row is None:
             raise not_found(f"asset {grant.asset_id} does not exist")
         if row["state"] != "pending":
@@ -58,7 +62,7 @@ class BlobLedger:
         ).fetchone()
         if c is None:
             raise not_found(f"asset {grant.asset_id} has no component {grant.path[:300]!r}")
-        return component_of(c)
+        return component_of(c, row["checksum_algorithm"])
 
     def begin_upload(self, grant: Grant) -> UploadSlot:
         """Check that the asset takes this PUT and open its destination. Raises APIError."""
@@ -78,19 +82,40 @@ class BlobLedger:
                     f"this URL does not match the layout of component {c.path!r}; presign again"
                 )
             assert grant.length is not None and grant.offset is not None
+            algorithm = c.receipt_algorithm
+            bound: str | None = None
+            if grant.checksum is not None:
+                claimed, _, bound = grant.checksum.partition(":")
+                if claimed != algorithm:
+                    raise invalid(
+                        f"this URL is bound to a {claimed} digest, but asset {grant.asset_id} "
+                        f"uses {algorithm}; presign again"
+                    )
             if grant.part is None:
-                upload = receiver.open_object_upload(key, grant.length)
-                return UploadSlot(key, None, upload, expected_sha256=c.sha256)
-            upload = receiver.open_part_upload(key, grant.offset, grant.length)
+                upload = receiver.open_object_upload(
+                    key, grant.length, algorithm, sha256=c.sha256 is not None
+                )
+                return UploadSlot(key, None, upload, algorithm, bound, expected_sha256=c.sha256)
+            upload = receiver.open_part_upload(key, grant.offset, grant.length, algorithm)
             self.records.locks.part_writers[(key.asset_id, key.index)] += 1
-            return UploadSlot(key, grant.part, upload)
+            return UploadSlot(key, grant.part, upload, algorithm, bound)
 
     def complete_upload(self, slot: UploadSlot, received: Received) -> None:
         """Make the received bytes the component's (or part's) and record them."""
         key = slot.key
-        if slot.expected_sha256 is not None and received.sha256 != slot.expected_sha256:
+        if slot.checksum is not None and received.digest != slot.checksum:
+            self._forget_part(slot)
+            what = key.path if slot.part is None else f"part {slot.part} of {key.path}"
+            raise APIError(
+                400,
+                "checksum_mismatch",
+                f"checksum mismatch: the body of {what!r} has {slot.algorithm} {received.digest}, "
+                f"the URL was presigned for {slot.checksum}; nothing was stored",
+            )
+        body_sha256 = received.digest if slot.algorithm == "sha256" else received.sha256
+        if slot.expected_sha256 is not None and body_sha256 != slot.expected_sha256:
             raise invalid(
-                f"checksum mismatch: the body of {key.path!r} has sha256 {received.sha256}, "
+                f"checksum mismatch: the body of {key.path!r} has sha256 {body_sha256}, "
                 f"the manifest says {slot.expected_sha256}; nothing was stored"
             )
         with self.records.locks.hold(key.asset_id), self.records.db.write() as tx:
@@ -100,17 +125,32 @@ class BlobLedger:
             if row["state"] != "pending":
                 raise conflict(f"asset {key.asset_id} was finalized during the upload")
             slot.upload.commit()
+            bound = slot.checksum is not None
             if slot.part is None:
                 tx.execute(
-                    "UPDATE components SET stored_sha256 = ? WHERE asset_id = ? AND idx = ?",
-                    (received.sha256, key.asset_id, key.index),
+                    "UPDATE components SET stored_digest = ?, stored_bound = ?"
+                    " WHERE asset_id = ? AND idx = ?",
+                    (received.digest, bound, key.asset_id, key.index),
                 )
             else:
                 tx.execute(
-                    "INSERT OR REPLACE INTO parts (asset_id, idx, part, size, sha256) VALUES (?, ?, ?, ?, ?)",
-                    (key.asset_id, key.index, slot.part, received.size, received.sha256),
+                    "INSERT OR REPLACE INTO parts (asset_id, idx, part, size, digest, bound)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (key.asset_id, key.index, slot.part, received.size, received.digest, bound),
                 )
             tx.execute("UPDATE assets SET touched_at = ? WHERE id = ?", (time.time(), key.asset_id))
+
+    def _forget_part(self, slot: UploadSlot) -> None:
+        """A part body that was refused was written in place: the part's earlier receipt (if
+        any) no longer describes the bytes at its offset."""
+        if slot.part is None:
+            return
+        key = slot.key
+        with self.records.locks.hold(key.asset_id), self.records.db.write() as tx:
+            tx.execute(
+                "DELETE FROM parts WHERE asset_id = ? AND idx = ? AND part = ?",
+                (key.asset_id, key.index, slot.part),
+            )
 
     def end_upload(self, slot: UploadSlot) -> None:
         """Release the slot whatever happened; a body that was not completed leaves no trace."""
@@ -125,11 +165,13 @@ class BlobLedger:
     def open_download(self, asset_id: str, path: str) -> tuple[BinaryIO, Component]:
         receiver = self._receiver()
         with self.records.db.read() as conn:
-            row = conn.execute("SELECT state FROM assets WHERE id = ?", (asset_id,)).fetchone()
+            row = conn.execute(
+                "SELECT state, checksum_algorithm FROM assets WHERE id = ?", (asset_id,)
+            ).fetchone()
             c = conn.execute(
                 "SELECT * FROM components WHERE asset_id = ? AND path = ?", (asset_id, path)
             ).fetchone()
         if row is None or row["state"] != "finalized" or c is None:
             raise not_found(f"asset {asset_id} has no finalized component {path[:300]!r}")
-        component = component_of(c)
+        component = component_of(c, row["checksum_algorithm"])
         return receiver.open_read(component.key(asset_id)), component

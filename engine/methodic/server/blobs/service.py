@@ -98,9 +98,19 @@ class BlobService:
         self.signer = signer
         self.faults = faults
 
-    def authorize(self, method: str, asset_id: str, path: str, query: Mapping[str, str]) -> Grant:
-        """The grant a presigned URL carries for ``method`` (PUT or GET). Raises APIError 403."""
-        claimed = grant_from_query(method, asset_id, path, query)
+    def authorize(
+        self,
+        method: str,
+        asset_id: str,
+        path: str,
+        query: Mapping[str, str],
+        checksum: str | None = None,
+    ) -> Grant:
+        """The grant a presigned URL carries for ``method`` (PUT or GET). Raises APIError 403.
+
+        ``checksum``: the request's ``x-methodic-checksum`` header (signed into a bound URL).
+        """
+        claimed = grant_from_query(method, asset_id, path, query, checksum)
         if claimed is None:
             raise forbidden("the presigned URL is malformed; presign again")
         grant, signature = claimed
@@ -114,8 +124,9 @@ class BlobService:
             )
         if (grant.length is None) != (method == "GET") or not self.signer.verify(grant, signature):
             raise forbidden(
-                "the presigned URL's signature does not match (tampered, or used for another "
-                "method, asset, path or range); presign again"
+                "the presigned URL's signature does not match (tampered, used for another "
+                "method, asset, path or range, or sent with an x-methodic-checksum header other "
+                "than the one it was presigned with); presign again"
             )
         if grant.expires < time.time():
             raise forbidden(f"the presigned URL expired at {grant.expires}; presign again")

@@ -51,19 +51,40 @@ class BlobKey:
 class Component:
     """A manifest component, with the receipts of bytes this server received itself.
 
-    Receipts (``stored_sha256`` of a one-PUT component, ``parts_stored`` and ``part_sha256``)
-    are written by the blob data path of a receiving backend; an S3 server has none, and learns
-    what is stored from S3. After finalize ``stored_sha256`` is the sha256 the server settled on.
+    Receipts (``stored_digest`` of a one-PUT component, ``parts_stored`` and ``part_digest``)
+    are written by the blob data path of a receiving backend: the digest of the received bytes
+    in the asset's checksum ``algorithm`` (None: a legacy asset, sha256 receipts), and whether
+    the PUT was *bound* to the digest the client computed (``stored_bound``, ``parts_bound``).
+    An S3 server has none, and learns what is stored from S3. ``checksum`` is the settled
+    whole-file checksum (``algo:value``) once finalized.
     """
 
     index: int
     path: str
     size: int
-    sha256: str | None  # the manifest's
+    sha256: str | None  # the manifest's (the client-declared whole-file sha256)
     part_size: int | None
-    stored_sha256: str | None
+    stored_digest: str | None
     parts_stored: tuple[int, ...] = ()
-    part_sha256: Mapping[int, str] = field(default_factory=dict, compare=False, repr=False)
+    part_digest: Mapping[int, str] = field(default_factory=dict, compare=False, repr=False)
+    algorithm: str | None = None
+    stored_bound: bool = False
+    parts_bound: frozenset[int] = frozenset()
+    checksum: str | None = None
+
+    @property
+    def receipt_algorithm(self) -> str:
+        """The algorithm of this component's receipt digests (sha256 for a legacy asset)."""
+        return self.algorithm or "sha256"
+
+    @property
+    def bound(self) -> bool | None:
+        """Whether every receipt was bound: True, False (none was), None (some were)."""
+        if self.part_size is None:
+            return self.stored_bound
+        if not self.parts_stored or len(self.parts_bound) == len(self.parts_stored):
+            return bool(self.parts_stored)
+        return None if self.parts_bound else False
 
     @property
     def parts(self) -> int:
@@ -73,7 +94,7 @@ class Component:
     def received(self) -> bool:
         """The receipts cover every byte (a receiving backend's view of "stored")."""
         if self.part_size is None:
-            return self.stored_sha256 is not None
+            return self.stored_digest is not None
         return len(self.parts_stored) == self.parts
 
     def key(self, asset_id: str) -> BlobKey:
@@ -92,6 +113,7 @@ class Slot:
     part: int | None
     offset: int
     length: int
+    checksum: str | None = None  # "algo:hex" of exactly this range, bound into the target
 
 
 @dataclass(frozen=True)
@@ -106,14 +128,16 @@ class Found:
 
     ``complete``: every byte is there (for a multipart component: every part, or the assembled
     object). The other fields come from a deep inspection (finalize) of a complete component:
-    ``size`` held, ``sha256`` of the held bytes when the backend can compute it, ``bad_parts``
-    whose bytes differ from what was received, ``damaged``: why the held bytes are wrong.
+    ``size`` held, ``digest``: the whole-file checksum value of the held bytes in the asset's
+    algorithm when the backend knows it (``_checksum.whole_file`` of the part digests for a
+    parted file), ``bad_parts`` whose bytes differ from what was received, ``damaged``: why the
+    held bytes are wrong.
     """
 
     complete: bool
     parts: frozenset[int] = frozenset()
     size: int | None = None
-    sha256: str | None = None
+    digest: str | None = None
     bad_parts: tuple[int, ...] = ()
     damaged: str | None = None
 
@@ -125,12 +149,16 @@ class StorageLimits:
     min_part_size: int = 1  # for every part but the last
     max_part_size: int | None = None
     max_single_put: int | None = None  # largest component sent in one PUT
+    # The checksum algorithms whose digests the backend verifies on receipt (the first for
+    # an asset that names none is ``_checksum.DEFAULT_ALGORITHM``, which every backend has).
+    checksum_algorithms: tuple[str, ...] = ("crc64nvme", "sha256", "blake3")
 
 
 @dataclass(frozen=True)
 class Received:
     size: int
-    sha256: str
+    digest: str  # hex, in the algorithm the upload was opened with
+    sha256: str | None = None  # also the body's sha256, when asked for (and not the digest)
 
 
 class Upload(Protocol):
@@ -145,8 +173,12 @@ class Upload(Protocol):
 class Receiver(Protocol):
     """A backend whose bytes arrive through this server's own blob routes."""
 
-    def open_object_upload(self, key: BlobKey, length: int) -> Upload: ...
-    def open_part_upload(self, key: BlobKey, offset: int, length: int) -> Upload: ...
+    def open_object_upload(
+        self, key: BlobKey, length: int, algorithm: str, *, sha256: bool = False
+    ) -> Upload: ...  # sha256: also hash the body with sha256 (Received.sha256)
+    def open_part_upload(
+        self, key: BlobKey, offset: int, length: int, algorithm: str
+    ) -> Upload: ...
     def open_read(self, key: BlobKey) -> BinaryIO: ...
 
 
@@ -178,9 +210,18 @@ class Storage(Protocol):
         ...
 
     def seal(
-        self, asset_id: str, components: Sequence[Component], workers: int
+        self,
+        asset_id: str,
+        components: Sequence[Component],
+        workers: int,
+        checksums: Mapping[int, str],
     ) -> list[tuple[Component, str]]:
-        """Make a verified asset's bytes final and durable; returns (component, why) failures."""
+        """Make a verified asset's bytes final and durable; returns (component, why) failures.
+
+        ``checksums``: {component index: whole-file checksum value} the client computed, in
+        the asset's algorithm; a backend that can have the store verify them does (S3).
+        A failure whose ``why`` starts with "checksum mismatch" means the bytes are wrong.
+        """
         ...
 
     def forget(self, key: BlobKey) -> None:

@@ -3,11 +3,14 @@
 Each component is one file, DATA_DIR/blobs/<asset>/<shard>/<index>, named by its position in
 the manifest (never by its client-chosen path). A whole-file PUT streams to DATA_DIR/tmp and is
 renamed into place; parts are written at their offsets straight into the component's file, so
-finalize needs no concatenation. Nothing is fsynced per PUT: finalize fsyncs every file and
+finalize needs no concatenation. Every body is hashed as it arrives, with the asset's checksum
+algorithm (``_checksum.new_hasher``), and a body whose URL was bound to a digest is refused
+unless it has that digest. Nothing is fsynced per PUT: finalize fsyncs every file and
 directory of the asset before the finalized state commits, and re-reads (verifies) every file
 whose bytes this process did not hash on receipt itself: a power cut that loses unsynced pages
-also restarts the server, so after one, everything is read back; until then a whole-PUT file
-that is unchanged since its receipt (inode, size, mtime) is the bytes its receipt hashed.
+also restarts the server, so after one, everything is read back; until then a file that is
+unchanged since its receipts (inode, size, mtime) is the bytes its receipts hashed, and a
+parted file's whole-file checksum is derived from its parts' digests without reading it.
 
 What is stored is known from the receipts the blob data path records (``Component``); only a
 deep inspection (finalize) reads the bytes back.
@@ -22,12 +25,13 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
-from methodic.server.signing import Signer
+from methodic import _checksum
+from methodic.server.signing import CHECKSUM_HEADER, Signer
 from methodic.server.storage.base import (
     BlobKey,
     Component,
@@ -45,7 +49,7 @@ FILES_PER_SHARD = 1000
 PARALLEL_HASH_MIN = 256 * 1024
 # Hashing a received buffer here while the receiving thread writes it: per body, the slower of
 # sha256 and the write sets the pace instead of their sum. These threads never wait on anything.
-_HASHERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="methodic-sha256")
+_HASHERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="methodic-hash")
 
 
 def _write_all(fd: int, data: bytes | memoryview, offset: int | None = None) -> None:
@@ -82,12 +86,19 @@ class _LengthBoundUpload:
     descriptor is never closed (and its number reused) under a write.
     """
 
-    def __init__(self, fd: int, length: int) -> None:
+    def __init__(self, fd: int, length: int, algorithm: str, sha256: bool = False) -> None:
         self._lock = threading.Lock()
         self._fd: int | None = fd
         self._length = length
         self._received = 0
-        self._hash = hashlib.sha256()
+        self._hash = _checksum.new_hasher(algorithm)
+        # Also the body's sha256 (a manifest's whole-file sha256 to check, another algorithm).
+        self._sha256 = hashlib.sha256() if sha256 and algorithm != "sha256" else None
+
+    def _update(self, data: bytes | memoryview) -> None:
+        self._hash.update(data)
+        if self._sha256 is not None:
+            self._sha256.update(data)
 
     def _close(self) -> None:
         if self._fd is not None:
@@ -102,9 +113,9 @@ class _LengthBoundUpload:
                 raise ValueError(f"body is longer than the declared {self._length} bytes")
             if len(data) < PARALLEL_HASH_MIN:
                 self._write(self._fd, data, self._received)
-                self._hash.update(data)
+                self._update(data)
             else:
-                hashing = _HASHERS.submit(self._hash.update, data)
+                hashing = _HASHERS.submit(self._update, data)
                 try:
                     self._write(self._fd, data, self._received)
                 finally:
@@ -119,11 +130,13 @@ class _LengthBoundUpload:
             if self._received != self._length:
                 raise ValueError(f"body has {self._received} bytes, {self._length} were declared")
             self._close()
-            return Received(size=self._received, sha256=self._hash.hexdigest())
+            digest = self._hash.hexdigest()
+            sha256 = self._sha256.hexdigest() if self._sha256 is not None else None
+            return Received(size=self._received, digest=digest, sha256=sha256)
 
 
-_Stamp = tuple[int, int, int, str]  # inode, size, mtime_ns, and the sha256 or PARTS
-PARTS = "parts"  # the stamp of a parted file: its parts' own receipts hold their sha256
+_Stamp = tuple[int, int, int, str]  # inode, size, mtime_ns, and the digest or PARTS
+PARTS = "parts"  # the stamp of a parted file: its parts' own receipts hold their digests
 
 
 class _Hashed:
@@ -138,21 +151,21 @@ class _Hashed:
         self._stamps: dict[Path, _Stamp] = {}
         self._torn: set[Path] = set()
 
-    def record(self, file: Path, sha256: str) -> None:
+    def record(self, file: Path, digest: str) -> None:
         if file not in self._torn:
             st = os.stat(file)
-            self._stamps[file] = (st.st_ino, st.st_size, st.st_mtime_ns, sha256)
+            self._stamps[file] = (st.st_ino, st.st_size, st.st_mtime_ns, digest)
 
     def tear(self, file: Path) -> None:
         self._torn.add(file)
         self._stamps.pop(file, None)
 
-    def holds(self, file: Path, st: os.stat_result, sha256: str | None) -> bool:
-        return sha256 is not None and self._stamps.get(file) == (
+    def holds(self, file: Path, st: os.stat_result, digest: str | None) -> bool:
+        return digest is not None and self._stamps.get(file) == (
             st.st_ino,
             st.st_size,
             st.st_mtime_ns,
-            sha256,
+            digest,
         )
 
     def forget(self, file: Path) -> None:
@@ -165,8 +178,12 @@ class _Hashed:
 
 
 class _ObjectUpload(_LengthBoundUpload):
-    def __init__(self, tmp: Path, final: Path, length: int, hashed: _Hashed) -> None:
-        super().__init__(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), length)
+    def __init__(
+        self, tmp: Path, final: Path, length: int, algorithm: str, sha256: bool, hashed: _Hashed
+    ) -> None:
+        super().__init__(
+            os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), length, algorithm, sha256
+        )
         self._tmp = tmp
         self._final = final
         self._hashed = hashed
@@ -187,9 +204,11 @@ class _ObjectUpload(_LengthBoundUpload):
 
 
 class _PartUpload(_LengthBoundUpload):
-    def __init__(self, file: Path, offset: int, length: int, hashed: _Hashed) -> None:
+    def __init__(
+        self, file: Path, offset: int, length: int, algorithm: str, hashed: _Hashed
+    ) -> None:
         _private_dir(file.parent)
-        super().__init__(os.open(file, os.O_WRONLY | os.O_CREAT, 0o600), length)
+        super().__init__(os.open(file, os.O_WRONLY | os.O_CREAT, 0o600), length, algorithm)
         self._file = file
         self._offset = offset
         self._hashed = hashed
@@ -219,6 +238,8 @@ class LocalStorage:
         self.tmp = data_dir / "tmp"
         self._signer = signer
         self._hashed = _Hashed()
+        self._read_lock = threading.Lock()
+        self.bytes_read_back = 0  # read back at finalize (files whose receipts are not trusted)
         _private_dir(self.root)
         _private_dir(self.tmp)
 
@@ -263,9 +284,17 @@ class LocalStorage:
                 self._signer.url(
                     origin,
                     self._signer.grant(
-                        "PUT", asset_id, s.component.path, s.part, s.offset, s.length, expires
+                        "PUT",
+                        asset_id,
+                        s.component.path,
+                        s.part,
+                        s.offset,
+                        s.length,
+                        expires,
+                        s.checksum,
                     ),
-                )
+                ),
+                {CHECKSUM_HEADER: s.checksum} if s.checksum is not None else {},
             )
             for s in slots
         ]
@@ -277,12 +306,14 @@ class LocalStorage:
 
     # ---- the receiving side (Receiver) -----------------------------------------------------
 
-    def open_object_upload(self, key: BlobKey, length: int) -> Upload:
+    def open_object_upload(
+        self, key: BlobKey, length: int, algorithm: str, *, sha256: bool = False
+    ) -> Upload:
         tmp = self.tmp / f"{key.asset_id}.{key.index}.{secrets.token_hex(8)}.tmp"
-        return _ObjectUpload(tmp, self._file(key), length, self._hashed)
+        return _ObjectUpload(tmp, self._file(key), length, algorithm, sha256, self._hashed)
 
-    def open_part_upload(self, key: BlobKey, offset: int, length: int) -> Upload:
-        return _PartUpload(self._file(key), offset, length, self._hashed)
+    def open_part_upload(self, key: BlobKey, offset: int, length: int, algorithm: str) -> Upload:
+        return _PartUpload(self._file(key), offset, length, algorithm, self._hashed)
 
     def open_read(self, key: BlobKey) -> BinaryIO:
         return open(self._file(key), "rb")
@@ -303,7 +334,12 @@ class LocalStorage:
             return list(pool.map(one, components))
 
     def _measure(self, key: BlobKey, c: Component) -> Found:
-        """Read the component's file back: its size, sha256 and per-part sha256."""
+        """The component's size and whole-file checksum value, from its receipts while this
+        process's stamps hold (nothing is read), else by reading the file back.
+
+        A parted file is also read when its manifest declares a whole-file sha256 that the
+        checksum value cannot show (a legacy asset's settled checksum is that sha256).
+        """
         try:
             f = open(self._file(key), "rb", buffering=0)  # noqa: SIM115
         except FileNotFoundError:
@@ -314,41 +350,67 @@ class LocalStorage:
             if stored != c.size:
                 return Found(True, size=stored)
             trusted = self._hashed.holds(
-                self._file(key), st, c.stored_sha256 if c.part_size is None else PARTS
+                self._file(key), st, c.stored_digest if c.part_size is None else PARTS
             )
-            if trusted and c.part_size is None:
-                return Found(True, size=stored, sha256=c.stored_sha256)
-            whole = hashlib.sha256()  # a parted file's whole sha256 is known only by reading it
-            parts: list[str] = []
-            step = c.part_size or max(c.size, 1)
-            remaining = c.size
-            while True:
-                part_hash = None if trusted else hashlib.sha256()
-                in_part = min(step, remaining)
-                while in_part:
-                    chunk = f.read(min(READ_CHUNK, in_part))
-                    if not chunk:
-                        raise OSError(f"{self._file(key)} shrank while being verified")
-                    whole.update(chunk)
-                    if part_hash is not None:
-                        part_hash.update(chunk)
-                    in_part -= len(chunk)
-                    remaining -= len(chunk)
-                if part_hash is not None:
-                    parts.append(part_hash.hexdigest())
-                if remaining == 0:
-                    break
-        digest = whole.hexdigest()
-        if c.part_size is not None:
-            bad = tuple(n for n, got in enumerate(parts, 1) if c.part_sha256.get(n) != got)
-            return Found(True, size=stored, sha256=digest, bad_parts=bad)
-        damaged = (
-            None if digest == c.stored_sha256 else "the stored bytes differ from what was uploaded"
+            if c.part_size is None:
+                if trusted:
+                    return Found(True, size=stored, digest=c.stored_digest)
+                (digest,), _ = self._read_back(f, c, [c.size], whole_sha256=False)
+                damaged = (
+                    None
+                    if digest == c.stored_digest
+                    else "the stored bytes differ from what was uploaded"
+                )
+                return Found(True, size=stored, digest=digest, damaged=damaged)
+            numbers = range(1, c.parts + 1)
+            lengths = [c.part_length(n) for n in numbers]
+            want_sha256 = c.algorithm is None or c.sha256 is not None
+            sha256: str | None = None
+            if trusted and not want_sha256:
+                digests = [c.part_digest[n] for n in numbers]
+            else:
+                digests, sha256 = self._read_back(f, c, lengths, whole_sha256=want_sha256)
+        bad = tuple(
+            n for n, got in zip(numbers, digests, strict=True) if c.part_digest.get(n) != got
         )
-        return Found(True, size=stored, sha256=digest, damaged=damaged)
+        if bad:
+            return Found(True, size=stored, bad_parts=bad)
+        if c.algorithm is None:  # legacy: the settled checksum is the whole file's sha256
+            return Found(True, size=stored, digest=sha256)
+        whole = _checksum.whole_file(c.receipt_algorithm, digests, lengths, parted=True)
+        damaged = None
+        if c.sha256 is not None and sha256 != c.sha256:
+            damaged = f"stored sha256 {sha256}, the manifest says {c.sha256}"
+        return Found(True, size=stored, digest=whole, damaged=damaged)
+
+    def _read_back(
+        self, f: BinaryIO, c: Component, lengths: Sequence[int], *, whole_sha256: bool
+    ) -> tuple[list[str], str | None]:
+        """The digests (the component's receipt algorithm) of consecutive ranges of ``f``, and
+        with ``whole_sha256`` the sha256 of all of them."""
+        out: list[str] = []
+        whole = hashlib.sha256() if whole_sha256 else None
+        for length in lengths:
+            hasher = _checksum.new_hasher(c.receipt_algorithm)
+            while length:
+                chunk = f.read(min(READ_CHUNK, length))
+                if not chunk:
+                    raise OSError(f"{f.name!r} shrank while being verified")
+                hasher.update(chunk)
+                if whole is not None:
+                    whole.update(chunk)
+                length -= len(chunk)
+                with self._read_lock:
+                    self.bytes_read_back += len(chunk)
+            out.append(hasher.hexdigest())
+        return out, (whole.hexdigest() if whole is not None else None)
 
     def seal(
-        self, asset_id: str, components: Sequence[Component], workers: int
+        self,
+        asset_id: str,
+        components: Sequence[Component],
+        workers: int,
+        checksums: Mapping[int, str],
     ) -> list[tuple[Component, str]]:
         files = [self._file(c.key(asset_id)) for c in components]
         for file in files:

@@ -8,6 +8,14 @@ parts, its UploadId kept in the metadata database, and completed at finalize fro
 lists (never from ETags a client reports). What is stored is always asked of S3 itself
 (ListObjectsV2, ListParts), so recovery resends only what S3 lacks.
 
+Checksums: S3 verifies them itself. A target presigned with the range's digest signs the
+``x-amz-checksum-crc64nvme`` (or ``-sha256``) header into the URL, so S3 refuses a body with
+another checksum and the URL cannot be replayed with another header. Multipart uploads are
+created with the asset's algorithm (CRC64NVME as a FULL_OBJECT checksum, SHA256 COMPOSITE);
+CompleteMultipartUpload carries the client's full-object CRC (or the parts' SHA256s), and the
+completed object's (and each one-PUT object's) checksum is read back with HeadObject and
+compared with the client's whenever the store reports one. blake3 is not an S3 algorithm.
+
 boto3 is imported only here, and only when a server is started with ``--storage s3://``.
 """
 
@@ -15,10 +23,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from methodic import _checksum
 from methodic.server.config import S3Location
 from methodic.server.db import Database
 from methodic.server.locks import KeyedLocks
@@ -36,6 +45,12 @@ from methodic.server.storage.base import (
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 T = TypeVar("T")
+# The asset algorithms S3 verifies: boto3's parameter and header names, and the checksum type
+# of a multipart upload's object.
+_S3_CHECKSUM = {
+    _checksum.CRC64NVME: ("ChecksumCRC64NVME", "x-amz-checksum-crc64nvme", "FULL_OBJECT"),
+    _checksum.SHA256: ("ChecksumSHA256", "x-amz-checksum-sha256", "COMPOSITE"),
+}
 
 
 def open_s3_storage(
@@ -119,7 +134,12 @@ def _setup_error(exc: Exception, location: S3Location, endpoint: str) -> Storage
 
 
 class S3Storage:
-    limits = StorageLimits(min_part_size=5 * MiB, max_part_size=5 * GiB, max_single_put=5 * GiB)
+    limits = StorageLimits(
+        min_part_size=5 * MiB,
+        max_part_size=5 * GiB,
+        max_single_put=5 * GiB,
+        checksum_algorithms=tuple(_S3_CHECKSUM),
+    )
     receiver = None
 
     def __init__(
@@ -177,10 +197,15 @@ class S3Storage:
     # ---- multipart upload ids (in the metadata database) -----------------------------------
 
     def _upload_ids(self, asset_id: str) -> dict[int, str]:
+        return {idx: upload_id for idx, (upload_id, _) in self._uploads(asset_id).items()}
+
+    def _uploads(self, asset_id: str) -> dict[int, tuple[str, str | None]]:
+        """{component index: (UploadId, the checksum algorithm it was created with)}."""
         rows = self._db.connection().execute(
-            "SELECT idx, upload_id FROM multipart_uploads WHERE asset_id = ?", (asset_id,)
+            "SELECT idx, upload_id, checksum_algorithm FROM multipart_uploads WHERE asset_id = ?",
+            (asset_id,),
         )
-        return {idx: upload_id for idx, upload_id in rows}
+        return {idx: (upload_id, algorithm) for idx, upload_id, algorithm in rows}
 
     def _drop_upload_id(self, asset_id: str, index: int) -> None:
         with self._db.write() as tx:
@@ -188,25 +213,36 @@ class S3Storage:
                 "DELETE FROM multipart_uploads WHERE asset_id = ? AND idx = ?", (asset_id, index)
             )
 
-    def _create_upload(self, key: BlobKey) -> str:
-        """The component's multipart upload, created now if it has none (once, under a lock)."""
+    def _create_upload(self, key: BlobKey, algorithm: str | None) -> str:
+        """The component's multipart upload, created now if it has none (once, under a lock).
+
+        ``algorithm``: the checksum algorithm of the parts (a bound presign's), or None.
+        """
         with self._creating.hold((key.asset_id, key.index)):
             existing = self._upload_ids(key.asset_id).get(key.index)
             if existing is not None:
                 return existing
+            extra: dict[str, str] = {}
+            if algorithm is not None:
+                extra = {
+                    "ChecksumAlgorithm": algorithm.upper(),
+                    "ChecksumType": _S3_CHECKSUM[algorithm][2],
+                }
             created = self._call(
                 "CreateMultipartUpload",
                 self._s3.create_multipart_upload,
                 Bucket=self.bucket,
                 Key=self._object(key),
+                **extra,
             )
             upload_id: str = created["UploadId"]
             try:
                 with self._db.write(durable=True) as tx:
                     tx.execute(
-                        "INSERT INTO multipart_uploads (asset_id, idx, upload_id, created_at)"
-                        " VALUES (?, ?, ?, ?)",
-                        (key.asset_id, key.index, upload_id, time.time()),
+                        "INSERT INTO multipart_uploads"
+                        " (asset_id, idx, upload_id, created_at, checksum_algorithm)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (key.asset_id, key.index, upload_id, time.time(), algorithm),
                     )
             except Exception:
                 # The asset went away meanwhile (its component row is gone): leave nothing in S3.
@@ -242,15 +278,21 @@ class S3Storage:
                 "Key": self._object(key),
                 "ContentLength": slot.length,
             }
+            headers: dict[str, str] = {}
+            algorithm: str | None = None
+            if slot.checksum is not None:
+                algorithm, _, digest = slot.checksum.partition(":")
+                param, header, _type = _S3_CHECKSUM[algorithm]
+                params[param] = headers[header] = _checksum.to_base64(digest)
             if slot.part is None:
                 method = "put_object"
             else:
                 method = "upload_part"
                 if key.index not in uploads:
-                    uploads[key.index] = self._create_upload(key)
+                    uploads[key.index] = self._create_upload(key, algorithm)
                 params.update(UploadId=uploads[key.index], PartNumber=slot.part)
             url = self._s3.generate_presigned_url(method, Params=params, ExpiresIn=ttl)
-            out.append(Presigned(url))
+            out.append(Presigned(url, headers))
         return out
 
     def presign_get(self, key: BlobKey, expires: int, origin: str) -> str:
@@ -285,9 +327,9 @@ class S3Storage:
             int(key[skip:]): size for key, size in self._listing(asset_id) if key[skip:].isdigit()
         }
 
-    def _parts(self, key: BlobKey, upload_id: str) -> dict[int, tuple[int, str]] | None:
-        """{part number: (size, ETag)} of an upload; None when S3 no longer has the upload."""
-        out: dict[int, tuple[int, str]] = {}
+    def _parts(self, key: BlobKey, upload_id: str) -> dict[int, dict[str, Any]] | None:
+        """{part number: ListParts' entry} of an upload; None when S3 no longer has the upload."""
+        out: dict[int, dict[str, Any]] = {}
         try:
             for page in self._paginate(
                 "list_parts",
@@ -297,19 +339,21 @@ class S3Storage:
                 UploadId=upload_id,
             ):
                 for part in page.get("Parts", ()):
-                    out[int(part["PartNumber"])] = (int(part["Size"]), str(part["ETag"]))
+                    out[int(part["PartNumber"])] = part
         except StorageUnavailable as exc:
             if self._no_such_upload(exc):
                 return None
             raise
         return out
 
-    def _good_parts(self, c: Component, parts: dict[int, tuple[int, str]]) -> dict[int, str]:
-        """{part: ETag} of the parts whose size is the layout's (others must be sent again)."""
+    def _good_parts(
+        self, c: Component, parts: dict[int, dict[str, Any]]
+    ) -> dict[int, dict[str, Any]]:
+        """{part: entry} of the parts whose size is the layout's (others must be sent again)."""
         return {
-            n: etag
-            for n, (size, etag) in parts.items()
-            if 1 <= n <= c.parts and size == c.part_length(n)
+            n: part
+            for n, part in parts.items()
+            if 1 <= n <= c.parts and int(part["Size"]) == c.part_length(n)
         }
 
     def inspect(
@@ -323,7 +367,7 @@ class S3Storage:
             if c.part_size is not None and objects.get(c.index) != c.size and c.index in uploads
         ]
 
-        def list_parts(c: Component) -> dict[int, str]:
+        def list_parts(c: Component) -> dict[int, dict[str, Any]]:
             parts = self._parts(c.key(asset_id), uploads[c.index])
             if parts is None:  # aborted behind our back: the next presign starts a new upload
                 self._drop_upload_id(asset_id, c.index)
@@ -353,55 +397,126 @@ class S3Storage:
     # ---- finalize, forget, delete ----------------------------------------------------------
 
     def seal(
-        self, asset_id: str, components: Sequence[Component], workers: int
+        self,
+        asset_id: str,
+        components: Sequence[Component],
+        workers: int,
+        checksums: Mapping[int, str],
     ) -> list[tuple[Component, str]]:
-        uploads = self._upload_ids(asset_id)
-        multipart = [c for c in components if c.part_size is not None and c.index in uploads]
+        uploads = self._uploads(asset_id)
+        multipart = {c.index for c in components if c.part_size is not None and c.index in uploads}
+        todo = [
+            c
+            for c in components
+            if c.index in multipart or (c.algorithm is not None and c.index in checksums)
+        ]
 
         def complete(c: Component) -> str | None:
             key = c.key(asset_id)
+            upload_id, upload_algorithm = uploads[c.index]
+            client = checksums.get(c.index)
             for _attempt in range(2):  # once more if a part was replaced while we listed
-                parts = self._parts(key, uploads[c.index])
+                parts = self._parts(key, upload_id)
                 if parts is None:
                     break  # completed by an earlier finalize that did not commit
                 good = self._good_parts(c, parts)
                 if len(good) != c.parts:
                     return "not stored"
+                extra: dict[str, Any] = {}
+                listed: list[dict[str, Any]] = []
+                param = _S3_CHECKSUM[upload_algorithm][0] if upload_algorithm else None
+                for n in sorted(good):
+                    item = {"PartNumber": n, "ETag": good[n]["ETag"]}
+                    if param is not None and good[n].get(param):
+                        item[param] = good[n][param]
+                    listed.append(item)
+                listed_whole = None
+                if upload_algorithm is not None and upload_algorithm == c.algorithm:
+                    listed_whole = _listed_whole(c, upload_algorithm, good)
+                if client is not None and listed_whole is not None and listed_whole != client:
+                    return (
+                        f"checksum mismatch: stored {upload_algorithm}:{listed_whole}, "
+                        f"the client computed {upload_algorithm}:{client}"
+                    )
+                if upload_algorithm == _checksum.CRC64NVME:
+                    whole = client or listed_whole
+                    if whole is not None:
+                        extra = {
+                            "ChecksumCRC64NVME": _checksum.to_base64(whole),
+                            "ChecksumType": "FULL_OBJECT",
+                        }
                 try:
                     self._call(
                         "CompleteMultipartUpload",
                         self._s3.complete_multipart_upload,
                         Bucket=self.bucket,
                         Key=self._object(key),
-                        UploadId=uploads[c.index],
-                        MultipartUpload={
-                            "Parts": [{"PartNumber": n, "ETag": good[n]} for n in sorted(good)]
-                        },
+                        UploadId=upload_id,
+                        MultipartUpload={"Parts": listed},
+                        **extra,
                     )
                     break
                 except StorageUnavailable as exc:
                     code = getattr(exc.__cause__, "response", {}).get("Error", {}).get("Code")
+                    if code in ("BadDigest", "InvalidDigest"):
+                        return (
+                            f"checksum mismatch: the store refused the client's checksum "
+                            f"{c.receipt_algorithm}:{client} ({code})"
+                        )
                     if code not in ("InvalidPart", "NoSuchUpload") or _attempt:
                         raise
-            head = self._head(key)
-            if head is None:
-                return "not stored"
-            if int(head["ContentLength"]) != c.size:
-                return f"size mismatch: stored {head['ContentLength']} bytes, the manifest says {c.size}"
-            self._drop_upload_id(asset_id, c.index)
-            return None
+            problem = self._check_object(asset_id, c, client)
+            if problem is None:
+                self._drop_upload_id(asset_id, c.index)
+            return problem
 
-        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(multipart)))) as pool:
-            results = list(pool.map(complete, multipart))
-        problems = [(c, why) for c, why in zip(multipart, results, strict=True) if why]
+        def check(c: Component) -> str | None:
+            if c.index in multipart:
+                return complete(c)
+            return self._check_object(asset_id, c, checksums[c.index])
+
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
+            results = list(pool.map(check, todo))
+        problems = [(c, why) for c, why in zip(todo, results, strict=True) if why]
         if not problems:
             self._abort_all(asset_id)  # strays: uploads created by a crash before their id was kept
         return problems
 
-    def _head(self, key: BlobKey) -> dict[str, Any] | None:
+    def _check_object(self, asset_id: str, c: Component, client: str | None) -> str | None:
+        """Why the stored object is not the component (size, or the checksum the store reports
+        differs from the client's), or None."""
+        head = self._head(c.key(asset_id), checksum_mode=client is not None)
+        if head is None:
+            return "not stored"
+        if int(head["ContentLength"]) != c.size:
+            return (
+                f"size mismatch: stored {head['ContentLength']} bytes, the manifest says {c.size}"
+            )
+        algorithm = c.algorithm
+        if client is None or algorithm not in _S3_CHECKSUM:
+            return None
+        reported = head.get(_S3_CHECKSUM[algorithm][0])
+        if not reported:
+            return None  # the store keeps none of this algorithm: what it verified on PUT stands
+        stored = _checksum.from_base64(str(reported))
+        if ("-" in stored) != ("-" in client):
+            return None  # a full-object value against a composite one: not comparable
+        if stored != client:
+            return (
+                f"checksum mismatch: stored {algorithm}:{stored}, "
+                f"the client computed {algorithm}:{client}"
+            )
+        return None
+
+    def _head(self, key: BlobKey, *, checksum_mode: bool = False) -> dict[str, Any] | None:
+        extra = {"ChecksumMode": "ENABLED"} if checksum_mode else {}
         try:
             head: dict[str, Any] = self._call(
-                "HeadObject", self._s3.head_object, Bucket=self.bucket, Key=self._object(key)
+                "HeadObject",
+                self._s3.head_object,
+                Bucket=self.bucket,
+                Key=self._object(key),
+                **extra,
             )
         except StorageUnavailable as exc:
             status = (
@@ -424,14 +539,19 @@ class S3Storage:
         )
 
     def _abort_all(self, asset_id: str) -> None:
-        for page in self._paginate(
+        pages = self._paginate(
             "list_multipart_uploads",
             "ListMultipartUploads",
             Bucket=self.bucket,
             Prefix=self._asset_prefix(asset_id),
-        ):
-            for upload in page.get("Uploads", ()):
-                self._abort(upload["Key"], upload["UploadId"])
+        )
+        try:
+            for page in pages:
+                for upload in page.get("Uploads", ()):
+                    self._abort(upload["Key"], upload["UploadId"])
+        except StorageUnavailable as exc:
+            if not self._no_such_upload(exc):  # rclone's answer when the prefix has none
+                raise
 
     def delete_asset(self, asset_id: str) -> None:
         self._abort_all(asset_id)
@@ -443,3 +563,17 @@ class S3Storage:
                 Bucket=self.bucket,
                 Delete={"Objects": keys[start : start + 1000], "Quiet": True},
             )
+
+
+def _listed_whole(
+    c: Component, algorithm: str, parts: Mapping[int, Mapping[str, Any]]
+) -> str | None:
+    """The whole-file checksum value from the checksums S3 listed for the parts (the combined
+    CRC64NVME, or the composite SHA256); None when a part has none listed."""
+    param = _S3_CHECKSUM[algorithm][0]
+    values = [parts[n].get(param) for n in sorted(parts)]
+    if not values or not all(values):
+        return None
+    digests = [_checksum.from_base64(str(v)) for v in values]
+    lengths = [c.part_length(n) for n in sorted(parts)]
+    return _checksum.whole_file(algorithm, digests, lengths, parted=True)
