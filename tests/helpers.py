@@ -74,6 +74,19 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def tree_checksums(root: Path, algorithm: str = "crc64nvme") -> dict[str, str]:
+    """{relative posix path: "algo:hex" of the whole file} for every regular file under root
+    (crc64nvme: what methodic publishes for a file, parted or not)."""
+    from methodic import _checksum as checksums
+
+    return {
+        p.relative_to(root).as_posix(): f"{algorithm}:"
+        + checksums.hash_range(p, 0, p.stat().st_size, algorithm)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     """{relative posix path: sha256} for every regular file under root."""
     return {

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import CEILING, make_checkpoint, sha256_file, tree_digest
+from helpers import CEILING, make_checkpoint, sha256_file, tree_checksums, tree_digest
 
 from methodic import (
     AssetIncompleteError,
@@ -83,7 +83,7 @@ def test_seed_pattern_in_process(any_server, tmp_path: Path) -> None:
     tracked = tracker.get_asset(asset_id)
     assert tracked is not None and tracked.state == "finalized"
     assert {c.state for c in tracked.components} == {"completed"}
-    assert {c.path: c.checksum for c in tracked.components} == tree_digest(ckpt)
+    assert {c.path: c.checksum for c in tracked.components} == tree_checksums(ckpt)
     assert tracked.binding is not None and tracked.binding.run_id == run_id
     assert tracker.get_pending_uploads() == []
     assert oct(tracker_path.stat().st_mode & 0o777) == "0o600"

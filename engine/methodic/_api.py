@@ -86,8 +86,14 @@ def raise_for_response(response: httpx.Response, server_url: str) -> None:
     if status == 404:
         raise NotFoundError(message or f"not found: {response.request.url.path}")
     if status == 409 and code == "asset_incomplete":
-        missing = [m["path"] if isinstance(m, dict) else str(m) for m in body.get("missing", [])]
-        raise AssetIncompleteError(message or "asset is incomplete", missing)
+        items = body.get("missing", [])
+        missing = [m["path"] if isinstance(m, dict) else str(m) for m in items]
+        parts = {
+            m["path"]: [int(n) for n in m["parts_missing"]]
+            for m in items
+            if isinstance(m, dict) and isinstance(m.get("parts_missing"), list)
+        }
+        raise AssetIncompleteError(message or "asset is incomplete", missing, parts)
     if status == 409:
         raise ConflictError(message)
     if status in (400, 411, 413, 422):

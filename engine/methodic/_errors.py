@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 
 class ChronicleError(Exception):
@@ -24,9 +24,18 @@ class ConflictError(ChronicleError):
 class AssetIncompleteError(ChronicleError):
     """Finalize was refused because storage does not hold every component yet."""
 
-    def __init__(self, message: str, missing: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        message: str,
+        missing: Sequence[str] = (),
+        parts_missing: Mapping[str, Sequence[int]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.missing: list[str] = list(missing)
+        # For a parted component: which of its parts storage lacks (or holds damaged).
+        self.parts_missing: dict[str, list[int]] = {
+            path: list(parts) for path, parts in (parts_missing or {}).items()
+        }
 
 
 class UploadFailedError(ChronicleError):

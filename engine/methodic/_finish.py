@@ -11,7 +11,12 @@ from typing import Any
 from methodic import _digests as digests
 from methodic import _tracker_ops as ops
 from methodic._api import ApiClient
-from methodic._errors import AssetIncompleteError, ChronicleError, UploadFailedError
+from methodic._errors import (
+    AssetIncompleteError,
+    ChronicleError,
+    ConflictError,
+    UploadFailedError,
+)
 from methodic._events import AssetFinalized, AssetStateChanged, ComponentStateChanged, EventBus
 from methodic._progress import Progress
 from methodic._states import AssetState, ComponentState
@@ -22,6 +27,10 @@ from methodic._uploads import AssetUpload, ComponentUpload, new_future
 log = logging.getLogger("methodic")
 
 Spawn = Callable[[Coroutine[Any, Any, Any], str], None]
+Resend = Callable[[AssetUpload, dict[str, list[int] | None]], Coroutine[Any, Any, None]]
+# Times finalize may send again what the server found missing or damaged (a replayed URL, a
+# torn store) before the asset fails.
+MAX_RESENDS = 3
 
 
 class Finisher:
@@ -32,6 +41,7 @@ class Finisher:
         self._events = events
         self._progress = progress
         self._spawn = spawn
+        self.resend: Resend | None = None  # the pool's intake sends again what finalize lacks
 
     async def set_state(self, up: AssetUpload, state: AssetState, error: str | None = None) -> None:
         up.state, up.last_error = state, error
@@ -69,10 +79,12 @@ class Finisher:
         with contextlib.suppress(ChronicleError):
             await self.finalize(up)
 
-    async def finalize(self, up: AssetUpload) -> Asset:
+    async def finalize(self, up: AssetUpload) -> Asset | None:
         """Ask the server to finalize, with every file's checksum from its ranges' digests.
 
-        The server publishes a file only if the bytes it holds have that checksum.
+        The server publishes a file only if the bytes it holds have that checksum. What it
+        finds missing or damaged it forgets; that is sent again (None) a few times before the
+        asset fails.
         """
         try:
             # The tracker holds every completion before the asset says finalizing.
@@ -85,6 +97,11 @@ class Finisher:
             await self.fail_asset(up, exc)
             raise UploadFailedError(str(exc), exc) from None
         except AssetIncompleteError as exc:
+            if self.resend is not None and exc.missing and up.resends < MAX_RESENDS:
+                up.resends += 1
+                log.warning("finalize of %s: %s; sending it again", up.asset_id, exc)
+                await self.resend(up, {p: exc.parts_missing.get(p) for p in exc.missing})
+                return None
             await self.fail_asset(
                 up, exc, f"finalize refused: {exc} (missing: {', '.join(exc.missing)})"
             )
@@ -102,8 +119,12 @@ class Finisher:
         the state stays; a refusal (or an error) is raised with the asset exactly as it was.
         """
         await self._progress.flush()
-        await asyncio.to_thread(check_identities, up)
-        asset = await self._api.finalize(up.asset_id, await digests.file_checksums(up))
+        try:
+            await asyncio.to_thread(check_identities, up)
+            checksums = await digests.file_checksums(up)
+        except FileChangedError as exc:
+            raise ConflictError(f"asset {up.asset_id} cannot be finalized: {exc}") from None
+        asset = await self._api.finalize(up.asset_id, checksums)
         up.cancel_transfers()  # what they were sending, the server already holds
         if up.future.done():
             up.future = new_future()

@@ -14,7 +14,7 @@ from methodic import _checksum as checksums
 from methodic import _tracker_ops as ops
 from methodic._api import ApiClient
 from methodic._errors import ChronicleError
-from methodic._events import AssetStateChanged, EventBus
+from methodic._events import AssetStateChanged, ComponentStateChanged, EventBus
 from methodic._finish import Finisher, Spawn, check_identities
 from methodic._jobs import Scheduler
 from methodic._states import AssetState, ComponentState
@@ -60,6 +60,21 @@ class Intake:
             up.state = AssetState.REGISTERED
             self._spawn(self._begin(up), f"methodic-begin-{up.asset_id}")
             return
+        await self._send(up)
+
+    async def resend(self, up: AssetUpload, missing: dict[str, list[int] | None]) -> None:
+        """Send again what finalize found missing or damaged (the server has forgotten it):
+        the listed parts of a parted file, or the whole file."""
+        for path, parts in missing.items():
+            c = up.components.get(path)
+            if c is None:
+                continue
+            c.parts_done -= set(parts) if parts and c.part_size else c.parts_done
+            c.state, c.checksum = ComponentState.QUEUED, None
+            c.bytes_done = sum(c.part_length(n) for n in c.parts_done) if c.part_size else 0
+            self._events.emit(ComponentStateChanged(up.asset_id, c.path, ComponentState.QUEUED))
+        up.recount()
+        await up.track(ops.mark_components(up.asset_id, list(missing), ComponentState.QUEUED))
         await self._send(up)
 
     async def _send(self, up: AssetUpload) -> None:

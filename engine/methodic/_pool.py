@@ -83,6 +83,7 @@ class UploadPool:
             finisher=finisher,
             spawn=self._background.spawn,
         )
+        finisher.resend = self._intake.resend
         self.controls = Controls(
             api,
             assets=self.assets,

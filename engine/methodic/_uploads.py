@@ -145,6 +145,7 @@ class AssetUpload:
     was_finalized: bool = False  # the server had finalized it before this process began
     remote_ready: bool = False
     algorithm: str | None = None  # of the range digests; the server says it at create
+    resends: int = 0  # rounds of sending again what finalize found missing
     completed: int = 0  # components completed; kept as a count so each completion is O(1)
 
     def __post_init__(self) -> None:
