@@ -73,6 +73,9 @@ class Intake:
             c.state, c.checksum = ComponentState.QUEUED, None
             c.bytes_done = sum(c.part_length(n) for n in c.parts_done) if c.part_size else 0
             self._events.emit(ComponentStateChanged(up.asset_id, c.path, ComponentState.QUEUED))
+        for key in [k for k in up.targets if k[0] in missing]:  # the server forgot their uploads
+            del up.targets[key]
+            up.use_until.pop(key, None)
         up.recount()
         await up.track(ops.mark_components(up.asset_id, list(missing), ComponentState.QUEUED))
         await self._send(up)

@@ -26,8 +26,9 @@ CHUNK_SIZE = 1 << 20
 MISDIRECTED = 421
 _S3_CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
 # Answers of S3 (and S3-compatible stores) that mean "presign again": real S3 answers an
-# expired session token with 400, rclone an expired presigned URL with 400.
-_EXPIRED_CODES = {"ExpiredToken", "TokenRefreshRequired", "RequestExpired"}
+# expired session token with 400, rclone an expired presigned URL with 400; NoSuchUpload: the
+# server aborted the multipart upload the URL was for (a finalize that forgot a damaged file).
+_EXPIRED_CODES = {"ExpiredToken", "TokenRefreshRequired", "RequestExpired", "NoSuchUpload"}
 _TRANSIENT_CODES = {"RequestTimeout", "SlowDown", "InternalError", "RequestTimeTooSkewed"}
 _MISMATCH_CODES = {"checksum_mismatch", "BadDigest", "XAmzContentChecksumMismatch", "InvalidDigest"}
 
