@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import blake3
 import httpx
 import pytest
 from helpers import tree_digest
@@ -27,6 +28,9 @@ class FakeServer:
 
     def __init__(self) -> None:
         self.manifest: list[str] = []
+        self.body = BODY  # what each blob GET answers
+        self.declared: dict[str, Any] = {"sha256": hashlib.sha256(BODY).hexdigest()}
+        self.size = len(BODY)
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -37,17 +41,12 @@ class FakeServer:
                 if self.path.startswith("/api/v1/assets/"):
                     base = f"http://127.0.0.1:{fake.port}/blob"
                     comps = [
-                        {
-                            "path": p,
-                            "url": f"{base}/{i}",
-                            "size": len(BODY),
-                            "sha256": hashlib.sha256(BODY).hexdigest(),
-                        }
+                        {"path": p, "url": f"{base}/{i}", "size": fake.size, **fake.declared}
                         for i, p in enumerate(fake.manifest)
                     ]
                     data = json.dumps({"components": comps}).encode()
                 else:
-                    data = BODY
+                    data = fake.body
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -139,3 +138,41 @@ def test_names_of_255_bytes_upload_and_download(server: EmbeddedServer, tmp_path
         dest = run.download_asset(handle.asset_id, tmp_path / "dl")
     assert tree_digest(dest) == tree_digest(ckpt)
     assert not [p for p in dest.rglob(".methodic-*")]
+
+
+async def test_a_server_that_sends_more_than_a_component_has_is_cut_off(
+    fake: FakeServer, tmp_path: Path
+) -> None:
+    fake.manifest = ["small.bin"]
+    fake.size, fake.declared = 10, {}
+    fake.body = b"\0" * (30 << 20)  # 30 MB for a 10-byte component
+    with pytest.raises(ChronicleError, match="more than its 10 bytes"):
+        await fetch(fake, tmp_path / "dest")
+    assert everything_under(tmp_path / "dest") == []
+
+
+@pytest.mark.parametrize(
+    "declared",
+    [
+        {"sha256": hashlib.sha256(b"other").hexdigest()},
+        {"checksum": "crc64nvme:0123456789abcdef", "part_size": None},
+        {"checksum": "blake3:" + "ab" * 32 + "-1", "part_size": 1 << 20},
+    ],
+)
+async def test_bytes_that_are_not_the_published_checksum_are_never_kept(
+    fake: FakeServer, tmp_path: Path, declared: dict[str, Any]
+) -> None:
+    fake.manifest = ["model.bin"]
+    fake.declared = declared
+    with pytest.raises(ChronicleError, match="corrupt"):
+        await fetch(fake, tmp_path / "dest")
+    assert everything_under(tmp_path / "dest") == []
+
+
+async def test_bytes_that_match_the_published_checksum_are_kept(
+    fake: FakeServer, tmp_path: Path
+) -> None:
+    fake.manifest = ["model.bin"]
+    fake.declared = {"checksum": "blake3:" + blake3.blake3(BODY).hexdigest(), "part_size": None}
+    dest = await fetch(fake, tmp_path / "dest")
+    assert (dest / "model.bin").read_bytes() == BODY

@@ -17,7 +17,9 @@ from methodic import _tracker_schema as schema
 
 def specs(n: int, prefix: str = "f") -> list[ComponentSpec]:
     return [
-        ComponentSpec(f"{prefix}{i}.bin", f"/data/{prefix}{i}.bin", 100 + i, None, 1, i + 1)
+        ComponentSpec(
+            f"{prefix}{i}.bin", f"/data/{prefix}{i}.bin", 100 + i, mtime_ns=1, inode=i + 1
+        )
         for i in range(n)
     ]
 
@@ -28,7 +30,7 @@ def complete(tracker: UploadTracker, asset_id: str, paths: list[str]) -> None:
 
 def test_register_is_all_or_nothing(tmp_path: Path) -> None:
     t = UploadTracker(tmp_path / "u.sqlite")
-    bad = [*specs(5), ComponentSpec("z.bin", "\udcff-not-encodable", 1, None, 1, 1)]
+    bad = [*specs(5), ComponentSpec("z.bin", "\udcff-not-encodable", 1, mtime_ns=1, inode=1)]
     with pytest.raises((TrackerError, UnicodeEncodeError)):
         t.register_components("A", bad, asset_type="checkpoint")
     assert t.list_assets() == []

@@ -103,10 +103,20 @@ class DownloadTarget:
     url: str
     size: int
     sha256: str | None
+    checksum: str | None = None  # "algo:value" the server settled at finalize
+    part_size: int | None = None  # the layout ``checksum`` was derived over
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DownloadTarget:
-        return cls(data["path"], data["url"], int(data["size"]), data.get("sha256"))
+        part_size = data.get("part_size")
+        return cls(
+            data["path"],
+            data["url"],
+            int(data["size"]),
+            data.get("sha256"),
+            data.get("checksum"),
+            int(part_size) if part_size is not None else None,
+        )
 
 
 class ApiClient:
@@ -167,10 +177,13 @@ class ApiClient:
         metadata: dict[str, Any],
         components: Sequence[dict[str, Any]],
         presign: bool = False,
+        checksum_algorithm: str | None = None,
     ) -> PresignedAsset:
         """Create the pending asset from its full manifest (idempotent for the same id).
 
-        With ``presign`` the answer carries an upload target for every component and part.
+        With ``presign`` the answer carries an upload target for every component and part
+        (not bound to digests). ``checksum_algorithm`` is asked for a new asset; the answer's
+        ``checksum_algorithm`` is the asset's (an existing asset keeps its own).
         """
         body: dict[str, Any] = {
             "asset_id": asset_id,
@@ -178,6 +191,8 @@ class ApiClient:
             "metadata": metadata,
             "components": list(components),
         }
+        if checksum_algorithm is not None:
+            body["checksum_algorithm"] = checksum_algorithm
         if presign:
             body["presign"] = True
         data = await self._call("POST", f"/runs/{run_id}/assets", json=body)
@@ -198,13 +213,14 @@ class ApiClient:
         return [Asset.from_json(a) for a in data["assets"]]
 
     async def presign(
-        self, asset_id: str, keys: Sequence[tuple[str, int | None]]
+        self, asset_id: str, keys: Sequence[tuple[str, int | None, str]]
     ) -> list[UploadTarget]:
-        """Upload targets for these (path, part) keys of a pending asset, in one call."""
+        """Upload targets for these (path, part, hex digest) ranges of a pending asset, in one
+        call; each target is bound to its digest (the receiver refuses other bytes)."""
         data = await self._call(
             "POST",
             f"/assets/{asset_id}/presign",
-            json={"targets": [{"path": p, "part": n} for p, n in keys]},
+            json={"targets": [{"path": p, "part": n, "checksum": d} for p, n, d in keys]},
         )
         return [UploadTarget.from_json(t) for t in data["targets"]]
 

@@ -156,3 +156,46 @@ def to_base64(value: str) -> str:
 def from_base64(value: str) -> str:
     digest, dash, count = value.partition("-")
     return base64.b64decode(digest).hex() + (f"-{count}" if dash else "")
+
+
+def range_lengths(size: int, part_size: int | None) -> list[int]:
+    """The lengths of a file's ranges: one for a file sent whole, else its parts in order."""
+    if part_size is None:
+        return [size]
+    full, rest = divmod(size, part_size)
+    return [part_size] * full + ([rest] if rest or not full else [])
+
+
+class StreamVerifier:
+    """Checks a file's bytes, fed in order as they stream, against its ``algo:value`` checksum
+    (the whole-file form of ``whole_file``: ``part_size`` is the layout it was derived over)."""
+
+    def __init__(self, checksum: str, size: int, part_size: int | None) -> None:
+        self.algorithm, self.want = parse(checksum)
+        self._parted = part_size is not None
+        self._lengths = range_lengths(size, part_size)
+        self._digests: list[str] = []
+        self._hasher = new_hasher(self.algorithm)
+        self._left = self._lengths[0]
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            if self._left == 0:
+                raise ValueError("more bytes than the file has")
+            take = view[: self._left]
+            self._hasher.update(take)
+            self._left -= len(take)
+            view = view[len(take) :]
+            if self._left == 0 and len(self._digests) + 1 < len(self._lengths):
+                self._next_range()
+
+    def _next_range(self) -> None:
+        self._digests.append(self._hasher.hexdigest())
+        self._hasher = new_hasher(self.algorithm)
+        self._left = self._lengths[len(self._digests)]
+
+    def value(self) -> str:
+        """The checksum value of the bytes fed (all of the file's must have been)."""
+        digests = [*self._digests, self._hasher.hexdigest()]
+        return whole_file(self.algorithm, digests, self._lengths, self._parted)

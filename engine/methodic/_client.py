@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from methodic import _checksum as checksums
 from methodic import _redact
 from methodic import _tracker_ops as ops
 from methodic._api import ApiClient, resolve_api_key, resolve_server_url
@@ -80,6 +81,7 @@ class AsyncChronicle:
         part_threshold: int = DEFAULT_PART_THRESHOLD,
         part_size: int = DEFAULT_PART_SIZE,
         stall_timeout: float = 60.0,
+        checksum_algorithm: str | None = None,
     ) -> None:
         self.server_url = resolve_server_url(server_url)
         self._api_key = resolve_api_key(api_key)
@@ -96,6 +98,15 @@ class AsyncChronicle:
         self.part_size = part_size
         self.bucket = TokenBucket(parse_rate(max_bandwidth))
         self.stall_timeout = stall_timeout
+        # Of every range digest (None: the server's default, crc64nvme); see docs/integrity.md.
+        try:
+            self.checksum_algorithm = (
+                None
+                if checksum_algorithm is None
+                else checksums.check_algorithm(checksum_algorithm)
+            )
+        except checksums.ChecksumFormatError as exc:
+            raise InvalidInputError(str(exc)) from None
         self._http_client: httpx.AsyncClient | None = None
         self._upload_pool: UploadPool | None = None
         self._api_client: ApiClient | None = None
@@ -332,6 +343,7 @@ class AsyncRun:
             components=components,
             tracker=atracker,
             local_dir=local_dir,
+            algorithm=self.chronicle.checksum_algorithm,
         )
         self._uploads.append(upload)
         pool.submit(upload)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import os
 import secrets
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import httpx
 
+from methodic import _checksum as checksums
 from methodic._api import ApiClient, DownloadTarget, raise_for_response
 from methodic._errors import ChronicleError
 from methodic._paths import component_path_problem
@@ -118,7 +118,7 @@ async def _download_component(
     except OSError as exc:
         raise ChronicleError(f"cannot download {path} into {dest}: {exc.strerror}") from None
     try:
-        hasher = hashlib.sha256()
+        verifiers = _verifiers(target)
         size = 0
         async with http.stream("GET", target.url) as response:
             if response.status_code >= 300:
@@ -127,18 +127,27 @@ async def _download_component(
             fd = await asyncio.to_thread(os.open, tmp, _TMP_FLAGS, 0o666, dir_fd=parent)
             try:
                 async for chunk in response.aiter_bytes(CHUNK_SIZE):
-                    hasher.update(chunk)
                     size += len(chunk)
-                    await asyncio.to_thread(_write_all, fd, chunk)
+                    if size > target.size:  # never write more than the component has
+                        raise ChronicleError(
+                            f"download of {path}: the server sent more than its {target.size} "
+                            "bytes; nothing was kept"
+                        )
+                    await asyncio.to_thread(_write_hashed, fd, chunk, verifiers)
             except BaseException:
                 await asyncio.to_thread(_discard, fd, tmp, parent)
                 raise
             await asyncio.to_thread(os.close, fd)
-        if size != target.size or (target.sha256 and hasher.hexdigest() != target.sha256):
+        wrong = [v for v in verifiers if v.value() != v.want] if size == target.size else []
+        if size != target.size or wrong:
             await asyncio.to_thread(_unlink, tmp, parent)
-            raise ChronicleError(
-                f"download of {path} was corrupt (size or sha256 differs); try again"
+            what = (
+                f"{size} bytes arrived, it has {target.size}"
+                if size != target.size
+                else f"its {wrong[0].algorithm} is {wrong[0].value()}, the server published "
+                f"{wrong[0].want}"
             )
+            raise ChronicleError(f"download of {path} was corrupt ({what}); nothing was kept")
         try:
             # rename() replaces a symlink at the final name itself, never what it points to.
             await asyncio.to_thread(os.replace, tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
@@ -152,6 +161,23 @@ async def _download_component(
         raise ChronicleError(f"cannot download {path} into {dest}: {exc.strerror}") from None
     finally:
         os.close(parent)
+
+
+def _verifiers(target: DownloadTarget) -> list[checksums.StreamVerifier]:
+    """What the bytes of a component must hash to: its settled checksum, and the sha256 its
+    uploader declared, when known."""
+    out = []
+    if target.checksum is not None:
+        out.append(checksums.StreamVerifier(target.checksum, target.size, target.part_size))
+    if target.sha256 and target.checksum != f"sha256:{target.sha256}":
+        out.append(checksums.StreamVerifier(f"sha256:{target.sha256}", target.size, None))
+    return out
+
+
+def _write_hashed(fd: int, data: bytes, verifiers: list[checksums.StreamVerifier]) -> None:
+    for v in verifiers:
+        v.update(data)
+    _write_all(fd, data)
 
 
 def _write_all(fd: int, data: bytes) -> None:

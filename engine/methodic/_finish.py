@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from methodic import _digests as digests
 from methodic import _tracker_ops as ops
 from methodic._api import ApiClient
 from methodic._errors import AssetIncompleteError, ChronicleError, UploadFailedError
 from methodic._events import AssetFinalized, AssetStateChanged, ComponentStateChanged, EventBus
 from methodic._progress import Progress
 from methodic._states import AssetState, ComponentState
+from methodic._transfer import FileChangedError
 from methodic._types import Asset
 from methodic._uploads import AssetUpload, ComponentUpload, new_future
 
@@ -66,18 +69,21 @@ class Finisher:
         with contextlib.suppress(ChronicleError):
             await self.finalize(up)
 
-    async def finalize(self, up: AssetUpload, *, force: bool = False) -> Asset:
-        """Ask the server to finalize; ``force`` sends no checksums (the server still verifies)."""
+    async def finalize(self, up: AssetUpload) -> Asset:
+        """Ask the server to finalize, with every file's checksum from its ranges' digests.
+
+        The server publishes a file only if the bytes it holds have that checksum.
+        """
         try:
             # The tracker holds every completion before the asset says finalizing.
             await self._progress.flush()
             await self.set_state(up, AssetState.FINALIZING)
-            checksums = (
-                {} if force else {c.path: c.checksum for c in up.components.values() if c.checksum}
-            )
-            asset = await self._api.finalize(up.asset_id, checksums)
+            asset = await self._api.finalize(up.asset_id, await digests.file_checksums(up))
             await self.finalized(up, asset)
             return asset
+        except FileChangedError as exc:
+            await self.fail_asset(up, exc)
+            raise UploadFailedError(str(exc), exc) from None
         except AssetIncompleteError as exc:
             await self.fail_asset(
                 up, exc, f"finalize refused: {exc} (missing: {', '.join(exc.missing)})"
@@ -88,13 +94,16 @@ class Finisher:
             raise
 
     async def force(self, up: AssetUpload) -> Asset:
-        """Ask the server to finalize now, checksums unsent; only a yes changes the asset.
+        """Ask the server to finalize now; only a yes changes the asset.
 
-        Until the server answers, transfers go on and the state stays; a refusal (or an error)
-        is raised with the asset exactly as it was.
+        It obeys the rule of every finalize: each file must still be the one registered, and
+        the server publishes only bytes that have the checksums derived here (ranges hashed
+        again where their digests are unknown). Until the server answers, transfers go on and
+        the state stays; a refusal (or an error) is raised with the asset exactly as it was.
         """
         await self._progress.flush()
-        asset = await self._api.finalize(up.asset_id, {})
+        await asyncio.to_thread(check_identities, up)
+        asset = await self._api.finalize(up.asset_id, await digests.file_checksums(up))
         up.cancel_transfers()  # what they were sending, the server already holds
         if up.future.done():
             up.future = new_future()
@@ -146,3 +155,9 @@ class Finisher:
             up.future.set_exception(
                 UploadFailedError(f"upload of asset {up.asset_id}{where} failed: {message}", cause)
             )
+
+
+def check_identities(up: AssetUpload) -> None:
+    """FileChangedError naming the first file that is not what was registered."""
+    for c in up.components.values():
+        c.identity.check()

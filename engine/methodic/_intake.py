@@ -7,15 +7,18 @@ the server already stores when an earlier process began it, then queues the rest
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import MutableMapping
 
+from methodic import _checksum as checksums
 from methodic import _tracker_ops as ops
 from methodic._api import ApiClient
 from methodic._errors import ChronicleError
 from methodic._events import AssetStateChanged, EventBus
-from methodic._finish import Finisher, Spawn
+from methodic._finish import Finisher, Spawn, check_identities
 from methodic._jobs import Scheduler
 from methodic._states import AssetState, ComponentState
+from methodic._transfer import FileChangedError
 from methodic._types import Asset
 from methodic._uploads import AssetUpload
 
@@ -72,10 +75,15 @@ class Intake:
                 await self._finisher.finalized(up, remote)
                 return
             if up.resumed:
+                # What the server holds was sent from these files: unless each is still the
+                # file that was registered, none of it may be published.
+                await asyncio.to_thread(check_identities, up)
                 await self._skip_stored(up, remote)
             if up.state == AssetState.PAUSED:
                 return
             await self._send(up)
+        except FileChangedError as exc:
+            await self._finisher.fail_asset(up, exc)
         except ChronicleError as exc:
             await self._finisher.fail_asset(up, exc)
 
@@ -86,8 +94,10 @@ class Intake:
             asset_type=up.asset_type,
             metadata=up.metadata,
             components=[c.manifest() for c in up.components.values()],
+            checksum_algorithm=up.algorithm,
         )
         asset = created.asset
+        up.algorithm = asset.checksum_algorithm or up.algorithm or checksums.DEFAULT_ALGORITHM
         up.remote_ready = True
         if up.resumed:
             asset = await self._api.get_asset(up.asset_id)

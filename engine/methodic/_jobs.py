@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from methodic import _digests as digests
 from methodic import _tracker_ops as ops
 from methodic._api import ApiClient
 from methodic._bandwidth import TokenBucket
@@ -33,6 +34,8 @@ from methodic._uploads import AssetUpload, ComponentUpload, Key
 log = logging.getLogger("methodic")
 
 PRESIGN_BATCH = 200
+# Bytes of ranges hashed ahead for one presign call (a range's digest is bound into its URL).
+HASH_AHEAD = 256 << 20
 # Seconds of validity a target must keep to be used (at most a quarter of its TTL).
 PRESIGN_MARGIN = 30.0
 
@@ -149,7 +152,7 @@ class Scheduler:
             )
             up.inflight.add(task)
             try:
-                etag, digest = await task
+                etag = await task
             except asyncio.CancelledError:
                 me = asyncio.current_task()
                 if not task.cancelled() or (me is not None and me.cancelling()):
@@ -166,7 +169,7 @@ class Scheduler:
             await self._finisher.component_failed(up, c, str(exc), exc)
             return
         up.queued.discard(job.key)
-        await self._piece_done(up, c, job.part, etag, digest)
+        await self._piece_done(up, c, job.part, etag)
 
     def _stopped(self, job: Job, c: ComponentUpload) -> None:
         """A transfer a control stopped: not a failed attempt. Resumed already: queue it again."""
@@ -184,6 +187,9 @@ class Scheduler:
     async def _transfer_failed(self, job: Job, c: ComponentUpload, exc: TransferError) -> None:
         up = job.asset
         c.last_error = str(exc)
+        if exc.mismatch:  # hashed again before the retry: a changed file is told from damage
+            c.suspect[job.part] = c.digests.pop(job.part, "")
+            up.targets.pop(job.key, None)
         if exc.expired and not job.refreshed:
             job.refreshed = True
             up.targets.pop(job.key, None)
@@ -215,28 +221,22 @@ class Scheduler:
         asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, job)
 
     async def _piece_done(
-        self, up: AssetUpload, c: ComponentUpload, part: int | None, etag: str | None, digest: str
+        self, up: AssetUpload, c: ComponentUpload, part: int | None, etag: str | None
     ) -> None:
         self._progress.piece_done(c, part)
         if part is not None:
             c.parts_done.add(part)
             try:
-                await up.track(ops.record_part(up.asset_id, c.path, part, etag=etag))
+                await up.track(
+                    ops.record_part(up.asset_id, c.path, part, etag=etag, digest=c.digests[part])
+                )
             except ChronicleError as exc:  # the server stores the part: a resume learns it there
                 log.warning("part %d of %s not recorded in the tracker: %s", part, c.path, exc)
             # Two last parts may finish together: only the first to get here completes the file.
             if len(c.parts_done) < c.part_count or c.state == ComponentState.COMPLETED:
                 return
-        elif c.sha256 and digest != c.sha256:
-            await self._finisher.component_failed(
-                up,
-                c,
-                f"{c.path}: its sha256 is {digest}, not the {c.sha256} it was registered with",
-                None,
-            )
-            return
-        else:
-            c.checksum = digest
+        if all(n in c.digests for n in c.ranges()):
+            c.checksum = digests.file_checksum(up, c)
         c.state, c.bytes_done, c.last_error = ComponentState.COMPLETED, c.size, None
         up.completed += 1
         # Written behind, with the next flush: after a crash the server says what it stores.
@@ -253,11 +253,21 @@ class Scheduler:
             if (target := self._fresh(up, key)) is not None:
                 return target
             batch = [key]
-            while up.presign_order and len(batch) < PRESIGN_BATCH:
+            ahead = 0
+            while up.presign_order and len(batch) < PRESIGN_BATCH and ahead < HASH_AHEAD:
                 nxt = up.presign_order.popleft()
                 if nxt != key and nxt in up.queued and nxt not in up.targets:
                     batch.append(nxt)
-            targets = await self._api.presign(up.asset_id, batch)
+                    nc = up.components[nxt[0]]
+                    ahead += 0 if nxt[1] in nc.digests else nc.span(nxt[1])[1]
+            # Each range's digest is bound into its URL: hash them first (the job's own range
+            # must succeed; another that fails is presigned later, by its own job).
+            await digests.ensure_digests(up, batch[:1])
+            await digests.ensure_digests(up, batch[1:], strict=False)
+            batch = [k for k in batch if k[1] in up.components[k[0]].digests]
+            targets = await self._api.presign(
+                up.asset_id, [(p, n, up.components[p].digests[n]) for p, n in batch]
+            )
             now = time.time()
             for target in targets:
                 margin = min(self.presign_margin, (target.expires_at - now) / 4)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+from methodic import _checksum as checksums
 from methodic._errors import InvalidInputError
 from methodic._paths import component_path_problem
 from methodic._types import ComponentSpec
@@ -103,7 +104,7 @@ def _component(root: Path, real_root: Path, path: Path) -> ComponentSpec:
     problem = component_path_problem(rel)
     if problem:
         raise InvalidInputError(f"{path}: its path {rel!r} {problem}")
-    return ComponentSpec(rel, path, st.st_size, None, st.st_mtime_ns, st.st_ino)
+    return ComponentSpec.from_stat(rel, path, st)
 
 
 def validate_specs(asset_id: str, components: Sequence[ComponentSpec]) -> None:
@@ -120,3 +121,18 @@ def validate_specs(asset_id: str, components: Sequence[ComponentSpec]) -> None:
         seen.add(c.path)
         if not isinstance(c.size, int) or c.size < 0:
             raise InvalidInputError(f"component {c.path!r}: size must be a whole number >= 0")
+        if c.sha256 is not None and c.checksum is not None:
+            raise InvalidInputError(
+                f"component {c.path!r}: give sha256= or checksum=, not both "
+                "(checksum='sha256:<hex>' says the same)"
+            )
+        if (declared := c.declared) is not None:
+            try:
+                _algorithm, value = checksums.parse(declared)
+            except checksums.ChecksumFormatError as exc:
+                raise InvalidInputError(f"component {c.path!r}: {exc}") from None
+            if "-" in value:
+                raise InvalidInputError(
+                    f"component {c.path!r}: checksum {declared!r} is a composite of parts; "
+                    "give the digest of the whole file"
+                )

@@ -1,9 +1,8 @@
 """PUT a byte range of a file over plain HTTP/1.1 with the body sent by sendfile(2).
 
 The body never passes through Python on its way out: sendfile(2) moves it from the page cache
-to the socket a slice at a time, while a thread reads the same range into one reused
-buffer (``os.preadv``) and hashes it, so sending and hashing overlap and no per-chunk objects
-are made. The request head and the response are handled by h11. This path serves
+to the socket a slice at a time, and no per-chunk objects are made (the range's digest was
+computed before the target was presigned, and the receiver checks the body against it). The request head and the response are handled by h11. This path serves
 ``http://`` targets that no proxy applies to; everything else goes through httpx
 (``methodic._transfer``). Idle keep-alive connections are kept per (host, port) by
 ``Connections``, which the upload pool owns.
@@ -13,14 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import hashlib
 import os
 import socket
 import sys
 import termios
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
 from urllib.parse import urlsplit
@@ -32,12 +28,8 @@ from methodic._bandwidth import TokenBucket
 from methodic._types import UploadTarget
 
 SLICE = 4 << 20  # bytes per turn of the send loop (and per take from the bandwidth cap)
-READ_BUFFER = 1 << 20  # the hashing thread's reused buffer
 MIN_CAPPED_SLICE = 64 << 10
 IDLE_PER_HOST = 32
-# Hashing threads, apart from asyncio's default executor: a hash holds its thread for as long
-# as its range takes to send, and must not keep file opens and closes waiting.
-_HASHERS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="methodic-sha256")
 USER_AGENT = "methodic"
 
 
@@ -132,54 +124,15 @@ class _Length:
         return self.n
 
 
-class _RangeHash:
-    """sha256 of a file range, computed on its own thread while the range is being sent.
-
-    The thread reads the range into one reused buffer (``os.preadv``) at its own pace, so
-    sending and hashing overlap over the whole range rather than slice by slice.
-    """
-
-    def __init__(self, fd: int, offset: int, length: int, hasher: hashlib._Hash) -> None:
-        self._stop = threading.Event()
-        self._future = asyncio.wrap_future(_HASHERS.submit(self._run, fd, offset, length, hasher))
-
-    def _run(self, fd: int, offset: int, length: int, hasher: hashlib._Hash) -> bool:
-        """True once all of the range is hashed; False if the file is shorter, or on stop."""
-        buffer = bytearray(min(READ_BUFFER, length))
-        view = memoryview(buffer)
-        while length:
-            if self._stop.is_set():
-                return False
-            try:
-                got = os.preadv(fd, [view[: min(length, len(buffer))]], offset)
-            except OSError:
-                return False
-            if got == 0:
-                return False
-            hasher.update(view[:got])
-            offset += got
-            length -= got
-        return True
-
-    async def complete(self) -> bool:
-        return await self._future
-
-    async def stop(self) -> None:
-        """Stop early and wait until the thread no longer reads the file."""
-        self._stop.set()
-        await asyncio.wait([self._future])
-
-
 async def put_file_range(
     connections: Connections,
     target: UploadTarget,
     f: BinaryIO,
-    hasher: hashlib._Hash,
     bucket: TokenBucket,
     on_bytes: Callable[[int], None],
     timeout: float,
 ) -> httpx.Response:
-    """PUT the target's range of ``f``, hashing it into ``hasher``; the server's response.
+    """PUT the target's range of ``f``; the server's response.
 
     Raises ``SendError`` when the connection fails before a response arrives, ``EOFError``
     when the file is shorter than the range. ``on_bytes`` hears of each slice sent.
@@ -194,16 +147,7 @@ async def put_file_range(
         *target.headers.items(),
     ]
     request = h11.Request(method=target.method, target=path, headers=headers)
-    hashing = _RangeHash(f.fileno(), target.offset, target.length, hasher)
-    try:
-        response = await _put(
-            connections, host, port, request, target, f, bucket, on_bytes, timeout
-        )
-        if response.status_code < 300 and not await hashing.complete():
-            raise EOFError
-        return response
-    finally:
-        await hashing.stop()
+    return await _put(connections, host, port, request, target, f, bucket, on_bytes, timeout)
 
 
 async def _put(

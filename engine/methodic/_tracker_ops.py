@@ -67,16 +67,34 @@ def _component_rows(asset_id: str, components: Sequence[ComponentSpec]) -> list[
     validate_specs(asset_id, components)
     rows: list[tuple[Any, ...]] = []
     for c in components:
-        mtime_ns, inode = c.mtime_ns, c.inode
-        if mtime_ns is None:
+        mtime_ns, inode, ctime_ns, device = c.mtime_ns, c.inode, c.ctime_ns, c.device
+        if mtime_ns is None:  # a caller that gives its own stat gives what it has of it
             try:
                 st = os.stat(c.local_path)
             except OSError as exc:
                 raise InvalidInputError(
                     f"component {c.path!r}: cannot read {c.local_path} ({exc.strerror})"
                 ) from None
-            mtime_ns, inode = st.st_mtime_ns, st.st_ino
-        rows.append((asset_id, c.path, os.fspath(c.local_path), c.size, c.sha256, mtime_ns, inode))
+            mtime_ns, inode, ctime_ns, device = (
+                st.st_mtime_ns,
+                st.st_ino,
+                st.st_ctime_ns,
+                st.st_dev,
+            )
+        rows.append(
+            (
+                asset_id,
+                c.path,
+                os.fspath(c.local_path),
+                c.size,
+                c.sha256,
+                mtime_ns,
+                inode,
+                ctime_ns,
+                device,
+                c.declared,
+            )
+        )
     return rows
 
 
@@ -145,8 +163,8 @@ def register(
         )
     ps = part_sizes or {}
     yield many(
-        "INSERT INTO components (asset_id, path, local_path, size, sha256, mtime_ns, inode, part_size)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO components (asset_id, path, local_path, size, sha256, mtime_ns, inode,"
+        " ctime_ns, device, declared, part_size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         ((*r, ps.get(r[1])) for r in rows),
     )
 
@@ -215,7 +233,7 @@ def _asset_from_row(
 
 _COMPONENT_COLS = (
     "asset_id, path, local_path, size, sha256, mtime_ns, inode, part_size, state, bytes_sent,"
-    " attempts, last_error, checksum"
+    " attempts, last_error, checksum, ctime_ns, device, declared"
 )
 _COMPONENT_FIELDS = tuple(name.strip() for name in _COMPONENT_COLS.split(","))
 
@@ -226,23 +244,27 @@ def _components(asset_ids: Sequence[str]) -> OpGen[dict[str, list[TrackedCompone
         return out
     marks = ",".join("?" * len(asset_ids))
     parts = yield q(
-        f"SELECT asset_id, path, part FROM parts WHERE asset_id IN ({marks})", asset_ids
+        f"SELECT asset_id, path, part, digest FROM parts WHERE asset_id IN ({marks})", asset_ids
     )
-    done: dict[tuple[str, str], set[int]] = {}
-    for a, p, n in parts:
-        done.setdefault((a, p), set()).add(n)
+    done: dict[tuple[str, str], dict[int, str | None]] = {}
+    for a, p, n, digest in parts:
+        done.setdefault((a, p), {})[n] = digest
     rows = yield q(
         f"SELECT {_COMPONENT_COLS} FROM components WHERE asset_id IN ({marks}) ORDER BY asset_id, path",
         asset_ids,
     )
     for r in rows:
-        out[r[0]].append(_component_from_row(r, frozenset(done.get((r[0], r[1]), ()))))
+        out[r[0]].append(_component_from_row(r, done.get((r[0], r[1]), {})))
     return out
 
 
-def _component_from_row(r: tuple[Any, ...], parts_done: frozenset[int]) -> TrackedComponent:
+def _component_from_row(r: tuple[Any, ...], parts: dict[int, str | None]) -> TrackedComponent:
     """A row of ``_COMPONENT_COLS``: the columns are named as ``TrackedComponent``'s fields."""
-    return TrackedComponent(**dict(zip(_COMPONENT_FIELDS, r, strict=True)), parts_done=parts_done)
+    return TrackedComponent(
+        **dict(zip(_COMPONENT_FIELDS, r, strict=True)),
+        parts_done=frozenset(parts),
+        part_digests={n: d for n, d in parts.items() if d is not None},
+    )
 
 
 @read_op
@@ -357,10 +379,12 @@ def record_components(rows: Iterable[ComponentProgressRow]) -> OpGen[None]:
 
 
 @write_op
-def record_part(asset_id: str, path: str, part: int, *, etag: str | None) -> OpGen[None]:
+def record_part(
+    asset_id: str, path: str, part: int, *, etag: str | None, digest: str | None = None
+) -> OpGen[None]:
     yield q(
-        "INSERT OR REPLACE INTO parts (asset_id, path, part, etag) VALUES (?, ?, ?, ?)",
-        (asset_id, path, part, etag),
+        "INSERT OR REPLACE INTO parts (asset_id, path, part, etag, digest) VALUES (?, ?, ?, ?, ?)",
+        (asset_id, path, part, etag, digest),
     )
 
 

@@ -3,7 +3,7 @@ up to date when it is opened; a newer one is refused."""
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Forward migrations: MIGRATIONS[n] takes a database from version n to n + 1.
 MIGRATIONS: list[str] = [
@@ -58,5 +58,14 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE assets ADD COLUMN owner_start INTEGER;
     ALTER TABLE assets ADD COLUMN owner_start_pid INTEGER;
+    """,
+    # 2 -> 3: the integrity chain. A file's change time and device join its identity (a
+    # rewrite with its mtime put back changes ctime); the caller's declared ``algo:hex``; and
+    # each sent part's digest, which the server's receipts must match before it is published.
+    """
+    ALTER TABLE components ADD COLUMN ctime_ns INTEGER;
+    ALTER TABLE components ADD COLUMN device INTEGER;
+    ALTER TABLE components ADD COLUMN declared TEXT;
+    ALTER TABLE parts ADD COLUMN digest TEXT;
     """,
 ]

@@ -1,9 +1,12 @@
-"""Sending one byte range of a file to a presigned target: streamed, hashed, rate-limited."""
+"""Sending one byte range of a file to a presigned target: streamed and rate-limited.
+
+The range's digest was computed before its target was presigned and is bound into it: the
+receiver refuses a body with another digest (``TransferError.mismatch``), so nothing here hashes.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import re
 import urllib.request
@@ -21,7 +24,12 @@ from methodic._types import UploadTarget
 
 CHUNK_SIZE = 1 << 20
 MISDIRECTED = 421
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_S3_CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
+# Answers of S3 (and S3-compatible stores) that mean "presign again": real S3 answers an
+# expired session token with 400, rclone an expired presigned URL with 400.
+_EXPIRED_CODES = {"ExpiredToken", "TokenRefreshRequired", "RequestExpired"}
+_TRANSIENT_CODES = {"RequestTimeout", "SlowDown", "InternalError", "RequestTimeTooSkewed"}
+_MISMATCH_CODES = {"checksum_mismatch", "BadDigest", "XAmzContentChecksumMismatch", "InvalidDigest"}
 
 
 class FileChangedError(Exception):
@@ -38,11 +46,15 @@ class TransferError(Exception):
         transient: bool,
         expired: bool = False,
         stale: bool = False,
+        mismatch: bool = False,
         retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.transient = transient
         self.expired = expired
+        # The receiver found another digest than the one bound into the target: the file's
+        # bytes changed since they were hashed (or were damaged on the way); hash them again.
+        self.mismatch = mismatch
         # The target may no longer lead to the server that signed it (connection failed, 421):
         # the next attempt presigns again instead of trusting a cached URL.
         self.stale = stale
@@ -51,10 +63,15 @@ class TransferError(Exception):
 
 @dataclass(frozen=True)
 class FileIdentity:
+    """What a file looked like when it was registered. ``ctime_ns`` catches a rewrite whose
+    mtime was put back (``os.utime`` cannot set it); inode and device catch a replacement."""
+
     local_path: str
     size: int
     mtime_ns: int | None
     inode: int | None
+    ctime_ns: int | None = None
+    device: int | None = None
 
     def check(self) -> None:
         try:
@@ -68,7 +85,11 @@ class FileIdentity:
             changes.append(f"size {self.size} -> {st.st_size}")
         if self.mtime_ns is not None and st.st_mtime_ns != self.mtime_ns:
             changes.append("modification time")
-        if self.inode is not None and st.st_ino != self.inode:
+        if self.ctime_ns is not None and st.st_ctime_ns != self.ctime_ns:
+            changes.append("change time (rewritten)")
+        if (self.inode is not None and st.st_ino != self.inode) or (
+            self.device is not None and st.st_dev != self.device
+        ):
             changes.append("inode (replaced)")
         if changes:
             raise FileChangedError(
@@ -78,12 +99,6 @@ class FileIdentity:
             )
 
 
-def _read_hash(f: BinaryIO, n: int, hasher: hashlib._Hash) -> bytes:
-    data = f.read(n)
-    hasher.update(data)
-    return data
-
-
 async def send_range(
     http: httpx.AsyncClient,
     target: UploadTarget,
@@ -91,8 +106,8 @@ async def send_range(
     bucket: TokenBucket,
     on_bytes: Callable[[int], None],
     connections: Connections | None = None,
-) -> tuple[str | None, str]:
-    """PUT ``target.length`` bytes of the file from ``target.offset``; return (etag, sha256 hex).
+) -> str | None:
+    """PUT ``target.length`` bytes of the file from ``target.offset``; return the ETag.
 
     ``on_bytes`` is told of every chunk handed to the connection, and of the negative total if
     the attempt fails, so progress never counts bytes that did not arrive. With
@@ -101,7 +116,6 @@ async def send_range(
     if target.length <= CHUNK_SIZE:
         return await _send_small(http, target, identity, bucket, on_bytes)
     identity.check()
-    hasher = hashlib.sha256()
     sent = 0
 
     def counted(n: int) -> None:
@@ -114,16 +128,16 @@ async def send_range(
         try:
             if connections is not None and _direct(target.url):
                 etag = await _put_by_sendfile(
-                    connections, http.timeout.write or 60.0, target, f, hasher, bucket, counted
+                    connections, http.timeout.write or 60.0, target, f, bucket, counted
                 )
             else:
-                etag = await _put(http, target, _streamed(f, target, hasher, bucket, counted))
+                etag = await _put(http, target, _streamed(f, target, bucket, counted))
         except EOFError:
             raise FileChangedError(
                 f"{identity.local_path} shrank while it was being sent"
             ) from None
         identity.check()
-        return _verified(etag, hasher.hexdigest())
+        return etag
     except BaseException:
         if sent:
             on_bytes(-sent)
@@ -135,17 +149,16 @@ async def send_range(
 async def _streamed(
     f: BinaryIO,
     target: UploadTarget,
-    hasher: hashlib._Hash,
     bucket: TokenBucket,
     counted: Callable[[int], None],
 ) -> AsyncIterator[bytes]:
-    """The range in 1 MiB chunks, each read and hashed in a thread (the httpx path)."""
+    """The range in 1 MiB chunks, each read in a thread (the httpx path)."""
     await asyncio.to_thread(f.seek, target.offset)
     remaining = target.length
     while remaining > 0:
         n = min(CHUNK_SIZE, remaining)
         await bucket.take(n)
-        chunk = await asyncio.to_thread(_read_hash, f, n, hasher)
+        chunk = await asyncio.to_thread(f.read, n)
         if not chunk:
             raise EOFError
         remaining -= len(chunk)
@@ -169,12 +182,11 @@ async def _put_by_sendfile(
     timeout: float,
     target: UploadTarget,
     f: BinaryIO,
-    hasher: hashlib._Hash,
     bucket: TokenBucket,
     counted: Callable[[int], None],
 ) -> str | None:
     try:
-        response = await put_file_range(connections, target, f, hasher, bucket, counted, timeout)
+        response = await put_file_range(connections, target, f, bucket, counted, timeout)
     except SendError as exc:
         raise TransferError(str(exc), transient=True, stale=True) from exc
     return _accepted(response)
@@ -196,7 +208,7 @@ async def _send_small(
     identity: FileIdentity,
     bucket: TokenBucket,
     on_bytes: Callable[[int], None],
-) -> tuple[str | None, str]:
+) -> str | None:
     """One chunk or less: a single thread hop reads it, and the body goes out as bytes."""
     await bucket.take(target.length)
     data = await asyncio.to_thread(_read_slice, identity, target.offset, target.length)
@@ -204,7 +216,7 @@ async def _send_small(
     try:
         etag = await _put(http, target, data)
         identity.check()
-        return _verified(etag, hashlib.sha256(data).hexdigest())
+        return etag
     except BaseException:
         on_bytes(-len(data))
         raise
@@ -225,26 +237,26 @@ async def _put(
 
 def _accepted(response: httpx.Response) -> str | None:
     """The ETag of a 2xx answer; any other answer raises TransferError with the server's words."""
-    if response.status_code >= 300:
-        _code, message, _ = error_message(response)
+    status = response.status_code
+    if status >= 300:
+        code, message, _ = error_message(response)
+        if not code and (found := _S3_CODE.search(message)):
+            code = found.group(1)
         # 421 Misdirected Request: the URL reached a listener that did not sign it (the server
         # moved, e.g. to another blob port after a restart). Presigning again finds it.
-        misdirected = response.status_code == MISDIRECTED
+        misdirected = status == MISDIRECTED
+        mismatch = code in _MISMATCH_CODES
+        expired = code in _EXPIRED_CODES or (status in (400, 403) and "expired" in message.lower())
         raise TransferError(
-            f"HTTP {response.status_code}: {message}",
-            transient=misdirected or is_transient_status(response.status_code),
-            expired=response.status_code == 403 and "expired" in message.lower(),
+            f"HTTP {status}: {message}",
+            transient=misdirected
+            or mismatch
+            or code in _TRANSIENT_CODES
+            or is_transient_status(status),
+            expired=expired,
             stale=misdirected,
+            mismatch=mismatch,
             retry_after=retry_after_seconds(response),
         )
     etag: str | None = response.headers.get("etag")
     return etag
-
-
-def _verified(etag: str | None, digest: str) -> tuple[str | None, str]:
-    stored = (etag or "").strip('"')
-    if _SHA256_HEX.fullmatch(stored) and stored != digest:  # S3's ETags are MD5s: not comparable
-        raise TransferError(
-            f"the server stored sha256 {stored}, but {digest} was sent", transient=True
-        )
-    return etag, digest

@@ -15,23 +15,60 @@ from methodic._states import ComponentState
 class ComponentSpec:
     """One file of an asset: ``path`` inside the asset (relative, POSIX), where it is on disk, its size.
 
-    ``mtime_ns`` and ``inode`` are what the file looked like at registration; the tracker stats
-    the file when they are not given, so a file that changes before it is sent is caught.
+    ``sha256`` (hex) or ``checksum`` (``"algo:hex"``, algo one of crc64nvme, sha256, blake3) is
+    the file's digest when the caller knows it: the engine checks the file against it before a
+    byte is sent. ``mtime_ns``, ``inode``, ``ctime_ns`` and ``device`` are what the file looked
+    like at registration; the tracker stats the file when they are not given, so a file that
+    changes (even at the same size with its mtime put back) before it is sent is caught.
     """
 
     path: str
     local_path: Path | str
     size: int
     sha256: str | None = None
+    checksum: str | None = None
     mtime_ns: int | None = None
     inode: int | None = None
+    ctime_ns: int | None = None
+    device: int | None = None
 
     @classmethod
     def from_file(
-        cls, path: str, local_path: Path | str, sha256: str | None = None
+        cls,
+        path: str,
+        local_path: Path | str,
+        sha256: str | None = None,
+        checksum: str | None = None,
     ) -> ComponentSpec:
-        st = os.stat(local_path)
-        return cls(path, local_path, st.st_size, sha256, st.st_mtime_ns, st.st_ino)
+        return cls.from_stat(path, local_path, os.stat(local_path), sha256, checksum)
+
+    @classmethod
+    def from_stat(
+        cls,
+        path: str,
+        local_path: Path | str,
+        st: os.stat_result,
+        sha256: str | None = None,
+        checksum: str | None = None,
+    ) -> ComponentSpec:
+        return cls(
+            path,
+            local_path,
+            st.st_size,
+            sha256,
+            checksum,
+            mtime_ns=st.st_mtime_ns,
+            inode=st.st_ino,
+            ctime_ns=st.st_ctime_ns,
+            device=st.st_dev,
+        )
+
+    @property
+    def declared(self) -> str | None:
+        """The caller's digest of the file as ``algo:hex`` (``sha256=`` is ``sha256:...``)."""
+        if self.checksum is not None:
+            return self.checksum
+        return f"sha256:{self.sha256.lower()}" if self.sha256 is not None else None
 
 
 @dataclass(frozen=True)
@@ -63,6 +100,11 @@ class TrackedComponent:
     last_error: str | None
     checksum: str | None
     parts_done: frozenset[int] = frozenset()
+    ctime_ns: int | None = None
+    device: int | None = None
+    declared: str | None = None  # the caller's ``algo:hex`` of the whole file, if given
+    # Digests (hex, the asset's algorithm) of the parts recorded as sent.
+    part_digests: dict[int, str] = field(default_factory=dict, compare=False)
 
 
 def _size(n: int) -> str:
@@ -136,6 +178,7 @@ class RemoteComponent:
     part_size: int | None = None
     stored: bool = False
     parts_stored: tuple[int, ...] = ()
+    checksum: str | None = None  # settled "algo:value" once finalized
 
 
 @dataclass(frozen=True)
@@ -152,6 +195,7 @@ class Asset:
     component_count: int = 0
     total_size: int = 0
     components: tuple[RemoteComponent, ...] = ()
+    checksum_algorithm: str | None = None  # of every range digest and file checksum
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Asset:
@@ -163,6 +207,7 @@ class Asset:
                 part_size=c.get("part_size"),
                 stored=bool(c.get("stored", False)),
                 parts_stored=tuple(c.get("parts_stored") or ()),
+                checksum=c.get("checksum"),
             )
             for c in data.get("components") or ()
         )
@@ -177,6 +222,7 @@ class Asset:
             component_count=data.get("component_count", len(comps)),
             total_size=data.get("total_size", 0),
             components=comps,
+            checksum_algorithm=data.get("checksum_algorithm"),
         )
 
 

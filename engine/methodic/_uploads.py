@@ -20,7 +20,14 @@ from methodic._events import AssetSnapshot, ComponentSnapshot, RateMeter
 from methodic._states import AssetState, ComponentState
 from methodic._tracker import AsyncTracker
 from methodic._transfer import FileIdentity
-from methodic._types import Asset, ComponentSpec, RunBinding, TrackedAsset, UploadTarget
+from methodic._types import (
+    Asset,
+    ComponentSpec,
+    RunBinding,
+    TrackedAsset,
+    TrackedComponent,
+    UploadTarget,
+)
 
 MiB = 1 << 20
 MAX_PARTS = 10_000
@@ -35,12 +42,19 @@ class ComponentUpload:
     identity: FileIdentity
     sha256: str | None
     part_size: int | None
+    declared: str | None = None  # the caller's "algo:hex" of the whole file
+    declared_ok: bool = False  # the file was read and found to have it
     state: ComponentState = ComponentState.QUEUED
     bytes_done: int = 0
     attempts: int = 0
     last_error: str | None = None
-    checksum: str | None = None
+    checksum: str | None = None  # "algo:value" of the whole file, once every range is sent
     parts_done: set[int] = field(default_factory=set)
+    # Hex digest (the asset's algorithm) of each range, by part number (None: the whole file),
+    # computed before the range is presigned. ``suspect``: a range's digest the receiver
+    # refused, kept to tell a damaged send (the same digest again) from a changed file.
+    digests: dict[int | None, str] = field(default_factory=dict)
+    suspect: dict[int | None, str] = field(default_factory=dict)
     last_event: float = 0.0
     # Per piece in progress (part number, None for a whole file): bytes its current attempt
     # sent, and bytes of it counted in bytes_done (the most any attempt sent). A stopped or
@@ -64,6 +78,16 @@ class ComponentUpload:
     def part_length(self, n: int) -> int:
         assert self.part_size
         return min(self.part_size, self.size - (n - 1) * self.part_size)
+
+    def span(self, part: int | None) -> tuple[int, int]:
+        """(offset, length) in the file of one range: a part, or the whole file (None)."""
+        if part is None:
+            return 0, self.size
+        return (part - 1) * (self.part_size or 0), self.part_length(part)
+
+    def ranges(self) -> list[int | None]:
+        """Every range of the file, in order."""
+        return [None] if not self.part_size else list(range(1, self.part_count + 1))
 
     def manifest(self) -> dict[str, Any]:
         return {
@@ -120,6 +144,7 @@ class AssetUpload:
     bytes_skipped: int = 0  # bytes the server already held when a resumed upload began
     was_finalized: bool = False  # the server had finalized it before this process began
     remote_ready: bool = False
+    algorithm: str | None = None  # of the range digests; the server says it at create
     completed: int = 0  # components completed; kept as a count so each completion is O(1)
 
     def __post_init__(self) -> None:
@@ -201,9 +226,12 @@ def plan_components(
     return {
         s.path: ComponentUpload(
             path=s.path,
-            identity=FileIdentity(os.fspath(s.local_path), s.size, s.mtime_ns, s.inode),
+            identity=FileIdentity(
+                os.fspath(s.local_path), s.size, s.mtime_ns, s.inode, s.ctime_ns, s.device
+            ),
             sha256=s.sha256,
             part_size=part_size_for(s.size, part_threshold, part_size),
+            declared=s.declared,
         )
         for s in specs
     }
@@ -238,9 +266,12 @@ def _tracked_components(tracked: TrackedAsset) -> dict[str, ComponentUpload]:
     return {
         tc.path: ComponentUpload(
             path=tc.path,
-            identity=FileIdentity(tc.local_path, tc.size, tc.mtime_ns, tc.inode),
+            identity=FileIdentity(
+                tc.local_path, tc.size, tc.mtime_ns, tc.inode, tc.ctime_ns, tc.device
+            ),
             sha256=tc.sha256,
             part_size=tc.part_size,
+            declared=tc.declared,
             state=(
                 ComponentState.COMPLETED
                 if tc.state == ComponentState.COMPLETED
@@ -251,6 +282,17 @@ def _tracked_components(tracked: TrackedAsset) -> dict[str, ComponentUpload]:
             last_error=tc.last_error,
             checksum=tc.checksum,
             parts_done=set(tc.parts_done),
+            digests=_tracked_digests(tc),
         )
         for tc in tracked.components
     }
+
+
+def _tracked_digests(tc: TrackedComponent) -> dict[int | None, str]:
+    """The range digests the tracker recorded: each sent part's, or a whole file's checksum."""
+    digests: dict[int | None, str] = {n: d for n, d in tc.part_digests.items()}
+    if tc.part_size is None and tc.checksum is not None:
+        _algorithm, named, value = tc.checksum.partition(":")
+        if named:  # a bare hex is an older tracker's sha256: the range is hashed again
+            digests[None] = value
+    return digests
