@@ -140,8 +140,8 @@ def test_a_bound_put_with_other_bytes_is_refused_and_nothing_is_stored(
     assert components(api, asset_id)["w.bin"]["stored"] is True
 
 
-def test_a_bound_part_with_other_bytes_is_refused_and_forgets_that_part(
-    api: httpx.Client,
+def test_a_bound_part_with_other_bytes_is_refused_and_a_replay_destroys_nothing(
+    server: EmbeddedServer, api: httpx.Client
 ) -> None:
     data = os.urandom(2500)
     asset_id = create(api, [{"path": "p", "size": len(data), "part_size": PART}])
@@ -152,10 +152,24 @@ def test_a_bound_part_with_other_bytes_is_refused_and_forgets_that_part(
 
     assert put(target, part2).status_code == 201
     assert components(api, asset_id)["p"]["parts_stored"] == [2]
-    # A leaked part URL replayed with other bytes: refused, and the part's receipt is gone
-    # (its bytes were overwritten in place), so it is sent again.
+    # A leaked part URL replayed with other bytes once the part is stored: refused, and its
+    # body is only checked, never written, so the stored part stays.
     error_of(put(target, os.urandom(PART)), 400, "checksum_mismatch")
-    assert components(api, asset_id)["p"]["parts_stored"] == []
+    assert put(target, part2).status_code == 201  # the same bytes again: fine, nothing written
+    assert components(api, asset_id)["p"]["parts_stored"] == [2]
+    for n in (1, 3):
+        body = data[(n - 1) * PART : n * PART]
+        assert (
+            put(presign(api, asset_id, "p", n, digest("crc64nvme", body)), body).status_code == 201
+        )
+    checksums = {"p": whole("crc64nvme", data, PART)}
+    done = api.post(f"/api/v1/assets/{asset_id}/finalize", json={"checksums": checksums})
+    assert done.status_code == 200, done.text
+    # Read back once: the first refused body was written into the file before its digest was
+    # known (the replay, checked against a receipt, wrote nothing).
+    assert local_storage(server).bytes_read_back == len(data)
+    url = api.get(f"/api/v1/assets/{asset_id}/download").json()["components"][0]["url"]
+    assert httpx.get(url, trust_env=False).content == data
 
 
 def test_a_bound_url_with_another_or_no_checksum_header_fails_its_signature(
