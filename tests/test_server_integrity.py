@@ -9,7 +9,9 @@ files back while its receipts are trusted.
 from __future__ import annotations
 
 import os
+import sqlite3
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,8 +19,9 @@ import pytest
 from helpers import connect
 
 from methodic import _checksum
-from methodic.server import EmbeddedServer
+from methodic.server import EmbeddedServer, db
 from methodic.server.signing import CHECKSUM_HEADER
+from methodic.server.state import DB_FILE
 from methodic.server.storage.local import LocalStorage
 
 PART = 1000
@@ -137,8 +140,8 @@ def test_a_bound_put_with_other_bytes_is_refused_and_nothing_is_stored(
     assert components(api, asset_id)["w.bin"]["stored"] is True
 
 
-def test_a_bound_part_with_other_bytes_is_refused_and_forgets_that_part(
-    api: httpx.Client,
+def test_a_bound_part_with_other_bytes_is_refused_and_a_replay_destroys_nothing(
+    server: EmbeddedServer, api: httpx.Client
 ) -> None:
     data = os.urandom(2500)
     asset_id = create(api, [{"path": "p", "size": len(data), "part_size": PART}])
@@ -149,10 +152,24 @@ def test_a_bound_part_with_other_bytes_is_refused_and_forgets_that_part(
 
     assert put(target, part2).status_code == 201
     assert components(api, asset_id)["p"]["parts_stored"] == [2]
-    # A leaked part URL replayed with other bytes: refused, and the part's receipt is gone
-    # (its bytes were overwritten in place), so it is sent again.
+    # A leaked part URL replayed with other bytes once the part is stored: refused, and its
+    # body is only checked, never written, so the stored part stays.
     error_of(put(target, os.urandom(PART)), 400, "checksum_mismatch")
-    assert components(api, asset_id)["p"]["parts_stored"] == []
+    assert put(target, part2).status_code == 201  # the same bytes again: fine, nothing written
+    assert components(api, asset_id)["p"]["parts_stored"] == [2]
+    for n in (1, 3):
+        body = data[(n - 1) * PART : n * PART]
+        assert (
+            put(presign(api, asset_id, "p", n, digest("crc64nvme", body)), body).status_code == 201
+        )
+    checksums = {"p": whole("crc64nvme", data, PART)}
+    done = api.post(f"/api/v1/assets/{asset_id}/finalize", json={"checksums": checksums})
+    assert done.status_code == 200, done.text
+    # Read back once: the first refused body was written into the file before its digest was
+    # known (the replay, checked against a receipt, wrote nothing).
+    assert local_storage(server).bytes_read_back == len(data)
+    url = api.get(f"/api/v1/assets/{asset_id}/download").json()["components"][0]["url"]
+    assert httpx.get(url, trust_env=False).content == data
 
 
 def test_a_bound_url_with_another_or_no_checksum_header_fails_its_signature(
@@ -346,3 +363,73 @@ def test_after_a_restart_a_part_whose_bytes_changed_on_disk_is_sent_again(
         send_all(fresh, asset_id, "p", data, PART, "crc64nvme")
         done = fresh.post(f"/api/v1/assets/{asset_id}/finalize", json={"checksums": checksums})
         assert done.status_code == 200, done.text
+
+
+# ---- legacy assets (from before checksum algorithms) ------------------------------------------
+
+
+def test_a_database_from_before_algorithms_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    for script in db.MIGRATIONS[:2]:
+        conn.executescript(script)
+    conn.executescript(
+        """
+        INSERT INTO experiments VALUES ('e', 'x', 0);
+        INSERT INTO runs VALUES ('r', 'e', 0, 0, 'running', 0, 0);
+        INSERT INTO assets (id, run_id, asset_type, metadata, manifest_digest, state,
+            component_count, total_size, created_at, touched_at)
+            VALUES ('done', 'r', 't', '{}', 'd', 'finalized', 1, 3, 0, 0),
+                   ('open', 'r', 't', '{}', 'd', 'pending', 1, 3, 0, 0);
+        INSERT INTO components VALUES ('done', 0, 'a', 3, NULL, NULL, 'aa'),
+                                      ('open', 0, 'a', 3, NULL, 2, NULL);
+        INSERT INTO parts VALUES ('open', 0, 1, 2, 'bb');
+        PRAGMA user_version = 2;
+        """
+    )
+    conn.close()
+    database = db.Database(path)
+    try:
+        c = database.connection()
+        assets = c.execute("SELECT id, checksum_algorithm FROM assets ORDER BY id").fetchall()
+        assert [tuple(r) for r in assets] == [
+            ("done", None),
+            ("open", None),
+        ]
+        rows = c.execute(
+            "SELECT asset_id, stored_digest, stored_bound, checksum FROM components ORDER BY asset_id"
+        ).fetchall()
+        assert [tuple(r) for r in rows] == [("done", "aa", 0, "sha256:aa"), ("open", None, 0, None)]
+        part = c.execute("SELECT digest, bound FROM parts").fetchone()
+        assert tuple(part) == ("bb", 0)
+    finally:
+        database.close()
+
+
+def test_a_legacy_asset_finalizes_with_bare_sha256_checksums(
+    server: EmbeddedServer, api: httpx.Client
+) -> None:
+    data = os.urandom(2 * PART + 7)
+    files = {"one": (data[:50], None), "parted": (data, PART)}
+    asset_id = create(
+        api,
+        [{"path": p, "size": len(d), "part_size": s} for p, (d, s) in files.items()],
+        algorithm="sha256",
+    )
+    for path, (body, part_size) in files.items():
+        for part, offset, length in ranges(len(body), part_size):
+            target = presign(api, asset_id, path, part, None)  # unbound, as an old client
+            assert put(target, body[offset : offset + length]).status_code == 201
+    server.stop()  # what an asset created before algorithms looks like: no algorithm
+    conn = sqlite3.connect(server.data_dir / DB_FILE)
+    with conn:
+        conn.execute("UPDATE assets SET checksum_algorithm = NULL WHERE id = ?", (asset_id,))
+    conn.close()
+    server.start()
+    checksums = {p: digest("sha256", d) for p, (d, _) in files.items()}  # bare, whole-file sha256
+    with connect(server) as fresh:
+        done = fresh.post(f"/api/v1/assets/{asset_id}/finalize", json={"checksums": checksums})
+        assert done.status_code == 200, done.text
+        assert done.json()["checksum_algorithm"] is None
+        got = {c["path"]: (c["sha256"], c["checksum"]) for c in done.json()["components"]}
+        assert got == {p: (v, f"sha256:{v}") for p, v in checksums.items()}

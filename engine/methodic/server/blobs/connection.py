@@ -80,9 +80,8 @@ class BlobConnection(FramedConnection):
         service = self.server.service
         try:  # everything that can refuse the request before a byte of its body is read
             asset_id, path = split_blob_path(head.path)
-            grant = service.authorize(
-                "PUT", asset_id, path, head.query, head.header(CHECKSUM_HEADER.encode("ascii"))
-            )
+            bound = (head.header(CHECKSUM_HEADER.encode("ascii")) or "").strip() or None
+            grant = service.authorize("PUT", asset_id, path, head.query, bound)
             service.check_length(grant, declared)
             fault = service.take_fault()
             if fault is not None:

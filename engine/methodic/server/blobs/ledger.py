@@ -34,6 +34,7 @@ class UploadSlot:
     upload: Upload
     algorithm: str = "sha256"  # of the receipt digest (the asset's)
     checksum: str | None = None  # hex digest the body must have (a bound URL's)
+    wrote: bool = True  # the body is written (False: a stored part's body, only checked)
     expected_sha256: str | None = None  # the manifest's, checked when a whole-file PUT ends
 
 
@@ -96,9 +97,14 @@ class BlobLedger:
                     key, grant.length, algorithm, sha256=c.sha256 is not None
                 )
                 return UploadSlot(key, None, upload, algorithm, bound, expected_sha256=c.sha256)
-            upload = receiver.open_part_upload(key, grant.offset, grant.length, algorithm)
+            # A bound part whose receipt already has that digest is stored: its body is checked,
+            # not written, so a leaked URL replayed with other bytes destroys nothing.
+            stored = bound is not None and bound == self._part_digest(key, grant.part)
+            upload = receiver.open_part_upload(
+                key, grant.offset, grant.length, algorithm, stored=stored
+            )
             self.records.locks.part_writers[(key.asset_id, key.index)] += 1
-            return UploadSlot(key, grant.part, upload, algorithm, bound)
+            return UploadSlot(key, grant.part, upload, algorithm, bound, wrote=not stored)
 
     def complete_upload(self, slot: UploadSlot, received: Received) -> None:
         """Make the received bytes the component's (or part's) and record them."""
@@ -140,10 +146,21 @@ class BlobLedger:
                 )
             tx.execute("UPDATE assets SET touched_at = ? WHERE id = ?", (time.time(), key.asset_id))
 
+    def _part_digest(self, key: BlobKey, part: int) -> str | None:
+        row = (
+            self.records.db.connection()
+            .execute(
+                "SELECT digest FROM parts WHERE asset_id = ? AND idx = ? AND part = ?",
+                (key.asset_id, key.index, part),
+            )
+            .fetchone()
+        )
+        return None if row is None else str(row[0])
+
     def _forget_part(self, slot: UploadSlot) -> None:
         """A part body that was refused was written in place: the part's earlier receipt (if
         any) no longer describes the bytes at its offset."""
-        if slot.part is None:
+        if slot.part is None or not slot.wrote:
             return
         key = slot.key
         with self.records.locks.hold(key.asset_id), self.records.db.write() as tx:

@@ -177,8 +177,8 @@ class Receiver(Protocol):
         self, key: BlobKey, length: int, algorithm: str, *, sha256: bool = False
     ) -> Upload: ...  # sha256: also hash the body with sha256 (Received.sha256)
     def open_part_upload(
-        self, key: BlobKey, offset: int, length: int, algorithm: str
-    ) -> Upload: ...
+        self, key: BlobKey, offset: int, length: int, algorithm: str, *, stored: bool = False
+    ) -> Upload: ...  # stored: those bytes are already there (check the body, write nothing)
     def open_read(self, key: BlobKey) -> BinaryIO: ...
 
 

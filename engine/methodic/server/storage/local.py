@@ -230,6 +230,28 @@ class _PartUpload(_LengthBoundUpload):
                 self._hashed.tear(self._file)
 
 
+class _CheckOnlyUpload(_LengthBoundUpload):
+    """A part body whose bytes are already stored (a receipt with the digest the URL is bound
+    to): it is hashed and compared, never written, so a replay of the URL with other bytes
+    cannot overwrite the stored part."""
+
+    def __init__(self, length: int, algorithm: str) -> None:
+        super().__init__(-1, length, algorithm)
+
+    def _write(self, fd: int, data: bytes | memoryview, position: int) -> None:
+        pass
+
+    def _close(self) -> None:
+        self._fd = None
+
+    def commit(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        with self._lock:
+            self._close()
+
+
 class LocalStorage:
     limits = StorageLimits()
 
@@ -312,7 +334,11 @@ class LocalStorage:
         tmp = self.tmp / f"{key.asset_id}.{key.index}.{secrets.token_hex(8)}.tmp"
         return _ObjectUpload(tmp, self._file(key), length, algorithm, sha256, self._hashed)
 
-    def open_part_upload(self, key: BlobKey, offset: int, length: int, algorithm: str) -> Upload:
+    def open_part_upload(
+        self, key: BlobKey, offset: int, length: int, algorithm: str, *, stored: bool = False
+    ) -> Upload:
+        if stored:
+            return _CheckOnlyUpload(length, algorithm)
         return _PartUpload(self._file(key), offset, length, algorithm, self._hashed)
 
     def open_read(self, key: BlobKey) -> BinaryIO:

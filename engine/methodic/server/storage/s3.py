@@ -216,7 +216,8 @@ class S3Storage:
     def _create_upload(self, key: BlobKey, algorithm: str | None) -> str:
         """The component's multipart upload, created now if it has none (once, under a lock).
 
-        ``algorithm``: the checksum algorithm of the parts (a bound presign's), or None.
+        ``algorithm``: the asset's checksum algorithm (None: a legacy asset's upload, created
+        without one). Parts presigned unbound may still be sent to it.
         """
         with self._creating.hold((key.asset_id, key.index)):
             existing = self._upload_ids(key.asset_id).get(key.index)
@@ -289,7 +290,10 @@ class S3Storage:
             else:
                 method = "upload_part"
                 if key.index not in uploads:
-                    uploads[key.index] = self._create_upload(key, algorithm)
+                    kind = slot.component.algorithm
+                    uploads[key.index] = self._create_upload(
+                        key, kind if kind in _S3_CHECKSUM else None
+                    )
                 params.update(UploadId=uploads[key.index], PartNumber=slot.part)
             url = self._s3.generate_presigned_url(method, Params=params, ExpiresIn=ttl)
             out.append(Presigned(url, headers))
