@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from helpers import connect, make_checkpoint, sha256_file, wait_until
+from helpers import CEILING, connect, make_checkpoint, sha256_file, wait_until
+from tui_helpers import remote_args, tui_cmd, tui_env
 
 from methodic import (
     Chronicle,
@@ -101,6 +103,33 @@ def test_a_same_size_rewrite_with_its_mtime_put_back_is_caught_after_a_crash(
     assert "change time" in report.failed[handle.asset_id]
     assert server_asset(server, handle.asset_id)["state"] == "pending"
     assert tracker.get_asset(handle.asset_id).state == "failed"
+
+
+def test_headless_resume_of_a_torn_file_exits_1_naming_it_and_publishes_nothing(
+    server: EmbeddedServer, tmp_path: Path
+) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {"model.bin": 12 * MiB})
+    tracker_path = tmp_path / "u.sqlite"
+    with Chronicle(server.url, server.api_key, max_bandwidth="4MB", **PARTED) as chronicle:
+        run = chronicle.run(chronicle.create_experiment("x"), 0, 0)
+        handle = run.register_and_upload_async(ckpt, upload_tracker=UploadTracker(tracker_path))
+        wait_until(
+            lambda: server_asset(server, handle.asset_id)["components"][0]["parts_stored"],
+            what="a stored part",
+        )
+    rewrite_same_size_keep_mtime(ckpt / "model.bin", 0)
+    done = subprocess.run(
+        tui_cmd("resume", "--no-ui", "--take-over", *remote_args(server, tracker_path)),
+        capture_output=True,
+        text=True,
+        timeout=CEILING,
+        env=tui_env(tmp_path),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "model.bin" in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert server_asset(server, handle.asset_id)["state"] == "pending"
 
 
 def test_a_declared_checksum_that_is_wrong_fails_before_a_byte_is_sent(
