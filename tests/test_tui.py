@@ -233,7 +233,9 @@ async def test_plus_and_minus_move_the_bandwidth_cap(server, tmp_path: Path) -> 
         await pilot.press("minus")  # the bottom step stays (and the log says the cap again)
         await until(pilot, lambda: sum("bandwidth" in e.text for e in app.session.entries) > said)
         assert bucket.rate == 1_000_000
-        for _ in range(12):  # past the top step the cap is lifted
+        # Undoing the two "-" first (back to 1 MB/s, then 2), then up the ladder: past the top
+        # step the cap is lifted.
+        for _ in range(14):
             await pilot.press("plus")
         await until(pilot, lambda: bucket.rate is None, what="lifted")
         assert any("no cap" in e.text for e in app.session.entries)
