@@ -307,7 +307,7 @@ async def test_q_with_uploads_in_flight_asks_and_they_stay_resumable(
         aid = asset_id(app, "checkpoint-1000")
         await pilot.press("q")
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="quit dialog")
-        assert "stay resumable" in screen_text(app)
+        assert "Resumable:" in screen_text(app)
         await pilot.press("n")
         await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
         assert app.is_running
@@ -326,7 +326,7 @@ async def test_q_asks_too_when_uploads_are_only_paused(server, tmp_path: Path) -
         await until(pilot, lambda: states(app)["checkpoint-1000"] == "paused")
         await pilot.press("q")
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
-        assert "1 uploads are not finished (1 paused)" in screen_text(app)
+        assert "Not finished: 1 upload (1 paused)" in screen_text(app)
         await pilot.press("escape")
         await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
         assert app.is_running

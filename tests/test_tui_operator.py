@@ -1,4 +1,4 @@
-"""The operator's keys: ``+``/``-`` undo each other.
+"""The operator's keys and words: ``+``/``-`` undo each other, counts are in the right number.
 
 Fixed-data tests drive the real app on a ``StaticSource`` (see tui_data); every wait is on a
 condition.
@@ -6,17 +6,20 @@ condition.
 
 from __future__ import annotations
 
+import ast
 from dataclasses import replace
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
-from tui_data import MB, labels, sample_snapshot
-from tui_helpers import running, settled, until
+from tui_data import MB, held_snapshot, labels, sample_pending, sample_snapshot
+from tui_helpers import running, screen_text, settled, until
 
 from methodic import PoolSnapshot
 from methodic_tui import bandwidth
 from methodic_tui.bandwidth import LADDER, CapSteps
 from methodic_tui.source import StaticSource
+from methodic_tui.status import render
 
 # Caps to start from: none, both ends of the ladder, on it and off it.
 STARTS: list[float | None] = [None, LADDER[0], LADDER[-1], 20 * MB, 3 * MB, 0.3 * MB, 7e9]
@@ -88,3 +91,60 @@ async def test_plus_then_minus_and_minus_then_plus_in_the_app() -> None:
 
 def replace_cap(cap: float | None) -> PoolSnapshot:
     return replace(sample_snapshot(), bandwidth_cap=cap)
+
+
+# ------------------------------------------------------------------ plurals
+
+PACKAGE = Path(__file__).resolve().parent.parent / "methodic_tui"
+COUNTED = {"upload", "file", "asset", "part", "attempt", "checkpoint", "component", "second"}
+
+
+def _bare_counts(tree: ast.AST) -> list[str]:
+    """Text like f"{n} uploads": a formatted value, then a counted noun in the plural."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.JoinedStr):
+            continue
+        parts = [None, *node.values]
+        for before, value, after in zip(parts, parts[1:], parts[2:], strict=False):
+            if not (isinstance(value, ast.FormattedValue) and isinstance(after, ast.Constant)):
+                continue
+            if isinstance(before, ast.Constant) and str(before.value).endswith("/"):
+                continue  # "{done}/{total} files": a fraction, not a count
+            rest = str(after.value)
+            words = rest.split()
+            if not rest.startswith(" ") or not words:
+                continue
+            for noun in (words[0], " ".join(words[:2])):
+                if any(noun.rstrip(",.;:)").endswith(f"{n}s") for n in COUNTED):
+                    found.append(f"line {node.lineno}: {ast.unparse(node)}")
+                    break
+    return found
+
+
+def test_counts_go_through_one_plural_helper() -> None:
+    """No message says "1 uploads": a count before a noun uses format.plural."""
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for where in _bare_counts(ast.parse(path.read_text(), str(path))):
+            offenders.append(f"{path.relative_to(PACKAGE)} {where}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_guard_finds_a_bare_count() -> None:
+    assert _bare_counts(ast.parse('f"{n} uploads unfinished"'))
+    assert _bare_counts(ast.parse('f"{n} unfinished uploads"'))
+    assert not _bare_counts(ast.parse('f"{done}/{total} files"'))  # a fraction: by the total
+    assert not _bare_counts(ast.parse("f\"{plural(n, 'upload')} unfinished\""))
+
+
+def test_one_of_each_is_singular(tmp_path: Path) -> None:
+    (one,) = sample_pending()[:1]
+    assert render(tmp_path / "u.sqlite", [one], [], 0.0)[0].endswith(": 1 asset (1 uploading)")
+    assert "0 assets" in render(tmp_path / "u.sqlite", [], [], 0.0)[0]
+
+
+async def test_the_recovery_screen_counts_one_upload() -> None:
+    source = StaticSource(held_snapshot(), [], held=sample_pending()[:1], labels=labels())
+    async with running(source, size=(80, 24), start_on_recovery=True) as (app, pilot):
+        await until(pilot, lambda: "1 unfinished upload from" in screen_text(app))

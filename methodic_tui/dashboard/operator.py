@@ -179,9 +179,7 @@ class Operator:
             return
         self.control(
             self.session.source.retry_failed(None),
-            lambda ids: self.app.note(
-                "info", f"retrying {len(ids)} failed asset{'s' if len(ids) != 1 else ''}"
-            ),
+            lambda ids: self.app.note("info", f"retrying {fmt.plural(len(ids), 'failed asset')}"),
         )
 
     def force_finalize(self) -> None:
@@ -262,14 +260,15 @@ class Operator:
             return
         total = sum(left.values())
         what = ", ".join(f"{n} {state}" for state, n in sorted(left.items()))
+        unfinished = f"Not finished: {fmt.plural(total, 'upload')}"
         if not source.resumable:
             body = (
-                f"{total} uploads are not finished ({what}). The demo deletes its temporary "
+                f"{unfinished} ({what}). The demo deletes its temporary "
                 "server and checkpoints when it exits."
             )
         else:
             body = (
-                f"{total} uploads are not finished ({what}). They stay resumable: "
+                f"{unfinished} ({what}). Resumable: "
                 f"`methodic-tui resume --tracker {source.labels.tracker}` sends only what "
                 "the server lacks."
             )
