@@ -18,7 +18,8 @@ from tui_helpers import running, screen_text, settled, until
 from methodic import PoolSnapshot
 from methodic_tui import bandwidth
 from methodic_tui.bandwidth import LADDER, CapSteps
-from methodic_tui.source import StaticSource
+from methodic_tui.dashboard.widgets.tables import ComponentsTable
+from methodic_tui.source import Labels, StaticSource
 from methodic_tui.status import render
 
 # Caps to start from: none, both ends of the ladder, on it and off it.
@@ -148,3 +149,54 @@ async def test_the_recovery_screen_counts_one_upload() -> None:
     source = StaticSource(held_snapshot(), [], held=sample_pending()[:1], labels=labels())
     async with running(source, size=(80, 24), start_on_recovery=True) as (app, pilot):
         await until(pilot, lambda: "1 unfinished upload from" in screen_text(app))
+
+
+# ------------------------------------------------------------------ 80 columns
+
+
+def local_labels() -> Labels:
+    return replace(labels(), mode="demo", local_only=True, server="http://127.0.0.1:43517")
+
+
+async def test_at_80_columns_the_header_keeps_server_run_and_state() -> None:
+    snap = sample_snapshot()
+    paused = replace(snap, assets=tuple(replace(a, state="paused") for a in snap.assets[1:]))
+    for lab in (labels(), local_labels()):
+        async with running(StaticSource(paused, labels=lab), size=(80, 24)) as (app, pilot):
+            await until(pilot, lambda: "PAUSED" in screen_text(app))
+            first, second = screen_text(app).split("\n")[:2]
+            assert "127.0.0.1:" in first and lab.server.rsplit(":", 1)[1] in first, first
+            assert "demo v0 r0" in first, first
+            assert "PAUSED" in second, second
+            if lab.local_only:
+                assert "LOCAL: bytes stay here" in first, first
+    # Wide enough: every word of the long form.
+    async with running(StaticSource(paused, labels=local_labels()), size=(120, 40)) as (app, _):
+        assert "LOCAL: bytes stay on this machine" in screen_text(app)
+        assert "server http://127.0.0.1:43517" in screen_text(app)
+
+
+async def test_at_80x24_every_file_of_a_long_list_can_be_reached() -> None:
+    snap = sample_snapshot()
+    many = tuple(
+        replace(snap.assets[1].components[0], path=f"model-{i:05d}-of-00030.safetensors")
+        for i in range(1, 31)
+    )
+    big = replace(snap.assets[1], components=many, component_count=len(many))
+    source = StaticSource(replace(snap, assets=(snap.assets[0], big)), labels=labels())
+    async with running(source, size=(80, 24)) as (app, pilot):
+        await pilot.press("down")
+        files = app.screen.query_one(ComponentsTable)
+        await until(pilot, lambda: files.row_count == 30)
+        # The pane says that some are hidden, and how to reach them.
+        await until(pilot, lambda: "of 30 shown, tab scrolls" in screen_text(app))
+        await pilot.press("tab")
+        assert files.has_focus
+        for i in range(1, 31):
+            name = f"model-{i:05d}-of-00030.safetensors"
+            # The highlighted file in full, even where its column cuts the name.
+            await until(pilot, lambda: f"{i}/30: {name}" in screen_text(app))  # noqa: B023
+            if i < 30:
+                await pilot.press("down")
+        assert files.scroll_y > 0  # the list scrolled: the last rows are on screen
+        assert "model-00030-of-…" in screen_text(app)
