@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from methodic import ChronicleError
+from methodic_tui import format as fmt
 from methodic_tui import parsing
 from methodic_tui.arguments import (
     EXIT_USAGE,
@@ -265,8 +266,9 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     code, left = run_app(source, start_on_recovery=args.command == "resume")
     if left:
+        unfinished = fmt.plural(left, "upload")
         with contextlib.suppress(OSError):  # the terminal may have gone (SIGHUP)
-            print(f"{PROG}: {left} uploads unfinished; resume with: {hint}", file=sys.stderr)
+            print(f"{PROG}: {unfinished} unfinished; resume with: {hint}", file=sys.stderr)
     return code
 
 

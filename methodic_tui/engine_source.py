@@ -36,7 +36,7 @@ from methodic import (
     UploadTracker,
     adopt_incomplete_uploads,
 )
-from methodic_tui.format import size
+from methodic_tui.format import plural, size
 from methodic_tui.notices import Notice, capture_logging, restore_logging
 from methodic_tui.options import Options
 from methodic_tui.source import EMPTY, Labels, Source
@@ -188,8 +188,8 @@ class EngineSource(Source):
             if n:
                 self.notice(
                     "warn",
-                    f"{n} unfinished uploads from an earlier process are in "
-                    f"{self.options.tracker}; `methodic-tui resume` finishes them",
+                    f"{plural(n, 'unfinished upload')} from an earlier process in "
+                    f"{self.options.tracker}; finish with `methodic-tui resume`",
                 )
             return
         # Adopting claims them (owner_pid becomes this process): keep who left them, for "why".

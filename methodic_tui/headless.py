@@ -251,8 +251,8 @@ def _outcome(
         sig = signal.Signals(received[0])
         left = sum(1 for a in snap.assets if a.state not in DONE_STATES)
         return 128 + sig.value, (
-            f"stopped by {sig.name}: {left} unfinished uploads stay "
-            f"resumable (`{resume_hint}` continues them)"
+            f"stopped by {sig.name}: {fmt.plural(left, 'unfinished upload')}, "
+            f"resumable with `{resume_hint}`"
         )
     failed = [a for a in snap.assets if a.state == "failed"]
     took = fmt.long_duration(elapsed)

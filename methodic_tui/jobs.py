@@ -243,7 +243,10 @@ def _dry_run(
         verdict = "upload"
         if skip and done is not None:
             verdict = f"skip (finalized as {done.asset_id}; --force uploads it)"
-        print(f"{path}: would {verdict}: {len(files)} files, {fmt.size(total)}", file=out)
+        print(
+            f"{path}: would {verdict}: {fmt.plural(len(files), 'file')}, {fmt.size(total)}",
+            file=out,
+        )
         if not skip:
             for p, n in files:
                 print(f"  {p}  {fmt.size(n)}", file=out)

@@ -49,7 +49,7 @@ def render(
     for a in assets:
         counts[a.state] = counts.get(a.state, 0) + 1
     states = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no assets"
-    lines = [f"{tracker_path}: {len(assets)} assets ({states})"]
+    lines = [f"{tracker_path}: {fmt.plural(len(assets), 'asset')} ({states})"]
     for t in pending:
         name = fmt.asset_name(t.asset_id, t.local_dir)
         lines.append(

@@ -171,7 +171,7 @@ def test_signals_stop_cleanly_and_resume_continues(
             proc.kill()
             proc.wait()
     assert proc.returncode == code, err
-    assert f"stopped by {signal.Signals(sig).name}: 1 unfinished uploads stay resumable" in err
+    assert f"stopped by {signal.Signals(sig).name}: 1 unfinished upload, resumable with" in err
     assert "Traceback" not in err
     with UploadTracker(tracker_path) as tracker:
         (pending,) = tracker.get_pending_uploads()
@@ -279,7 +279,7 @@ def test_status_json_and_text(server, tmp_path: Path) -> None:
     data = json.loads(result.stdout)
     assert data["states"] == {"finalized": 1} and data["unfinished"] == []
     text = run_tui(tmp_path, "status", "--tracker", str(tmp_path / "u.sqlite"))
-    assert "1 assets (1 finalized)" in text.stdout
+    assert "1 asset (1 finalized)" in text.stdout
 
 
 def test_the_headless_path_never_imports_textual(server, tmp_path: Path) -> None:

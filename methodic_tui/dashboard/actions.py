@@ -79,7 +79,7 @@ ACTIONS: tuple[ActionSpec, ...] = (
         "+",
         "Cap+",
         "Raise the bandwidth cap",
-        "One step up (1-2-5 MB/s ...); above 5 GB/s the cap is lifted.",
+        "One step up (1-2-5 MB/s ...); above 5 GB/s the cap is lifted. - undoes it.",
         group="Cap",
     ),
     ActionSpec(
@@ -88,7 +88,7 @@ ACTIONS: tuple[ActionSpec, ...] = (
         "-",
         "Cap-",
         "Lower the bandwidth cap",
-        "One step down; from no cap, the step below the current rate.",
+        "One step down; from no cap, the step below the current rate. + undoes it.",
         group="Cap",
     ),
     ActionSpec(

@@ -33,9 +33,10 @@ from methodic_tui.watchdog import TerminalWatchdog
 
 EXIT_USAGE = 2
 EXIT_HANGUP = 128 + signal.SIGHUP
-# A scheduler's warning (SIGTERM): leave cleanly, 128 + signal. SIGHUP (a dropped terminal) is
-# the watchdog's, which does not depend on this loop running (see methodic_tui.watchdog).
-STOP_SIGNALS = (signal.SIGTERM,)
+# A scheduler's warning (SIGTERM), or SIGINT sent to the process (in the dashboard ctrl+c is a
+# key, which asks first): leave cleanly, 128 + signal. SIGHUP (a dropped terminal) is the
+# watchdog's, which does not depend on this loop running (see methodic_tui.watchdog).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 OUR_ACTIONS = frozenset(spec.action for spec in ACTIONS)
 # What the recovery screen lets through of the app's keys; the rest is the dashboard's.
 RECOVERY_ACTIONS = frozenset(

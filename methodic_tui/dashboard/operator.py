@@ -62,6 +62,7 @@ class Operator:
         self.app = app
         self.session = app.session
         self._controls: set[asyncio.Task[Any]] = set()
+        self._cap_steps = bandwidth.CapSteps()  # + and - undo each other
 
     def need_selected(self) -> AssetSnapshot | None:
         a = self.session.selected_asset()
@@ -178,9 +179,7 @@ class Operator:
             return
         self.control(
             self.session.source.retry_failed(None),
-            lambda ids: self.app.note(
-                "info", f"retrying {len(ids)} failed asset{'s' if len(ids) != 1 else ''}"
-            ),
+            lambda ids: self.app.note("info", f"retrying {fmt.plural(len(ids), 'failed asset')}"),
         )
 
     def force_finalize(self) -> None:
@@ -227,27 +226,31 @@ class Operator:
             lambda: self.control(self.session.source.discard(a.asset_id)),
         )
 
-    def _set_cap(self, cap: float | None) -> None:
+    def _step_cap(self, direction: bandwidth.Direction) -> None:
         if self._blocked():
+            return
+        snap = self.session.fresh()
+        start = snap.bandwidth_cap
+        cap = self._cap_steps.next(direction, start, snap.rate)
+        if direction == "up" and start is None and cap is None:
+            # Nothing above "no cap"; recorded all the same, so that "-" now returns here.
+            self._cap_steps.went(direction, start, cap)
+            self.app.notify("There is no bandwidth cap to raise.")
             return
         try:
             self.session.source.set_bandwidth(cap)
         except ChronicleError as exc:
             self.app.notify(str(exc), severity="error")
             return
+        self._cap_steps.went(direction, start, cap)
         self.app.note("info", f"bandwidth {fmt.cap(cap)}")
         self.app.refresh_now()
 
     def bandwidth_up(self) -> None:
-        current = self.session.fresh().bandwidth_cap
-        if current is None:
-            self.app.notify("There is no bandwidth cap to raise.")
-            return
-        self._set_cap(bandwidth.raise_cap(current))
+        self._step_cap("up")
 
     def bandwidth_down(self) -> None:
-        snap = self.session.fresh()
-        self._set_cap(bandwidth.lower_cap(snap.bandwidth_cap, snap.rate))
+        self._step_cap("down")
 
     def request_quit(self) -> None:
         source = self.session.source
@@ -257,14 +260,15 @@ class Operator:
             return
         total = sum(left.values())
         what = ", ".join(f"{n} {state}" for state, n in sorted(left.items()))
+        unfinished = f"Not finished: {fmt.plural(total, 'upload')}"
         if not source.resumable:
             body = (
-                f"{total} uploads are not finished ({what}). The demo deletes its temporary "
+                f"{unfinished} ({what}). The demo deletes its temporary "
                 "server and checkpoints when it exits."
             )
         else:
             body = (
-                f"{total} uploads are not finished ({what}). They stay resumable: "
+                f"{unfinished} ({what}). Resumable: "
                 f"`methodic-tui resume --tracker {source.labels.tracker}` sends only what "
                 "the server lacks."
             )

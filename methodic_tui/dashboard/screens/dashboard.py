@@ -32,6 +32,7 @@ class DashboardScreen(LiveScreen):
         super().__init__()
         self.filter = ""
         self._snap: PoolSnapshot | None = None
+        self._selected: AssetSnapshot | None = None  # whose files the files pane shows
 
     def compose(self) -> ComposeResult:
         yield StatusHeader(id="header")
@@ -83,16 +84,45 @@ class DashboardScreen(LiveScreen):
         comps = self.query_one(ComponentsTable)
         if selected is None:
             comps.show_components(None, ())
-            self._set_title("#components-pane", "files")
         else:
             comps.show_components(selected.asset_id, selected.components)
-            self._set_title(
-                "#components-pane",
-                f"files of {fmt.name_of(selected)} "
-                f"({selected.components_done}/{selected.component_count} stored)",
-            )
+        self._selected = selected
+        self._title_files()
+        self.call_after_refresh(self._title_files)  # with the rows laid out: how many fit
         self.query_one(BandwidthPanel).show(snap, source.labels)
         self.query_one(EventLog).add(entries)
+
+    def _title_files(self) -> None:
+        """The files pane's title: whose files, and how to reach those that do not fit.
+
+        While the files have the focus, the highlighted one in full (its name and its last
+        error are often cut in their columns on a narrow terminal).
+        """
+        selected = self._selected
+        if selected is None:
+            self._set_title("#components-pane", "files")
+            return
+        comps = self.query_one(ComponentsTable)
+        title = f"files of {fmt.name_of(selected)}"
+        rows = comps.row_count
+        if comps.has_focus and rows:
+            c = comps.highlighted()
+            if c is not None:
+                title += f" · {comps.cursor_row + 1}/{rows}: {c.path}"
+                if c.last_error:
+                    title += f" · {c.last_error}"
+        else:
+            title += f" ({selected.components_done}/{selected.component_count} stored)"
+            shown = max(comps.size.height - 1, 0)  # the header row
+            if comps.size.height and rows > shown:
+                title += f" · {shown} of {rows} shown, tab scrolls"
+        self._set_title("#components-pane", title)
+
+    def on_descendant_focus(self) -> None:
+        self._title_files()
+
+    def on_descendant_blur(self) -> None:
+        self._title_files()
 
     def _title_assets(self, shown: int, total: int) -> None:
         if self.filter:
@@ -114,6 +144,8 @@ class DashboardScreen(LiveScreen):
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.data_table.id == "assets" and event.row_key.value is not None and self.is_active:
             self.host.select(event.row_key.value)
+        elif event.data_table.id == "components":
+            self._title_files()
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         if event.data_table.id == "assets":

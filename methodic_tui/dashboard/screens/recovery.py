@@ -109,7 +109,7 @@ class RecoveryScreen(LiveScreen):
     def _intro(self, n: int) -> Text:
         if n:
             return Text.assemble(
-                (f"{n} unfinished upload{'s' if n != 1 else ''} from an earlier process.", "bold"),
+                (f"{fmt.plural(n, 'unfinished upload')} from an earlier process.", "bold"),
                 " The server kept what was stored: resuming sends only the rest.\n",
                 ("u", "bold cyan"),
                 " resume all · ",

@@ -44,10 +44,22 @@ class LiveText(Widget):
 
 
 class StatusHeader(LiveText):
-    """Two lines: where (mode, server, run, workers, tracker) and how it goes (rate, ETA...)."""
+    """Two lines: where (mode, server, run, workers, tracker) and how it goes (rate, ETA...).
+
+    Fitted to its width: on a narrow terminal the long forms give way to short ones, so that
+    the server, the run and the state (paused, failed...) stay readable; what is cut at the
+    end of a line (the tracker, the cap) is shown elsewhere (``status``, the chart's title).
+    """
+
+    _last: tuple[Labels, PoolSnapshot, str | None] | None = None
 
     def show_status(self, labels: Labels, snap: PoolSnapshot, read_only: str | None) -> None:
-        self.show(header_text(labels, snap, read_only))
+        self._last = (labels, snap, read_only)
+        self.show(header_text(labels, snap, read_only, width=self.size.width or None))
+
+    def on_resize(self) -> None:
+        if self._last is not None:
+            self.show_status(*self._last)
 
 
 def _field(text: Text, value: str, style: str = "", label: str = "") -> None:
@@ -78,27 +90,64 @@ def cap_text(labels: Labels, snap: PoolSnapshot) -> str:
     return "cap unknown" if not labels.cap_known else fmt.cap(snap.bandwidth_cap)
 
 
-def header_text(labels: Labels, snap: PoolSnapshot, read_only: str | None) -> Text:
+# How the first line gives way on a narrow terminal, one step after the other.
+_WHERE_STEPS = ("full", "short url", "short local", "mode badge", "no labels", "local badge")
+
+
+def _where(labels: Labels, read_only: str | None, step: int) -> tuple[Text, int]:
+    """The first line at a compactness step, and the cells of its essential part (to the run)."""
+    at = _WHERE_STEPS.index
     where = Text(no_wrap=True, overflow="ellipsis")
-    where.append(" methodic ", "bold reverse")
+    if step >= at("mode badge") and labels.mode:
+        where.append(f" {labels.mode} ", "bold reverse")  # the mode says what this is
+    else:
+        where.append(" methodic ", "bold reverse")
+        if labels.mode:
+            where.append(" ")
+            where.append(labels.mode, "bold")
     if read_only:
         where.append(" ")
         where.append(" READ-ONLY ", "bold black on yellow")
-    if labels.mode:
-        where.append(" ")
-        where.append(labels.mode, "bold")
     if labels.local_only:
         where.append(" ")
-        where.append(" LOCAL: bytes stay on this machine ", "bold black on yellow")
+        local = (
+            " LOCAL "
+            if step >= at("local badge")
+            else " LOCAL: bytes stay here "
+            if step >= at("short local")
+            else " LOCAL: bytes stay on this machine "
+        )
+        where.append(local, "bold black on yellow")
+    labelled = step < at("no labels")
     if labels.server:
-        _field(where, labels.server, label="server")
+        server = labels.server
+        if step >= at("short url"):
+            server = server.split("://", 1)[-1]
+        _field(where, server, label="server" if labelled else "")
     if labels.run:
-        _field(where, labels.run, label="run")
-    if snap.workers:
-        _field(where, str(snap.workers), label="workers")
-    if labels.tracker:
-        _field(where, labels.tracker, label="tracker")
+        _field(where, labels.run, label="run" if labelled else "")
+    essential = where.cell_len
+    return where, essential
 
+
+def where_line(
+    labels: Labels, snap: PoolSnapshot, read_only: str | None, width: int | None = None
+) -> Text:
+    """Who and where; with ``width``, the first of the forms whose essential part fits."""
+    step = 0
+    where, essential = _where(labels, read_only, step)
+    while width is not None and essential > width and step < len(_WHERE_STEPS) - 1:
+        step += 1
+        where, essential = _where(labels, read_only, step)
+    labelled = step < _WHERE_STEPS.index("no labels")
+    if snap.workers:
+        _field(where, str(snap.workers), label="workers" if labelled else "")
+    if labels.tracker:
+        _field(where, labels.tracker, label="tracker" if labelled else "")
+    return where
+
+
+def _how(labels: Labels, snap: PoolSnapshot, short: bool) -> Text:
     counts = fmt.count_states(snap)
     assets = [a for a in snap.assets if a.state != "discarded"]
     done = sum(a.bytes_done for a in assets)
@@ -118,10 +167,22 @@ def header_text(labels: Labels, snap: PoolSnapshot, read_only: str | None) -> Te
     elif paused:
         _field(how, f"{paused} paused", "yellow")
     if counts.get("interrupted"):
-        _field(how, f"{counts['interrupted']} from an earlier process (u resumes)", "yellow")
-    _field(how, cap_text(labels, snap), "dim")
+        held = "interrupted (u)" if short else "from an earlier process (u resumes)"
+        _field(how, f"{counts['interrupted']} {held}", "yellow")
     if assets and counts.get("finalized", 0) == len(assets):
-        _field(how, "✓ all finalized (q quits)", "bold green")
+        _field(how, "✓ all finalized" if short else "✓ all finalized (q quits)", "bold green")
+    # Last: the cap is also in the chart's title.
+    _field(how, cap_text(labels, snap), "dim")
+    return how
+
+
+def header_text(
+    labels: Labels, snap: PoolSnapshot, read_only: str | None, width: int | None = None
+) -> Text:
+    where = where_line(labels, snap, read_only, width)
+    how = _how(labels, snap, short=False)
+    if width is not None and how.cell_len > width:
+        how = _how(labels, snap, short=True)
     text = Text("\n", no_wrap=True, overflow="ellipsis").join([where, how])
     text.no_wrap = True
     return text

@@ -373,6 +373,11 @@ class ComponentsTable(LiveTable[ComponentSnapshot]):
     def on_blur(self) -> None:
         self.show_cursor = False
 
+    def highlighted(self) -> ComponentSnapshot | None:
+        """The file under the cursor."""
+        key = self.cursor_key()
+        return None if key is None else self._items.get(key)
+
     def row(self, c: ComponentSnapshot) -> list[Text]:
         return [
             cell(c.path),
