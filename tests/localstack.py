@@ -2,9 +2,10 @@
 checksums (x-amz-checksum-*, a multipart upload's full-object CRC), SigV4 signatures, expiry.
 
 LocalStack runs without Docker from its PyPI package, on Python 3.13 only, so it lives in its
-own venv (``scripts/localstack-venv`` makes ``.venv-localstack``; CI does it). Its python is
-``$METHODIC_LOCALSTACK_PYTHON``, or ``<repo>/.venv-localstack/bin/python``; without it the tests
-that use it fail (never skip), saying how to install it.
+own venv (``scripts/localstack-venv`` makes ``.venv-localstack``; CI does it, and the first test
+that needs it does it too, once, under a file lock, so the README's test command stays one
+command). Its python is ``$METHODIC_LOCALSTACK_PYTHON``, or ``<repo>/.venv-localstack/bin/python``;
+when it cannot be made the tests that use it fail (never skip), saying how to install it.
 
     with localstack_s3() as endpoint:
         bucket = new_versioned_bucket(endpoint)
@@ -17,6 +18,7 @@ is refused for a bad checksum.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -49,11 +51,33 @@ class LocalStackMissing(RuntimeError):
     """No LocalStack python: the message is the command that installs it."""
 
 
+def _installed(python: Path) -> bool:
+    return python.is_file() and os.access(python, os.X_OK)
+
+
+def _install_default() -> None:
+    """Make ``.venv-localstack`` with ``scripts/localstack-venv``, once across test workers."""
+    lock = REPO / ".venv-localstack.lock"
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another worker may be installing it right now
+        if not _installed(DEFAULT_PYTHON):
+            subprocess.run(
+                [str(REPO / "scripts" / "localstack-venv")],
+                cwd=REPO,
+                capture_output=True,
+                timeout=30 * 60,
+                check=False,
+            )
+
+
 def localstack_python() -> Path:
-    """The python of the LocalStack venv, or LocalStackMissing saying how to make it."""
+    """The python of the LocalStack venv (made now if it is the default and missing), or
+    LocalStackMissing saying how to make it."""
     configured = os.environ.get(PYTHON_ENV)
     python = Path(configured) if configured else DEFAULT_PYTHON
-    if not python.is_file() or not os.access(python, os.X_OK):
+    if not configured and not _installed(python):
+        _install_default()
+    if not _installed(python):
         where = f"${PYTHON_ENV}={configured}" if configured else f"{python} (default)"
         raise LocalStackMissing(
             f"LocalStack is not installed: no python at {where}.\n"
