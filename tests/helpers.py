@@ -19,6 +19,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import httpx
 
+from methodic import _checksum as checksums
+
 T = TypeVar("T")
 
 # How long a test waits for something that should happen. Only a failing test ever waits this
@@ -74,11 +76,39 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# ---- checksums of bytes in memory, as the engine derives them from a file
+
+
+def digest(algorithm: str, data: bytes) -> str:
+    hasher = checksums.new_hasher(algorithm)
+    hasher.update(data)
+    return hasher.hexdigest()
+
+
+def ranges(size: int, part_size: int | None) -> list[tuple[int | None, int, int]]:
+    """(part, offset, length) of every PUT of a component."""
+    if part_size is None:
+        return [(None, 0, size)]
+    count = max(1, -(-size // part_size))
+    return [
+        (n, (n - 1) * part_size, min(part_size, size - (n - 1) * part_size))
+        for n in range(1, count + 1)
+    ]
+
+
+def whole(algorithm: str, data: bytes, part_size: int | None) -> str:
+    """The finalize checksum ("algo:value") of ``data`` sent with ``part_size``."""
+    pieces = ranges(len(data), part_size)
+    digests = [digest(algorithm, data[o : o + n]) for _, o, n in pieces]
+    value = checksums.whole_file(
+        algorithm, digests, [n for _, _, n in pieces], parted=part_size is not None
+    )
+    return f"{algorithm}:{value}"
+
+
 def tree_checksums(root: Path, algorithm: str = "crc64nvme") -> dict[str, str]:
     """{relative posix path: "algo:hex" of the whole file} for every regular file under root
     (crc64nvme: what methodic publishes for a file, parted or not)."""
-    from methodic import _checksum as checksums
-
     return {
         p.relative_to(root).as_posix(): f"{algorithm}:"
         + checksums.hash_range(p, 0, p.stat().st_size, algorithm)

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import connect, free_port, stop_process, wait_until
+from helpers import connect, digest, free_port, ranges, stop_process, wait_until, whole
 from s3helpers import FAKE_AWS_ENV, REGION
 
 from methodic import _checksum
@@ -28,31 +28,6 @@ from methodic.server import EmbeddedServer, ServerConfig
 MiB = 1024 * 1024
 PART = 5 * MiB
 HEADER = {"crc64nvme": "x-amz-checksum-crc64nvme", "sha256": "x-amz-checksum-sha256"}
-
-
-def digest(algorithm: str, data: bytes) -> str:
-    hasher = _checksum.new_hasher(algorithm)
-    hasher.update(data)
-    return hasher.hexdigest()
-
-
-def ranges(size: int, part_size: int | None) -> list[tuple[int | None, int, int]]:
-    if part_size is None:
-        return [(None, 0, size)]
-    count = max(1, -(-size // part_size))
-    return [
-        (n, (n - 1) * part_size, min(part_size, size - (n - 1) * part_size))
-        for n in range(1, count + 1)
-    ]
-
-
-def whole(algorithm: str, data: bytes, part_size: int | None) -> str:
-    pieces = ranges(len(data), part_size)
-    digests = [digest(algorithm, data[o : o + n]) for _, o, n in pieces]
-    value = _checksum.whole_file(
-        algorithm, digests, [n for _, _, n in pieces], parted=part_size is not None
-    )
-    return f"{algorithm}:{value}"
 
 
 # ---- the stores ------------------------------------------------------------------------------

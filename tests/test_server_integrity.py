@@ -16,42 +16,14 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import connect
+from helpers import connect, digest, ranges, whole
 
-from methodic import _checksum
 from methodic.server import EmbeddedServer, db
 from methodic.server.signing import CHECKSUM_HEADER
 from methodic.server.state import DB_FILE
 from methodic.server.storage.local import LocalStorage
 
 PART = 1000
-
-
-def digest(algorithm: str, data: bytes) -> str:
-    hasher = _checksum.new_hasher(algorithm)
-    hasher.update(data)
-    return hasher.hexdigest()
-
-
-def ranges(size: int, part_size: int | None) -> list[tuple[int | None, int, int]]:
-    """(part, offset, length) of every PUT of a component."""
-    if part_size is None:
-        return [(None, 0, size)]
-    count = max(1, -(-size // part_size))
-    return [
-        (n, (n - 1) * part_size, min(part_size, size - (n - 1) * part_size))
-        for n in range(1, count + 1)
-    ]
-
-
-def whole(algorithm: str, data: bytes, part_size: int | None) -> str:
-    """The finalize checksum ("algo:value") of ``data`` sent with ``part_size``."""
-    pieces = ranges(len(data), part_size)
-    digests = [digest(algorithm, data[o : o + n]) for _, o, n in pieces]
-    value = _checksum.whole_file(
-        algorithm, digests, [n for _, _, n in pieces], parted=part_size is not None
-    )
-    return f"{algorithm}:{value}"
 
 
 def make_run(api: httpx.Client) -> str:
