@@ -93,7 +93,8 @@ def raise_for_response(response: httpx.Response, server_url: str) -> None:
             for m in items
             if isinstance(m, dict) and isinstance(m.get("parts_missing"), list)
         }
-        raise AssetIncompleteError(message or "asset is incomplete", missing, parts)
+        reasons = {m["path"]: str(m.get("reason", "")) for m in items if isinstance(m, dict)}
+        raise AssetIncompleteError(message or "asset is incomplete", missing, parts, reasons)
     if status == 409:
         raise ConflictError(message)
     if status in (400, 411, 413, 422):

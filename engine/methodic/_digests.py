@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import Sequence
 
 from methodic import _checksum as checksums
+from methodic._states import ComponentState
 from methodic._transfer import FileChangedError
 from methodic._uploads import AssetUpload, ComponentUpload, Key
 
@@ -62,6 +63,41 @@ async def _hash(up: AssetUpload, c: ComponentUpload, part: int | None) -> None:
             "discard this asset and register the directory again once it is complete"
         )
     c.digests[part] = digest
+
+
+async def verify_stored(up: AssetUpload) -> None:
+    """After a crash: every range the server holds whose digest this client recorded is read
+    again and must still have it. A file rewritten in place without a trace in its metadata (a
+    shared memory mapping writes without moving mtime or ctime) fails here, naming it, instead
+    of being published as the old ranges plus new ones. Costs one read of what was sent."""
+    held = [
+        (c, n)
+        for c in up.components.values()
+        for n in (sorted(c.parts_done) if c.part_size else [None])
+        if n in c.digests and (c.part_size or c.state == ComponentState.COMPLETED)
+    ]
+    if not held:
+        return
+    algorithm = algorithm_of(up)
+
+    async def check(c: ComponentUpload, part: int | None) -> None:
+        offset, length = c.span(part)
+        try:
+            now = await asyncio.to_thread(
+                checksums.hash_range, c.identity.local_path, offset, length, algorithm
+            )
+        except (EOFError, FileNotFoundError):
+            now = ""
+        if now != c.digests[part]:
+            where = f"part {part}" if part is not None else "its bytes"
+            raise FileChangedError(
+                f"{c.identity.local_path} changed since it was sent ({where} no longer has the "
+                "digest recorded when it was sent), though its size and times did not; a "
+                "checkpoint must not change while it uploads (write a new file and rename it "
+                "into place): discard this asset and register the directory again"
+            )
+
+    await asyncio.gather(*(check(c, n) for c, n in held))
 
 
 async def _check_declared(c: ComponentUpload, algorithm: str) -> None:

@@ -29,13 +29,22 @@ class AssetIncompleteError(ChronicleError):
         message: str,
         missing: Sequence[str] = (),
         parts_missing: Mapping[str, Sequence[int]] | None = None,
+        reasons: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.missing: list[str] = list(missing)
+        self.reasons: dict[str, str] = dict(reasons or {})  # why each is missing
         # For a parted component: which of its parts storage lacks (or holds damaged).
         self.parts_missing: dict[str, list[int]] = {
             path: list(parts) for path, parts in (parts_missing or {}).items()
         }
+
+    @property
+    def busy(self) -> bool:
+        """Nothing is missing but bodies the server is still receiving (finalize again later)."""
+        return bool(self.missing) and all(
+            self.reasons.get(p) == "upload in progress" for p in self.missing
+        )
 
 
 class UploadFailedError(ChronicleError):

@@ -31,6 +31,9 @@ Resend = Callable[[AssetUpload, dict[str, list[int] | None]], Coroutine[Any, Any
 # Times finalize may send again what the server found missing or damaged (a replayed URL, a
 # torn store) before the asset fails.
 MAX_RESENDS = 3
+# Waits (seconds) while the server is still receiving a body into a file (a stale or leaked
+# PUT): finalize again after each, before that counts as missing (~2.5 minutes in all).
+BUSY_WAITS = (0.5, 1, 2, 4, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8)
 
 
 class Finisher:
@@ -90,7 +93,15 @@ class Finisher:
             # The tracker holds every completion before the asset says finalizing.
             await self._progress.flush()
             await self.set_state(up, AssetState.FINALIZING)
-            asset = await self._api.finalize(up.asset_id, await digests.file_checksums(up))
+            checksums = await digests.file_checksums(up)
+            for wait in (*BUSY_WAITS, None):
+                try:
+                    asset = await self._api.finalize(up.asset_id, checksums)
+                    break
+                except AssetIncompleteError as exc:
+                    if not exc.busy or wait is None:
+                        raise
+                    await asyncio.sleep(wait)
             await self.finalized(up, asset)
             return asset
         except FileChangedError as exc:

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import MutableMapping
 
 from methodic import _checksum as checksums
+from methodic import _digests as digests
 from methodic import _tracker_ops as ops
 from methodic._api import ApiClient
 from methodic._errors import ChronicleError
@@ -97,6 +98,7 @@ class Intake:
                 # file that was registered, none of it may be published.
                 await asyncio.to_thread(check_identities, up)
                 await self._skip_stored(up, remote)
+                await digests.verify_stored(up)
             if up.state == AssetState.PAUSED:
                 return
             await self._send(up)

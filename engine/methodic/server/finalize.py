@@ -101,11 +101,19 @@ class Finalizer:
         self, asset_id: str, components: list[Component], wanted: Mapping[str, str]
     ) -> _Verdict:
         verdict = _Verdict()
+        writers = self.records.locks.part_writers
+        for c in components:
+            # Every part has its receipt: a body still arriving is a duplicate (a stale retry,
+            # a leaked URL held open). It is cut off, so it can neither hold finalize back nor
+            # write after it; what it wrote tears the file, which is then read back below.
+            if c.received:
+                for upload in list(writers.get((asset_id, c.index), ())):
+                    upload.abort()
         found = self.records.storage.inspect(
             asset_id, components, deep=True, workers=self.records.config.finalize_workers
         )
         for c, f in zip(components, found, strict=True):
-            if self.records.locks.part_writers[(asset_id, c.index)]:
+            if writers.get((asset_id, c.index)) and not c.received:
                 verdict.missing.append({"path": c.path, "reason": "upload in progress"})
                 continue
             if not f.complete:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,17 +17,17 @@ from methodic.server.config import ServerConfig
 from methodic.server.db import Database
 from methodic.server.errors import not_found
 from methodic.server.locks import KeyedLocks
-from methodic.server.storage.base import Component, Found, Storage
+from methodic.server.storage.base import Component, Found, Storage, Upload
 
 ASSET_SELECT = "SELECT a.*, r.experiment_id FROM assets a JOIN runs r ON r.id = a.run_id"
 
 
 class AssetLocks(KeyedLocks):
-    """Per-asset locks, plus the part PUTs in flight per (asset, component index)."""
+    """Per-asset locks, plus the part PUTs writing into a file, per (asset, component index)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.part_writers: Counter[tuple[str, int]] = Counter()
+        self.part_writers: dict[tuple[str, int], set[Upload]] = {}
 
 
 def asset_out(row: sqlite3.Row) -> dict[str, Any]:

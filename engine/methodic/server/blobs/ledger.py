@@ -103,7 +103,10 @@ class BlobLedger:
             upload = receiver.open_part_upload(
                 key, grant.offset, grant.length, algorithm, stored=stored
             )
-            self.records.locks.part_writers[(key.asset_id, key.index)] += 1
+            if not stored:  # a body written into the file: finalize knows it
+                self.records.locks.part_writers.setdefault((key.asset_id, key.index), set()).add(
+                    upload
+                )
             return UploadSlot(key, grant.part, upload, algorithm, bound, wrote=not stored)
 
     def complete_upload(self, slot: UploadSlot, received: Received) -> None:
@@ -172,12 +175,13 @@ class BlobLedger:
     def end_upload(self, slot: UploadSlot) -> None:
         """Release the slot whatever happened; a body that was not completed leaves no trace."""
         slot.upload.abort()
-        if slot.part is not None:
+        if slot.part is not None and slot.wrote:
             with self.records.locks.hold(slot.key.asset_id):
                 writers = self.records.locks.part_writers
-                writers[(slot.key.asset_id, slot.key.index)] -= 1
-                if writers[(slot.key.asset_id, slot.key.index)] <= 0:
-                    del writers[(slot.key.asset_id, slot.key.index)]
+                index = (slot.key.asset_id, slot.key.index)
+                writers.get(index, set()).discard(slot.upload)
+                if not writers.get(index, True):
+                    del writers[index]
 
     def open_download(self, asset_id: str, path: str) -> tuple[BinaryIO, Component]:
         receiver = self._receiver()

@@ -135,15 +135,19 @@ class _LengthBoundUpload:
             return Received(size=self._received, digest=digest, sha256=sha256)
 
 
-_Stamp = tuple[int, int, int, str]  # inode, size, mtime_ns, and the digest or PARTS
+_Stamp = tuple[int, int, int, int, int, str]  # dev, inode, size, mtime, ctime; digest or PARTS
 PARTS = "parts"  # the stamp of a parted file: its parts' own receipts hold their digests
+
+
+def _stamp(st: os.stat_result, digest: str) -> _Stamp:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest)
 
 
 class _Hashed:
     """Files whose bytes this process hashed as they arrived, as the files were then.
 
-    A file is trusted at finalize while its inode, size and mtime are what they were at its
-    last receipt. A part upload that wrote bytes and then failed tears its file: whatever it
+    A file is trusted at finalize while its device, inode, size, mtime and ctime are what they
+    were at its last receipt (ctime: ``os.utime`` cannot put it back). A part upload that wrote bytes and then failed tears its file: whatever it
     overwrote is no longer known, so the file is read back whatever its stamp says.
     """
 
@@ -154,19 +158,14 @@ class _Hashed:
     def record(self, file: Path, digest: str) -> None:
         if file not in self._torn:
             st = os.stat(file)
-            self._stamps[file] = (st.st_ino, st.st_size, st.st_mtime_ns, digest)
+            self._stamps[file] = _stamp(st, digest)
 
     def tear(self, file: Path) -> None:
         self._torn.add(file)
         self._stamps.pop(file, None)
 
     def holds(self, file: Path, st: os.stat_result, digest: str | None) -> bool:
-        return digest is not None and self._stamps.get(file) == (
-            st.st_ino,
-            st.st_size,
-            st.st_mtime_ns,
-            digest,
-        )
+        return digest is not None and self._stamps.get(file) == _stamp(st, digest)
 
     def forget(self, file: Path) -> None:
         self._stamps.pop(file, None)
