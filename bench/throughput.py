@@ -2,14 +2,15 @@
 
     python bench/throughput.py [--quick] [--repeat 5] [--workers 8] [--only nginx,server,rss]
 
-(a) nginx: the engine's PUT path (``methodic._transfer.send_range`` on the engine's own
-    ``httpx.AsyncClient`` and ``TokenBucket``, sha256 on) and ``curl --parallel`` into an nginx
+(a) nginx: the engine's PUT path (per range: ``_checksum.hash_range`` in a thread, then
+    ``methodic._transfer.send_range`` on the engine's own ``httpx.AsyncClient`` and
+    ``TokenBucket``; each ``--checksum`` algorithm) and ``curl --parallel`` into an nginx
     WebDAV sink on loopback, for 16 files of 128 MiB and one 2 GiB file (one stream each, and
     in 16 MiB parts with the same number of parallel streams; curl sends pre-split part files).
 (b) server: the engine end to end (``Chronicle`` + ``UploadTracker``,
     ``register_and_upload_async``, wait, finalize) against ``methodic serve``, and curl PUTting
-    the same files to the same server's presigned URLs (``create_asset_presigned``, curl,
-    ``finalize_asset``).
+    the same files to the same server's presigned URLs, bound to the ranges' digests (create,
+    presign with ``checksum``, curl with each URL's ``x-methodic-checksum``, finalize).
 (c) rss: peak RSS of the engine end to end for a 1 GiB and an 8 GiB (sparse) file.
 
 Every client runs in its own process: MB/s is bytes / wall time of the transfer (median of
