@@ -218,19 +218,24 @@ class Methodic:
             stderr=subprocess.PIPE,
             env=env,
         )
-        wait_port(self.port, self.proc)
-        deadline = time.monotonic() + 20
-        while not (data_dir / "api_key").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)  # the port can open before the key is written
-        key = (data_dir / "api_key").read_text().strip()
-        self.api = httpx.Client(
-            base_url=f"http://127.0.0.1:{self.port}/api/v1",
-            trust_env=False,
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=120,
-        )
-        experiment = self.api.post("/experiments", json={"name": "ingest"}).json()
-        self.run_id = self.api.put(f"/experiments/{experiment['id']}/runs/0/0").json()["id"]
+        try:
+            wait_port(self.port, self.proc)
+            deadline = time.monotonic() + 20
+            while not (data_dir / "api_key").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)  # the port can open before the key is written
+            key = (data_dir / "api_key").read_text().strip()
+            self.api = httpx.Client(
+                base_url=f"http://127.0.0.1:{self.port}/api/v1",
+                trust_env=False,
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=120,
+            )
+            experiment = self.api.post("/experiments", json={"name": "ingest"}).json()
+            self.run_id = self.api.put(f"/experiments/{experiment['id']}/runs/0/0").json()["id"]
+        except BaseException:  # not in the caller's list yet: stop it here
+            self.proc.terminate()
+            self.proc.wait(20)
+            raise
 
     def pids(self) -> list[int]:
         return [self.proc.pid]
