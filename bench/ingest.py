@@ -1,20 +1,24 @@
 """Ingest benchmark: the same curl PUTs the same files into nginx WebDAV and into `methodic serve`.
 
     python bench/ingest.py [--rounds 5] [--dir /dev/shm/methodic-ingest]
-                           [--baseline-src /tmp/asgi/engine]
+                           [--checksum crc64nvme,sha256] [--baseline-src /tmp/asgi/engine]
 
 Shapes: one 2 GiB file, and 16 files of 128 MiB (one curl, one keep-alive connection).
 Servers, alternating in one run (the order flips every round): nginx-light's WebDAV module
 (started and stopped here, on loopback ports) reading bodies into 1 MiB buffers (the
 reference of the ratios, as in bench/throughput.py) and with its default 16k buffer,
-`methodic serve` (presigned URLs of the blob listener), and with ``--baseline-src`` the same
+`methodic serve` (presigned URLs of the blob listener; one server per ``--checksum`` algorithm,
+each asset created with it and every URL bound to its file's digest, presigned outside the
+timing, curl sending the ``x-methodic-checksum`` header), and with ``--baseline-src`` the same
 command from another checkout (e.g. the Starlette blob route before the listener:
 ``git worktree add /tmp/asgi <commit>``, then ``--baseline-src /tmp/asgi/engine``).
 
 Reported: MB/s (10^6 bytes per second of curl wall time) and server CPU seconds per GB (from
 /proc/<pid>/stat of each server's processes), medians over the rounds after a warm-up. Writes
 go to the page cache (tmpfs by default): nginx writes its temp file and renames it; methodic
-hashes every body (sha256) and writes it, no fsync per PUT (finalize fsyncs; not timed here).
+hashes every body with the asset's algorithm, stores it only if it has the bound digest (each
+PUT's answer is checked: ``bound`` and that digest), no fsync per PUT (finalize fsyncs; not
+timed here). Goal (issues 7, 12): at least 0.8x the 1m-buffer nginx with the digests verified.
 Prints a table and writes bench/results/ingest.json.
 """
 
@@ -83,6 +87,14 @@ class Source:
     path: Path
     size: int
     sha256: str
+    digests: dict[str, str] = field(default_factory=dict)  # algorithm -> hex digest
+
+    def digest(self, algorithm: str) -> str:
+        if algorithm not in self.digests:
+            from methodic._checksum import hash_range
+
+            self.digests[algorithm] = hash_range(self.path, 0, self.size, algorithm)
+        return self.digests[algorithm]
 
 
 def make_sources(
@@ -108,11 +120,25 @@ def make_sources(
     }
 
 
-def curl(pairs: list[tuple[Path, str]]) -> float:
-    """PUT every (file, url) with one curl (one keep-alive connection); the wall time."""
-    args = ["curl", "-sS", "--fail", "-w", "%{http_code}\\n"]
-    for path, url in pairs:
-        args += ["-T", str(path), "-o", "/dev/null", url]
+def curl(
+    pairs: list[tuple[Path, str]],
+    headers: list[dict[str, str]] | None = None,
+    answers: list[Path] | None = None,
+) -> float:
+    """PUT every (file, url) with one curl (one keep-alive connection); the wall time.
+
+    ``headers[i]``: the i-th PUT's headers (a bound URL's x-methodic-checksum), each PUT then in
+    a ``--next`` section of its own (same process, same connection); ``answers[i]``: where its
+    response body goes (else /dev/null)."""
+    args = ["curl"]
+    for i, (path, url) in enumerate(pairs):
+        if i and headers is not None:
+            args.append("--next")
+        if i == 0 or headers is not None:
+            args += ["-sS", "--fail", "-w", "%{http_code}\\n"]
+        for k, v in (headers[i] if headers else {}).items():
+            args += ["-H", f"{k}: {v}"]
+        args += ["-T", str(path), "-o", str(answers[i]) if answers else "/dev/null", url]
     started = time.perf_counter()
     done = subprocess.run(args, capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - started
@@ -127,7 +153,7 @@ def curl(pairs: list[tuple[Path, str]]) -> float:
 
 
 class Nginx:
-    sha256 = "off (nginx does not hash)"
+    hashing = "off (nginx does not hash)"
     durability = "page cache: temp file renamed into place, no fsync"
 
     def __init__(self, prefix: Path, body_buffer: str | None) -> None:
@@ -155,6 +181,9 @@ class Nginx:
     def targets(self, label: str, sources: list[Source]) -> list[tuple[Path, str]]:
         return [(s.path, f"http://127.0.0.1:{self.port}/{label}/{s.path.name}") for s in sources]
 
+    def curl_options(self, sources: list[Source]) -> tuple[Any, Any]:
+        return None, None
+
     def verify_and_clean(self, label: str, sources: list[Source]) -> None:
         for s in sources:
             assert (self.prefix / "root" / label / s.path.name).stat().st_size == s.size
@@ -166,11 +195,18 @@ class Nginx:
 
 
 class Methodic:
-    sha256 = "on (the server hashes every body)"
     durability = "page cache, no fsync per PUT; finalize fsyncs every file and directory"
 
-    def __init__(self, name: str, data_dir: Path, src: str | None) -> None:
-        self.name = name
+    def __init__(self, name: str, data_dir: Path, src: str | None, algorithm: str) -> None:
+        self.name = f"{name} ({algorithm})"
+        self.algorithm = algorithm
+        self.hashing = (
+            f"on: assets of {algorithm}, every URL bound to its range's digest, the server "
+            "hashes every body and stores it only if it has that digest"
+        )
+        self.work = data_dir.parent / f"{data_dir.name}-answers"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self._headers: dict[str, dict[str, str]] = {}
         self.commit = git_commit(src)
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("METHODIC_")}
@@ -182,40 +218,67 @@ class Methodic:
             stderr=subprocess.PIPE,
             env=env,
         )
-        wait_port(self.port, self.proc)
-        key = (data_dir / "api_key").read_text().strip()
-        self.api = httpx.Client(
-            base_url=f"http://127.0.0.1:{self.port}/api/v1",
-            trust_env=False,
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=120,
-        )
-        experiment = self.api.post("/experiments", json={"name": "ingest"}).json()
-        self.run_id = self.api.put(f"/experiments/{experiment['id']}/runs/0/0").json()["id"]
+        try:
+            wait_port(self.port, self.proc)
+            deadline = time.monotonic() + 20
+            while not (data_dir / "api_key").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)  # the port can open before the key is written
+            key = (data_dir / "api_key").read_text().strip()
+            self.api = httpx.Client(
+                base_url=f"http://127.0.0.1:{self.port}/api/v1",
+                trust_env=False,
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=120,
+            )
+            experiment = self.api.post("/experiments", json={"name": "ingest"}).json()
+            self.run_id = self.api.put(f"/experiments/{experiment['id']}/runs/0/0").json()["id"]
+        except BaseException:  # not in the caller's list yet: stop it here
+            self.proc.terminate()
+            self.proc.wait(20)
+            raise
 
     def pids(self) -> list[int]:
         return [self.proc.pid]
 
     def targets(self, label: str, sources: list[Source]) -> list[tuple[Path, str]]:
+        """Create the asset with the algorithm, then presign every PUT bound to its digest (the
+        protocol since issue 12; the create's own targets are not bound), outside the timing."""
         asset = self.api.post(
             f"/runs/{self.run_id}/assets",
             json={
                 "asset_id": label,
                 "asset_type": "bench",
-                "presign": True,
+                "checksum_algorithm": self.algorithm,
                 "components": [{"path": s.path.name, "size": s.size} for s in sources],
             },
         )
         asset.raise_for_status()
-        urls = {t["path"]: t["url"] for t in asset.json()["targets"]}
-        return [(s.path, urls[s.path.name]) for s in sources]
+        presigned = self.api.post(
+            f"/assets/{label}/presign",
+            json={
+                "targets": [
+                    {"path": s.path.name, "part": None, "checksum": s.digest(self.algorithm)}
+                    for s in sources
+                ]
+            },
+        )
+        presigned.raise_for_status()
+        by_path = {t["path"]: t for t in presigned.json()["targets"]}
+        self._headers = {p: t["headers"] for p, t in by_path.items()}
+        return [(s.path, by_path[s.path.name]["url"]) for s in sources]
+
+    def curl_options(self, sources: list[Source]) -> tuple[Any, Any]:
+        headers = [self._headers[s.path.name] for s in sources]
+        if not all("x-methodic-checksum" in h for h in headers):
+            raise RuntimeError(f"targets not bound to their digests: {headers[:1]}")
+        return headers, [self.work / f"{s.path.name}.json" for s in sources]
 
     def verify_and_clean(self, label: str, sources: list[Source]) -> None:
-        stored = {
-            c["path"]: c["sha256"] for c in self.api.get(f"/assets/{label}").json()["components"]
-        }
+        # 201 (checked by curl) and the server's answer: the bound digest it verified.
         for s in sources:
-            assert stored[s.path.name] == s.sha256, (s.path.name, stored[s.path.name])
+            answer = json.loads((self.work / f"{s.path.name}.json").read_text())
+            want = f"{self.algorithm}:{s.digest(self.algorithm)}"
+            assert answer["bound"] and answer["checksum"] == want, (s.path.name, answer)
         self.api.delete(f"/assets/{label}").raise_for_status()  # a pending asset: bytes removed
 
     def stop(self) -> None:
@@ -240,7 +303,7 @@ def measure(server: Nginx | Methodic, label: str, sources: list[Source]) -> tupl
     pairs = server.targets(label, sources)
     pids = server.pids()
     cpu_before = proc_cpu(pids)
-    elapsed = curl(pairs)
+    elapsed = curl(pairs, *server.curl_options(sources))
     cpu = proc_cpu(pids) - cpu_before
     server.verify_and_clean(label, sources)
     total = sum(s.size for s in sources)
@@ -305,6 +368,11 @@ def main() -> None:
         action="store_true",
         help="skip the second nginx, the one with its default 16k body buffer",
     )
+    parser.add_argument(
+        "--checksum",
+        default="crc64nvme,sha256",
+        help="the assets' checksum algorithm(s), comma list: one methodic server each",
+    )
     parser.add_argument("--big-mib", type=int, default=2048)
     parser.add_argument("--small-count", type=int, default=16)
     parser.add_argument("--small-mib", type=int, default=128)
@@ -320,9 +388,21 @@ def main() -> None:
     try:
         if not args.no_nginx_defaults:
             servers.append(Nginx(work / "nginx-defaults", None))
-        servers.append(Methodic("methodic serve, blob listener", work / "methodic", None))
-        if args.baseline_src:
-            servers.append(Methodic(args.baseline_name, work / "baseline", args.baseline_src))
+        for algorithm in args.checksum.split(","):
+            servers.append(
+                Methodic(
+                    "methodic serve, blob listener", work / f"methodic-{algorithm}", None, algorithm
+                )
+            )
+            if args.baseline_src:
+                servers.append(
+                    Methodic(
+                        args.baseline_name,
+                        work / f"baseline-{algorithm}",
+                        args.baseline_src,
+                        algorithm,
+                    )
+                )
         samples = {(s.name, shape): Samples() for s in servers for shape in shapes}
         for round_no in range(args.warmup + args.rounds):
             order = servers if round_no % 2 == 0 else servers[::-1]
@@ -363,12 +443,25 @@ def main() -> None:
             )
         results[server.name] = {
             **({"commit": server.commit} if isinstance(server, Methodic) else {}),
-            "sha256": server.sha256,
+            "hashing": server.hashing,
             "durability": server.durability,
             "shapes": per_shape,
         }
+    goals = []
+    for server in servers:
+        if isinstance(server, Methodic):
+            for shape in shapes:
+                ratio = results[server.name]["shapes"][shape]["ratio_to_nginx"]
+                goals.append(
+                    {"server": server.name, "shape": shape, "ratio": ratio, "pass": ratio >= 0.8}
+                )
+                print(
+                    f"- {server.name}, {shape}: {ratio:.2f}x {reference} (goal >= 0.8x): "
+                    f"{'PASS' if ratio >= 0.8 else 'FAIL'}"
+                )
     report = {
         "benchmark": "bench/ingest.py",
+        "goals": goals,
         "client": "curl -T FILE URL (one process per shape, one keep-alive connection)",
         "rounds": args.rounds,
         "warmup_rounds": args.warmup,

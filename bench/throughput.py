@@ -2,14 +2,15 @@
 
     python bench/throughput.py [--quick] [--repeat 5] [--workers 8] [--only nginx,server,rss]
 
-(a) nginx: the engine's PUT path (``methodic._transfer.send_range`` on the engine's own
-    ``httpx.AsyncClient`` and ``TokenBucket``, sha256 on) and ``curl --parallel`` into an nginx
+(a) nginx: the engine's PUT path (per range: ``_checksum.hash_range`` in a thread, then
+    ``methodic._transfer.send_range`` on the engine's own ``httpx.AsyncClient`` and
+    ``TokenBucket``; each ``--checksum`` algorithm) and ``curl --parallel`` into an nginx
     WebDAV sink on loopback, for 16 files of 128 MiB and one 2 GiB file (one stream each, and
     in 16 MiB parts with the same number of parallel streams; curl sends pre-split part files).
 (b) server: the engine end to end (``Chronicle`` + ``UploadTracker``,
     ``register_and_upload_async``, wait, finalize) against ``methodic serve``, and curl PUTting
-    the same files to the same server's presigned URLs (``create_asset_presigned``, curl,
-    ``finalize_asset``).
+    the same files to the same server's presigned URLs, bound to the ranges' digests (create,
+    presign with ``checksum``, curl with each URL's ``x-methodic-checksum``, finalize).
 (c) rss: peak RSS of the engine end to end for a 1 GiB and an 8 GiB (sparse) file.
 
 Every client runs in its own process: MB/s is bytes / wall time of the transfer (median of
@@ -80,6 +81,12 @@ def main() -> None:
     parser.add_argument("--part-size", type=int, default=16, help="MiB (the engine's default)")
     parser.add_argument("--only", default="nginx,server,rss", help="comma list of nginx,server,rss")
     parser.add_argument(
+        "--checksum",
+        default="crc64nvme,sha256",
+        help="the engine's checksum algorithm(s), comma list, each run in the same rounds "
+        "(default crc64nvme,sha256; the first is also the one of the rss section)",
+    )
+    parser.add_argument(
         "--output",
         type=Path,
         default=None,
@@ -112,6 +119,11 @@ def main() -> None:
     if args.warmup is None:
         args.warmup = 0 if args.quick else 1
     args.part_size *= MiB
+    args.checksums = args.checksum.split(",")
+    from methodic._checksum import check_algorithm
+
+    for a in args.checksums:
+        check_algorithm(a)
     sections = set(args.only.split(","))
     if args.quick:
         many, single, rss_sizes = (16, 4 * MiB), 64 * MiB, [128 * MiB, 512 * MiB]
@@ -171,13 +183,21 @@ def main() -> None:
             from methodic import Chronicle
 
             runs = {}
-            for layout, opts in (
-                ("whole", {"part_threshold": 1 << 62}),
-                ("parts", {"part_size": args.part_size}),
-            ):
-                c = Chronicle(server_url=server.url, api_key=server.api_key, **opts)
-                chronicles.append(c)
-                runs[layout] = c.run(c.create_experiment("throughput-bench-curl"), 0, len(runs))
+            for algorithm in args.checksums:
+                for layout, opts in (
+                    ("whole", {"part_threshold": 1 << 62}),
+                    ("parts", {"part_size": args.part_size}),
+                ):
+                    c = Chronicle(
+                        server_url=server.url,
+                        api_key=server.api_key,
+                        checksum_algorithm=algorithm,
+                        **opts,
+                    )
+                    chronicles.append(c)
+                    runs[(layout, algorithm)] = c.run(
+                        c.create_experiment("throughput-bench-curl"), 0, len(runs)
+                    )
             for w in workloads:
                 bench.alternate(
                     "server", w, bench.server_variants(server, w, runs), server.clear_blobs
@@ -198,6 +218,7 @@ def main() -> None:
                     "local_dir": str(d),
                     "tracker": str(bench.scratch / f"t{bench.counter}.sqlite"),
                     "run": 1000 + bench.counter,
+                    "checksum": args.checksums[0],
                 }
                 try:
                     m = bench._child("e2e", spec, [server.proc.pid])
@@ -207,6 +228,7 @@ def main() -> None:
                 rss.append(
                     {
                         "size_gib": size / GiB,
+                        "checksum": args.checksums[0],
                         "workers": args.workers,
                         "mb_s": m.bytes / m.wall / MB,
                         "cpu_s_per_gb": m.cpu / (m.bytes / GB),
@@ -247,8 +269,8 @@ def main() -> None:
     load_after = os.getloadavg()
     rows = median_rows(bench.runs)
     trees = [name for name, _ in args.engine_tree]
-    goals = evaluate(rows, rss, trees)
-    print_report(rows, rss, goals, labels, trees)
+    goals = evaluate(rows, rss, trees, args.workers, args.checksums)
+    print_report(rows, rss, goals, labels, trees, args.workers, args.checksums)
     print(
         f"\nload average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after, "
         f"on {os.cpu_count()} CPUs"
@@ -261,6 +283,7 @@ def main() -> None:
         "warmup": args.warmup,
         "workers": args.workers,
         "part_size": args.part_size,
+        "checksums": args.checksums,
         "scratch_fs": str(base.parent),
         "loadavg_before": load_before,
         "loadavg_after": load_after,

@@ -19,10 +19,16 @@ def _rusage_cpu(r: resource.struct_rusage) -> tuple[float, float]:
 
 
 def child_put(spec: dict[str, Any]) -> dict[str, Any]:
-    """The engine's PUT path: send_range over the engine's own client, N transfers at once."""
+    """The engine's PUT path, per range what the engine does: the range's digest first
+    (``_checksum.hash_range`` in a thread, as ``_digests`` does before presigning), then
+    ``send_range`` (the ETag) with the digest in the bound URL's header, over the engine's own
+    client and TokenBucket, N ranges at once."""
     from methodic import AsyncChronicle
+    from methodic._checksum import hash_range
     from methodic._transfer import FileIdentity, send_range
     from methodic._types import UploadTarget
+
+    algorithm = spec["checksum"]
 
     async def main() -> dict[str, Any]:
         targets = spec["targets"]
@@ -46,13 +52,26 @@ def child_put(spec: dict[str, Any]) -> dict[str, Any]:
                     i = queue.get_nowait()
                     t = targets[i]
                     st = os.stat(t["local_path"])
-                    identity = FileIdentity(t["local_path"], st.st_size, st.st_mtime_ns, st.st_ino)
+                    identity = FileIdentity(
+                        t["local_path"],
+                        st.st_size,
+                        st.st_mtime_ns,
+                        st.st_ino,
+                        st.st_ctime_ns,
+                        st.st_dev,
+                    )
+                    # The digest bound into the URL: identity checked around it, as _digests does.
+                    await asyncio.to_thread(identity.check)
+                    digests[i] = await asyncio.to_thread(
+                        hash_range, t["local_path"], t["offset"], t["length"], algorithm
+                    )
+                    await asyncio.to_thread(identity.check)
                     target = UploadTarget(
                         path=t["name"],
                         part=None,
                         method="PUT",
                         url=t["url"],
-                        headers={},
+                        headers={"x-methodic-checksum": f"{algorithm}:{digests[i]}"},
                         offset=t["offset"],
                         length=t["length"],
                         expires_at=time.time() + 3600,
@@ -63,7 +82,7 @@ def child_put(spec: dict[str, Any]) -> dict[str, Any]:
                         if hasattr(chronicle._pool, "connections")
                         else []
                     )
-                    _etag, digests[i] = await send_range(
+                    await send_range(
                         chronicle._http, target, identity, chronicle.bucket, on_bytes, *more
                     )
 
@@ -75,8 +94,10 @@ def child_put(spec: dict[str, Any]) -> dict[str, Any]:
             r1 = resource.getrusage(resource.RUSAGE_SELF)
             rc1 = proc_cpu(spec["receiver_pids"])
         for i, t in enumerate(targets):
-            if t.get("sha256") and digests[i] != t["sha256"]:
-                raise SystemExit(f"sha256 of {t['name']} is {digests[i]}, expected {t['sha256']}")
+            if t.get("digest") and digests[i] != t["digest"]:
+                raise SystemExit(
+                    f"{algorithm} of {t['name']} is {digests[i]}, expected {t['digest']}"
+                )
         return {
             "wall": wall,
             "bytes": sent,
@@ -93,6 +114,8 @@ def child_e2e(spec: dict[str, Any]) -> dict[str, Any]:
     from methodic import AssetStateChanged, Chronicle, RetryScheduled, UploadTracker
 
     options = {k: spec[k] for k in ("part_threshold", "part_size") if spec.get(k)}
+    if spec.get("checksum") not in (None, "crc64nvme"):  # crc64nvme: the default, left unset
+        options["checksum_algorithm"] = spec["checksum"]
     tracker = UploadTracker(db_path=Path(spec["tracker"]))
     seen: dict[str, Any] = {"finalizing": None, "retries": []}
 

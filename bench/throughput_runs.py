@@ -35,10 +35,29 @@ class Workload:
     files: list[Path]
     sha256: dict[str, str]
     part_files: dict[tuple[str, int], Path] = field(default_factory=dict)
+    # algorithm -> (file name, part or None) -> hex digest of that range (computed once)
+    digests: dict[str, dict[tuple[str, int | None], str]] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
         return sum(f.stat().st_size for f in self.files)
+
+    def range_digests(self, algorithm: str, part_size: int) -> dict[tuple[str, int | None], str]:
+        """Every whole file's and every part's digest: what curl's side is given, for free, to
+        bind its URLs (outside the timing), and what the engine's digests are checked against."""
+        if algorithm not in self.digests:
+            from methodic._checksum import hash_range
+
+            out: dict[tuple[str, int | None], str] = {}
+            for f in self.files:
+                size = f.stat().st_size
+                out[(f.name, None)] = hash_range(f, 0, size, algorithm)
+                if self.part_files:
+                    for n in range(1, -(-size // part_size) + 1):
+                        off = (n - 1) * part_size
+                        out[(f.name, n)] = hash_range(f, off, min(part_size, size - off), algorithm)
+            self.digests[algorithm] = out
+        return self.digests[algorithm]
 
 
 def write_file(path: Path, size: int, block: bytes, salt: int) -> str:
@@ -136,14 +155,16 @@ class Bench:
         pairs: list[tuple[Path, str]],
         parallel: int,
         receiver: list[int],
-        hash_alongside: bool = False,
+        hash_alongside: str | None = None,
+        headers: list[dict[str, str]] | None = None,
     ) -> Measured:
-        """curl PUTs ``pairs``; ``hash_alongside``: ``openssl dgst -sha256`` reads and hashes the
-        same files at the same time (wall time and CPU of both): what the cheapest uploader
-        that hashes what it sends would cost, the practical ceiling of a hashing client here."""
+        """curl PUTs ``pairs`` (with ``headers[i]`` on the i-th, e.g. a bound URL's
+        x-methodic-checksum). ``hash_alongside`` (an algorithm): a second process reads and
+        hashes the same files at the same time (wall time and CPU of both): ``openssl dgst
+        -sha256``, or for crc64nvme a Python one-liner over awscrt's CRC (what the engine uses),
+        i.e. the cheapest uploader that hashes what it sends, the ceiling of such a client here."""
         self.counter += 1
-        argv = [
-            "curl",
+        common = [
             "--silent",
             "--show-error",
             "--no-progress-meter",
@@ -152,12 +173,33 @@ class Bench:
             "-w",
             "%{http_code}\\n",
         ]
+        argv = ["curl"]
         if parallel > 1:
             argv += ["--parallel", "--parallel-immediate", "--parallel-max", str(parallel)]
-        for path, url in pairs:
-            argv += ["-T", str(path), "-o", "/dev/null", url]
+        if headers is None:
+            argv += common
+            for path, url in pairs:
+                argv += ["-T", str(path), "-o", "/dev/null", url]
+        else:  # per-URL headers: one --next section each (curl still runs them in parallel)
+            for i, ((path, url), extra) in enumerate(zip(pairs, headers, strict=True)):
+                argv += (["--next"] if i else []) + common
+                for k, v in extra.items():
+                    argv += ["-H", f"{k}: {v}"]
+                argv += ["-T", str(path), "-o", "/dev/null", url]
         if hash_alongside:  # sh waits for both, so its rusage from wait4 includes both
-            hasher = shlex.join(["openssl", "dgst", "-sha256", *(str(p) for p, _ in pairs)])
+            files = [str(p) for p, _ in pairs]
+            if hash_alongside == "sha256":
+                hasher = shlex.join(["openssl", "dgst", "-sha256", *files])
+            else:
+                code = (
+                    "import os, sys; from awscrt.checksums import crc64nvme\n"
+                    "b = bytearray(4 << 20); v = memoryview(b)\n"
+                    "for p in sys.argv[1:]:\n"
+                    "    c = 0; fd = os.open(p, os.O_RDONLY)\n"
+                    "    while n := os.readv(fd, [b]): c = crc64nvme(v[:n], c)\n"
+                    "    os.close(fd)\n"
+                )
+                hasher = shlex.join([sys.executable, "-c", code, *files])
             argv = ["sh", "-c", f"{hasher} >/dev/null & {shlex.join(argv)}; s=$?; wait; exit $s"]
         out, err = self.scratch / f"out{self.counter}", self.scratch / f"err{self.counter}"
         rc0 = proc_cpu(receiver)
@@ -212,11 +254,13 @@ class Bench:
 
     def nginx_variants(self, nginx: Nginx, w: Workload) -> dict[str, Any]:
         workers = self.args.workers
+        algorithms = self.args.checksums
         recv = nginx.pids()
         part = self.args.part_size
         origin = nginx.origin
 
-        def whole_targets(prefix: str) -> list[dict[str, Any]]:
+        def whole_targets(prefix: str, algorithm: str) -> list[dict[str, Any]]:
+            digests = w.range_digests(algorithm, part)
             return [
                 {
                     "name": f.name,
@@ -224,14 +268,15 @@ class Bench:
                     "local_path": str(f),
                     "offset": 0,
                     "length": f.stat().st_size,
-                    "sha256": w.sha256[f.name],
+                    "digest": digests[(f.name, None)],
                 }
                 for f in w.files
             ]
 
-        def part_targets(prefix: str) -> list[dict[str, Any]]:
+        def part_targets(prefix: str, algorithm: str) -> list[dict[str, Any]]:
             f = w.files[0]
             size = f.stat().st_size
+            digests = w.range_digests(algorithm, part)
             return [
                 {
                     "name": f"{f.name}.{n}",
@@ -239,52 +284,61 @@ class Bench:
                     "local_path": str(f),
                     "offset": (n - 1) * part,
                     "length": min(part, size - (n - 1) * part),
+                    "digest": digests[(f.name, n)],
                 }
                 for n in range(1, -(-size // part) + 1)
             ]
 
-        def engine(targets: list[dict[str, Any]], n: int) -> Measured:
-            return self._child("put", {"origin": origin, "workers": n, "targets": targets}, recv)
+        def engine(targets: list[dict[str, Any]], n: int, algorithm: str) -> Measured:
+            spec = {"origin": origin, "workers": n, "targets": targets, "checksum": algorithm}
+            return self._child("put", spec, recv)
 
+        def bind(fn: Any, *args: Any) -> Any:
+            return lambda: fn(*args)
+
+        many = [(f, f"{origin}/curl/{f.name}") for f in w.files]
+        one = [(w.files[0], f"{origin}/curl/{w.files[0].name}")]
+        variants: dict[str, Any] = {}
         if w.name == "many":
-            return {
-                f"curl --parallel {workers}": lambda: self._curl(
-                    [(f, f"{origin}/curl/{f.name}") for f in w.files], workers, recv
-                ),
-                f"sha256 + curl --parallel {workers}": lambda: self._curl(
-                    [(f, f"{origin}/curl/{f.name}") for f in w.files], workers, recv, True
-                ),
-                f"engine send_range x{workers}": lambda: engine(whole_targets("engine"), workers),
-            }
-        variants = {
-            "curl, 1 stream": lambda: self._curl(
-                [(w.files[0], f"{origin}/curl/{w.files[0].name}")], 1, recv
-            ),
-            "sha256 + curl, 1 stream": lambda: self._curl(
-                [(w.files[0], f"{origin}/curl/{w.files[0].name}")], 1, recv, True
-            ),
-            "engine send_range, 1 stream": lambda: engine(whole_targets("engine"), 1),
-        }
+            variants[f"curl --parallel {workers}"] = bind(self._curl, many, workers, recv)
+            for a in algorithms:
+                variants[f"{a} + curl --parallel {workers}"] = bind(
+                    self._curl, many, workers, recv, a
+                )
+            for a in algorithms:
+                variants[f"engine {a} + send_range x{workers}"] = bind(
+                    lambda a: engine(whole_targets("engine", a), workers, a), a
+                )
+            return variants
+        variants["curl, 1 stream"] = bind(self._curl, one, 1, recv)
+        for a in algorithms:
+            variants[f"{a} + curl, 1 stream"] = bind(self._curl, one, 1, recv, a)
+        for a in algorithms:
+            variants[f"engine {a} + send_range, 1 stream"] = bind(
+                lambda a: engine(whole_targets("engine", a), 1, a), a
+            )
         if w.part_files:
-            variants[f"curl --parallel {workers}, parts"] = lambda: self._curl(
-                [(p, f"{origin}/curl/{p.name}") for p in w.part_files.values()], workers, recv
-            )
-            variants[f"engine send_range x{workers}, parts"] = lambda: engine(
-                part_targets("engine"), workers
-            )
+            parts = [(p, f"{origin}/curl/{p.name}") for p in w.part_files.values()]
+            variants[f"curl --parallel {workers}, parts"] = bind(self._curl, parts, workers, recv)
+            for a in algorithms:
+                variants[f"engine {a} + send_range x{workers}, parts"] = bind(
+                    lambda a: engine(part_targets("engine", a), workers, a), a
+                )
         return variants
 
     # (b) server ------------------------------------------------------------------------
 
     def server_variants(
-        self, server: Server, w: Workload, chronicles: dict[str, Any]
+        self, server: Server, w: Workload, runs: dict[tuple[str, str], Any]
     ) -> dict[str, Any]:
-        from methodic import ComponentSpec
+        """``runs[(layout, algorithm)]``: a run of a Chronicle with that layout and algorithm,
+        for curl's assets (created with the algorithm, so the server verifies the same way)."""
+        import httpx
 
         workers = self.args.workers
         recv = [server.proc.pid] if server.proc else []
 
-        def engine(whole: bool) -> Measured:
+        def engine(whole: bool, algorithm: str) -> Measured:
             self.counter += 1
             spec = {
                 "server_url": server.url,
@@ -294,56 +348,105 @@ class Bench:
                 "tracker": str(self.scratch / f"t{self.counter}.sqlite"),
                 "run": self.counter,
                 "part_size": self.args.part_size,
+                "checksum": algorithm,
             }
             if whole:
                 spec["part_threshold"] = 1 << 62
             return self._child("e2e", spec, recv)
 
-        def curl(layout: str, parallel: int) -> Measured:
-            run = chronicles[layout]
-            specs = [ComponentSpec.from_file(f.name, f, sha256=w.sha256[f.name]) for f in w.files]
+        def curl(layout: str, parallel: int, algorithm: str) -> Measured:
+            """The engine's protocol, minus the hashing (curl is given the digests): create the
+            asset with the algorithm, presign every range bound to its digest, curl with each
+            URL's x-methodic-checksum header, finalize (the server derives the checksums)."""
+            run = runs[(layout, algorithm)]
+            part = self.args.part_size if layout == "parts" else None
+            digests = w.range_digests(algorithm, self.args.part_size)
             by_name = {f.name: f for f in w.files}
+            manifest, keys = [], []
+            for f in w.files:
+                size = f.stat().st_size
+                manifest.append({"path": f.name, "size": size, "sha256": None, "part_size": part})
+                if part is None:
+                    keys.append((f.name, None))
+                else:
+                    keys += [(f.name, n) for n in range(1, -(-size // part) + 1)]
+            self.counter += 1
+            api = httpx.Client(
+                base_url=f"{server.url}/api/v1",
+                headers={"Authorization": f"Bearer {server.api_key}"},
+                trust_env=False,
+                timeout=120,
+            )
+
+            def call(method: str, url: str, body: Any) -> Any:
+                answer = api.request(method, url, json=body)
+                if answer.is_error:
+                    raise RuntimeError(f"{method} {url}: {answer.status_code} {answer.text[:500]}")
+                return answer.json()
+
             rc0 = proc_cpu(recv)
             r0 = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
-            presigned = run.create_asset_presigned(asset_type="checkpoint", components=specs)
-            pairs = []
-            for t in presigned.targets:
-                if t.headers:
-                    raise RuntimeError(f"target headers {t.headers} are not passed to curl")
-                local = by_name[t.path] if t.part is None else w.part_files[(t.path, t.part)]
-                pairs.append((local, t.url))
-            m = self._curl(pairs, parallel, recv)
+            asset_id = call(
+                "POST",
+                f"/runs/{run.id}/assets",
+                {
+                    "asset_id": f"curl-{self.counter}",
+                    "asset_type": "checkpoint",
+                    "components": manifest,
+                    "checksum_algorithm": algorithm,
+                },
+            )["asset_id"]
+            targets = call(
+                "POST",
+                f"/assets/{asset_id}/presign",
+                {"targets": [{"path": p, "part": n, "checksum": digests[(p, n)]} for p, n in keys]},
+            )["targets"]
+            pairs, headers = [], []
+            for t in targets:
+                n = t.get("part")
+                local = by_name[t["path"]] if n is None else w.part_files[(t["path"], n)]
+                pairs.append((local, t["url"]))
+                headers.append(t["headers"])
+            if not all("x-methodic-checksum" in h for h in headers):
+                raise RuntimeError(f"targets not bound to their digests: {headers[:1]}")
+            m = self._curl(pairs, parallel, recv, headers=headers)
             t_fin = time.perf_counter()
-            asset = run.finalize_asset(presigned.asset_id)
+            asset = call("POST", f"/assets/{asset_id}/finalize", {})
             m.extra["finalize_s"] = time.perf_counter() - t_fin
             wall = time.perf_counter() - t0
             r1 = resource.getrusage(resource.RUSAGE_SELF)
-            m.receiver_cpu = (
-                proc_cpu(recv) - rc0
-            )  # the API calls and finalize too, as for the engine
-            if asset.state != "finalized":
-                raise RuntimeError(f"curl's asset is {asset.state}")
+            api.close()
+            # the API calls and finalize too, as for the engine
+            m.receiver_cpu = proc_cpu(recv) - rc0
+            if asset["state"] != "finalized":
+                raise RuntimeError(f"curl's asset is {asset['state']}")
             api_cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
             m.extra["curl_wall"] = m.wall
             m.extra["api_cpu"] = api_cpu
             m.wall = wall
-            m.cpu += api_cpu  # the presign and finalize calls, made from this process
+            m.cpu += api_cpu  # the API calls, made from this process
             return m
 
-        if w.name == "many":  # curl sends whole files: so does the compared engine variant
-            return {
-                f"curl --parallel {workers}": lambda: curl("whole", workers),
-                f"engine whole files x{workers}": lambda: engine(True),
-                f"engine x{workers} (defaults: 16 MiB parts)": lambda: engine(False),
-            }
-        variants = {
-            "curl, 1 stream": lambda: curl("whole", 1),
-            "engine, 1 stream (no parts)": lambda: engine(True),
-        }
-        if w.part_files:
-            variants[f"curl --parallel {workers}, parts"] = lambda: curl("parts", workers)
-            variants[f"engine x{workers}, parts (defaults)"] = lambda: engine(False)
+        def bind(fn: Any, *args: Any) -> Any:
+            return lambda: fn(*args)
+
+        variants: dict[str, Any] = {}
+        for a in self.args.checksums:
+            if w.name == "many":  # curl sends whole files: so does the compared engine variant
+                variants[f"curl --parallel {workers}, {a} asset"] = bind(curl, "whole", workers, a)
+                variants[f"engine {a}, whole files x{workers}"] = bind(engine, True, a)
+                variants[f"engine {a}, x{workers} (defaults: 16 MiB parts)"] = bind(
+                    engine, False, a
+                )
+                continue
+            variants[f"curl, 1 stream, {a} asset"] = bind(curl, "whole", 1, a)
+            variants[f"engine {a}, 1 stream (no parts)"] = bind(engine, True, a)
+            if w.part_files:
+                variants[f"curl --parallel {workers}, parts, {a} asset"] = bind(
+                    curl, "parts", workers, a
+                )
+                variants[f"engine {a}, x{workers} parts (defaults)"] = bind(engine, False, a)
         return variants
 
     # ---------------------------------------------------------------------------------
