@@ -264,3 +264,30 @@ def test_a_download_of_bytes_damaged_in_storage_is_refused(
         with pytest.raises(ChronicleError, match="corrupt"):
             run.download_asset(asset.asset_id, tmp_path / "back")
     assert not (tmp_path / "back" / "model.bin").exists()
+
+
+# ---------------------------------------------------------------- what a store's refusal means
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "expired", "transient", "mismatch"),
+    [
+        (400, "ExpiredToken", True, False, False),  # real S3: an expired session token
+        (400, "RequestTimeout", False, True, False),  # real S3: a body that came too slowly
+        (400, "AccessDenied</Code><Message>Request has expired", True, False, False),  # rclone
+        (403, "AccessDenied</Code><Message>Request has expired", True, False, False),
+        (404, "NoSuchUpload", True, False, False),  # the server aborted the multipart upload
+        (400, "BadDigest", False, True, True),  # S3 refused bytes that are not the bound digest
+        (403, "SignatureDoesNotMatch", False, False, False),
+    ],
+)
+def test_a_stores_refusal_says_whether_to_presign_again_retry_or_give_up(
+    status: int, code: str, expired: bool, transient: bool, mismatch: bool
+) -> None:
+    from methodic._transfer import TransferError, _accepted
+
+    body = f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>m</Message></Error>"
+    with pytest.raises(TransferError) as caught:
+        _accepted(httpx.Response(status, text=body))
+    exc = caught.value
+    assert (exc.expired, exc.transient, exc.mismatch) == (expired, transient, mismatch)

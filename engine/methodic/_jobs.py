@@ -34,9 +34,8 @@ from methodic._uploads import AssetUpload, ComponentUpload, Key
 log = logging.getLogger("methodic")
 
 PRESIGN_BATCH = 200
-# Bytes of other jobs' ranges hashed ahead for one presign call, under the asset's presign
-# lock (a range's digest is bound into its URL): small files share a call, big parts do not.
-HASH_AHEAD = 8 << 20
+# Bytes of ranges hashed ahead for one presign call (a range's digest is bound into its URL).
+HASH_AHEAD = 256 << 20
 # Seconds of validity a target must keep to be used (at most a quarter of its TTL).
 PRESIGN_MARGIN = 30.0
 
@@ -250,28 +249,20 @@ class Scheduler:
         key = job.key
         if (target := self._fresh(up, key)) is not None:
             return target
-        # Each job hashes its own range outside the lock, so workers hash in parallel and none
-        # waits on another's hashing; a batch hashes ahead only small ranges (many small files
-        # in one presign call).
-        await digests.ensure_digests(up, [key])
         async with up.presign_lock:
             if (target := self._fresh(up, key)) is not None:
                 return target
             batch = [key]
             ahead = 0
-            while up.presign_order and len(batch) < PRESIGN_BATCH:
+            while up.presign_order and len(batch) < PRESIGN_BATCH and ahead < HASH_AHEAD:
                 nxt = up.presign_order.popleft()
-                if nxt == key or nxt not in up.queued or nxt in up.targets:
-                    continue
-                nc = up.components[nxt[0]]
-                cost = 0 if nxt[1] in nc.digests else nc.span(nxt[1])[1]
-                if ahead + cost > HASH_AHEAD:
-                    up.presign_order.appendleft(nxt)  # its own job hashes it
-                    break
-                ahead += cost
-                batch.append(nxt)
-            # Each range's digest is bound into its URL (one that fails to hash is presigned
-            # later, by its own job).
+                if nxt != key and nxt in up.queued and nxt not in up.targets:
+                    batch.append(nxt)
+                    nc = up.components[nxt[0]]
+                    ahead += 0 if nxt[1] in nc.digests else nc.span(nxt[1])[1]
+            # Each range's digest is bound into its URL: hash them first (the job's own range
+            # must succeed; another that fails is presigned later, by its own job).
+            await digests.ensure_digests(up, batch[:1])
             await digests.ensure_digests(up, batch[1:], strict=False)
             batch = [k for k in batch if k[1] in up.components[k[0]].digests]
             targets = await self._api.presign(
