@@ -695,27 +695,26 @@ def _store_then_alter_behind_the_servers_back(
 
 
 @pytest.mark.parametrize("part_size", [None, 4], ids=["whole", "parts"])
-def test_finalize_trusts_receipts_of_files_unchanged_since_this_process_hashed_them(
+def test_finalize_reads_back_files_changed_behind_the_servers_back_even_with_mtime_restored(
     server: EmbeddedServer, api: httpx.Client, run_id: str, part_size: int | None
 ) -> None:
-    """Finalize re-checks only what this process did not hash on receipt (same inode, size, mtime).
-
-    Bytes changed behind the server's back with their mtime restored pass in the same process
-    (finalize does not re-read them) and are caught once the server has restarted, as it does
-    after the power cut that could lose unsynced bytes.
-    """
+    """Finalize trusts its receipts only while a stored file's stamp (device, inode, size,
+    mtime and ctime) is what it was when this process hashed the bytes. Bytes changed behind the
+    server's back with their mtime put back change the ctime: they are read back and caught, in
+    the same process as after a restart (which trusts no stamp at all)."""
     component = {"path": "a", "size": 10, "part_size": part_size}
-    trusted = _store_then_alter_behind_the_servers_back(server, api, run_id, component)
-    assert api.post(f"/api/v1/assets/{trusted}/finalize").status_code == 200
-
-    checked = _store_then_alter_behind_the_servers_back(server, api, run_id, component)
-    server.stop()
-    server.start()
-    error = assert_error(api.post(f"/api/v1/assets/{checked}/finalize"), 409, "asset_incomplete")
-    [missing] = error["missing"]
-    assert missing["reason"].startswith("checksum mismatch")
-    if part_size:
-        assert missing["parts_missing"] == [1]
+    for restart in (False, True):
+        altered = _store_then_alter_behind_the_servers_back(server, api, run_id, component)
+        if restart:
+            server.stop()
+            server.start()
+        error = assert_error(
+            api.post(f"/api/v1/assets/{altered}/finalize"), 409, "asset_incomplete"
+        )
+        [missing] = error["missing"]
+        assert missing["reason"].startswith("checksum mismatch")
+        if part_size:
+            assert missing["parts_missing"] == [1]
 
 
 def test_a_part_resend_cut_short_makes_finalize_read_the_file_back(
