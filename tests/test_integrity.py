@@ -291,3 +291,15 @@ def test_a_stores_refusal_says_whether_to_presign_again_retry_or_give_up(
         _accepted(httpx.Response(status, text=body))
     exc = caught.value
     assert (exc.expired, exc.transient, exc.mismatch) == (expired, transient, mismatch)
+
+
+def test_a_sent_range_keeps_no_upload_target_in_memory(
+    server: EmbeddedServer, tmp_path: Path
+) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {f"f{i}.bin": 1000 for i in range(300)})
+    with Chronicle(server.url, server.api_key) as chronicle:
+        run = chronicle.run(chronicle.create_experiment("x"), 0, 0)
+        handle = run.register_and_upload_async(ckpt)
+        handle.result()
+        up = chronicle.core._pool.assets[handle.asset_id]
+        assert up.targets == {} and up.use_until == {}

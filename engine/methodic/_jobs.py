@@ -224,6 +224,9 @@ class Scheduler:
         self, up: AssetUpload, c: ComponentUpload, part: int | None, etag: str | None
     ) -> None:
         self._progress.piece_done(c, part)
+        # Its URL is spent: an asset of 100,000 files keeps no 100,000 targets in memory.
+        up.targets.pop((c.path, part), None)
+        up.use_until.pop((c.path, part), None)
         if part is not None:
             c.parts_done.add(part)
             try:
