@@ -67,19 +67,7 @@ def main() -> None:
                 f.write(i.to_bytes(8, "little") + block[8:])
         server.start()
         pids = [server.proc.pid, *children_of(server.proc.pid)]
-        api = httpx.Client(
-            base_url=f"{server.url}/api/v1",
-            headers={"Authorization": f"Bearer {server.api_key}"},
-            trust_env=False,
-            timeout=600,
-        )
-
-        def call(method: str, url: str, body: Any) -> Any:
-            answer = api.request(method, url, json=body)
-            if answer.is_error:
-                raise RuntimeError(f"{method} {url}: {answer.status_code} {answer.text[:500]}")
-            return answer.json()
-
+        call = server.call
         exp = call("POST", "/experiments", {"name": "finalize-bench"})
         run_id = call("PUT", f"/experiments/{exp['id']}/runs/0/0", None)["id"]
         n_parts = -(-size // part)
@@ -150,7 +138,6 @@ def main() -> None:
                     flush=True,
                 )
                 shutil.rmtree(server.data_dir / "blobs", ignore_errors=True)
-        api.close()
     finally:
         server.stop()
         shutil.rmtree(base, ignore_errors=True)

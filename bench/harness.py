@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 MiB = 1 << 20
 
 
@@ -232,6 +234,9 @@ class Nginx:
         return [self.proc.pid, *children_of(self.proc.pid)]
 
     def stop(self) -> None:
+        if self._api is not None:
+            self._api.close()
+            self._api = None
         stop_process(self.proc)
 
     def version(self) -> str:
@@ -249,6 +254,21 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.api_key = ""
+        self._api: httpx.Client | None = None
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        """One control-API call (``path`` under /api/v1); its JSON, or RuntimeError."""
+        if self._api is None:
+            self._api = httpx.Client(
+                base_url=f"{self.url}/api/v1",
+                headers={"Authorization": f"Bearer {self.api_key}"},
+                trust_env=False,
+                timeout=600,
+            )
+        answer = self._api.request(method, path, json=body)
+        if answer.is_error:
+            raise RuntimeError(f"{method} {path}: {answer.status_code} {answer.text[:500]}")
+        return answer.json()
 
     def start(self) -> Server:
         self.data_dir.mkdir(parents=True)
@@ -294,6 +314,9 @@ class Server:
         clear_dir(self.data_dir / "blobs")
 
     def stop(self) -> None:
+        if self._api is not None:
+            self._api.close()
+            self._api = None
         stop_process(self.proc)
         with contextlib.suppress(Exception):
             self._log.close()

@@ -333,7 +333,6 @@ class Bench:
     ) -> dict[str, Any]:
         """``runs[(layout, algorithm)]``: a run of a Chronicle with that layout and algorithm,
         for curl's assets (created with the algorithm, so the server verifies the same way)."""
-        import httpx
 
         workers = self.args.workers
         recv = [server.proc.pid] if server.proc else []
@@ -371,19 +370,7 @@ class Bench:
                 else:
                     keys += [(f.name, n) for n in range(1, -(-size // part) + 1)]
             self.counter += 1
-            api = httpx.Client(
-                base_url=f"{server.url}/api/v1",
-                headers={"Authorization": f"Bearer {server.api_key}"},
-                trust_env=False,
-                timeout=120,
-            )
-
-            def call(method: str, url: str, body: Any) -> Any:
-                answer = api.request(method, url, json=body)
-                if answer.is_error:
-                    raise RuntimeError(f"{method} {url}: {answer.status_code} {answer.text[:500]}")
-                return answer.json()
-
+            call = server.call
             rc0 = proc_cpu(recv)
             r0 = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
@@ -416,7 +403,6 @@ class Bench:
             m.extra["finalize_s"] = time.perf_counter() - t_fin
             wall = time.perf_counter() - t0
             r1 = resource.getrusage(resource.RUSAGE_SELF)
-            api.close()
             # the API calls and finalize too, as for the engine
             m.receiver_cpu = proc_cpu(recv) - rc0
             if asset["state"] != "finalized":
