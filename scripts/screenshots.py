@@ -1,6 +1,6 @@
-"""Regenerate screenshots/*.svg from the real app on the real engine (Pilot + save_screenshot).
+"""Regenerate docs/screenshots/*.svg from the real app on the real engine (Pilot + save_screenshot).
 
-    python scripts/screenshots.py [--out screenshots]
+    python scripts/screenshots.py [--out docs/screenshots]
 
 States: the demo mid-upload with a retry in the event log (120x36 and 80x24), an asset's
 details, the force-finalize confirmation, and the recovery screen after an interrupted run.
@@ -134,7 +134,7 @@ async def main(out: Path) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parent.parent / "screenshots"
+        "--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "screenshots"
     )
     logging.disable(logging.WARNING)
     asyncio.run(main(parser.parse_args().out))

@@ -18,7 +18,8 @@ class NotFoundError(ChronicleError):
 
 
 class ConflictError(ChronicleError):
-    """The request contradicts what the server already holds (e.g. an asset id reused with another manifest)."""
+    """The request contradicts what the server already holds: an asset id reused with another
+    manifest, discarding a finalized asset, force-finalizing files that changed since sent."""
 
 
 class AssetIncompleteError(ChronicleError):

@@ -34,6 +34,11 @@ TAKE_OVER_HINT = "take_over=True (`methodic-tui resume --take-over`) takes it ov
 class DrainReport:
     """What ``drain_incomplete_uploads`` did, asset by asset.
 
+    ``resumed``: assets it sent bytes for; ``finalized``: assets it finalized;
+    ``already_finalized``: assets the server had finalized already (nothing sent); ``failed``
+    and ``skipped``: {asset id: reason}; ``bytes_resent``: bytes sent again; ``bytes_skipped``:
+    bytes the server already held, not sent again; ``ok``: no failures.
+
     ``unsealed`` maps each asset registered with ``seal=False`` and never sealed to what it
     holds and what to do (seal or discard it); such an asset is not a failure, nor finalized.
     """

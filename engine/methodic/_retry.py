@@ -18,6 +18,11 @@ class RetryPolicy:
 
     ``max_elapsed`` bounds the time spent on one component (or one API call) across attempts.
     A ``Retry-After`` from the server is honoured as given, up to ``retry_after_cap``.
+
+    Retried: connection errors, read/write errors, timeouts, 5xx, 408 and 429. An expired
+    presigned target is presigned again (not counted as a retry). Other 4xx fail the component
+    at once with the server's message. Every control-API call methodic makes is idempotent and
+    retried the same way.
     """
 
     max_attempts: int = 6

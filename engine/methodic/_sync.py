@@ -81,10 +81,34 @@ class UploadHandle:
 
 
 class Chronicle:
-    """A connection to a Chronicle server and its shared upload pool.
+    """A connection to a Chronicle server and **one shared upload pool**.
 
-    ``max_bandwidth`` caps all workers together, in bytes/s or as text like ``"200MB"``.
-    Use it as a context manager; on exit, unfinished uploads stay resumable from their tracker.
+    ```python
+    # server_url and api_key from $METHODIC_SERVER_URL and $METHODIC_API_KEY
+    from methodic import Chronicle
+
+    with Chronicle(max_upload_workers=8, max_bandwidth="200MB") as chronicle:
+        run = chronicle.run(chronicle.create_experiment("llama-ft"), variation=0, run=0)
+    ```
+
+    The pool runs ``max_upload_workers`` transfers at once for every ``Run`` made from this
+    ``Chronicle``. ``server_url`` defaults to ``$METHODIC_SERVER_URL``, ``api_key`` to
+    ``$METHODIC_API_KEY``. ``max_bandwidth`` caps all workers together (a token bucket): bytes/s,
+    or text such as ``"200MB"``, ``"1.5GiB"``, ``"500k"``; ``None``: no cap (see ``parse_rate``).
+
+    Keyword options: ``retry=RetryPolicy(...)``; ``part_threshold`` (default 64 MiB: files at or
+    above it go in parts); ``part_size`` (default 16 MiB, at least 5 MiB, raised so no file
+    exceeds 10,000 parts); ``stall_timeout`` (default 60 s: a transfer that moves no byte that
+    long is aborted and retried, however slow the link); ``checksum_algorithm`` (default
+    ``None``: the server's, ``crc64nvme``; or ``"sha256"``, ``"blake3"``): the digest of every
+    range, bound into its upload URL and verified by the receiver (see the integrity model).
+
+    Each range is hashed before it is presigned; bodies to ``http://`` targets that no proxy
+    applies to leave by ``sendfile(2)``, ``https://`` and proxied targets go through httpx,
+    which honours ``HTTPS_PROXY``/``NO_PROXY``. Use it as a context manager: on exit, uploads
+    still running stay resumable from their tracker. The API key never appears in ``repr``,
+    messages, logs or the tracker. Every method runs the ``AsyncChronicle`` method of the same
+    name and parameters on a private loop thread and waits for it.
     """
 
     def __init__(
@@ -113,12 +137,14 @@ class Chronicle:
 
     @property
     def server_url(self) -> str:
+        """The server this connection talks to."""
         return self.core.server_url
 
     def __repr__(self) -> str:
         return f"Chronicle(server_url={self.server_url!r}, max_upload_workers={self.core.max_upload_workers})"
 
     def close(self) -> None:
+        """Stop the pool (unfinished uploads stay resumable) and the loop thread."""
         if not self._closed:
             self._closed = True
             try:
@@ -141,31 +167,41 @@ class Chronicle:
         return Run(self, self._call(self.core.run(experiment_id, variation, run)))
 
     def get_asset(self, asset_id: str) -> Asset:
+        """The server's view of an asset, pending or not, with the components and parts
+        storage holds."""
         return self._call(self.core.get_asset(asset_id))
 
     def finalize_asset(self, asset_id: str) -> Asset:
+        """As ``Run.finalize_asset``."""
         return self._call(self.core.finalize_asset(asset_id))
 
     # Operator controls: AsyncChronicle's, run on the loop thread (see it for each one's rules).
 
     def pause(self, asset_id: str | None = None) -> list[str]:
-        """Pause one asset or all; in-flight transfers stop, finished parts stay finished."""
+        """Pause one asset (or all, with no id); returns the ids paused.
+
+        In-flight transfers stop at once, finished parts stay finished; a paused asset stays
+        paused across a restart."""
         return self._call(self.core.pause(asset_id))
 
     def resume(self, asset_id: str | None = None) -> list[str]:
-        """Resume paused assets."""
+        """Resume paused assets (and those held from an earlier process); returns their ids."""
         return self._call(self.core.resume(asset_id))
 
     def retry_failed(self, asset_id: str | None = None) -> list[str]:
-        """Queue failed components again."""
+        """Queue failed components again, with fresh attempts; returns the assets' ids."""
         return self._call(self.core.retry_failed(asset_id))
 
     def force_finalize(self, asset_id: str) -> Asset:
-        """Ask the server to finalize now; raises AssetIncompleteError if storage lacks something."""
+        """Ask the server to finalize whatever the local state says, now.
+
+        The server still verifies storage and every file's checksum: ``AssetIncompleteError``
+        lists what is missing; ``ConflictError`` when a local file changed since it was sent."""
         return self._call(self.core.force_finalize(asset_id))
 
     def discard(self, asset_id: str) -> None:
-        """Stop, forget locally and abort the pending asset on the server."""
+        """Stop the asset, mark it discarded in the tracker and abort it on the server (its
+        stored bytes are removed). Discarding a finalized asset raises ``ConflictError``."""
         self._call(self.core.discard(asset_id))
 
     def set_bandwidth(self, max_bandwidth: str | float | None) -> None:
@@ -173,11 +209,14 @@ class Chronicle:
         self._call(self.core.set_bandwidth(max_bandwidth))
 
     def snapshot(self, with_components: bool | str = False) -> PoolSnapshot:
-        """Every asset of the pool with bytes, state, rate and ETA, consistent at one instant."""
+        """Every asset of the pool, consistent at one instant: bytes done and total, state,
+        components done, rate, ETA, last error; components too when ``with_components`` is true
+        (or is one asset's id). An asset's ``rate`` and ``eta`` are ``None`` unless it is
+        uploading and a few seconds of its transfer were measured."""
         return self._call(self.core.snapshot(with_components))
 
     def subscribe(self, maxsize: int = 10_000) -> EventStream:
-        """The engine's events, read from this thread (see ``AsyncChronicle.subscribe``)."""
+        """The engine's event stream, read from this thread: an ``EventStream``."""
         return EventStream(self._loop, self._call(_subscribe(self.core, maxsize)))
 
 
@@ -196,6 +235,7 @@ class EventStream:
         self._sub = subscription
 
     def get_nowait(self) -> list[Event]:
+        """Every event that has arrived, without waiting."""
         return self._loop.call(_drain(self._sub))
 
     def get(self, timeout: float | None = None) -> Event:
@@ -208,9 +248,11 @@ class EventStream:
 
     @property
     def dropped(self) -> int:
+        """How many progress samples a slow reader lost (state changes are never lost)."""
         return self._sub.dropped
 
     def close(self) -> None:
+        """Stop receiving events."""
         self._loop.call(_close(self._sub))
 
     def __enter__(self) -> EventStream:
@@ -259,6 +301,24 @@ def drain_incomplete_uploads(
     unsealed ones are reported in ``unsealed`` (``upload_unsealed=True`` sends what they hold,
     without finalizing). With an ``AsyncChronicle`` this returns a coroutine
     (``drain_incomplete_uploads_async``).
+
+    An asset the server already finalized is marked finalized locally without sending anything.
+    A component whose file vanished or changed (size, mtime, ctime, inode, device, or the digest
+    of a range already sent) fails its asset with a message naming the file; nothing else is
+    touched. Paused assets stay paused.
+
+    **Owned by a live process** (``skipped``): each asset taken over is claimed; its owner is
+    recorded as pid and process start time, so a live process that was given a dead owner's pid
+    holds nothing. An asset whose owner is alive is left to it (the reason names the pid), so it
+    is never sent twice; ``take_over=True`` (``methodic-tui resume --take-over``) takes it anyway,
+    for a process known to be stuck.
+
+    **Unsealed** (``unsealed``: {asset id: what it holds and what to do}): registered with
+    ``seal=False`` by a process that stopped before ``seal()``. Nobody can tell whether more
+    components were to follow, so recovery never finalizes it and does not count it as failed:
+    ``tracker.seal(asset_id)`` (``methodic-tui seal ASSET``) then drain again, or discard it. With
+    ``upload_unsealed=True`` the drain also sends the components registered so far; the server
+    fixes the manifest then, so no more components can be registered into it.
     """
     coro = drain_incomplete_uploads_async(
         chronicle.core if isinstance(chronicle, Chronicle) else chronicle,
@@ -283,14 +343,17 @@ class Run:
 
     @property
     def id(self) -> str:
+        """The run's id on the server."""
         return self.core.id
 
     @property
     def experiment_id(self) -> str:
+        """The id of the run's experiment."""
         return self.core.experiment_id
 
     @property
     def status(self) -> str:
+        """``running``, ``succeeded`` or ``failed``."""
         return self.core.status
 
     def __repr__(self) -> str:
@@ -321,7 +384,8 @@ class Run:
         return UploadHandle(handle, self._chronicle._loop)
 
     def wait_for_uploads(self, timeout: float | None = None) -> None:
-        """Block until every upload of this run is finalized; raises if one failed."""
+        """Block until every upload queued through this run is finalized or failed; raises
+        ``UploadFailedError`` naming the failed assets, ``TimeoutError`` after ``timeout`` s."""
         try:
             self._call(self.core.wait_for_uploads(timeout))
         except TimeoutError:
@@ -330,7 +394,7 @@ class Run:
             ) from None
 
     def succeed(self) -> None:
-        """Wait for pending uploads, then mark the run succeeded."""
+        """Wait for this run's uploads, then mark the run succeeded (not if one failed)."""
         self._call(self.core.succeed())
 
     def fail(self) -> None:
@@ -338,7 +402,10 @@ class Run:
         self._call(self.core.fail())
 
     def upload_asset(self, path: Path | str, asset_type: str = "file", **metadata: Any) -> Asset:
-        """Upload one file or directory now and return the finalized asset."""
+        """Upload one file or directory now and return the finalized asset.
+
+        Not tracked: for checkpoints that must survive a crash, use
+        ``register_and_upload_async`` with a tracker."""
         return self._call(self.core.upload_asset(path, asset_type, **metadata))
 
     def create_asset_presigned(
@@ -349,19 +416,24 @@ class Run:
         asset_id: str | None = None,
         **metadata: Any,
     ) -> PresignedAsset:
-        """Create a pending asset from its full manifest; returns its id and upload targets."""
+        """Create a pending asset from its full manifest; returns ``.asset_id``, ``.asset`` and
+        ``.targets`` (``UploadTarget``s: PUT exactly ``length`` bytes from ``offset`` of the
+        file to ``url`` with ``headers``). The asset stays pending, invisible to consumers,
+        until ``finalize_asset`` succeeds."""
         return self._call(
             self.core.create_asset_presigned(asset_type, components, asset_id=asset_id, **metadata)
         )
 
     def finalize_asset(self, asset_id: str) -> Asset:
-        """Finalize a pending asset (idempotent)."""
+        """Finalize a pending asset; idempotent (a second call returns the same asset).
+
+        Raises ``AssetIncompleteError`` (with ``.missing``) when storage lacks a component."""
         return self._call(self.core.finalize_asset(asset_id))
 
     def list_assets(
         self, include_pending: bool = False, asset_type: str | None = None
     ) -> list[Asset]:
-        """This run's assets; finalized only unless ``include_pending``."""
+        """This run's assets, oldest first; finalized only unless ``include_pending``."""
         return self._call(self.core.list_assets(include_pending, asset_type))
 
     def download_asset(self, asset_id: str, dest_dir: Path | str) -> Path:

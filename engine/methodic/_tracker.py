@@ -93,8 +93,19 @@ def _drive_sync(conn: sqlite3.Connection, op: ops.Op[T]) -> T:
 class UploadTracker:
     """Local record of upload state, per asset and component (SQLite, WAL).
 
+    ```python
+    from pathlib import Path
+    from methodic import UploadTracker
+
+    tracker = UploadTracker(db_path=Path("./uploads.sqlite"))
+    ```
+
     Thread-safe (one connection behind a lock) and multi-process-safe (WAL, a busy timeout and
-    ``BEGIN IMMEDIATE`` for every write). The file is created with mode 0600.
+    ``BEGIN IMMEDIATE`` for every write). The file is created with mode 0600. Its schema is
+    versioned: an older file is migrated forward on open, a file from a newer methodic is
+    refused. A damaged file (not a database, truncated, on a read-only or full disk) raises
+    ``TrackerError`` naming the file and what to do; it is never treated as empty. Progress
+    (bytes sent) is written coalesced, at most twice a second, never per chunk.
     """
 
     def __init__(self, db_path: Path | str = Path("./uploads.sqlite")) -> None:
@@ -153,6 +164,7 @@ class UploadTracker:
                 raise tracker_error(exc, self.db_path) from None
 
     def close(self) -> None:
+        """Close the database connection (also on leaving a ``with`` block)."""
         with self._lock:
             if self._conn is not None:
                 self._conn.close()

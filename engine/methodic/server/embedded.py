@@ -26,6 +26,11 @@ class EmbeddedServer:
     ``port=0`` picks a free port. ``url`` and ``api_key`` (the given key, or the one in
     DATA_DIR/api_key) are set by ``start()``, which returns once ``/healthz`` answers; so is
     ``blob_port``, the blob listener's (``blob_port=None``: the data dir's last one, else free).
+
+    One server per data directory: ``start()`` raises ``methodic.server.state.DataDirError``
+    (naming the directory and the pid of the server that holds it) when another server, in this
+    process or another, has it open. ``from_config(ServerConfig(...))`` takes every setting, the
+    request limits too.
     """
 
     def __init__(
