@@ -14,14 +14,19 @@ from methodic._states import SENDING_STATES
 
 @dataclass(frozen=True)
 class Event:
+    """Base of every engine event: the asset it is about (``None`` for pool-wide ones) and
+    ``at``, its Unix time."""
+
     asset_id: str | None
     at: float = field(default_factory=time.time, kw_only=True)
 
     @property
     def kind(self) -> str:
+        """The event's class name, e.g. ``"ComponentProgress"``."""
         return type(self).__name__
 
     def to_json(self) -> dict[str, Any]:
+        """The event's fields as a JSON-ready dict, with its ``kind`` under ``"event"``."""
         data = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
         data["event"] = self.kind
         return data
@@ -85,12 +90,14 @@ class Subscription:
         return await self.queue.get()
 
     def get_nowait(self) -> list[Event]:
+        """Every event that has arrived, without waiting."""
         out = []
         while not self.queue.empty():
             out.append(self.queue.get_nowait())
         return out
 
     def close(self) -> None:
+        """Stop receiving events (also on leaving an ``async with`` block)."""
         self._bus.unsubscribe(self)
 
     async def __aenter__(self) -> Subscription:
@@ -155,12 +162,15 @@ class RateMeter:
 
     @property
     def settled(self) -> bool:
+        """Whether enough of the transfer was measured for the rate to mean something."""
         return self._flow_samples >= self.SETTLE_SAMPLES
 
     def add(self, n: int) -> None:
+        """Count ``n`` more bytes handed to the network."""
         self.total += n
 
     def sample(self) -> float:
+        """Fold the bytes counted since the last sample into the rate (bytes/s) and return it."""
         now = time.monotonic()
         dt = now - self._last_at
         if dt <= 0:
@@ -213,6 +223,9 @@ class AssetSnapshot:
 
 @dataclass(frozen=True)
 class PoolSnapshot:
+    """The whole pool at one instant: every asset, the pool's rate (bytes/s, an EWMA) and its
+    recent ``history``, bytes sent since start, the bandwidth cap, workers and transfers."""
+
     assets: tuple[AssetSnapshot, ...]
     rate: float
     history: tuple[float, ...]
@@ -223,13 +236,16 @@ class PoolSnapshot:
 
     @property
     def bytes_done(self) -> int:
+        """Bytes stored of every asset in the snapshot."""
         return sum(a.bytes_done for a in self.assets)
 
     @property
     def bytes_total(self) -> int:
+        """Bytes of every asset in the snapshot."""
         return sum(a.bytes_total for a in self.assets)
 
     @property
     def eta(self) -> float | None:
+        """Seconds until the assets being sent are sent at the current rate, or ``None``."""
         left = sum(a.bytes_total - a.bytes_done for a in self.assets if a.state in SENDING_STATES)
         return left / self.rate if self.rate > 0 and left else None

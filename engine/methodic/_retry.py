@@ -32,6 +32,8 @@ class RetryPolicy:
     retry_after_cap: float = 120.0
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before attempt ``attempt + 1``: the server's ``Retry-After`` when it
+        gave one (capped), else a full-jitter exponential backoff."""
         if retry_after is not None:
             return min(max(retry_after, 0.0), self.retry_after_cap)
         return random.uniform(0, min(self.cap, self.base * 2 ** max(attempt - 1, 0)))

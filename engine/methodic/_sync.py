@@ -38,9 +38,11 @@ class LoopThread:
         self.loop.run_forever()
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run ``coro`` on the loop; its ``concurrent.futures.Future`` at once."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the loop and wait for its result (``TimeoutError`` after ``timeout``)."""
         future = self.submit(coro)
         try:
             return future.result(timeout)
@@ -49,6 +51,7 @@ class LoopThread:
             raise TimeoutError(f"gave up waiting after {timeout} s") from None
 
     def stop(self) -> None:
+        """Stop the loop and join its thread."""
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()

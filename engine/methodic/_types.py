@@ -140,6 +140,7 @@ class TrackedAsset:
 
     @property
     def missing(self) -> list[TrackedComponent]:
+        """The components not completed yet."""
         return [c for c in self.components if c.state != ComponentState.COMPLETED]
 
     def unsealed_note(self, *, stored: bool = False, cli: bool = False) -> str:
