@@ -107,3 +107,12 @@ def test_every_code_block_is_run_or_says_why_not() -> None:
         wrong = {lang for lang in fences if lang in {"bash", "shell", "console", "py", ""}}
         assert not wrong, f"{page.name}: fence {wrong} as ```sh/```python (or ```text for output)"
     assert any(lang in RUNNABLE for p in PAGES for lang in FENCE.findall(p.read_text()))
+
+
+def test_every_public_name_is_in_the_api_reference() -> None:
+    import methodic
+
+    directives = "".join(p.read_text() for p in (DOCS / "reference").glob("*.md"))
+    documented = set(re.findall(r"^::: methodic\.(\w+)", directives, re.MULTILINE))
+    missing = sorted(set(methodic.__all__) - documented - {"__version__"})
+    assert not missing, f"add to a docs/reference page: ::: methodic.{missing[0]} ({missing})"
