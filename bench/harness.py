@@ -234,9 +234,6 @@ class Nginx:
         return [self.proc.pid, *children_of(self.proc.pid)]
 
     def stop(self) -> None:
-        if self._api is not None:
-            self._api.close()
-            self._api = None
         stop_process(self.proc)
 
     def version(self) -> str:
