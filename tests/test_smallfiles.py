@@ -1,0 +1,94 @@
+"""Many small files (issue 15): small bodies over the kept-alive connections of the sendfile
+path, and per-file work that does not grow with the asset."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import CEILING, make_checkpoint, tree_digest, wait_until_async
+from test_sendfile import _OneShotServer
+
+import methodic._transfer as transfer
+from methodic import Chronicle, UploadTracker
+from methodic._bandwidth import TokenBucket
+from methodic._sendfile import Connections
+from methodic._transfer import CHUNK_SIZE, FileIdentity, send_range
+from methodic._types import UploadTarget
+
+KiB = 1 << 10
+
+
+@pytest.mark.parametrize("storage_backend", ["local"])
+def test_small_bodies_go_in_one_write_over_one_kept_alive_connection(
+    any_server, any_proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = transfer.put_body
+
+    async def counting(*args, **kwargs):
+        calls.append(len(args[2]))
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(transfer, "put_body", counting)
+    sizes = {f"rank{i:02d}/state.bin": 1 + 997 * i for i in range(30)} | {"empty.bin": 0}
+    ckpt = make_checkpoint(tmp_path / "ckpt", sizes)
+    with Chronicle(any_proxy.url, any_server.api_key, max_upload_workers=1) as chronicle:
+        run = chronicle.run(chronicle.create_experiment("small"), 0, 0)
+        handle = run.register_and_upload_async(
+            ckpt, upload_tracker=UploadTracker(tmp_path / "u.sqlite")
+        )
+        asset = handle.result(timeout=CEILING)
+        connections = any_proxy.connections
+        dest = run.download_asset(handle.asset_id, tmp_path / "dl")
+    assert asset.state == "finalized"
+    assert sorted(calls) == sorted(sizes.values())
+    assert tree_digest(dest) == tree_digest(ckpt)
+    assert connections == 1  # one worker: every body on the same kept-alive connection
+
+
+async def test_small_ranges_arrive_whole_and_a_closed_connection_is_not_reused(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(CHUNK_SIZE)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    st = path.stat()
+    identity = FileIdentity(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    peer = _OneShotServer()
+    server = await asyncio.start_server(peer.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    connections = Connections()
+    ranges = ((0, 64 * KiB), (1000, CHUNK_SIZE - 1000), (5, 0))
+    try:
+        async with httpx.AsyncClient() as http:
+            for offset, length in ranges:
+                target = UploadTarget(
+                    path="f.bin",
+                    part=None,
+                    method="PUT",
+                    url=f"http://127.0.0.1:{port}/b",
+                    headers={"x-test": "1"},
+                    offset=offset,
+                    length=length,
+                    expires_at=0.0,
+                )
+                # The server has closed the previous connection (so it must not be reused).
+                await wait_until_async(lambda: peer.closed == peer.connections, what="closed")
+                progress: list[int] = []
+                etag = await send_range(
+                    http, target, identity, TokenBucket(None), progress.append, connections
+                )
+                digest = hashlib.sha256(data[offset : offset + length]).hexdigest()
+                assert etag is not None and etag.strip('"') == digest
+                assert sum(progress) == length
+    finally:
+        connections.close()
+        server.close()
+        await server.wait_closed()
+    assert peer.connections == len(ranges)
+    assert peer.bodies == [data[o : o + n] for o, n in ranges]
