@@ -36,7 +36,6 @@ import resource
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time

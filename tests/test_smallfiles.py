@@ -12,6 +12,7 @@ import httpx
 import pytest
 from helpers import CEILING, make_checkpoint, tree_digest, wait_until_async
 from test_sendfile import _OneShotServer
+from test_server import create_asset, make_run, put
 
 import methodic._transfer as transfer
 from methodic import Chronicle, UploadTracker
@@ -92,3 +93,42 @@ async def test_small_ranges_arrive_whole_and_a_closed_connection_is_not_reused(
         await server.wait_closed()
     assert peer.connections == len(ranges)
     assert peer.bodies == [data[o : o + n] for o, n in ranges]
+
+
+def test_presign_reads_the_rows_asked_for_not_the_whole_manifest(
+    api: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A presign call of a few targets costs the same in a 3,000-file asset as in a small one:
+    it loads the components it names (and their part receipts), not every component."""
+    import methodic.server.records as records
+
+    loaded: list[str] = []
+    real = records.component_of
+
+    def counting(row, *args, **kwargs):
+        loaded.append(row["path"])
+        return real(row, *args, **kwargs)
+
+    monkeypatch.setattr(records, "component_of", counting)
+    run_id = make_run(api)
+    files = [{"path": f"rank{i:04d}.bin", "size": 10} for i in range(3000)]
+    parted = {"path": "big", "size": 10, "part_size": 4}
+    asset_id = create_asset(api, run_id, [*files, parted], presign=False).json()["asset_id"]
+    url = f"/api/v1/assets/{asset_id}/presign"
+    big = [{"path": "big", "part": n} for n in (1, 2, 3)]
+    targets = api.post(url, json={"targets": big}).json()["targets"]
+    assert [(t["path"], t["part"], t["length"]) for t in targets] == [
+        ("big", 1, 4),
+        ("big", 2, 4),
+        ("big", 3, 2),
+    ]
+    assert put(targets[0], b"0123456789").status_code in (200, 201)  # a part receipt
+
+    loaded.clear()
+    asked = [{"path": "rank2999.bin", "part": None}, {"path": "big", "part": 2}]
+    asked += [{"path": f"rank{i:04d}.bin", "part": None} for i in range(5)]
+    targets = api.post(url, json={"targets": asked}).json()["targets"]
+    assert [(t["path"], t["part"]) for t in targets] == [(a["path"], a["part"]) for a in asked]
+    assert sorted(loaded) == sorted({a["path"] for a in asked})  # 7 rows, not 3,001
+    missing = api.post(url, json={"targets": [{"path": "nope", "part": None}]})
+    assert missing.status_code == 404
