@@ -132,3 +132,33 @@ def test_presign_reads_the_rows_asked_for_not_the_whole_manifest(
     assert sorted(loaded) == sorted({a["path"] for a in asked})  # 7 rows, not 3,001
     missing = api.post(url, json={"targets": [{"path": "nope", "part": None}]})
     assert missing.status_code == 404
+
+
+@pytest.mark.parametrize("storage_backend", ["local"])
+def test_a_small_file_is_read_once_and_sent_as_the_bytes_that_were_hashed(
+    any_server, any_proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files up to KEEP_BODY go out as the bytes their bound digest was computed from (no
+    second read); bigger ones are read again to be sent. The server stores exactly the files."""
+    from methodic._digests import KEEP_BODY
+
+    reads: list[int] = []
+    real = transfer._read_slice
+
+    def counting(identity, offset, length):
+        reads.append(length)
+        return real(identity, offset, length)
+
+    monkeypatch.setattr(transfer, "_read_slice", counting)
+    sizes = {f"s{i}.bin": 100 * i for i in range(40)} | {"edge.bin": KEEP_BODY}
+    sizes |= {"over.bin": KEEP_BODY + 1}
+    ckpt = make_checkpoint(tmp_path / "ckpt", sizes)
+    with Chronicle(any_proxy.url, any_server.api_key, max_upload_workers=4) as chronicle:
+        run = chronicle.run(chronicle.create_experiment("small"), 0, 0)
+        handle = run.register_and_upload_async(
+            ckpt, upload_tracker=UploadTracker(tmp_path / "u.sqlite")
+        )
+        assert handle.result(timeout=CEILING).state == "finalized"
+        dest = run.download_asset(handle.asset_id, tmp_path / "dl")
+    assert reads == [KEEP_BODY + 1]
+    assert tree_digest(dest) == tree_digest(ckpt)

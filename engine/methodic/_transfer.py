@@ -107,15 +107,18 @@ async def send_range(
     bucket: TokenBucket,
     on_bytes: Callable[[int], None],
     connections: Connections | None = None,
+    *,
+    body: bytes | None = None,
 ) -> str | None:
     """PUT ``target.length`` bytes of the file from ``target.offset``; return the ETag.
 
     ``on_bytes`` is told of every chunk handed to the connection, and of the negative total if
     the attempt fails, so progress never counts bytes that did not arrive. With
-    ``connections``, bodies to plain-HTTP targets without a proxy go out by sendfile.
+    ``connections``, bodies to plain-HTTP targets without a proxy go out by sendfile. ``body``:
+    the range's bytes, read when its digest was computed (a small range), sent as they are.
     """
     if target.length <= CHUNK_SIZE:
-        return await _send_small(http, target, identity, bucket, on_bytes, connections)
+        return await _send_small(http, target, identity, bucket, on_bytes, connections, body)
     identity.check()
     sent = 0
 
@@ -228,11 +231,16 @@ async def _send_small(
     bucket: TokenBucket,
     on_bytes: Callable[[int], None],
     connections: Connections | None,
+    body: bytes | None,
 ) -> str | None:
     """One chunk or less: a single thread hop reads it, and the body goes out as bytes, in one
     write with its request head on a kept-alive connection where the sendfile path applies."""
     await bucket.take(target.length)
-    data = await asyncio.to_thread(_read_slice, identity, target.offset, target.length)
+    if body is not None and len(body) == target.length:
+        identity.check()  # not sent if the file changed since (a stat, as after the send)
+        data = body
+    else:
+        data = await asyncio.to_thread(_read_slice, identity, target.offset, target.length)
     on_bytes(len(data))
     try:
         if connections is not None and _direct(target.url):

@@ -55,6 +55,9 @@ class ComponentUpload:
     # refused, kept to tell a damaged send (the same digest again) from a changed file.
     digests: dict[int | None, str] = field(default_factory=dict)
     suspect: dict[int | None, str] = field(default_factory=dict)
+    # A small range's bytes as they were hashed (``_digests.KEEP_BODY``), until they are sent:
+    # the body that goes out is then the very bytes whose digest its URL is bound to.
+    bodies: dict[int | None, bytes] = field(default_factory=dict)
     last_event: float = 0.0
     # Per piece in progress (part number, None for a whole file): bytes its current attempt
     # sent, and bytes of it counted in bytes_done (the most any attempt sent). A stopped or
