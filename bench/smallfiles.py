@@ -176,13 +176,13 @@ class Bench:
 
     # -- variants
 
-    def engine(self, d: Path, first_byte: bool = False) -> dict[str, Any]:
+    def engine(self, d: Path, workers: int, first_byte: bool = False) -> dict[str, Any]:
         assert self.server is not None and self.server.proc is not None
         self.counter += 1
         spec = {
             "server_url": self.server.url,
             "api_key": self.server.api_key,
-            "workers": self.args.engine_workers,
+            "workers": workers,
             "local_dir": str(d),
             "tracker": str(self.scratch / f"t{self.counter}.sqlite"),
             "run": self.counter,
@@ -380,10 +380,16 @@ def report(rows: list[dict[str, Any]]) -> list[str]:
         )
     lines.append("")
     for section in sorted({r["section"] for r in rows}):
-        e, c, n = (by.get((section, v)) for v in ("engine", "curl -> serve", "curl -> nginx"))
-        if e and c:
+        c, n = (by.get((section, v)) for v in ("curl -> serve", "curl -> nginx"))
+        engines = [r for r in rows if r["section"] == section and r["variant"].startswith("engine")]
+        for e in engines:
+            for k in ("first_byte_s", "first_byte_after_register_s"):
+                if k in e:
+                    lines.append(f"- {section}: {e['variant']} {k} {e[k]:.3f} s")
+            if not c:
+                continue
             lines.append(
-                f"- {section}: engine {e['files_s'] / c['files_s']:.2f}x curl x32 files/s to the"
+                f"- {section}: {e['variant']} {e['files_s'] / c['files_s']:.2f}x curl x32 files/s to the"
                 f" same server; engine client CPU/file {e['client_ms_per_file'] / c['client_ms_per_file']:.1f}x"
                 f" curl's"
                 + (
@@ -393,9 +399,6 @@ def report(rows: list[dict[str, Any]]) -> list[str]:
                     else ""
                 )
             )
-        for k in ("first_byte_s", "first_byte_after_register_s"):
-            if e and k in e:
-                lines.append(f"- {section}: engine {k} {e[k]:.3f} s")
     return lines
 
 
@@ -407,7 +410,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=None, help="rounds per set (default 3)")
     parser.add_argument("--warmup", type=int, default=0, help="unrecorded rounds first")
     parser.add_argument(
-        "--engine-workers", type=int, default=8, help="the engine's max_upload_workers"
+        "--engine-workers",
+        default="8,32",
+        help="the engine's max_upload_workers, one variant each (8: its default; 32: curl's)",
     )
     parser.add_argument(
         "--only",
@@ -426,6 +431,7 @@ def main() -> None:
         raise SystemExit("curl not found: apt-get install -y curl")
     rounds = args.repeat or (1 if args.quick else 3)
     q = args.quick
+    workers = [int(w) for w in args.engine_workers.split(",")]
     sets = set(args.only.split(","))
     base = pick_base(3 << 30)
     bench = Bench(args, base)
@@ -445,7 +451,7 @@ def main() -> None:
             bench.alternate(
                 name,
                 {
-                    "engine": lambda d=d: bench.engine(d),
+                    **{f"engine x{w}": lambda d=d, w=w: bench.engine(d, w) for w in workers},
                     "curl -> serve": lambda d=d, dg=dg: bench.curl_serve(d, dg),
                     "curl -> nginx": lambda d=d: bench.curl_nginx(d),
                 },
@@ -457,15 +463,17 @@ def main() -> None:
             bench.alternate(
                 "first-byte",
                 {
-                    f"engine {len(list(many.iterdir()))} files": lambda: bench.engine(many, True),
-                    "engine 1 file": lambda: bench.engine(one, True),
+                    f"engine x{workers[0]}, {len(list(many.iterdir()))} files": lambda: (
+                        bench.engine(many, workers[0], True)
+                    ),
+                    f"engine x{workers[0]}, 1 file": lambda: bench.engine(one, workers[0], True),
                 },
                 rounds,
             )
         if "100k" in sets:
             for count in (2000, 20000) if q else (10000, 100000):
                 d = bench.make_files(f"scale-{count}", count, KiB)
-                r = bench.engine(d)
+                r = bench.engine(d, workers[0])
                 bench.after()
                 bench.record("scale", f"engine {count:,} x 1 KiB", 0, r)
                 scale[str(count)] = r
