@@ -162,3 +162,29 @@ def test_a_small_file_is_read_once_and_sent_as_the_bytes_that_were_hashed(
         dest = run.download_asset(handle.asset_id, tmp_path / "dl")
     assert reads == [KEEP_BODY + 1]
     assert tree_digest(dest) == tree_digest(ckpt)
+
+
+def test_a_brief_create_answers_without_the_components(api: httpx.Client) -> None:
+    run_id = make_run(api)
+    files = [{"path": f"rank{i:04d}.bin", "size": 10} for i in range(50)]
+    body = {
+        "asset_id": "brief-1",
+        "asset_type": "checkpoint",
+        "components": files,
+        "checksum_algorithm": "crc64nvme",
+        "brief": True,
+    }
+    created = api.post(f"/api/v1/runs/{run_id}/assets", json=body)
+    assert created.status_code == 201
+    answer = created.json()
+    assert answer["components"] == []
+    assert (answer["state"], answer["component_count"], answer["total_size"]) == (
+        "pending",
+        50,
+        500,
+    )
+    assert answer["checksum_algorithm"] == "crc64nvme"
+    again = api.post(f"/api/v1/runs/{run_id}/assets", json=body)  # the same manifest: 200
+    assert again.status_code == 200 and again.json()["components"] == []
+    full = api.get("/api/v1/assets/brief-1").json()
+    assert [c["path"] for c in full["components"]] == [f["path"] for f in files]

@@ -83,7 +83,7 @@ async def _hash_small(
                 raise result
             _settle(c, part, result[0])
             if result[1] is not None:
-                c.bodies[part] = result[1]
+                up.bodies[(c.path, part)] = result[1]
         except (FileChangedError, OSError, EOFError) as exc:
             failure = failure or exc
     if failure is not None and strict:

@@ -62,7 +62,7 @@ class TransferError(Exception):
         self.retry_after = retry_after
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileIdentity:
     """What a file looked like when it was registered. ``ctime_ns`` catches a rewrite whose
     mtime was put back (``os.utime`` cannot set it); inode and device catch a replacement."""

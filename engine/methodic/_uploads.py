@@ -36,7 +36,7 @@ Key = tuple[str, int | None]
 """One unit of transfer: (component path, part number, or None for a whole file)."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ComponentUpload:
     path: str
     identity: FileIdentity
@@ -55,9 +55,6 @@ class ComponentUpload:
     # refused, kept to tell a damaged send (the same digest again) from a changed file.
     digests: dict[int | None, str] = field(default_factory=dict)
     suspect: dict[int | None, str] = field(default_factory=dict)
-    # A small range's bytes as they were hashed (``_digests.KEEP_BODY``), until they are sent:
-    # the body that goes out is then the very bytes whose digest its URL is bound to.
-    bodies: dict[int | None, bytes] = field(default_factory=dict)
     last_event: float = 0.0
     # Per piece in progress (part number, None for a whole file): bytes its current attempt
     # sent, and bytes of it counted in bytes_done (the most any attempt sent). A stopped or
@@ -141,6 +138,10 @@ class AssetUpload:
     presign_order: deque[Key] = field(default_factory=deque)
     presign_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     queued: set[Key] = field(default_factory=set)  # jobs in the queue or in flight
+    # A small range's bytes as they were hashed (``_digests.KEEP_BODY``), until they are sent:
+    # the body that goes out is then the very bytes whose digest its URL is bound to. Per
+    # asset, not per component: a dict per file would outlive its one entry.
+    bodies: dict[Key, bytes] = field(default_factory=dict)
     inflight: set[asyncio.Task[Any]] = field(default_factory=set)
     meter: RateMeter = field(default_factory=RateMeter)
     bytes_sent: int = 0  # net bytes this process sent (failed attempts are subtracted)

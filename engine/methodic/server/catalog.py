@@ -144,6 +144,12 @@ class Catalog:
         now = time.time()
         with self._staged(spec, new) as staged, self.locks.hold(spec.asset_id):
             created = self._create_asset(run_id, spec, digest, now, staged, algorithm)
+        if spec.brief:
+            with self.db.read() as conn:
+                return {
+                    **asset_out(self.records.asset_row(conn, spec.asset_id)),
+                    "components": [],
+                }, created
         asset, components = self.records.load(spec.asset_id)
         # A new asset holds nothing yet: no need to ask the storage.
         found = [Found(False)] * len(components) if created else None
