@@ -12,7 +12,7 @@ import httpx
 import pytest
 from helpers import CEILING, make_checkpoint, tree_digest, wait_until_async
 from test_sendfile import _OneShotServer
-from test_server import create_asset, make_run, put
+from test_server import create_asset, make_run, put, stored_files
 
 import methodic._transfer as transfer
 from methodic import Chronicle, UploadTracker
@@ -188,3 +188,33 @@ def test_a_brief_create_answers_without_the_components(api: httpx.Client) -> Non
     assert again.status_code == 200 and again.json()["components"] == []
     full = api.get("/api/v1/assets/brief-1").json()
     assert [c["path"] for c in full["components"]] == [f["path"] for f in files]
+
+
+def test_finalize_fsyncs_every_file_of_a_many_file_asset(
+    server, api: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fsyncs of finalize run a few files per pool task: still every file, then its
+    directories, before the asset is finalized."""
+    import methodic.server.storage.local as local
+
+    synced: list[Path] = []
+    real = local._fsync_path
+
+    def counting(path: Path, *, directory: bool = False) -> None:
+        synced.append(Path(path))
+        real(path, directory=directory)
+
+    monkeypatch.setattr(local, "_fsync_path", counting)
+    run_id = make_run(api)
+    data = {f"rank{i:03d}.bin": os.urandom(i + 1) for i in range(97)}
+    files = [{"path": p, "size": len(b)} for p, b in data.items()]
+    created = create_asset(api, run_id, files, algorithm="crc64nvme").json()
+    for target in created["targets"]:
+        assert put(target, data[target["path"]]).status_code in (200, 201)
+    assert synced == []
+    final = api.post(f"/api/v1/assets/{created['asset_id']}/finalize", json={})
+    assert final.status_code == 200 and final.json()["state"] == "finalized"
+    stored = stored_files(server)
+    assert len(stored) == len(data)
+    assert set(stored) <= set(synced)
+    assert {f.parent for f in stored} <= set(synced)
