@@ -64,8 +64,6 @@ CURL_PARALLEL = 32
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """The engine end to end through the public API, as user code writes it."""
-    import asyncio
-
     from methodic import Chronicle, UploadTracker
 
     tracker = UploadTracker(db_path=Path(spec["tracker"]))
@@ -101,7 +99,6 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         rc1 = proc_cpu(spec["receiver_pids"])
         stop.set()
-        del asyncio
     tracker.close()
     if asset.state != "finalized":
         raise SystemExit(f"asset {asset.asset_id} is {asset.state}, not finalized")
