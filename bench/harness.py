@@ -234,9 +234,6 @@ class Nginx:
         return [self.proc.pid, *children_of(self.proc.pid)]
 
     def stop(self) -> None:
-        if self._api is not None:
-            self._api.close()
-            self._api = None
         stop_process(self.proc)
 
     def version(self) -> str:
@@ -248,8 +245,11 @@ class Nginx:
 class Server:
     """``methodic serve`` in a subprocess, with its data in a temporary directory."""
 
-    def __init__(self, base: Path, pythonpath: str | None = None) -> None:
+    def __init__(
+        self, base: Path, pythonpath: str | None = None, options: list[str] | None = None
+    ) -> None:
         self.pythonpath = pythonpath
+        self.options = options or []  # more `methodic serve` options (e.g. --storage s3://...)
         self.data_dir = base / "server-data"
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
@@ -280,7 +280,7 @@ class Server:
                 filter(None, [self.pythonpath, env.get("PYTHONPATH")])
             )
         self.proc = subprocess.Popen(
-            serve_argv(self.data_dir, 0),
+            serve_argv(self.data_dir, 0) + self.options,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._log,

@@ -185,12 +185,14 @@ class ApiClient:
         components: Sequence[dict[str, Any]],
         presign: bool = False,
         checksum_algorithm: str | None = None,
+        brief: bool = False,
     ) -> PresignedAsset:
         """Create the pending asset from its full manifest (idempotent for the same id).
 
         With ``presign`` the answer carries an upload target for every component and part
         (not bound to digests). ``checksum_algorithm`` is asked for a new asset; the answer's
-        ``checksum_algorithm`` is the asset's (an existing asset keeps its own).
+        ``checksum_algorithm`` is the asset's (an existing asset keeps its own). ``brief``: the
+        answer's asset comes without its components.
         """
         body: dict[str, Any] = {
             "asset_id": asset_id,
@@ -202,6 +204,8 @@ class ApiClient:
             body["checksum_algorithm"] = checksum_algorithm
         if presign:
             body["presign"] = True
+        if brief:
+            body["brief"] = True
         data = await self._call("POST", f"/runs/{run_id}/assets", json=body)
         targets = tuple(UploadTarget.from_json(t) for t in data.get("targets", ()))
         return PresignedAsset(asset_id, Asset.from_json(data), targets)

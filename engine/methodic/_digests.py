@@ -11,12 +11,21 @@ hashed again, once the file's identity (size, mtimes, inode, device) shows it un
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 
 from methodic import _checksum as checksums
 from methodic._states import ComponentState
 from methodic._transfer import FileChangedError
 from methodic._uploads import AssetUpload, ComponentUpload, Key
+
+# Ranges up to this size are hashed SMALL_BATCH (or SMALL_BATCH_BYTES) to a thread hop.
+SMALL_RANGE = 1 << 20
+SMALL_BATCH = 64
+SMALL_BATCH_BYTES = 8 << 20
+# Ranges up to this size keep the bytes they were hashed from, to be sent (no second read,
+# no second thread hop); at most PRESIGN_BATCH of them wait per asset (~13 MiB).
+KEEP_BODY = 64 << 10
 
 
 def algorithm_of(up: AssetUpload) -> str:
@@ -30,10 +39,88 @@ async def ensure_digests(up: AssetUpload, keys: Sequence[Key], *, strict: bool =
     """
     todo = [(up.components[path], part) for path, part in keys]
     todo = [(c, part) for c, part in todo if part not in c.digests]
-    if todo:
-        await asyncio.gather(
-            *(_hash(up, c, part) for c, part in todo), return_exceptions=not strict
-        )
+    # Small ranges are hashed many to a thread hop (three hops a file cost more than the hash).
+    small = [(c, part) for c, part in todo if _small(c, part)]
+    jobs = [_hash(up, c, part) for c, part in todo if not _small(c, part)]
+    batch, size = [], 0
+    for c, part in small:
+        batch.append((c, part))
+        size += c.span(part)[1]
+        if len(batch) >= SMALL_BATCH or size >= SMALL_BATCH_BYTES:
+            jobs.append(_hash_small(up, batch, strict))
+            batch, size = [], 0
+    if batch:
+        jobs.append(_hash_small(up, batch, strict))
+    if jobs:
+        await asyncio.gather(*jobs, return_exceptions=not strict)
+
+
+def _small(c: ComponentUpload, part: int | None) -> bool:
+    return c.span(part)[1] <= SMALL_RANGE and (c.declared is None or c.declared_ok)
+
+
+async def _hash_small(
+    up: AssetUpload, batch: Sequence[tuple[ComponentUpload, int | None]], strict: bool
+) -> None:
+    """``_hash`` for many small ranges in one thread hop: each file's identity checked, its
+    range hashed, its identity checked again, in turn; the results land as ``_hash``'s do."""
+    algorithm = algorithm_of(up)
+
+    def run() -> list[tuple[str, bytes | None] | BaseException]:
+        out: list[tuple[str, bytes | None] | BaseException] = []
+        for c, part in batch:
+            try:
+                out.append(_digest_of(c, part, algorithm))
+            except (FileChangedError, OSError, EOFError) as exc:
+                out.append(exc)
+        return out
+
+    results = await asyncio.to_thread(run)
+    failure: BaseException | None = None
+    for (c, part), result in zip(batch, results, strict=True):
+        try:
+            if isinstance(result, BaseException):
+                raise result
+            _settle(c, part, result[0])
+            if result[1] is not None:
+                up.bodies[(c.path, part)] = result[1]
+        except (FileChangedError, OSError, EOFError) as exc:
+            failure = failure or exc
+    if failure is not None and strict:
+        raise failure
+
+
+def _digest_of(c: ComponentUpload, part: int | None, algorithm: str) -> tuple[str, bytes | None]:
+    """The range's digest, read between two checks of the file's identity (blocking), and
+    for a range of at most ``KEEP_BODY`` bytes the bytes it was computed from."""
+    c.identity.check()
+    offset, length = c.span(part)
+    body: bytes | None = None
+    try:
+        if length <= KEEP_BODY:
+            body = _read(c.identity.local_path, offset, length)
+            hasher = checksums.new_hasher(algorithm)
+            hasher.update(body)
+            digest = hasher.hexdigest()
+        else:
+            digest = checksums.hash_range(c.identity.local_path, offset, length, algorithm)
+    except (EOFError, FileNotFoundError):
+        raise FileChangedError(
+            f"{c.identity.local_path} shrank or vanished while it was being hashed"
+        ) from None
+    c.identity.check()
+    return digest, body
+
+
+def _read(path: str, offset: int, length: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+    if len(data) != length:
+        raise EOFError(f"{path} ends before byte {offset + length}")
+    return data
 
 
 async def _hash(up: AssetUpload, c: ComponentUpload, part: int | None) -> None:
@@ -54,6 +141,12 @@ async def _hash(up: AssetUpload, c: ComponentUpload, part: int | None) -> None:
                 f"{c.identity.local_path} shrank or vanished while it was being hashed"
             ) from None
     await asyncio.to_thread(c.identity.check)
+    _settle(c, part, digest)
+
+
+def _settle(c: ComponentUpload, part: int | None, digest: str) -> None:
+    """Keep the range's digest, unless the receiver refused a body of it with another one
+    (then the file changed while it was being uploaded)."""
     refused = c.suspect.pop(part, None)
     if refused is not None and refused != digest:
         where = f"part {part}" if part is not None else "the file"

@@ -148,6 +148,7 @@ class Scheduler:
                     self._bucket,
                     lambda n: self._progress.sent(up, c, n, job.part),
                     self._connections,
+                    body=up.bodies.pop(job.key, None),
                 )
             )
             up.inflight.add(task)
@@ -189,6 +190,7 @@ class Scheduler:
         c.last_error = str(exc)
         if exc.mismatch:  # hashed again before the retry: a changed file is told from damage
             c.suspect[job.part] = c.digests.pop(job.part, "")
+            up.bodies.pop(job.key, None)
             up.targets.pop(job.key, None)
         if exc.expired and not job.refreshed:
             job.refreshed = True

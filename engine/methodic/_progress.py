@@ -42,6 +42,8 @@ class Progress:
     def piece_done(c: ComponentUpload, piece: int | None) -> None:
         c.piece_sent.pop(piece, None)
         c.piece_counted.pop(piece, None)
+        if not c.piece_sent and not c.piece_counted:  # a dict keeps its table once grown:
+            c.piece_sent, c.piece_counted = {}, {}  # 100,000 files would keep 300 bytes each
 
     def changed(self, up: AssetUpload, c: ComponentUpload) -> None:
         """``c`` changed (state, attempts, bytes): the next flush writes it."""

@@ -16,7 +16,7 @@ import os
 import socket
 import sys
 import termios
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 from urllib.parse import urlsplit
@@ -124,6 +124,19 @@ class _Length:
         return self.n
 
 
+def _request(target: UploadTarget) -> tuple[str, int, h11.Request]:
+    url = urlsplit(target.url)
+    path = url.path + (f"?{url.query}" if url.query else "")
+    headers = [
+        ("Host", url.netloc),
+        ("User-Agent", USER_AGENT),
+        ("Content-Length", str(target.length)),
+        *target.headers.items(),
+    ]
+    request = h11.Request(method=target.method, target=path, headers=headers)
+    return url.hostname or "", url.port or 80, request
+
+
 async def put_file_range(
     connections: Connections,
     target: UploadTarget,
@@ -137,32 +150,64 @@ async def put_file_range(
     Raises ``SendError`` when the connection fails before a response arrives, ``EOFError``
     when the file is shorter than the range. ``on_bytes`` hears of each slice sent.
     """
-    url = urlsplit(target.url)
-    host, port = url.hostname or "", url.port or 80
-    path = url.path + (f"?{url.query}" if url.query else "")
-    headers = [
-        ("Host", url.netloc),
-        ("User-Agent", USER_AGENT),
-        ("Content-Length", str(target.length)),
-        *target.headers.items(),
-    ]
-    request = h11.Request(method=target.method, target=path, headers=headers)
-    return await _put(connections, host, port, request, target, f, bucket, on_bytes, timeout)
+    host, port, request = _request(target)
+    loop = asyncio.get_running_loop()
+
+    async def send(conn: _Connection, moved: list[int]) -> None:
+        def counted(n: int) -> None:
+            moved[0] += n
+            on_bytes(n)
+
+        await loop.sock_sendall(conn.sock, conn.protocol.send(request))
+        offset, remaining = target.offset, target.length
+        while remaining:
+            n = min(_slice(bucket), remaining)
+            await bucket.take(n)
+            conn.protocol.send_with_data_passthrough(h11.Data(data=_Length(n)))  # type: ignore[arg-type]
+            await _sendfile(conn.sock, f.fileno(), offset, n, timeout, counted)
+            offset, remaining = offset + n, remaining - n
+            await asyncio.sleep(0)  # a fast receiver never makes this wait: let others run
+        conn.protocol.send(h11.EndOfMessage())
+
+    return await _put(connections, host, port, send, timeout)
+
+
+async def put_body(
+    connections: Connections, target: UploadTarget, body: bytes, timeout: float
+) -> httpx.Response:
+    """PUT a small body already read into memory: the request head and the body go out in one
+    write on a kept-alive connection (a small file costs one send and one receive, not an
+    httpx request). Raises ``SendError`` as ``put_file_range`` does."""
+    host, port, request = _request(target)
+    loop = asyncio.get_running_loop()
+
+    async def send(conn: _Connection, moved: list[int]) -> None:
+        protocol = conn.protocol
+        wire = (protocol.send(request) or b"") + body
+        protocol.send_with_data_passthrough(h11.Data(data=_Length(len(body))))  # type: ignore[arg-type]
+        protocol.send(h11.EndOfMessage())
+        try:
+            done = conn.sock.send(wire)
+        except BlockingIOError:
+            done = 0
+        if done < len(wire):  # the socket's buffer is full: wait for room, not forever
+            async with asyncio.timeout(timeout):
+                await loop.sock_sendall(conn.sock, memoryview(wire)[done:])
+
+    return await _put(connections, host, port, send, timeout)
 
 
 async def _put(
     connections: Connections,
     host: str,
     port: int,
-    request: h11.Request,
-    target: UploadTarget,
-    f: BinaryIO,
-    bucket: TokenBucket,
-    on_bytes: Callable[[int], None],
+    send: Callable[[_Connection, list[int]], Awaitable[None]],
     timeout: float,
 ) -> httpx.Response:
-    loop = asyncio.get_running_loop()
-    sent = 0
+    """Send a request by ``send`` (head and body; it counts the body bytes it moved by sendfile
+    in its list) and read the answer, on a kept-alive connection (tried once more on a new one
+    when a reused one turns out closed before a counted byte left)."""
+    moved = [0]
     for attempt in range(2):
         try:
             conn, reused = await connections.acquire(host, port, timeout, reuse=attempt == 0)
@@ -170,18 +215,9 @@ async def _put(
             raise SendError(f"ConnectError: {_describe(exc, timeout)}") from exc
         try:
             try:
-                await loop.sock_sendall(conn.sock, conn.protocol.send(request))
-                offset, remaining = target.offset, target.length
-                while remaining:
-                    n = min(_slice(bucket), remaining)
-                    await bucket.take(n)
-                    conn.protocol.send_with_data_passthrough(h11.Data(data=_Length(n)))  # type: ignore[arg-type]
-                    sent += await _sendfile(conn.sock, f.fileno(), offset, n, timeout, on_bytes)
-                    offset, remaining = offset + n, remaining - n
-                    await asyncio.sleep(0)  # a fast receiver never makes this wait: let others run
-                conn.protocol.send(h11.EndOfMessage())
+                await send(conn, moved)
             except (OSError, TimeoutError) as exc:
-                if reused and sent == 0 and isinstance(exc, ConnectionError):
+                if reused and moved[0] == 0 and isinstance(exc, ConnectionError):
                     conn.sock.close()  # a keep-alive connection the server had just closed
                     continue
                 failure: BaseException | None = exc  # the server may have answered early: read it

@@ -19,7 +19,7 @@ import httpx
 from methodic._api import error_message
 from methodic._bandwidth import TokenBucket
 from methodic._retry import is_transient_status, retry_after_seconds
-from methodic._sendfile import Connections, SendError, put_file_range
+from methodic._sendfile import Connections, SendError, put_body, put_file_range
 from methodic._types import UploadTarget
 
 CHUNK_SIZE = 1 << 20
@@ -62,7 +62,7 @@ class TransferError(Exception):
         self.retry_after = retry_after
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileIdentity:
     """What a file looked like when it was registered. ``ctime_ns`` catches a rewrite whose
     mtime was put back (``os.utime`` cannot set it); inode and device catch a replacement."""
@@ -107,15 +107,18 @@ async def send_range(
     bucket: TokenBucket,
     on_bytes: Callable[[int], None],
     connections: Connections | None = None,
+    *,
+    body: bytes | None = None,
 ) -> str | None:
     """PUT ``target.length`` bytes of the file from ``target.offset``; return the ETag.
 
     ``on_bytes`` is told of every chunk handed to the connection, and of the negative total if
     the attempt fails, so progress never counts bytes that did not arrive. With
-    ``connections``, bodies to plain-HTTP targets without a proxy go out by sendfile.
+    ``connections``, bodies to plain-HTTP targets without a proxy go out by sendfile. ``body``:
+    the range's bytes, read when its digest was computed (a small range), sent as they are.
     """
     if target.length <= CHUNK_SIZE:
-        return await _send_small(http, target, identity, bucket, on_bytes)
+        return await _send_small(http, target, identity, bucket, on_bytes, connections, body)
     identity.check()
     sent = 0
 
@@ -167,8 +170,26 @@ async def _streamed(
         counted(len(chunk))
 
 
+_PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY")
+_direct_seen: dict[tuple[str, tuple[str | None, ...]], bool] = {}
+
+
 def _direct(url: str) -> bool:
-    """A plain-HTTP URL that no proxy of the environment applies to (httpx reads the same)."""
+    """A plain-HTTP URL that no proxy of the environment applies to (httpx reads the same).
+
+    Remembered per origin and proxy settings: a small file must not pay a scan of the whole
+    environment (``getproxies``) and a URL parse each."""
+    scheme, _, rest = url.partition("://")
+    key = (scheme + "://" + rest.partition("/")[0], tuple(map(os.environ.get, _PROXY_VARIABLES)))
+    if (known := _direct_seen.get(key)) is not None:
+        return known
+    if len(_direct_seen) > 64:
+        _direct_seen.clear()
+    _direct_seen[key] = direct = _direct_uncached(url)
+    return direct
+
+
+def _direct_uncached(url: str) -> bool:
     parts = httpx.URL(url)
     if parts.scheme != "http":
         return False
@@ -209,13 +230,27 @@ async def _send_small(
     identity: FileIdentity,
     bucket: TokenBucket,
     on_bytes: Callable[[int], None],
+    connections: Connections | None,
+    body: bytes | None,
 ) -> str | None:
-    """One chunk or less: a single thread hop reads it, and the body goes out as bytes."""
+    """One chunk or less: a single thread hop reads it, and the body goes out as bytes, in one
+    write with its request head on a kept-alive connection where the sendfile path applies."""
     await bucket.take(target.length)
-    data = await asyncio.to_thread(_read_slice, identity, target.offset, target.length)
+    if body is not None and len(body) == target.length:
+        identity.check()  # not sent if the file changed since (a stat, as after the send)
+        data = body
+    else:
+        data = await asyncio.to_thread(_read_slice, identity, target.offset, target.length)
     on_bytes(len(data))
     try:
-        etag = await _put(http, target, data)
+        if connections is not None and _direct(target.url):
+            try:
+                response = await put_body(connections, target, data, http.timeout.write or 60.0)
+            except SendError as exc:
+                raise TransferError(str(exc), transient=True, stale=True) from exc
+            etag = _accepted(response)
+        else:
+            etag = await _put(http, target, data)
         identity.check()
         return etag
     except BaseException:

@@ -36,7 +36,7 @@ Key = tuple[str, int | None]
 """One unit of transfer: (component path, part number, or None for a whole file)."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ComponentUpload:
     path: str
     identity: FileIdentity
@@ -138,6 +138,10 @@ class AssetUpload:
     presign_order: deque[Key] = field(default_factory=deque)
     presign_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     queued: set[Key] = field(default_factory=set)  # jobs in the queue or in flight
+    # A small range's bytes as they were hashed (``_digests.KEEP_BODY``), until they are sent:
+    # the body that goes out is then the very bytes whose digest its URL is bound to. Per
+    # asset, not per component: a dict per file would outlive its one entry.
+    bodies: dict[Key, bytes] = field(default_factory=dict)
     inflight: set[asyncio.Task[Any]] = field(default_factory=set)
     meter: RateMeter = field(default_factory=RateMeter)
     bytes_sent: int = 0  # net bytes this process sent (failed attempts are subtracted)

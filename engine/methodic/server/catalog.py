@@ -144,6 +144,12 @@ class Catalog:
         now = time.time()
         with self._staged(spec, new) as staged, self.locks.hold(spec.asset_id):
             created = self._create_asset(run_id, spec, digest, now, staged, algorithm)
+        if spec.brief:
+            with self.db.read() as conn:
+                return {
+                    **asset_out(self.records.asset_row(conn, spec.asset_id)),
+                    "components": [],
+                }, created
         asset, components = self.records.load(spec.asset_id)
         # A new asset holds nothing yet: no need to ask the storage.
         found = [Found(False)] * len(components) if created else None
@@ -260,13 +266,17 @@ class Catalog:
         if time.time() - touched_at >= _TOUCH_GRANULARITY_S:
             self.records.touch(asset_id)
 
-    def _components(self, asset_id: str) -> list[Component]:
-        """The pending asset's components; marks the asset active."""
+    def _components(self, asset_id: str, paths: Sequence[str] | None = None) -> list[Component]:
+        """The pending asset's components (only those at ``paths``, when given, in no
+        particular order); marks the asset active."""
         with self.db.read() as conn:
             asset = self.records.asset_row(conn, asset_id)
             if asset["state"] != "pending":
                 raise conflict(f"asset {asset_id} is finalized; it takes no more uploads")
-            components = self.records.components(conn, asset_id)
+            if paths is None:
+                components = self.records.components(conn, asset_id)
+            else:
+                components = list(self.records.components_named(conn, asset_id, paths).values())
         self._touch(asset_id, asset["touched_at"])
         return components
 
@@ -290,7 +300,7 @@ class Catalog:
         self, asset_id: str, wanted: Sequence[tuple[str, int | None, str | None]]
     ) -> list[Slot]:
         """The PUTs for each wanted (path, part, range digest); marks the asset active."""
-        components = self._components(asset_id)
+        components = self._components(asset_id, [path for path, _, _ in wanted])
         out: list[Slot] = []
         by_path = {c.path: c for c in components}
         for path, part, digest in wanted:

@@ -76,6 +76,9 @@ class AssetCreate(BaseModel):
     # The digest algorithm of every range digest and whole-file checksum of this asset
     # (None: the server's default, crc64nvme). A repeated create keeps the first one.
     checksum_algorithm: Literal["crc64nvme", "sha256", "blake3"] | None = None
+    # The answer leaves its components out (``[]``): a client that knows its manifest does not
+    # read back 100,000 of them.
+    brief: bool = False
 
 
 class ComponentOut(BaseModel):

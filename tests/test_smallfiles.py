@@ -1,0 +1,220 @@
+"""Many small files (issue 15): small bodies over the kept-alive connections of the sendfile
+path, and per-file work that does not grow with the asset."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import CEILING, make_checkpoint, tree_digest, wait_until_async
+from test_sendfile import _OneShotServer
+from test_server import create_asset, make_run, put, stored_files
+
+import methodic._transfer as transfer
+from methodic import Chronicle, UploadTracker
+from methodic._bandwidth import TokenBucket
+from methodic._sendfile import Connections
+from methodic._transfer import CHUNK_SIZE, FileIdentity, send_range
+from methodic._types import UploadTarget
+
+KiB = 1 << 10
+
+
+@pytest.mark.parametrize("storage_backend", ["local"])
+def test_small_bodies_go_in_one_write_over_one_kept_alive_connection(
+    any_server, any_proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = transfer.put_body
+
+    async def counting(*args, **kwargs):
+        calls.append(len(args[2]))
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(transfer, "put_body", counting)
+    sizes = {f"rank{i:02d}/state.bin": 1 + 997 * i for i in range(30)} | {"empty.bin": 0}
+    ckpt = make_checkpoint(tmp_path / "ckpt", sizes)
+    with Chronicle(any_proxy.url, any_server.api_key, max_upload_workers=1) as chronicle:
+        run = chronicle.run(chronicle.create_experiment("small"), 0, 0)
+        handle = run.register_and_upload_async(
+            ckpt, upload_tracker=UploadTracker(tmp_path / "u.sqlite")
+        )
+        asset = handle.result(timeout=CEILING)
+        connections = any_proxy.connections
+        dest = run.download_asset(handle.asset_id, tmp_path / "dl")
+    assert asset.state == "finalized"
+    assert sorted(calls) == sorted(sizes.values())
+    assert tree_digest(dest) == tree_digest(ckpt)
+    assert connections == 1  # one worker: every body on the same kept-alive connection
+
+
+async def test_small_ranges_arrive_whole_and_a_closed_connection_is_not_reused(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(CHUNK_SIZE)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    st = path.stat()
+    identity = FileIdentity(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    peer = _OneShotServer()
+    server = await asyncio.start_server(peer.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    connections = Connections()
+    ranges = ((0, 64 * KiB), (1000, CHUNK_SIZE - 1000), (5, 0))
+    try:
+        async with httpx.AsyncClient() as http:
+            for offset, length in ranges:
+                target = UploadTarget(
+                    path="f.bin",
+                    part=None,
+                    method="PUT",
+                    url=f"http://127.0.0.1:{port}/b",
+                    headers={"x-test": "1"},
+                    offset=offset,
+                    length=length,
+                    expires_at=0.0,
+                )
+                # The server has closed the previous connection (so it must not be reused).
+                await wait_until_async(lambda: peer.closed == peer.connections, what="closed")
+                progress: list[int] = []
+                etag = await send_range(
+                    http, target, identity, TokenBucket(None), progress.append, connections
+                )
+                digest = hashlib.sha256(data[offset : offset + length]).hexdigest()
+                assert etag is not None and etag.strip('"') == digest
+                assert sum(progress) == length
+    finally:
+        connections.close()
+        server.close()
+        await server.wait_closed()
+    assert peer.connections == len(ranges)
+    assert peer.bodies == [data[o : o + n] for o, n in ranges]
+
+
+def test_presign_reads_the_rows_asked_for_not_the_whole_manifest(
+    api: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A presign call of a few targets costs the same in a 3,000-file asset as in a small one:
+    it loads the components it names (and their part receipts), not every component."""
+    import methodic.server.records as records
+
+    loaded: list[str] = []
+    real = records.component_of
+
+    def counting(row, *args, **kwargs):
+        loaded.append(row["path"])
+        return real(row, *args, **kwargs)
+
+    monkeypatch.setattr(records, "component_of", counting)
+    run_id = make_run(api)
+    files = [{"path": f"rank{i:04d}.bin", "size": 10} for i in range(3000)]
+    parted = {"path": "big", "size": 10, "part_size": 4}
+    asset_id = create_asset(api, run_id, [*files, parted], presign=False).json()["asset_id"]
+    url = f"/api/v1/assets/{asset_id}/presign"
+    big = [{"path": "big", "part": n} for n in (1, 2, 3)]
+    targets = api.post(url, json={"targets": big}).json()["targets"]
+    assert [(t["path"], t["part"], t["length"]) for t in targets] == [
+        ("big", 1, 4),
+        ("big", 2, 4),
+        ("big", 3, 2),
+    ]
+    assert put(targets[0], b"0123456789").status_code in (200, 201)  # a part receipt
+
+    loaded.clear()
+    asked = [{"path": "rank2999.bin", "part": None}, {"path": "big", "part": 2}]
+    asked += [{"path": f"rank{i:04d}.bin", "part": None} for i in range(5)]
+    targets = api.post(url, json={"targets": asked}).json()["targets"]
+    assert [(t["path"], t["part"]) for t in targets] == [(a["path"], a["part"]) for a in asked]
+    assert sorted(loaded) == sorted({a["path"] for a in asked})  # 7 rows, not 3,001
+    missing = api.post(url, json={"targets": [{"path": "nope", "part": None}]})
+    assert missing.status_code == 404
+
+
+@pytest.mark.parametrize("storage_backend", ["local"])
+def test_a_small_file_is_read_once_and_sent_as_the_bytes_that_were_hashed(
+    any_server, any_proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files up to KEEP_BODY go out as the bytes their bound digest was computed from (no
+    second read); bigger ones are read again to be sent. The server stores exactly the files."""
+    from methodic._digests import KEEP_BODY
+
+    reads: list[int] = []
+    real = transfer._read_slice
+
+    def counting(identity, offset, length):
+        reads.append(length)
+        return real(identity, offset, length)
+
+    monkeypatch.setattr(transfer, "_read_slice", counting)
+    sizes = {f"s{i}.bin": 100 * i for i in range(40)} | {"edge.bin": KEEP_BODY}
+    sizes |= {"over.bin": KEEP_BODY + 1}
+    ckpt = make_checkpoint(tmp_path / "ckpt", sizes)
+    with Chronicle(any_proxy.url, any_server.api_key, max_upload_workers=4) as chronicle:
+        run = chronicle.run(chronicle.create_experiment("small"), 0, 0)
+        handle = run.register_and_upload_async(
+            ckpt, upload_tracker=UploadTracker(tmp_path / "u.sqlite")
+        )
+        assert handle.result(timeout=CEILING).state == "finalized"
+        dest = run.download_asset(handle.asset_id, tmp_path / "dl")
+    assert reads == [KEEP_BODY + 1]
+    assert tree_digest(dest) == tree_digest(ckpt)
+
+
+def test_a_brief_create_answers_without_the_components(api: httpx.Client) -> None:
+    run_id = make_run(api)
+    files = [{"path": f"rank{i:04d}.bin", "size": 10} for i in range(50)]
+    body = {
+        "asset_id": "brief-1",
+        "asset_type": "checkpoint",
+        "components": files,
+        "checksum_algorithm": "crc64nvme",
+        "brief": True,
+    }
+    created = api.post(f"/api/v1/runs/{run_id}/assets", json=body)
+    assert created.status_code == 201
+    answer = created.json()
+    assert answer["components"] == []
+    assert (answer["state"], answer["component_count"], answer["total_size"]) == (
+        "pending",
+        50,
+        500,
+    )
+    assert answer["checksum_algorithm"] == "crc64nvme"
+    again = api.post(f"/api/v1/runs/{run_id}/assets", json=body)  # the same manifest: 200
+    assert again.status_code == 200 and again.json()["components"] == []
+    full = api.get("/api/v1/assets/brief-1").json()
+    assert [c["path"] for c in full["components"]] == [f["path"] for f in files]
+
+
+def test_finalize_fsyncs_every_file_of_a_many_file_asset(
+    server, api: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fsyncs of finalize run a few files per pool task: still every file, then its
+    directories, before the asset is finalized."""
+    import methodic.server.storage.local as local
+
+    synced: list[Path] = []
+    real = local._fsync_path
+
+    def counting(path: Path, *, directory: bool = False) -> None:
+        synced.append(Path(path))
+        real(path, directory=directory)
+
+    monkeypatch.setattr(local, "_fsync_path", counting)
+    run_id = make_run(api)
+    data = {f"rank{i:03d}.bin": os.urandom(i + 1) for i in range(97)}
+    files = [{"path": p, "size": len(b)} for p, b in data.items()]
+    created = create_asset(api, run_id, files, algorithm="crc64nvme").json()
+    for target in created["targets"]:
+        assert put(target, data[target["path"]]).status_code in (200, 201)
+    assert synced == []
+    final = api.post(f"/api/v1/assets/{created['asset_id']}/finalize", json={})
+    assert final.status_code == 200 and final.json()["state"] == "finalized"
+    stored = stored_files(server)
+    assert len(stored) == len(data)
+    assert set(stored) <= set(synced)
+    assert {f.parent for f in stored} <= set(synced)
