@@ -265,3 +265,29 @@ def test_the_cap_is_shared_and_a_download_shows_in_the_pool_snapshot(
         assert done.state == "downloaded" and done.bytes_done == done.bytes_total == 3 * MiB
     assert tree_digest(tmp_path / "dl") == tree_digest(ckpt)
     assert os.path.getsize(tmp_path / "dl" / "a.bin") == 3 * MiB
+
+
+def test_a_cancelled_download_says_so_and_the_next_call_finishes(server, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 12 * MiB, "b.bin": 1000})
+    with chronicle_for(server, max_bandwidth="2MB") as chronicle:
+        asset_id = upload(chronicle, ckpt)
+        chronicle.set_bandwidth("2MB")
+        run = fresh_run(chronicle)
+        handle = chronicle._loop.submit(run.core.download_asset(asset_id, tmp_path / "dl"))
+        row = f"download:{asset_id}"
+        wait_until(
+            lambda: any(
+                a.asset_id == row and a.bytes_done > 6 * MiB for a in chronicle.snapshot().assets
+            ),
+            what="part of the download",
+        )
+        chronicle.discard(row)  # the dashboard's "cancel": the server's asset is untouched
+        with pytest.raises(DownloadError) as caught:
+            handle.result(CEILING)
+        assert caught.value.cause == "cancelled" and "cancelled" in str(caught.value)
+        snap = next(a for a in chronicle.snapshot().assets if a.asset_id == row)
+        assert snap.state == "cancelled"
+        assert "a.bin" not in final_files(tmp_path / "dl")
+        chronicle.set_bandwidth(None)
+        run.download_asset(asset_id, tmp_path / "dl")
+    assert tree_digest(tmp_path / "dl") == tree_digest(ckpt)

@@ -50,6 +50,7 @@ from methodic._states import (
     UNFINISHED_STATES,
     AssetState,
     ComponentState,
+    DownloadState,
 )
 from methodic._sync import (
     Chronicle,
@@ -99,6 +100,7 @@ __all__ = [
     "ComponentStateChanged",
     "ConflictError",
     "DownloadError",
+    "DownloadState",
     "DrainReport",
     "Event",
     "EventStream",

@@ -25,14 +25,15 @@ from methodic._events import (
     RateMeter,
     RetryScheduled,
 )
+from methodic._states import DownloadState
 from methodic._types import Asset
 
 DOWNLOADING, DOWNLOADED, PAUSED, FAILED, CANCELLED = (
-    "downloading",
-    "downloaded",
-    "paused",
-    "failed",
-    "cancelled",
+    DownloadState.DOWNLOADING,
+    DownloadState.DOWNLOADED,
+    DownloadState.PAUSED,
+    DownloadState.FAILED,
+    DownloadState.CANCELLED,
 )
 PROGRESS_INTERVAL = 0.25
 DOWNLOAD_PREFIX = "download:"
@@ -62,7 +63,7 @@ class DownloadJob:
     def __init__(self, asset_id: str, dest: str, events: EventBus, meter: RateMeter) -> None:
         self.asset_id = asset_id
         self.dest = dest
-        self.state = DOWNLOADING
+        self.state: DownloadState = DOWNLOADING
         self.error: str | None = None
         self.files: dict[str, _FileRow] = {}
         self.running = asyncio.Event()

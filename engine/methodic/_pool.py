@@ -168,7 +168,7 @@ class UploadPool:
                     for up in self.assets.values()
                 ),
                 *(
-                    d.snapshot(with_components is True or with_components == d.asset_id)
+                    d.snapshot(with_components is True or with_components == d.row_id)
                     for d in self.downloads.jobs.values()
                 ),
             ),
