@@ -45,7 +45,12 @@ def final_files(dest: Path) -> dict[str, str]:
     return {k: v for k, v in tree_digest(dest).items() if not k.startswith(SIDE + "/")}
 
 
-def test_cuts_503_429_and_stalls_end_byte_identical(any_server, any_proxy, tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", ["threads", "httpx"])
+def test_cuts_503_429_and_stalls_end_byte_identical(
+    any_server, any_proxy, tmp_path: Path, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if path == "httpx":  # what an https:// or proxied URL takes
+        monkeypatch.setattr("methodic._download_fetch.direct", lambda url: False)
     ckpt = make_checkpoint(
         tmp_path / "ckpt",
         {"big.bin": 23 * MiB, **{f"rank{i}/shard.bin": 1 * MiB + i for i in range(5)}},

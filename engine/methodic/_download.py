@@ -22,6 +22,7 @@ import errno
 import os
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -34,6 +35,7 @@ from methodic._bandwidth import TokenBucket
 from methodic._download_fetch import Fetcher, disk_error
 from methodic._download_plan import FilePlan, Span, plan
 from methodic._download_state import SideDir, final_is_verified, short_name
+from methodic._download_wire import Wire
 from methodic._errors import ChronicleError, DownloadError, InvalidInputError
 from methodic._paths import component_path_problem
 from methodic._retry import RetryPolicy
@@ -117,7 +119,15 @@ async def download_asset(
         job.watcher.retrying,
         gate,
     )
-    await job.run([plan(t) for t in chosen])
+    timeout = http.timeout
+    wire = Wire(timeout.read or 60.0, timeout.connect or 15.0)
+    threads = ThreadPoolExecutor(max(concurrency, 1), thread_name_prefix="methodic-download")
+    job.fetcher.wire, job.fetcher.pool = wire, threads
+    try:
+        await job.run([plan(t) for t in chosen])
+    finally:
+        threads.shutdown(wait=False)  # every GET in it has ended (each is awaited to its end)
+        wire.close()
     return dest
 
 

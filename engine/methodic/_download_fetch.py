@@ -11,10 +11,12 @@ each chunk is hashed and written in one hop to a thread, so memory stays at a ch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import httpx
@@ -22,6 +24,7 @@ import httpx
 from methodic import _checksum as checksums
 from methodic._bandwidth import TokenBucket
 from methodic._download_plan import FilePlan, Span
+from methodic._download_wire import Request, Stopped, Unsupported, Wire, direct
 from methodic._errors import DownloadError
 from methodic._retry import RetryPolicy
 from methodic._transfer import CHUNK_SIZE, TransferError, _accepted
@@ -67,6 +70,8 @@ class Fetcher:
     on_bytes: Callable[[str, int], None]
     on_retry: Callable[[str, int, float, str], None]
     gate: asyncio.Event | None = None  # cleared: hold between chunks (paused)
+    wire: Wire | None = None  # the plain-HTTP path in threads (None: httpx only)
+    pool: Executor | None = None  # the threads of ``wire``
     generation: int = 0
 
     async def fetch(self, f: FilePlan, span: Span, fd: int) -> None:
@@ -79,7 +84,14 @@ class Fetcher:
             generation = self.generation
             before = span.got
             try:
-                await self._get(f, span, fd)
+                url = self.urls[f.path]
+                if self.wire is not None and direct(url):
+                    await self._get_wire(f, span, fd, url)
+                else:
+                    await self._get(f, span, fd)
+                continue
+            except Unsupported:
+                self.wire = None  # this server's answers need httpx: use it from now on
                 continue
             except TransferError as exc:
                 error: TransferError = exc
@@ -105,6 +117,47 @@ class Fetcher:
                 await asyncio.sleep(delay)
             if error.expired or error.stale:
                 await self.refresh(generation)
+
+    async def _get_wire(self, f: FilePlan, span: Span, fd: int, url: str) -> None:
+        """The range on the thread path: socket, hash and pwrite in a thread, per 1 MiB."""
+        assert self.wire is not None
+        wire = self.wire
+        loop = asyncio.get_running_loop()
+        start = span.offset + span.got
+        end = span.offset + span.length
+        request = Request()
+        gate, bucket, dest = self.gate, self.bucket, self.dest
+
+        def sink(view: memoryview) -> None:  # in the thread
+            if gate is not None and not gate.is_set():
+                asyncio.run_coroutine_threadsafe(gate.wait(), loop).result()
+            if bucket.rate:
+                asyncio.run_coroutine_threadsafe(bucket.take(len(view)), loop).result()
+            pos = span.offset + span.got
+            if pos + len(view) > end:
+                raise _too_much(f, start, end)
+            try:
+                _write_hashed(fd, view, pos, span.hashers)
+            except OSError as exc:
+                raise disk_error(f.path, dest, exc) from None
+            span.got += len(view)
+            loop.call_soon_threadsafe(self.on_bytes, f.path, len(view))
+
+        future = loop.run_in_executor(self.pool, wire.get, url, start, end, sink, request)
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            request.abort()  # the thread stops at once; wait for it: it writes into ``fd``
+            while not future.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({future})
+            raise
+        except Stopped:
+            raise asyncio.CancelledError from None
+        if span.offset + span.got < end:
+            raise TransferError(
+                f"the connection ended after {span.got} of {span.length} bytes", transient=True
+            )
 
     async def _get(self, f: FilePlan, span: Span, fd: int) -> None:
         start = span.offset + span.got
@@ -134,12 +187,7 @@ class Fetcher:
                 async for chunk in response.aiter_bytes(CHUNK_SIZE):
                     pos = span.offset + span.got
                     if pos + len(chunk) > end:
-                        raise DownloadError(
-                            f"download of {f.path}: the server sent more than its {f.size} "
-                            f"bytes (asked for bytes {start}-{end - 1}); nothing of it was kept",
-                            f.path,
-                            "corrupt",
-                        )
+                        raise _too_much(f, start, end)
                     if self.gate is not None:
                         await self.gate.wait()
                     await self.bucket.take(len(chunk))
@@ -159,7 +207,18 @@ class Fetcher:
             )
 
 
-def _write_hashed(fd: int, data: bytes, offset: int, hashers: list[checksums.Hasher]) -> None:
+def _too_much(f: FilePlan, start: int, end: int) -> DownloadError:
+    return DownloadError(
+        f"download of {f.path}: the server sent more than its {f.size} bytes (asked for "
+        f"bytes {start}-{end - 1}); nothing of it was kept",
+        f.path,
+        "corrupt",
+    )
+
+
+def _write_hashed(
+    fd: int, data: bytes | memoryview, offset: int, hashers: list[checksums.Hasher]
+) -> None:
     for h in hashers:
         h.update(data)
     view = memoryview(data)
