@@ -293,26 +293,32 @@ class _Download:
 
     async def _finish(self, f: _File) -> None:
         """Verify ``f`` from its ranges' digests; then, only then, give it its final name."""
-        p = f.plan
-        if f.fd is not None:
-            fd, f.fd = f.fd, None
-            await asyncio.to_thread(os.close, fd)
-        whole = f.whole_sha256
-        if p.read_back:
-            whole = await asyncio.to_thread(self._read_back, p)
-        problem = p.problem(f.digests, whole)
+        fd, f.fd = f.fd, None
+        problem = await asyncio.to_thread(self._settle, f, fd)  # one hop per file
+        f.recorded = False
         if problem is not None:
-            await asyncio.to_thread(self.side.forget, p)
-            f.recorded = False
+            p = f.plan
             raise DownloadError(
                 f"download of {p.path} was corrupt ({problem}); nothing of it was kept, "
                 "download again",
                 p.path,
                 "corrupt",
             )
-        await asyncio.to_thread(self._rename, p)
-        f.recorded = False
-        self.watcher.file_state(p.path, "completed")
+        self.watcher.file_state(f.plan.path, "completed")
+
+    def _settle(self, f: _File, fd: int | None) -> str | None:
+        """Close, verify, and rename into place, or forget it (blocking); why it is not the
+        published bytes, or None."""
+        p = f.plan
+        if fd is not None:
+            os.close(fd)
+        whole = self._read_back(p) if p.read_back else f.whole_sha256
+        problem = p.problem(f.digests, whole)
+        if problem is not None:
+            self.side.forget(p)
+            return problem
+        self._rename(p)
+        return None
 
     def _read_back(self, p: FilePlan) -> str:
         fd = os.open(short_name(p.path), os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.side.fd)
@@ -342,7 +348,8 @@ class _Download:
             raise
         finally:
             os.close(parent)
-        self.side.drop_record(p)
+        if len(p.spans) > 1:
+            self.side.drop_record(p)
 
     def _close(self, ok: bool) -> None:
         """Close what is open; a partial file with nothing verified recorded is removed."""

@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -73,6 +73,7 @@ class Fetcher:
     wire: Wire | None = None  # the plain-HTTP path in threads (None: httpx only)
     pool: Executor | None = None  # the threads of ``wire``
     generation: int = 0
+    _directs: dict[str, bool] = field(default_factory=dict)
 
     async def fetch(self, f: FilePlan, span: Span, fd: int) -> None:
         """Write ``span`` of ``f`` into ``fd``, hashing it in order; retried until it is all
@@ -85,7 +86,7 @@ class Fetcher:
             before = span.got
             try:
                 url = self.urls[f.path]
-                if self.wire is not None and direct(url):
+                if self.wire is not None and self._direct(url):
                     await self._get_wire(f, span, fd, url)
                 else:
                     await self._get(f, span, fd)
@@ -117,6 +118,15 @@ class Fetcher:
                 await asyncio.sleep(delay)
             if error.expired or error.stale:
                 await self.refresh(generation)
+
+    def _direct(self, url: str) -> bool:
+        """``direct(url)``, asked once per scheme and host (reading the proxies is not free)."""
+        key = url.split("/", 3)[:3]
+        where = "/".join(key)
+        known = self._directs.get(where)
+        if known is None:
+            known = self._directs[where] = direct(url)
+        return known
 
     async def _get_wire(self, f: FilePlan, span: Span, fd: int, url: str) -> None:
         """The range on the thread path: socket, hash and pwrite in a thread, per 1 MiB."""

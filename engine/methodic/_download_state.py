@@ -46,6 +46,10 @@ class SideDir:
                 os.rmdir(SIDE_DIR, dir_fd=self._dest_fd)
 
     def open_partial(self, f: FilePlan) -> int:
+        """The partial file of ``f``, of its exact size: emptied for a file of one range
+        (nothing of it is kept between calls), its recorded ranges kept for one of several."""
+        if len(f.spans) == 1:
+            return os.open(short_name(f.path), PART_FLAGS | os.O_TRUNC, 0o644, dir_fd=self.fd)
         fd = os.open(short_name(f.path), PART_FLAGS, 0o644, dir_fd=self.fd)
         try:
             if os.fstat(fd).st_size != f.size:

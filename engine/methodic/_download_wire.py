@@ -179,13 +179,14 @@ class Wire:
         sink: Callable[[memoryview], None],
         request: Request,
     ) -> None:
-        buffer = bytearray(min(BUFFER, max(length, 1)))
-        view = memoryview(buffer)
+        view = _buffer()
+        if length < len(view):
+            view = view[: max(length, 1)]
         left = length
         filled = min(len(rest), left)
         view[:filled] = rest[:filled]
         while left:
-            want = min(len(buffer), left)
+            want = min(len(view), left)
             try:
                 while filled < want:
                     n = sock.recv_into(view[filled:want])
@@ -203,6 +204,17 @@ class Wire:
             sink(view[:filled])
             left -= filled
             filled = 0
+
+
+_local = threading.local()
+
+
+def _buffer() -> memoryview:
+    """This thread's 1 MiB receive buffer (made once: zeroing a new one per GET costs)."""
+    view: memoryview | None = getattr(_local, "view", None)
+    if view is None:
+        view = _local.view = memoryview(bytearray(BUFFER))
+    return view
 
 
 def _read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
