@@ -247,7 +247,8 @@ def main() -> None:
     repeat = args.repeat or (2 if args.quick else 5)
     only = set(args.only.split(","))
     rss_sizes = (256 * MiB, 1 * GiB) if args.quick else (1 * GiB, 4 * GiB)
-    need = sum(n * s for k, (n, s) in sets.items() if k in only) * 3 + sum(rss_sizes) * 2
+    # One set at a time is held: its upload (deleted once stored), the server's copy, a download.
+    need = max([n * s for k, (n, s) in sets.items() if k in only] + list(rss_sizes)) * 3
     base = pick_base(need)
     server = Server(base).start()
     load_before = os.getloadavg()

@@ -296,3 +296,18 @@ def test_a_cancelled_download_says_so_and_the_next_call_finishes(server, tmp_pat
         chronicle.set_bandwidth(None)
         run.download_asset(asset_id, tmp_path / "dl")
     assert tree_digest(tmp_path / "dl") == tree_digest(ckpt)
+
+
+def test_expired_get_urls_are_presigned_again(tmp_path: Path) -> None:
+    from methodic.server import EmbeddedServer
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", {f"f{i}.bin": 300_000 for i in range(6)})
+    with EmbeddedServer(tmp_path / "srv", presign_ttl=1.0) as srv:
+        with chronicle_for(srv, max_upload_workers=1) as chronicle:
+            asset_id = upload(chronicle, ckpt)
+            chronicle.set_bandwidth("400KB")  # ~4 s of transfers with 1 s URLs
+            sub = chronicle.subscribe()
+            dest = fresh_run(chronicle).download_asset(asset_id, tmp_path / "dl")
+            causes = [e.cause for e in sub.get_nowait() if e.kind == "RetryScheduled"]
+    assert tree_digest(dest) == tree_digest(ckpt)
+    assert any("expired" in c for c in causes), causes
