@@ -293,9 +293,10 @@ class _Download:
 
     async def _finish(self, f: _File) -> None:
         """Verify ``f`` from its ranges' digests; then, only then, give it its final name."""
-        fd, f.fd = f.fd, None
-        problem = await asyncio.to_thread(self._settle, f, fd)  # one hop per file
-        f.recorded = False
+        async with f.lock:  # after a record being saved: this one drops it
+            fd, f.fd = f.fd, None
+            problem = await asyncio.to_thread(self._settle, f, fd)  # one hop per file
+            f.recorded = False
         if problem is not None:
             p = f.plan
             raise DownloadError(
