@@ -151,18 +151,6 @@ def test_sigkill_mid_download_then_again_fetches_only_what_is_missing(
     assert served_first + served_again < total + 12 * MiB  # never the whole asset twice
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """A 16 MiB tmpfs of our own (the suite runs as root), always unmounted."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_a_full_disk_says_so_and_a_second_call_finishes(
     server, small_disk: Path, tmp_path: Path
 ) -> None:
@@ -302,12 +290,14 @@ def test_expired_get_urls_are_presigned_again(tmp_path: Path) -> None:
     from methodic.server import EmbeddedServer
 
     ckpt = make_checkpoint(tmp_path / "ckpt", {f"f{i}.bin": 300_000 for i in range(6)})
-    with EmbeddedServer(tmp_path / "srv", presign_ttl=1.0) as srv:
-        with chronicle_for(srv, max_upload_workers=1) as chronicle:
-            asset_id = upload(chronicle, ckpt)
-            chronicle.set_bandwidth("400KB")  # ~4 s of transfers with 1 s URLs
-            sub = chronicle.subscribe()
-            dest = fresh_run(chronicle).download_asset(asset_id, tmp_path / "dl")
-            causes = [e.cause for e in sub.get_nowait() if e.kind == "RetryScheduled"]
+    with (
+        EmbeddedServer(tmp_path / "srv", presign_ttl=1.0) as srv,
+        chronicle_for(srv, max_upload_workers=1) as chronicle,
+    ):
+        asset_id = upload(chronicle, ckpt)
+        chronicle.set_bandwidth("400KB")  # ~4 s of transfers with 1 s URLs
+        sub = chronicle.subscribe()
+        dest = fresh_run(chronicle).download_asset(asset_id, tmp_path / "dl")
+        causes = [e.cause for e in sub.get_nowait() if e.kind == "RetryScheduled"]
     assert tree_digest(dest) == tree_digest(ckpt)
     assert any("expired" in c for c in causes), causes

@@ -4,26 +4,15 @@ dashboard's download view driven by Pilot."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 from helpers import CEILING, make_checkpoint, tree_digest, wait_until_async
-from tui_helpers import screen_text, tui_cmd, tui_env
+from test_headless import run_tui
+from tui_helpers import screen_text
 
 from methodic import Chronicle, RetryPolicy
 
 MiB = 1 << 20
-
-
-def run_tui(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        tui_cmd(*args),
-        capture_output=True,
-        text=True,
-        timeout=CEILING,
-        env=tui_env(tmp_path),
-        cwd=tmp_path,
-    )
 
 
 def remote(server) -> list[str]:
