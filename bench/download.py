@@ -297,7 +297,9 @@ def main() -> None:
     results["repeat"] = repeat
     results["workers"] = args.workers
     results["at"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    out = ROOT / "results" / ("download-quick.json" if args.quick else "download.json")
+    partial = only != {"big", "medium", "small", "rss"}
+    name = "download-quick" if args.quick else "download-partial" if partial else "download"
+    out = ROOT / "results" / f"{name}.json"  # only a full run is the recorded one
     out.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
     print(f"wrote {out}")

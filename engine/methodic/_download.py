@@ -168,6 +168,7 @@ class _Download:
         self.jobs: deque[tuple[_File, Span]] = deque()
         self.files: list[_File] = []
         self._refreshing = asyncio.Lock()
+        self._slots = asyncio.Semaphore(self.concurrency)  # GETs in flight
         self._dest_fd = -1
         self._side: SideDir | None = None
 
@@ -238,7 +239,9 @@ class _Download:
     async def _work(self) -> None:
         tasks = [
             asyncio.create_task(self._worker(), name=f"methodic-download-{i}")
-            for i in range(min(self.concurrency, len(self.jobs)))
+            # Twice as many workers as transfers: while one opens or renames a file (a hop to
+            # a thread), another's GET keeps the connection busy. GETs hold a slot.
+            for i in range(min(2 * self.concurrency, len(self.jobs)))
         ]
         if not tasks:
             return
@@ -274,7 +277,8 @@ class _Download:
         span.got = 0
         span.hashers = p.new_hashers(span)
         if span.length:
-            await self.fetcher.fetch(p, span, f.fd)
+            async with self._slots:
+                await self.fetcher.fetch(p, span, f.fd)
         index = 0
         if p.algorithm is not None:
             f.digests[span.offset] = span.hashers[0].hexdigest()
