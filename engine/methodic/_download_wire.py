@@ -13,18 +13,21 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-import urllib.request
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import httpx
 
 from methodic._transfer import TransferError, _accepted
+from methodic._transfer import _direct as direct
 
 BUFFER = 1 << 20
 HEAD_LIMIT = 64 << 10
 ERROR_BODY_LIMIT = 1 << 20
 IDLE_PER_HOST = 32
+
+
+__all__ = ["Request", "Stopped", "Unsupported", "Wire", "direct"]
 
 
 class Unsupported(Exception):
@@ -33,17 +36,6 @@ class Unsupported(Exception):
 
 class Stopped(Exception):
     """The request was aborted from outside (a sibling failed, or the download was cancelled)."""
-
-
-def direct(url: str) -> bool:
-    """A plain-HTTP URL that no proxy of the environment applies to (httpx reads the same)."""
-    parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        return False
-    proxies = urllib.request.getproxies()
-    if not (proxies.get("http") or proxies.get("all")):
-        return True
-    return bool(urllib.request.proxy_bypass(parts.hostname))
 
 
 class Request:
