@@ -21,11 +21,11 @@ import contextlib
 import errno
 import os
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import httpx
 
@@ -41,6 +41,7 @@ from methodic._paths import component_path_problem
 from methodic._retry import RetryPolicy
 from methodic._scan import matches
 
+T = TypeVar("T")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -129,6 +130,19 @@ async def download_asset(
         threads.shutdown(wait=False)  # every GET in it has ended (each is awaited to its end)
         wire.close()
     return dest
+
+
+async def _to_its_end(fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)`` in a thread, run to its end: a cancel waits for it (it opens, closes or
+    renames files the cleanup then sees as they are), then propagates."""
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({future})
+        raise
 
 
 def select(
@@ -272,13 +286,19 @@ class _Download:
         p = f.plan
         async with f.lock:
             if f.fd is None:
-                f.fd = await asyncio.to_thread(self.side.open_partial, p)
+
+                def open_it() -> None:  # sets f.fd in the thread: a cancel cannot lose it
+                    f.fd = self.side.open_partial(p)
+
+                await _to_its_end(open_it)
                 self.watcher.file_state(p.path, "downloading")
+            fd = f.fd
+        assert fd is not None
         span.got = 0
         span.hashers = p.new_hashers(span)
         if span.length:
             async with self._slots:
-                await self.fetcher.fetch(p, span, f.fd)
+                await self.fetcher.fetch(p, span, fd)
         index = 0
         if p.algorithm is not None:
             f.digests[span.offset] = span.hashers[0].hexdigest()
@@ -299,7 +319,7 @@ class _Download:
         """Verify ``f`` from its ranges' digests; then, only then, give it its final name."""
         async with f.lock:  # after a record being saved: this one drops it
             fd, f.fd = f.fd, None
-            problem = await asyncio.to_thread(self._settle, f, fd)  # one hop per file
+            problem = await _to_its_end(self._settle, f, fd)  # one hop per file
             f.recorded = False
         if problem is not None:
             p = f.plan
