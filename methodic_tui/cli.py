@@ -247,7 +247,11 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         return asyncio.run(manage.run_discard(opts, args.asset, json_out=json_out))
     source = make_source(args, opts, headless)
-    hint = f"methodic-tui resume --tracker {opts.tracker}"
+    hint = (
+        "the same methodic-tui download (it fetches only what is missing)"
+        if args.command == "download"
+        else f"methodic-tui resume --tracker {opts.tracker}"
+    )
     if headless:
         from methodic_tui.headless import Reporter, run_headless
 
