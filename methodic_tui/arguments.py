@@ -349,6 +349,41 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also take the uploads another live process owns (it may be sending them too)",
     )
+    download = _command(
+        sub,
+        "download",
+        "restore a finalized asset (a checkpoint) into a directory",
+        "Download ASSET_ID, or with --latest the run's newest finalized asset of --asset-type, "
+        "into DEST. Every file is verified against its published checksum before it takes its "
+        "final name; files already in DEST with the right bytes are kept; after a failure or "
+        "an interruption the same command fetches only what is missing (docs/restore.md).",
+        [
+            "methodic-tui download 01J9Z3... /scratch/restore --server-url http://chronicle:8765",
+            "methodic-tui download --latest --experiment llama --run 3 /scratch/restore --no-ui",
+            "methodic-tui download --latest /scratch/restore --include '__3_*.distcp' --json",
+        ],
+        (SERVER, TRANSFER, UI, JSON, OUTPUT),
+    )
+    download.add_argument("targets", nargs="+", metavar="ASSET_ID|DEST")
+    download.add_argument(
+        "--latest",
+        action="store_true",
+        help="the newest finalized asset of the run (--experiment, --variation, --run)",
+    )
+    download.add_argument(
+        "--asset-type",
+        default="checkpoint",
+        metavar="TYPE",
+        help="with --latest: of this type ('' for any; default: checkpoint)",
+    )
+    download.add_argument(
+        "--include",
+        action="append",
+        metavar="GLOB",
+        help="only components matching GLOB (repeatable; relative to the asset's root; a GLOB "
+        "without / matches a file name at any depth)",
+    )
+    _run_options(download)
     _command(
         sub,
         "attach",

@@ -84,7 +84,7 @@ def options_from(args: argparse.Namespace) -> Options:
     return opts
 
 
-NEEDS_SERVER = ("upload", "watch", "resume", "discard", "retry")
+NEEDS_SERVER = ("upload", "watch", "resume", "discard", "retry", "download")
 
 
 def check_server(args: argparse.Namespace, opts: Options, headless: bool) -> None:
@@ -138,6 +138,13 @@ def make_source(args: argparse.Namespace, opts: Options, headless: bool) -> Sour
         )
     if command == "retry":
         return EngineSource(opts, AssetJob(args.asset, "retry"), pending="hold")
+    if command == "download":
+        from methodic_tui.download import DownloadUsage, job_from
+
+        try:
+            return EngineSource(opts, job_from(args), pending="leave")
+        except DownloadUsage as exc:
+            raise UsageError(str(exc)) from None
     assert command == "resume"
     return EngineSource(
         opts, ResumeJob(), pending="start" if headless else "hold", take_over=args.take_over
@@ -147,7 +154,7 @@ def make_source(args: argparse.Namespace, opts: Options, headless: bool) -> Sour
 def wants_headless(args: argparse.Namespace) -> bool:
     if getattr(args, "no_ui", False) or getattr(args, "json", False):
         return True
-    if args.command not in ("demo", "upload", "watch", "resume", "attach"):
+    if args.command not in ("demo", "upload", "watch", "resume", "attach", "download"):
         return True
     try:
         return not (sys.stdout.isatty() and sys.stdin.isatty())
@@ -240,7 +247,11 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         return asyncio.run(manage.run_discard(opts, args.asset, json_out=json_out))
     source = make_source(args, opts, headless)
-    hint = f"methodic-tui resume --tracker {opts.tracker}"
+    hint = (
+        "the same methodic-tui download (it fetches only what is missing)"
+        if args.command == "download"
+        else f"methodic-tui resume --tracker {opts.tracker}"
+    )
     if headless:
         from methodic_tui.headless import Reporter, run_headless
 

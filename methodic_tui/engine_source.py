@@ -150,14 +150,16 @@ class EngineSource(Source):
             raise ConfigError(str(exc)) from None
         await self.chronicle.open()
         self._sub = self.chronicle.subscribe()
-        self.tracker = await asyncio.to_thread(UploadTracker, opts.tracker)
+        if getattr(self.job, "needs_tracker", True):  # a download opens none
+            self.tracker = await asyncio.to_thread(UploadTracker, opts.tracker)
         # One authenticated call up front: a wrong key or URL is a setup error (exit 2).
         exp_id = await self.chronicle.find_experiment(opts.experiment)
         if self.job.needs_run:
             exp_id = exp_id or await self.chronicle.create_experiment(opts.experiment)
             self.run = await self.chronicle.run(exp_id, opts.variation, opts.run)
             self.labels.run = f"{opts.experiment} v{opts.variation} r{opts.run}"
-        await self._take_pending()
+        if self.tracker is not None:
+            await self._take_pending()
         self._job_task = asyncio.create_task(self._run_job(), name=f"methodic-tui-{self.job.name}")
 
     async def _start_embedded(self) -> tuple[str, str]:

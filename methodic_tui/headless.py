@@ -256,6 +256,8 @@ def _outcome(
         )
     failed = [a for a in snap.assets if a.state == "failed"]
     took = fmt.long_duration(elapsed)
+    if source.job_error and all(a.asset_type == "download" for a in failed):
+        return EXIT_FAILED, f"stopped: {source.job_error}"  # a download says what to do
     if failed:
         names = ", ".join(reporter.name(a.asset_id) for a in failed)
         return (

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,18 +17,6 @@ from helpers import free_port, methodic_cmd, subprocess_env, wait_healthy
 from methodic.server import EmbeddedServer
 
 CEILING_S = 60.0  # only to fail a hung call
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 16 MiB tmpfs of our own (the suite runs as root), always unmounted."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def fill(path: Path) -> None:

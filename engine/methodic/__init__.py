@@ -15,6 +15,7 @@ from methodic._errors import (
     AuthenticationError,
     ChronicleError,
     ConflictError,
+    DownloadError,
     InvalidInputError,
     NotFoundError,
     ServerError,
@@ -49,6 +50,7 @@ from methodic._states import (
     UNFINISHED_STATES,
     AssetState,
     ComponentState,
+    DownloadState,
 )
 from methodic._sync import (
     Chronicle,
@@ -97,6 +99,8 @@ __all__ = [
     "ComponentState",
     "ComponentStateChanged",
     "ConflictError",
+    "DownloadError",
+    "DownloadState",
     "DrainReport",
     "Event",
     "EventStream",

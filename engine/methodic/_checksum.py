@@ -110,20 +110,27 @@ def hash_range(path: str | os.PathLike[str], offset: int, length: int, algorithm
 
     Raises EOFError when the file ends before the range does.
     """
-    hasher = new_hasher(algorithm)
     fd = os.open(path, os.O_RDONLY)
     try:
-        buffer = bytearray(min(READ_SIZE, max(length, 1)))
-        view = memoryview(buffer)
-        while length:
-            got = os.preadv(fd, [view[: min(length, len(buffer))]], offset)
-            if got == 0:
-                raise EOFError(f"{os.fspath(path)} ends before byte {offset + length}")
-            hasher.update(view[:got])
-            offset += got
-            length -= got
+        return hash_fd(fd, offset, length, algorithm)
+    except EOFError:
+        raise EOFError(f"{os.fspath(path)} ends before byte {offset + length}") from None
     finally:
         os.close(fd)
+
+
+def hash_fd(fd: int, offset: int, length: int, algorithm: str) -> str:
+    """Hex digest of ``length`` bytes of the open file ``fd`` at ``offset`` (blocking)."""
+    hasher = new_hasher(algorithm)
+    buffer = bytearray(min(READ_SIZE, max(length, 1)))
+    view = memoryview(buffer)
+    while length:
+        got = os.preadv(fd, [view[: min(length, len(buffer))]], offset)
+        if got == 0:
+            raise EOFError(f"the file ends before byte {offset + length}")
+        hasher.update(view[:got])
+        offset += got
+        length -= got
     return hasher.hexdigest()
 
 

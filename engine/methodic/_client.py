@@ -17,8 +17,10 @@ from methodic import _tracker_ops as ops
 from methodic._api import ApiClient, resolve_api_key, resolve_server_url
 from methodic._bandwidth import TokenBucket, parse_rate
 from methodic._download import download_asset
+from methodic._download_view import newest_finalized
 from methodic._errors import (
     ChronicleError,
+    DownloadError,
     InvalidInputError,
     NotFoundError,
     UploadFailedError,
@@ -175,11 +177,19 @@ class AsyncChronicle:
 
         Returns the ids of the assets it paused.
         """
-        return await self._pool.controls.pause(asset_id)
+        downloads = self._pool.downloads.select(asset_id, self._pool.assets)
+        if asset_id is not None and downloads:
+            return [d.asset_id for d in downloads if d.pause()]
+        paused = await self._pool.controls.pause(asset_id)
+        return paused + [d.asset_id for d in downloads if d.pause()]
 
     async def resume(self, asset_id: str | None = None) -> list[str]:
         """Resume paused assets (one, or all), and those held from an earlier process."""
-        return await self._pool.controls.resume(asset_id)
+        downloads = self._pool.downloads.select(asset_id, self._pool.assets)
+        if asset_id is not None and downloads:
+            return [d.asset_id for d in downloads if d.resume()]
+        resumed = await self._pool.controls.resume(asset_id)
+        return resumed + [d.asset_id for d in downloads if d.resume()]
 
     async def retry_failed(self, asset_id: str | None = None) -> list[str]:
         """Queue the failed components again (attempts reset); finalize once all are stored."""
@@ -193,7 +203,14 @@ class AsyncChronicle:
         return await self._pool.controls.force_finalize(asset_id)
 
     async def discard(self, asset_id: str) -> None:
-        """Stop, forget locally and abort the pending asset on the server (its bytes go)."""
+        """Stop, forget locally and abort the pending asset on the server (its bytes go).
+
+        For an asset being downloaded: cancel the download (what was verified stays on disk;
+        the asset on the server is untouched)."""
+        downloads = self._pool.downloads.select(asset_id, self._pool.assets)
+        if downloads:
+            downloads[0].cancel()
+            return
         await self._pool.controls.discard(asset_id)
 
     async def set_bandwidth(self, max_bandwidth: str | float | None) -> None:
@@ -432,13 +449,59 @@ class AsyncRun:
             self.id, include_pending=include_pending, asset_type=asset_type
         )
 
-    async def download_asset(self, asset_id: str, dest_dir: Path | str) -> Path:
-        """Write a byte-identical copy of a finalized asset under ``dest_dir``; returns it."""
+    async def download_asset(
+        self, asset_id: str, dest: Path | str, include: str | Sequence[str] | None = None
+    ) -> Path:
+        """Write a verified, byte-identical copy of a finalized asset under ``dest``; returns it.
+
+        Retried (the client's retry policy, stall detection, re-presign), resumed from the last
+        verified byte, fetched in parallel ranges under the shared bandwidth cap; each file is
+        verified against its published checksum before it takes its final name. ``include``:
+        globs choosing components (e.g. ``"__3_*.distcp"``). Files already in ``dest`` with the
+        published bytes are kept; after a failure (a ``DownloadError`` naming the file and the
+        cause) a second call fetches only what is missing. See docs/restore.md.
+        """
         chronicle = self.chronicle
-        return await download_asset(
-            chronicle._api,
-            chronicle._http,
-            asset_id,
-            Path(dest_dir).expanduser(),
-            concurrency=chronicle.max_upload_workers,
+        job = chronicle._pool.downloads.watch(asset_id, os.fspath(dest))
+        job.task = asyncio.create_task(
+            download_asset(
+                chronicle._api,
+                chronicle._http,
+                asset_id,
+                Path(dest).expanduser(),
+                concurrency=chronicle.max_upload_workers,
+                retry=chronicle.retry,
+                bucket=chronicle.bucket,
+                include=include,
+                watcher=job,
+                gate=job.running,
+            ),
+            name=f"methodic-download-{asset_id}",
         )
+        try:
+            result = await job.task
+        except asyncio.CancelledError as exc:
+            job.finished(exc)
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            raise DownloadError(
+                f"the download of {asset_id} was cancelled; what was verified is kept in "
+                f"{dest}, and downloading again fetches only the rest",
+                None,
+                "cancelled",
+            ) from None
+        except BaseException as exc:
+            job.finished(exc)
+            raise
+        job.finished(None)
+        return result
+
+    async def latest(self, asset_type: str | None = None) -> Asset | None:
+        """The newest finalized asset of this run (of ``asset_type`` if given), or None.
+
+        "Newest" is by the time it was finalized: it moves only when an asset finalizes, never
+        to one still pending.
+        """
+        assets = await self.list_assets(asset_type=asset_type)
+        return newest_finalized(assets)

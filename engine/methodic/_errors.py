@@ -70,3 +70,14 @@ class ServerError(ChronicleError):
     def __init__(self, message: str, status_code: int | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+
+
+class DownloadError(ChronicleError):
+    """A download stopped: ``path`` names the component, ``cause`` says why in one word
+    (``disk_full``, ``permission``, ``name_too_long``, ``refused``, ``corrupt``, ``network``,
+    ``filesystem``). What was verified stays, and a second call fetches only the rest."""
+
+    def __init__(self, message: str, path: str | None = None, cause: str = "filesystem") -> None:
+        super().__init__(message)
+        self.path = path
+        self.cause = cause

@@ -24,6 +24,7 @@ from methodic._api import ApiClient
 from methodic._background import Background
 from methodic._bandwidth import TokenBucket
 from methodic._controls import Controls
+from methodic._download_view import Downloads
 from methodic._errors import TrackerError, UploadFailedError
 from methodic._events import EventBus, PoolSnapshot
 from methodic._finish import Finisher
@@ -62,6 +63,7 @@ class UploadPool:
 
         self._progress = Progress(self.events, self.assets, bucket)
         self.meter = self._progress.meter
+        self.downloads = Downloads(self.events, self.meter)
         finisher = self._finisher = Finisher(
             api, self.events, self._progress, self._background.spawn
         )
@@ -160,9 +162,15 @@ class UploadPool:
     def snapshot(self, with_components: bool | str = False) -> PoolSnapshot:
         """The whole pool at this instant; ``with_components`` True, or one asset id to detail."""
         return PoolSnapshot(
-            assets=tuple(
-                up.snapshot(with_components is True or with_components == up.asset_id)
-                for up in self.assets.values()
+            assets=(
+                *(
+                    up.snapshot(with_components is True or with_components == up.asset_id)
+                    for up in self.assets.values()
+                ),
+                *(
+                    d.snapshot(with_components is True or with_components == d.row_id)
+                    for d in self.downloads.jobs.values()
+                ),
             ),
             rate=self.meter.rate,
             history=tuple(self.meter.history),

@@ -33,20 +33,34 @@ class ComponentState(StrEnum):
     FAILED = "failed"
 
 
-DONE_STATES = frozenset({AssetState.FINALIZED, AssetState.DISCARDED})
-"""Nothing more will happen to an asset in these states."""
+class DownloadState(StrEnum):
+    """A download as a pool shows it (``download_asset``): never in a tracker."""
 
-UNFINISHED_STATES = frozenset(AssetState) - DONE_STATES - {AssetState.INTERRUPTED}
+    DOWNLOADING = "downloading"
+    DOWNLOADED = "downloaded"
+    PAUSED = "paused"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+DONE_STATES = frozenset(
+    {AssetState.FINALIZED, AssetState.DISCARDED, DownloadState.DOWNLOADED, DownloadState.CANCELLED}
+)
+"""Nothing more will happen to an asset (or a download) in these states."""
+
+UNFINISHED_STATES = frozenset(AssetState) - DONE_STATES - {AssetState.INTERRUPTED}  # tracker states
 """Tracker states of an asset some process still has to finish (or an operator to discard)."""
 
-IN_FLIGHT_STATES = frozenset({AssetState.REGISTERED, AssetState.UPLOADING, AssetState.FINALIZING})
+IN_FLIGHT_STATES = frozenset(
+    {AssetState.REGISTERED, AssetState.UPLOADING, AssetState.FINALIZING, DownloadState.DOWNLOADING}
+)
 """A pool is working on an asset in these states."""
 
 HELD_STATES = frozenset({AssetState.PAUSED, AssetState.INTERRUPTED})
 """Waiting for an operator to resume it."""
 
-SENDING_STATES = frozenset({AssetState.REGISTERED, AssetState.UPLOADING})
-"""An asset whose bytes are being sent, or are about to be: what ``pause`` stops."""
+SENDING_STATES = frozenset({AssetState.REGISTERED, AssetState.UPLOADING, DownloadState.DOWNLOADING})
+"""An asset whose bytes are being sent (or fetched), or are about to be: what ``pause`` stops."""
 
 SETTLED_COMPONENT_STATES = frozenset({ComponentState.COMPLETED, ComponentState.FAILED})
 """A component no worker sends until someone retries it."""

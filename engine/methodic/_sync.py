@@ -439,6 +439,13 @@ class Run:
         """This run's assets, oldest first; finalized only unless ``include_pending``."""
         return self._call(self.core.list_assets(include_pending, asset_type))
 
-    def download_asset(self, asset_id: str, dest_dir: Path | str) -> Path:
-        """Write a byte-identical copy of a finalized asset under ``dest_dir``."""
-        return self._call(self.core.download_asset(asset_id, dest_dir))
+    def download_asset(
+        self, asset_id: str, dest: Path | str, include: str | Sequence[str] | None = None
+    ) -> Path:
+        """Write a verified, byte-identical copy of a finalized asset (or the components
+        ``include`` chooses) under ``dest``; retried, resumable, atomic per file."""
+        return self._call(self.core.download_asset(asset_id, dest, include))
+
+    def latest(self, asset_type: str | None = None) -> Asset | None:
+        """The newest finalized asset of this run (of ``asset_type`` if given), or None."""
+        return self._call(self.core.latest(asset_type))

@@ -20,6 +20,7 @@ from methodic import (
     AssetSnapshot,
     AssetState,
     ChronicleError,
+    DownloadState,
 )
 from methodic_tui import bandwidth
 from methodic_tui import format as fmt
@@ -27,7 +28,9 @@ from methodic_tui.dashboard.screens.modals import ConfirmScreen
 from methodic_tui.dashboard.session import Session
 from methodic_tui.source import ReadOnlyError
 
-PAUSABLE_STATES = frozenset({AssetState.REGISTERED, AssetState.UPLOADING})
+PAUSABLE_STATES = frozenset(
+    {AssetState.REGISTERED, AssetState.UPLOADING, DownloadState.DOWNLOADING}
+)
 
 
 class Host(Protocol):
@@ -219,10 +222,15 @@ class Operator:
             "on the server, with every byte already sent.\n\nThe local files are not "
             "touched. This cannot be undone."
         )
+        if a.asset_type == "download":
+            body = (
+                f"Stop downloading {name}. What was verified stays in {a.local_dir}; "
+                "downloading again fetches only the rest. The asset on the server is untouched."
+            )
         self._confirm(
-            f"Discard {name}?",
+            f"{'Cancel' if a.asset_type == 'download' else 'Discard'} {name}?",
             body,
-            "Discard",
+            "Cancel download" if a.asset_type == "download" else "Discard",
             lambda: self.control(self.session.source.discard(a.asset_id)),
         )
 
