@@ -353,11 +353,34 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "attach",
         "watch a tracker another process on this host uploads from",
-        "Read-only view of a tracker another process writes (the controls act in that "
-        "process); stop it and run `resume` to take over.",
-        ["methodic-tui attach --tracker /scratch/run1/uploads.sqlite"],
-        (TRACKER, UI, JSON, OUTPUT),
+        "View of a tracker another process writes. With --server-url and --api-key the keys act "
+        "in that process, relayed through the server (docs/monitor.md); without, it only "
+        "watches (stop that process and run `resume` to take over).",
+        [
+            "methodic-tui attach --tracker /scratch/run1/uploads.sqlite",
+            "methodic-tui attach --tracker uploads.sqlite --server-url http://chronicle:8765",
+        ],
+        (TRACKER, SERVER, UI, JSON, OUTPUT),
     )
+    monitor = _command(
+        sub,
+        "monitor",
+        "every uploader's progress, live, through the server",
+        "Show every process that uploads to the server (any host) with its assets, live; "
+        "lost uploaders stand out with their last beat. The keys act on the uploader that "
+        "owns the asset, through the server, and its acknowledgement is shown. --no-ui prints "
+        "them once (exit 1 when one is lost). See docs/monitor.md.",
+        [
+            "methodic-tui monitor --server-url http://chronicle:8765",
+            "methodic-tui monitor --experiment llama-7b --run 3",
+            "methodic-tui monitor --json | jq '.sessions[] | select(.state == \"lost\")'",
+        ],
+        (SERVER, UI, JSON),
+    )
+    monitor.add_argument(
+        "--experiment", default=None, metavar="ID|NAME", help="only uploaders into this experiment"
+    )
+    monitor.add_argument("--run", type=_index, default=None, metavar="N", help="only this run")
     _command(
         sub,
         "status",
