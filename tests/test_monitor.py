@@ -286,3 +286,44 @@ def test_monitor_headless_and_json_views(
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+async def test_attach_with_a_server_pauses_the_uploading_process(
+    hub: EmbeddedServer, tmp_path: Path
+) -> None:
+    from methodic_tui.attach import AttachSource
+
+    ckpt = await asyncio.to_thread(make_checkpoint, tmp_path / "ckpt", {"a.bin": 8 * MB})
+    tracker_path = tmp_path / "u.sqlite"
+    tracker = UploadTracker(tracker_path)
+    async with AsyncChronicle(
+        hub.url, hub.api_key, max_bandwidth="1MB", heartbeat_interval=0.1
+    ) as up:
+        run = await up.run(await up.create_experiment("attach"), 0, 0)
+        handle = await run.register_and_upload_async(ckpt, upload_tracker=tracker)
+        opts = Options(server_url=hub.url, api_key=hub.api_key)
+        source = AttachSource(tracker_path, poll=0.2, relay_to=opts)
+        assert source.read_only is None
+        async with running(source) as (app, pilot):
+            await until(pilot, lambda: source.snapshot().assets, what="the asset attached")
+            await _select(pilot, app, handle.asset_id)
+            await pilot.press("p")
+
+            async def paused() -> bool:
+                return (await up.snapshot()).assets[0].state == "paused"
+
+            await until(pilot, paused, what="paused in the uploading process")
+            await until(
+                pilot, lambda: "acknowledged pause" in screen_text(app), what="the ack shown"
+            )
+            await pilot.press("p")  # paused: p resumes it, through the server too
+            await until(
+                pilot,
+                lambda: "acknowledged resume" in screen_text(app),
+                what="the resume acknowledged",
+            )
+        await up.set_bandwidth(None)
+        assert (await handle.result()).state == "finalized"
+    tracker.close()
+    # Without a server, attach stays read-only.
+    assert AttachSource(tracker_path).read_only is not None
