@@ -300,23 +300,17 @@ class SessionBook:
         """Write the sessions that beat since the last flush; drop the forgotten ones."""
         if self.db is None:
             return
-        with self._lock:
+        with self._lock:  # only references here: a beat replaces the dicts, never edits them
             self._forget_old(self.clock())
-            rows = [
-                (
-                    s.id,
-                    json.dumps(s.info),
-                    json.dumps(s.status),
-                    s.registered_at,
-                    s.last_beat,
-                    int(s.closed),
-                )
+            taken = [
+                (s.id, s.info, s.status, s.registered_at, s.last_beat, int(s.closed))
                 for sid in self._dirty
                 if (s := self._sessions.get(sid)) is not None
             ]
             gone = list(self._gone)
             self._dirty.clear()
             self._gone.clear()
+        rows = [(i, json.dumps(info), json.dumps(st), r, b, c) for i, info, st, r, b, c in taken]
         if not rows and not gone:
             return
         with self.db.write() as tx:
