@@ -117,6 +117,7 @@ async def beater(
     latencies: list[float] = []
     steady = 0  # beats answered after the first round (every session has started)
     errors = 0
+    lags: list[float] = []  # how late each beat left: the load kept its schedule if ~0
     parsed = httpx.URL(url)
     pool: asyncio.Queue[Connection] = asyncio.Queue()
     for _ in range(32):
@@ -133,6 +134,7 @@ async def beater(
             if time.monotonic() >= stop:
                 return
             conn = await pool.get()
+            lags.append(time.monotonic() - due)
             t0 = time.perf_counter()
             try:
                 status = await conn.post(f"/api/v1/sessions/sim-{i}/beat", body)
@@ -154,7 +156,8 @@ async def beater(
         json.dumps(
             {
                 "beats": len(latencies),
-                "beats_per_s": steady / max(wall - interval, 1e-9),
+                "beats_per_s": steady / (duration - interval),
+                "lag_p99_ms": _pct(lags, 0.99) * 1000,
                 "errors": errors,
                 "wall": wall,
                 "p50_ms": _pct(latencies, 0.5) * 1000,
@@ -220,6 +223,7 @@ def server_phase(
         result["beats_per_s"] = sum(b["beats_per_s"] for b in beats)
         result["beat_errors"] = sum(b["errors"] for b in beats)
         result["beat_p99_ms"] = max(b["p99_ms"] for b in beats)
+        result["load_lag_p99_ms"] = max(b["lag_p99_ms"] for b in beats)
     return result
 
 

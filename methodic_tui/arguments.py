@@ -93,8 +93,10 @@ def _seconds(text: str) -> float:
 
 
 # Which option groups each subcommand takes: its --help lists only those.
-SERVER, TRACKER, TRANSFER, OUTPUT, UI, JSON = (
+# REMOTE: the server's URL and key only (a view of another process's uploads: no --embedded).
+SERVER, REMOTE, TRACKER, TRANSFER, OUTPUT, UI, JSON = (
     "server",
+    "remote",
     "tracker",
     "transfer",
     "output",
@@ -108,7 +110,7 @@ def _add_options(parser: argparse.ArgumentParser, groups: Sequence[str], top: bo
     # SUPPRESS keeps the subcommand's absent flags from hiding the top level's.
     d = argparse.SUPPRESS
     g = parser if top else parser.add_argument_group("common options")
-    if SERVER in groups:
+    if SERVER in groups or REMOTE in groups:
         g.add_argument(
             "--server-url",
             default=d,
@@ -116,6 +118,7 @@ def _add_options(parser: argparse.ArgumentParser, groups: Sequence[str], top: bo
             help="Chronicle server (env METHODIC_SERVER_URL)",
         )
         g.add_argument("--api-key", default=d, metavar="KEY", help="API key (env METHODIC_API_KEY)")
+    if SERVER in groups:
         g.add_argument(
             "--embedded",
             action="store_true",
@@ -360,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
             "methodic-tui attach --tracker /scratch/run1/uploads.sqlite",
             "methodic-tui attach --tracker uploads.sqlite --server-url http://chronicle:8765",
         ],
-        (TRACKER, SERVER, UI, JSON, OUTPUT),
+        (TRACKER, REMOTE, UI, JSON, OUTPUT),
     )
     monitor = _command(
         sub,
@@ -375,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
             "methodic-tui monitor --experiment llama-7b --run 3",
             "methodic-tui monitor --json | jq '.sessions[] | select(.state == \"lost\")'",
         ],
-        (SERVER, UI, JSON),
+        (REMOTE, UI, JSON),
     )
     monitor.add_argument(
         "--experiment", default=None, metavar="ID|NAME", help="only uploaders into this experiment"

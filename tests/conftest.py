@@ -29,6 +29,18 @@ def server(tmp_path: Path) -> Iterator[EmbeddedServer]:
 
 
 @pytest.fixture
+def hub(tmp_path: Path) -> Iterator[EmbeddedServer]:
+    """A server that calls an uploader session lost after 2 s without a beat (docs/monitor.md)."""
+    config = ServerConfig(data_dir=tmp_path / "server", port=0, session_lost_after=2.0)
+    srv = EmbeddedServer.from_config(config)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
 def api(server: EmbeddedServer) -> Iterator[httpx.Client]:
     """An API client on ``server`` (base URL: its control port), with its key."""
     with connect(server) as client:

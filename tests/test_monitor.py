@@ -7,14 +7,12 @@ a session lost after 2 s of silence. Everything waits on conditions, never on ti
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -37,18 +35,6 @@ from methodic_tui.monitor_source import MonitorSource
 from methodic_tui.options import Options
 
 MB = 1_000_000
-
-
-@pytest.fixture
-def hub(tmp_path: Path) -> Iterator[EmbeddedServer]:
-    """A server that calls an uploader lost after 2 s without a beat."""
-    srv = EmbeddedServer(tmp_path / "server")
-    srv._config = dataclasses.replace(srv.config, session_lost_after=2.0)
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 # A training job's uploader: the library, in a process of its own, waiting for its upload.
