@@ -180,3 +180,27 @@ async def test_an_older_server_without_sessions_turns_heartbeats_off(server, tmp
         asset = await handle.result()
         assert asset.state == "finalized"
     tracker.close()
+
+
+async def test_a_command_seen_again_is_acknowledged_again_never_run_twice() -> None:
+    from methodic._heartbeat import Heartbeat
+
+    calls: list[str | None] = []
+
+    class Pool:
+        async def pause(self, asset_id: str | None = None) -> list[str]:
+            calls.append(asset_id)
+            return ["a1"]
+
+    hb = Heartbeat("http://127.0.0.1:9", "sk_agent_x", Pool(), list, interval=60)  # type: ignore[arg-type]
+    try:
+        command = {"id": "c1", "action": "pause", "asset_id": "a1", "value": None}
+        hb._take({"commands": [command]})
+        await wait_until_async(lambda: hb._acks, what="the acknowledgement")
+        assert hb._acks == [{"id": "c1", "ok": True, "result": ["a1"]}]
+        hb._acks.clear()  # as if delivered, but the server did not get it: it sends c1 again
+        hb._take({"commands": [command]})
+        assert hb._acks == [{"id": "c1", "ok": True, "result": ["a1"]}]
+        assert calls == ["a1"]
+    finally:
+        await hb.close()
