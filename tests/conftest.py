@@ -30,8 +30,8 @@ def server(tmp_path: Path) -> Iterator[EmbeddedServer]:
 
 @pytest.fixture
 def hub(tmp_path: Path) -> Iterator[EmbeddedServer]:
-    """A server that calls an uploader session lost after 2 s without a beat (docs/monitor.md)."""
-    config = ServerConfig(data_dir=tmp_path / "server", port=0, session_lost_after=2.0)
+    """A server that calls an uploader session lost after 5 s without a beat (docs/monitor.md)."""
+    config = ServerConfig(data_dir=tmp_path / "server", port=0, session_lost_after=5.0)
     srv = EmbeddedServer.from_config(config)
     srv.start()
     try:

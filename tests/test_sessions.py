@@ -100,7 +100,7 @@ async def test_a_silent_session_is_lost_and_a_closed_one_says_so(hub, tmp_path) 
 
         async def lost() -> bool:
             s = await _session(monitor, sid)
-            return bool(s and s.state == "lost" and s.age > 2.0)
+            return bool(s and s.state == "lost" and s.age > srv.config.session_lost_after)
 
         await wait_until_async(lost, what="the session shown lost")
         refused = httpx.post(
