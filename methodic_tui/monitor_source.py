@@ -98,7 +98,7 @@ class MonitorSource(RelayedControls, Source):
         self.sessions: list[UploaderSession] = []
         self.chronicle: AsyncChronicle | None = None
         self.relay: Relay | None = None
-        self._snapshot = EMPTY
+        self._snapshot = self._without_files = EMPTY
         self._owners: dict[str, UploaderSession] = {}
         self._states: dict[str, str] = {}  # session id -> state, at the last read
         self._asset_states: dict[str, str] = {}
@@ -138,6 +138,9 @@ class MonitorSource(RelayedControls, Source):
         snap, self._owners = merged(self.sessions)
         self._history.append(snap.rate)
         self._snapshot = replace(snap, history=tuple(self._history))
+        self._without_files = replace(
+            self._snapshot, assets=tuple(replace(a, components=()) for a in snap.assets)
+        )
         live = [s for s in self.sessions if s.state == "live"]
         self.labels.cap_known = len({s.snapshot.bandwidth_cap for s in live}) <= 1
         for s in self.sessions:
@@ -163,7 +166,7 @@ class MonitorSource(RelayedControls, Source):
             )
 
     def snapshot(self, detail: str | None = None) -> PoolSnapshot:
-        return self._snapshot
+        return self._snapshot if detail is not None else self._without_files
 
     def poll_events(self) -> list[Event]:
         events = list(self._events)

@@ -57,6 +57,7 @@ async def test_a_session_beats_its_progress_and_obeys_relayed_commands(hub, tmp_
         assert s.state == "live" and s.pid > 0 and s.runs[0]["run"] == 1
         assert s.snapshot.assets[0].asset_id == handle.asset_id
         assert s.snapshot.bandwidth_cap == 2_000_000
+        assert [c.path for c in s.snapshot.assets[0].components] == ["a.bin"]  # few files: sent
         # Filtered by experiment name and run.
         assert [x.id for x in await monitor.sessions("sessions", 1)] == [sid]
         assert await monitor.sessions("sessions", 7) == []

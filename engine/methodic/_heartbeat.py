@@ -4,7 +4,8 @@ One task per ``AsyncChronicle`` (started with its first run) beats every ``inter
 with the pool's snapshot (docs/monitor.md). It has an HTTP client of its own with short
 timeouts and no retries, and shares no lock with the data path: a slow, failing or absent
 server delays only the next beat (with backoff), never an upload. A server without the route
-(404: an older server) switches the heartbeat off for good; uploads go on.
+(404: an older server) switches the heartbeat off for good; uploads go on. A beat carries the
+files of the unfinished assets too when they are at most ``MAX_FILES``.
 
 Commands in a beat's answer run through the same controls the TUI uses, each in a task of its
 own, and their results ride on the next beat (sent at once when a command finishes). A command
@@ -41,6 +42,7 @@ log = logging.getLogger("methodic")
 DEFAULT_INTERVAL = 5.0
 MAX_BACKOFF = 60.0
 REMEMBERED_COMMANDS = 1000
+MAX_FILES = 200  # a beat carries the files of the unfinished assets when they are this few
 
 
 class Controlled(Protocol):
@@ -154,6 +156,8 @@ class Heartbeat:
 
     async def _beat(self, *, closed: bool = False) -> dict[str, Any]:
         snap = await self._controlled.snapshot()
+        if sum(a.component_count for a in snap.assets if a.state not in DONE_STATES) <= MAX_FILES:
+            snap = await self._controlled.snapshot(True)  # few files: the monitor shows them
         acks = list(self._acks)
         body = {
             "info": {**self._info, "runs": self._runs()},

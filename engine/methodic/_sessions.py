@@ -16,9 +16,9 @@ MAX_ASSETS_PER_BEAT = 500  # in flight; a few finished ones more
 RECENT_DONE_PER_BEAT = 20
 
 
-def asset_to_json(a: AssetSnapshot) -> dict[str, Any]:
+def asset_to_json(a: AssetSnapshot, with_components: bool = True) -> dict[str, Any]:
     data = asdict(a)
-    if not a.components:
+    if not a.components or not with_components:
         del data["components"]
     return data
 
@@ -37,11 +37,13 @@ def asset_from_json(data: dict[str, Any]) -> AssetSnapshot:
 
 
 def snapshot_to_json(snap: PoolSnapshot, done_states: frozenset[str]) -> dict[str, Any]:
-    """The pool for a beat: its unfinished assets (at most 500) and the last finished ones."""
+    """The pool for a beat: its unfinished assets (at most 500, with their files when the
+    snapshot has them) and the last finished ones (without)."""
     unfinished = [a for a in snap.assets if a.state not in done_states][:MAX_ASSETS_PER_BEAT]
     finished = [a for a in snap.assets if a.state in done_states][-RECENT_DONE_PER_BEAT:]
     return {
-        "assets": [asset_to_json(a) for a in (*finished, *unfinished)],
+        "assets": [asset_to_json(a, False) for a in finished]
+        + [asset_to_json(a) for a in unfinished],
         "rate": snap.rate,
         "total_sent": snap.total_sent,
         "bandwidth_cap": snap.bandwidth_cap,
