@@ -35,7 +35,7 @@ from methodic import (
 )
 from methodic_tui.engine_source import ConfigError
 from methodic_tui.options import Options
-from methodic_tui.relay import Relay, RelayedControls
+from methodic_tui.relay import COMMAND_TIMEOUT, Relay, RelayedControls
 from methodic_tui.source import EMPTY, Labels, Source
 
 RECENT = 3600.0  # finished assets stay listed for an hour
@@ -63,11 +63,13 @@ class AttachSource(RelayedControls, Source):
         poll: float = 1.0,
         clock: Callable[[], float] = time.time,
         relay_to: Options | None = None,
+        command_timeout: float = COMMAND_TIMEOUT,
     ) -> None:
         self.path = tracker_path
         self.poll = poll
         self.clock = clock
         self.relay_to = relay_to if relay_to is not None and relay_to.server_url else None
+        self.command_timeout = command_timeout
         self.read_only = None if self.relay_to is not None else READ_ONLY
         self.chronicle: AsyncChronicle | None = None
         self._notices: deque[Event] = deque()
@@ -95,7 +97,7 @@ class AttachSource(RelayedControls, Source):
             self.labels.server = opts.server_url or ""
             self.chronicle = AsyncChronicle(opts.server_url, opts.api_key, 1, heartbeat_interval=0)
             await self.chronicle.open()
-            self.relay = Relay(self.chronicle, self._notices)
+            self.relay = Relay(self.chronicle, self._notices, self.command_timeout)
             await self.chronicle.sessions()  # a wrong key or URL is a setup error (exit 2)
 
     async def targets(self, asset_id: str | None) -> list[UploaderSession]:

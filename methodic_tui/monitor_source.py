@@ -162,7 +162,7 @@ class MonitorSource(RelayedControls, Source):
             self._events.append(Notice(None, "info", f"uploader {s.label} closed"))
         elif s.state == "live":
             self._events.append(
-                Notice(None, "info", f"{who} is back" if before == LOST else f"{who} uploads")
+                Notice(None, "info", f"{who} is back" if before == LOST else f"{who} is uploading")
             )
 
     def snapshot(self, detail: str | None = None) -> PoolSnapshot:

@@ -83,7 +83,7 @@ class Relay:
 def _said(result: CommandResult) -> str:
     r = result.result
     if isinstance(r, list):
-        return f"{len(r)} asset{'' if len(r) == 1 else 's'}" if r else "nothing to do"
+        return fmt.plural(len(r), "asset") if r else "nothing to do"
     if isinstance(r, dict) and "bandwidth_cap" in r:
         cap = r["bandwidth_cap"]
         return fmt.cap(cap)

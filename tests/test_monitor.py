@@ -74,7 +74,7 @@ def _tracked(tracker: Path):
 
 def _monitor(srv: EmbeddedServer, **kw: object) -> MonitorSource:
     opts = Options(server_url=srv.url, api_key=srv.api_key)
-    return MonitorSource(opts, poll=0.2, command_timeout=60.0, **kw)  # type: ignore[arg-type]
+    return MonitorSource(opts, poll=0.2, command_timeout=CEILING, **kw)  # type: ignore[arg-type]
 
 
 def _logged(app, text: str, times: int = 1) -> bool:
@@ -298,7 +298,7 @@ async def test_attach_with_a_server_pauses_the_uploading_process(
         run = await up.run(await up.create_experiment("attach"), 0, 0)
         handle = await run.register_and_upload_async(ckpt, upload_tracker=tracker)
         opts = Options(server_url=hub.url, api_key=hub.api_key)
-        source = AttachSource(tracker_path, poll=0.2, relay_to=opts)
+        source = AttachSource(tracker_path, poll=0.2, relay_to=opts, command_timeout=CEILING)
         assert source.read_only is None
         async with running(source) as (app, pilot):
             await until(pilot, lambda: source.snapshot().assets, what="the asset attached")

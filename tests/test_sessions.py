@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import make_checkpoint, sha256_file, wait_until_async
+from helpers import CEILING, make_checkpoint, sha256_file, wait_until_async
 
 from methodic import (
     AsyncChronicle,
@@ -63,7 +63,7 @@ async def test_a_session_beats_its_progress_and_obeys_relayed_commands(hub, tmp_
         assert await monitor.sessions("sessions", 7) == []
         assert await monitor.sessions("no-such-experiment") == []
 
-        paused = await monitor.send_command(sid, "pause", handle.asset_id, timeout=60)
+        paused = await monitor.send_command(sid, "pause", handle.asset_id, timeout=CEILING)
         assert paused.acknowledged and paused.ok and paused.result == [handle.asset_id]
         assert (await up.snapshot()).assets[0].state == "paused"
 
@@ -73,11 +73,11 @@ async def test_a_session_beats_its_progress_and_obeys_relayed_commands(hub, tmp_
 
         await wait_until_async(shows_paused, what="the beat to show it paused")
 
-        capped = await monitor.send_command(sid, "set_bandwidth", value=50e6, timeout=60)
+        capped = await monitor.send_command(sid, "set_bandwidth", value=50e6, timeout=CEILING)
         assert capped.ok and (await up.snapshot()).bandwidth_cap == 50e6
-        bad = await monitor.send_command(sid, "discard", "no-such-asset", timeout=60)
+        bad = await monitor.send_command(sid, "discard", "no-such-asset", timeout=CEILING)
         assert bad.acknowledged and not bad.ok and "not in this upload pool" in (bad.error or "")
-        resumed = await monitor.send_command(sid, "resume", timeout=60)
+        resumed = await monitor.send_command(sid, "resume", timeout=CEILING)
         assert resumed.ok and resumed.result == [handle.asset_id]
         await handle.result()
         with pytest.raises(InvalidInputError):

@@ -5,7 +5,7 @@ with the pool's snapshot (docs/monitor.md). It has an HTTP client of its own wit
 timeouts and no retries, and shares no lock with the data path: a slow, failing or absent
 server delays only the next beat (with backoff), never an upload. A server without the route
 (404: an older server) switches the heartbeat off for good; uploads go on. A beat carries the
-files of the unfinished assets too when they are at most ``MAX_FILES``.
+files of the unfinished assets too when they are at most ``MAX_FILES`` (in at most 4 assets).
 
 Commands in a beat's answer run through the same controls the TUI uses, each in a task of its
 own, and their results ride on the next beat (sent at once when a command finishes). A command
@@ -24,6 +24,7 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, Protocol
 
 import httpx
@@ -155,9 +156,7 @@ class Heartbeat:
             self._wake.clear()
 
     async def _beat(self, *, closed: bool = False) -> dict[str, Any]:
-        snap = await self._controlled.snapshot()
-        if sum(a.component_count for a in snap.assets if a.state not in DONE_STATES) <= MAX_FILES:
-            snap = await self._controlled.snapshot(True)  # few files: the monitor shows them
+        snap = await self._with_files(await self._controlled.snapshot())
         acks = list(self._acks)
         body = {
             "info": {**self._info, "runs": self._runs()},
@@ -168,6 +167,18 @@ class Heartbeat:
         answer = await self._api.beat(self.session_id, body)
         del self._acks[: len(acks)]  # delivered (new ones may have come meanwhile)
         return answer
+
+    async def _with_files(self, snap: PoolSnapshot) -> PoolSnapshot:
+        """``snap`` with the files of its unfinished assets, when they are few (and few assets:
+        each detailed asset costs one more pool snapshot; finished assets stay without)."""
+        open_ = [a for a in snap.assets if a.state not in DONE_STATES]
+        if not open_ or len(open_) > 4 or sum(a.component_count for a in open_) > MAX_FILES:
+            return snap
+        detailed = {}
+        for a in open_:
+            one = await self._controlled.snapshot(a.asset_id)
+            detailed.update({x.asset_id: x for x in one.assets if x.asset_id == a.asset_id})
+        return replace(snap, assets=tuple(detailed.get(a.asset_id, a) for a in snap.assets))
 
     def _take(self, answer: dict[str, Any]) -> None:
         commands = answer.get("commands")
