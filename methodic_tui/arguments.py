@@ -93,8 +93,10 @@ def _seconds(text: str) -> float:
 
 
 # Which option groups each subcommand takes: its --help lists only those.
-SERVER, TRACKER, TRANSFER, OUTPUT, UI, JSON = (
+# REMOTE: the server's URL and key only (a view of another process's uploads: no --embedded).
+SERVER, REMOTE, TRACKER, TRANSFER, OUTPUT, UI, JSON = (
     "server",
+    "remote",
     "tracker",
     "transfer",
     "output",
@@ -108,7 +110,7 @@ def _add_options(parser: argparse.ArgumentParser, groups: Sequence[str], top: bo
     # SUPPRESS keeps the subcommand's absent flags from hiding the top level's.
     d = argparse.SUPPRESS
     g = parser if top else parser.add_argument_group("common options")
-    if SERVER in groups:
+    if SERVER in groups or REMOTE in groups:
         g.add_argument(
             "--server-url",
             default=d,
@@ -116,6 +118,7 @@ def _add_options(parser: argparse.ArgumentParser, groups: Sequence[str], top: bo
             help="Chronicle server (env METHODIC_SERVER_URL)",
         )
         g.add_argument("--api-key", default=d, metavar="KEY", help="API key (env METHODIC_API_KEY)")
+    if SERVER in groups:
         g.add_argument(
             "--embedded",
             action="store_true",
@@ -388,11 +391,34 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "attach",
         "watch a tracker another process on this host uploads from",
-        "Read-only view of a tracker another process writes (the controls act in that "
-        "process); stop it and run `resume` to take over.",
-        ["methodic-tui attach --tracker /scratch/run1/uploads.sqlite"],
-        (TRACKER, UI, JSON, OUTPUT),
+        "View of a tracker another process writes. With --server-url and --api-key the keys act "
+        "in that process, relayed through the server (docs/monitor.md); without, it only "
+        "watches (stop that process and run `resume` to take over).",
+        [
+            "methodic-tui attach --tracker /scratch/run1/uploads.sqlite",
+            "methodic-tui attach --tracker uploads.sqlite --server-url http://chronicle:8765",
+        ],
+        (TRACKER, REMOTE, UI, JSON, OUTPUT),
     )
+    monitor = _command(
+        sub,
+        "monitor",
+        "every uploader's progress, live, through the server",
+        "Show every process that uploads to the server (any host) with its assets, live; "
+        "lost uploaders stand out with their last beat. The keys act on the uploader that "
+        "owns the asset, through the server, and its acknowledgement is shown. --no-ui prints "
+        "them once (exit 1 when one is lost). See docs/monitor.md.",
+        [
+            "methodic-tui monitor --server-url http://chronicle:8765",
+            "methodic-tui monitor --experiment llama-7b --run 3",
+            "methodic-tui monitor --json | jq '.sessions[] | select(.state == \"lost\")'",
+        ],
+        (REMOTE, UI, JSON),
+    )
+    monitor.add_argument(
+        "--experiment", default=None, metavar="ID|NAME", help="only uploaders into this experiment"
+    )
+    monitor.add_argument("--run", type=_index, default=None, metavar="N", help="only this run")
     _command(
         sub,
         "status",

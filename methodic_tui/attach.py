@@ -1,15 +1,19 @@
 """``methodic-tui attach``: watch a tracker that another process on this host uploads from.
 
-There is no channel to that process, so this view reads the tracker file (SQLite, WAL: safe
-to read while it writes) once a second and is read-only. Rates come from how fast the
-recorded bytes grow, and events from state changes between two reads.
+This view reads the tracker file (SQLite, WAL: safe to read while it writes) once a second.
+Rates come from how fast the recorded bytes grow, and events from state changes between two
+reads. Without a server it is read-only; with ``--server-url``/``--api-key`` its keys act in
+the uploading process, relayed through the server to that process's session on this host
+(docs/monitor.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,15 +22,20 @@ from methodic import (
     AssetFinalized,
     AssetSnapshot,
     AssetStateChanged,
+    AsyncChronicle,
+    ChronicleError,
     ComponentSnapshot,
     Event,
     PoolSnapshot,
     RateMeter,
     TrackedAsset,
     TrackedComponent,
+    UploaderSession,
     UploadTracker,
 )
 from methodic_tui.engine_source import ConfigError
+from methodic_tui.options import Options
+from methodic_tui.relay import COMMAND_TIMEOUT, Relay, RelayedControls
 from methodic_tui.source import EMPTY, Labels, Source
 
 RECENT = 3600.0  # finished assets stay listed for an hour
@@ -44,14 +53,26 @@ def component_snapshot(c: TrackedComponent) -> ComponentSnapshot:
     )
 
 
-class AttachSource(Source):
+class AttachSource(RelayedControls, Source):
+    """``relay_to``: the server (URL and key) the uploading process beats to; None: read-only."""
+
     def __init__(
-        self, tracker_path: Path, *, poll: float = 1.0, clock: Callable[[], float] = time.time
+        self,
+        tracker_path: Path,
+        *,
+        poll: float = 1.0,
+        clock: Callable[[], float] = time.time,
+        relay_to: Options | None = None,
+        command_timeout: float = COMMAND_TIMEOUT,
     ) -> None:
         self.path = tracker_path
         self.poll = poll
         self.clock = clock
-        self.read_only = READ_ONLY
+        self.relay_to = relay_to if relay_to is not None and relay_to.server_url else None
+        self.command_timeout = command_timeout
+        self.read_only = None if self.relay_to is not None else READ_ONLY
+        self.chronicle: AsyncChronicle | None = None
+        self._notices: deque[Event] = deque()
         # The tracker does not record the uploader's bandwidth cap: say so, not "no cap".
         self.labels = Labels(tracker=str(tracker_path), mode="attach", cap_known=False)
         self.tracker: UploadTracker | None = None
@@ -71,8 +92,38 @@ class AttachSource(Source):
         self.tracker = await asyncio.to_thread(UploadTracker, self.path)
         self._since = self.clock() - RECENT
         await self._read(first=True)
+        if self.relay_to is not None:
+            opts = self.relay_to
+            self.labels.server = opts.server_url or ""
+            self.chronicle = AsyncChronicle(opts.server_url, opts.api_key, 1, heartbeat_interval=0)
+            await self.chronicle.open()
+            self.relay = Relay(self.chronicle, self._notices, self.command_timeout)
+            await self.chronicle.sessions()  # a wrong key or URL is a setup error (exit 2)
+
+    async def targets(self, asset_id: str | None) -> list[UploaderSession]:
+        """The live sessions of this host that report ``asset_id`` (or any asset shown here)."""
+        assert self.chronicle is not None
+        host = socket.gethostname()
+        wanted = {asset_id} if asset_id else {a.asset_id for a in self._snapshot.assets}
+        found = [
+            s
+            for s in await self.chronicle.sessions()
+            if s.state == "live"
+            and s.host == host
+            and any(a.asset_id in wanted for a in s.snapshot.assets)
+        ]
+        if not found:
+            raise ChronicleError(
+                f"no live uploader on {host} reports {asset_id or 'these uploads'} to "
+                f"{self.labels.server}: is it running, against this server, with heartbeats on?"
+            )
+        return found
 
     async def close(self) -> None:
+        self.cancel_relayed()
+        if self.chronicle is not None:
+            await self.chronicle.close()
+            self.chronicle = None
         if self.tracker is not None:
             self.tracker.close()
             self.tracker = None
@@ -146,4 +197,9 @@ class AttachSource(Source):
 
     def poll_events(self) -> list[Event]:
         events, self._events = self._events, []
+        while self._notices:
+            events.append(self._notices.popleft())
         return events
+
+    def unfinished(self) -> dict[str, int]:
+        return {} if self.relay_to is not None else super().unfinished()

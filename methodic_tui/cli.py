@@ -108,7 +108,7 @@ def make_source(args: argparse.Namespace, opts: Options, headless: bool) -> Sour
     if command == "attach":
         from methodic_tui.attach import AttachSource
 
-        return AttachSource(opts.tracker)
+        return AttachSource(opts.tracker, relay_to=opts if opts.server_url else None)
     if command == "demo":
         from methodic_tui.demo import DEFAULT_BANDWIDTH, DEFAULT_SIZE, DemoJob
 
@@ -154,7 +154,7 @@ def make_source(args: argparse.Namespace, opts: Options, headless: bool) -> Sour
 def wants_headless(args: argparse.Namespace) -> bool:
     if getattr(args, "no_ui", False) or getattr(args, "json", False):
         return True
-    if args.command not in ("demo", "upload", "watch", "resume", "attach", "download"):
+    if args.command not in ("demo", "upload", "watch", "resume", "attach", "download", "monitor"):
         return True
     try:
         return not (sys.stdout.isatty() and sys.stdin.isatty())
@@ -194,6 +194,10 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 0
     opts = options_from(args)
     json_out = getattr(args, "json", False)
+    if args.command == "monitor":
+        from methodic_tui.monitor import run_monitor
+
+        return run_monitor(args, opts, wants_headless(args))
     if args.command == "status":
         from methodic_tui.status import run_status
 

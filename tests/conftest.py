@@ -41,6 +41,18 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
+def hub(tmp_path: Path) -> Iterator[EmbeddedServer]:
+    """A server that calls an uploader session lost after 5 s without a beat (docs/monitor.md)."""
+    config = ServerConfig(data_dir=tmp_path / "server", port=0, session_lost_after=5.0)
+    srv = EmbeddedServer.from_config(config)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
 def api(server: EmbeddedServer) -> Iterator[httpx.Client]:
     """An API client on ``server`` (base URL: its control port), with its key."""
     with connect(server) as client:

@@ -323,7 +323,19 @@ def test_bash_completion_script(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "command",
-    ["demo", "upload", "watch", "resume", "attach", "status", "list", "discard", "seal", "retry"],
+    [
+        "demo",
+        "upload",
+        "watch",
+        "resume",
+        "attach",
+        "monitor",
+        "status",
+        "list",
+        "discard",
+        "seal",
+        "retry",
+    ],
 )
 def test_each_subcommand_help_has_examples_exit_codes_and_only_its_options(
     tmp_path: Path, command: str
@@ -336,7 +348,11 @@ def test_each_subcommand_help_has_examples_exit_codes_and_only_its_options(
     assert "examples:" in out and "exit codes:" in out and f"methodic-tui {command}" in out
     takes_transfers = command in ("demo", "upload", "watch", "resume", "retry")
     assert ("--workers" in out) == takes_transfers
-    assert ("--server-url" in out) == (command in ("upload", "watch", "resume", "retry", "discard"))
+    # attach and monitor: the server their uploaders beat to (docs/monitor.md), no --embedded.
+    assert ("--server-url" in out) == (
+        command in ("upload", "watch", "resume", "retry", "discard", "attach", "monitor")
+    )
+    assert ("--embedded" in out) == (command in ("upload", "watch", "resume", "retry", "discard"))
 
 
 # ------------------------------------------------------------ choosing files: --include/--exclude

@@ -43,6 +43,7 @@ from methodic._recovery import (
 )
 from methodic._retry import RetryPolicy
 from methodic._scan import scan_directory
+from methodic._sessions import CommandResult, UploaderSession
 from methodic._states import (
     DONE_STATES,
     HELD_STATES,
@@ -93,6 +94,7 @@ __all__ = [
     "BandwidthSample",
     "Chronicle",
     "ChronicleError",
+    "CommandResult",
     "ComponentProgress",
     "ComponentSnapshot",
     "ComponentSpec",
@@ -124,6 +126,7 @@ __all__ = [
     "UploadHandle",
     "UploadTarget",
     "UploadTracker",
+    "UploaderSession",
     "__version__",
     "adopt_incomplete_uploads",
     "drain_incomplete_uploads",

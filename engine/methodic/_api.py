@@ -254,6 +254,40 @@ class ApiClient:
         data = await self._call("GET", f"/assets/{asset_id}/download")
         return [DownloadTarget.from_json(c) for c in data["components"]]
 
+    # ------------------------------------------------------------ uploader sessions
+
+    async def beat(self, session_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Register or refresh an uploader session; the answer carries commands for it."""
+        data: dict[str, Any] = await self._call(
+            "POST", f"/sessions/{quote(session_id, safe='')}/beat", json=body
+        )
+        return data
+
+    async def list_sessions(
+        self, experiment_id: str | None = None, run: int | None = None
+    ) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {}
+        if experiment_id is not None:
+            params["experiment_id"] = experiment_id
+        if run is not None:
+            params["run"] = run
+        data = await self._call("GET", "/sessions", params=params)
+        return list(data["sessions"])
+
+    async def send_command(self, session_id: str, command: dict[str, Any]) -> dict[str, Any]:
+        """Queue a command for a session (idempotent: the command carries its id)."""
+        data: dict[str, Any] = await self._call(
+            "POST", f"/sessions/{quote(session_id, safe='')}/commands", json=command
+        )
+        return data
+
+    async def get_command(self, session_id: str, command_id: str) -> dict[str, Any]:
+        data: dict[str, Any] = await self._call(
+            "GET",
+            f"/sessions/{quote(session_id, safe='')}/commands/{quote(command_id, safe='')}",
+        )
+        return data
+
     # ------------------------------------------------------------ transport
 
     async def _call(

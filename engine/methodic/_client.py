@@ -26,10 +26,12 @@ from methodic._errors import (
     UploadFailedError,
 )
 from methodic._events import PoolSnapshot, Subscription
+from methodic._heartbeat import DEFAULT_INTERVAL, Heartbeat, interval_from_env, run_command
 from methodic._ids import new_asset_id
 from methodic._pool import UploadPool
 from methodic._retry import RetryPolicy
 from methodic._scan import scan_directory, validate_specs
+from methodic._sessions import CommandResult, UploaderSession
 from methodic._states import DONE_STATES
 from methodic._types import Asset, ComponentSpec, PresignedAsset, RunBinding
 from methodic._uploads import (
@@ -84,6 +86,7 @@ class AsyncChronicle:
         part_size: int = DEFAULT_PART_SIZE,
         stall_timeout: float = 60.0,
         checksum_algorithm: str | None = None,
+        heartbeat_interval: float | None = None,
     ) -> None:
         self.server_url = resolve_server_url(server_url)
         self._api_key = resolve_api_key(api_key)
@@ -109,6 +112,14 @@ class AsyncChronicle:
             )
         except checksums.ChecksumFormatError as exc:
             raise InvalidInputError(str(exc)) from None
+        # Seconds between beats to the server (docs/monitor.md); None: METHODIC_HEARTBEAT_INTERVAL
+        # or 5 s; 0: no heartbeat. It starts with the first run.
+        if heartbeat_interval is None:
+            self.heartbeat_interval = interval_from_env(DEFAULT_INTERVAL)
+        else:
+            self.heartbeat_interval = heartbeat_interval if heartbeat_interval > 0 else None
+        self._heartbeat: Heartbeat | None = None
+        self._runs: dict[str, dict[str, Any]] = {}
         self._http_client: httpx.AsyncClient | None = None
         self._upload_pool: UploadPool | None = None
         self._api_client: ApiClient | None = None
@@ -139,6 +150,9 @@ class AsyncChronicle:
         return self
 
     async def close(self) -> None:
+        if self._heartbeat is not None:
+            await self._heartbeat.close()
+            self._heartbeat = None
         if self._upload_pool is not None:
             _warn_unfinished(self._upload_pool)
             await self._upload_pool.close()
@@ -232,6 +246,60 @@ class AsyncChronicle:
         """
         return self._pool.events.subscribe(maxsize)
 
+    # ------------------------------------------------------------ uploader sessions
+
+    @property
+    def session_id(self) -> str | None:
+        """This uploader's session on the server (None until its first run, or heartbeats off)."""
+        return self._heartbeat.session_id if self._heartbeat is not None else None
+
+    def _uploading_in(self, data: dict[str, Any]) -> None:
+        """A run this Chronicle uploads into: its heartbeat says so (and starts with the first)."""
+        self._runs[str(data["id"])] = {
+            k: data.get(k) for k in ("id", "experiment_id", "variation", "run")
+        } | {"run_id": str(data["id"])}
+        if self._heartbeat is None and self.heartbeat_interval is not None:
+            self._heartbeat = Heartbeat(
+                self.server_url,
+                self._api_key,
+                self,
+                lambda: list(self._runs.values()),
+                interval=self.heartbeat_interval,
+            )
+            self._heartbeat.start()
+
+    async def sessions(
+        self, experiment: str | None = None, run: int | None = None
+    ) -> list[UploaderSession]:
+        """Every uploader session the server knows, live, lost or closed (docs/monitor.md).
+
+        ``experiment`` (an id or a name) and ``run`` keep those uploading into it.
+        """
+        experiment_id = None
+        if experiment is not None:
+            experiment_id = await self.find_experiment(experiment)
+            if experiment_id is None:
+                return []
+        rows = await self._api.list_sessions(experiment_id, run)
+        return [UploaderSession.from_json(r) for r in rows]
+
+    async def send_command(
+        self,
+        session_id: str,
+        action: str,
+        asset_id: str | None = None,
+        value: float | None = None,
+        timeout: float = 10.0,
+    ) -> CommandResult:
+        """Relay an operator control to another uploader through the server and wait for its
+        acknowledgement (at most ``timeout`` s; then ``acknowledged`` is False).
+
+        ``action``: pause, resume, retry_failed (``asset_id`` None: all), force_finalize,
+        discard (``asset_id`` needed), set_bandwidth (``value`` bytes/s, None: no cap).
+        """
+        data = await run_command(self._api, session_id, action, asset_id, value, timeout=timeout)
+        return CommandResult.from_json(session_id, data)
+
     # ------------------------------------------------------------ experiments and runs
 
     async def create_experiment(self, name: str) -> str:
@@ -261,10 +329,14 @@ class AsyncChronicle:
         for name, value in (("variation", variation), ("run", run)):
             if not isinstance(value, int) or value < 0:
                 raise InvalidInputError(f"{name} must be a whole number >= 0, not {value!r}")
-        return AsyncRun(self, await self._api.put_run(experiment_id, variation, run))
+        data = await self._api.put_run(experiment_id, variation, run)
+        self._uploading_in(data)
+        return AsyncRun(self, data)
 
     async def run_by_id(self, run_id: str) -> AsyncRun:
-        return AsyncRun(self, await self._api.get_run(run_id))
+        data = await self._api.get_run(run_id)
+        self._uploading_in(data)
+        return AsyncRun(self, data)
 
     # ------------------------------------------------------------ assets
 

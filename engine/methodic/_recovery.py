@@ -124,6 +124,15 @@ async def _adopt(
             continue
         if not tracked.sealed:
             report.unsealed[asset_id] = unsealed_note(tracked)
+        b = up.binding
+        chronicle._uploading_in(
+            {
+                "id": b.run_id,
+                "experiment_id": b.experiment_id,
+                "variation": b.variation,
+                "run": b.run,
+            }
+        )
         if up.state == AssetState.PAUSED:
             report.skipped[asset_id] = "paused by the operator; resume it to continue"
         uploads.append(up)

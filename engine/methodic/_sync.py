@@ -13,6 +13,7 @@ from methodic._client import AsyncChronicle, AsyncRun
 from methodic._events import Event, PoolSnapshot, Subscription
 from methodic._recovery import DrainReport, drain_incomplete_uploads_async
 from methodic._retry import RetryPolicy
+from methodic._sessions import CommandResult, UploaderSession
 from methodic._tracker import UploadTracker
 from methodic._types import Asset, ComponentSpec, PresignedAsset
 from methodic._uploads import AsyncUploadHandle
@@ -217,6 +218,29 @@ class Chronicle:
         (or is one asset's id). An asset's ``rate`` and ``eta`` are ``None`` unless it is
         uploading and a few seconds of its transfer were measured."""
         return self._call(self.core.snapshot(with_components))
+
+    # Uploader sessions (docs/monitor.md): see AsyncChronicle for each one's rules.
+
+    @property
+    def session_id(self) -> str | None:
+        return self.core.session_id
+
+    def sessions(
+        self, experiment: str | None = None, run: int | None = None
+    ) -> list[UploaderSession]:
+        """Every uploader session the server knows (live, lost or closed)."""
+        return self._call(self.core.sessions(experiment, run))
+
+    def send_command(
+        self,
+        session_id: str,
+        action: str,
+        asset_id: str | None = None,
+        value: float | None = None,
+        timeout: float = 10.0,
+    ) -> CommandResult:
+        """Relay a control to another uploader through the server; waits for its acknowledgement."""
+        return self._call(self.core.send_command(session_id, action, asset_id, value, timeout))
 
     def subscribe(self, maxsize: int = 10_000) -> EventStream:
         """The engine's event stream, read from this thread: an ``EventStream``."""

@@ -33,6 +33,7 @@ from methodic.server.errors import (
 )
 from methodic.server.finalize import Finalizer
 from methodic.server.keys import KeyRing
+from methodic.server.session_routes import session_routes
 from methodic.server.state import ServerState, open_state
 from methodic.server.storage.base import StorageUnavailable
 
@@ -186,6 +187,7 @@ def _api_router(state: ServerState) -> APIRouter:
     _experiment_routes(router, catalog)
     _run_routes(router, catalog)
     _asset_routes(router, catalog, state.finalizer, config)
+    session_routes(router, state.sessions)
     return router
 
 

@@ -162,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="lifetime of presigned URLs (default: 3600)",
     )
+    serve.add_argument(
+        "--session-lost-after",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="an uploader silent this long shows as lost in `methodic-tui monitor` (default: 30)",
+    )
+    serve.add_argument(
+        "--session-retention",
+        type=_seconds,
+        default=86400.0,
+        metavar="SECONDS",
+        help="an uploader session is forgotten this long after its last beat (default: 86400)",
+    )
     limits = serve.add_argument_group(
         "limits", "what one request may ask of the server (over them: 413, naming the limit)"
     )
@@ -232,6 +246,8 @@ def _serve(args: argparse.Namespace) -> int:
             max_components_per_asset=args.max_components_per_asset,
             max_json_body=args.max_request_bytes,
             max_presign_batch=args.max_presign_batch,
+            session_lost_after=args.session_lost_after,
+            session_retention=args.session_retention,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None

@@ -75,6 +75,11 @@ class ServerConfig:
     pending_ttl: float = 3 * DAY
     # How often the server looks for expired assets; None: a quarter of pending_ttl, at most hourly.
     sweep_interval: float | None = None
+    # Uploader sessions (docs/monitor.md): silent this long, a session shows as lost; forgotten
+    # this long after its last beat; a relayed command not acknowledged this long expires.
+    session_lost_after: float = 30.0
+    session_retention: float = DAY
+    command_ttl: float = 120.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -96,6 +101,9 @@ class ServerConfig:
             raise ValueError("presign_ttl must be a positive number of seconds")
         if not _positive(self.pending_ttl):
             raise ValueError("pending_ttl must be a positive number of seconds")
+        for name in ("session_lost_after", "session_retention", "command_ttl"):
+            if not _positive(getattr(self, name)):
+                raise ValueError(f"{name} must be a positive number of seconds")
         if self.sweep_interval is not None and not _positive(self.sweep_interval):
             raise ValueError("sweep_interval must be a positive number of seconds")
         for name in ("max_components_per_asset", "max_presign_batch", "max_json_body"):

@@ -115,6 +115,17 @@ UPDATE components SET checksum = 'sha256:' || stored_digest
 -- The checksum algorithm an S3 multipart upload was created with (NULL: none).
 ALTER TABLE multipart_uploads ADD COLUMN checksum_algorithm TEXT;
 """,
+    """
+-- Uploader sessions (server/sessions.py): the latest beat of each, written behind.
+CREATE TABLE uploader_sessions (
+    id            TEXT PRIMARY KEY,
+    info          TEXT NOT NULL,          -- JSON: host, pid, user, version, runs
+    status        TEXT NOT NULL,          -- JSON: the in-flight assets of the last beat
+    registered_at REAL NOT NULL,
+    last_beat     REAL NOT NULL,
+    closed        INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+""",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

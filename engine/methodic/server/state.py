@@ -22,6 +22,7 @@ from methodic.server.keys import (
     load_or_create_secret,
 )
 from methodic.server.records import AssetRecords
+from methodic.server.sessions import SessionBook
 from methodic.server.signing import Signer
 from methodic.server.storage.base import Storage, StorageSetupError
 from methodic.server.storage.local import LocalStorage
@@ -108,8 +109,10 @@ class ServerState:
     storage: Storage = field(repr=False)
     sweeper: Sweeper = field(repr=False)
     lock: DataDirLock = field(repr=False)
+    sessions: SessionBook = field(repr=False)
 
     def close(self) -> None:
+        self.sessions.stop()
         self.sweeper.stop()
         self.storage.close()
         self.db.close()
@@ -173,6 +176,13 @@ def _open_state(config: ServerConfig, lock: DataDirLock) -> ServerState:
     records = AssetRecords(db, storage, config)
     sweeper = Sweeper(records, config.effective_sweep_interval)
     sweeper.start()
+    sessions = SessionBook(
+        db,
+        lost_after=config.session_lost_after,
+        retention=config.session_retention,
+        command_ttl=config.command_ttl,
+    )
+    sessions.start()
     return ServerState(
         config=config,
         db=db,
@@ -185,4 +195,5 @@ def _open_state(config: ServerConfig, lock: DataDirLock) -> ServerState:
         storage=storage,
         sweeper=sweeper,
         lock=lock,
+        sessions=sessions,
     )

@@ -29,6 +29,7 @@ STATE_STYLES = {
     "paused": "yellow",
     "interrupted": "yellow",
     "failed": "bold red",
+    "lost": "bold red reverse",  # monitor: its uploader stopped beating
     "finalizing": "magenta",
     "finalized": "green",
     "completed": "green",
