@@ -209,6 +209,16 @@ class AssetSnapshot:
     # Files in flight now (None: not known, e.g. read from a tracker). Uploading with none in
     # flight is waiting for a worker (or a retry): a UI says "queued", not "uploading".
     files_uploading: int | None = None
+    # Of a rank's contribution to a multi-rank asset (docs/distributed.md): its rank, the
+    # contributions the server holds stored of world_size, the ranks it still waits for and
+    # its one-line account ("waiting for ranks 5, 7 (last seen: ...)"), and whether this
+    # rank's own contribution is stored.
+    rank: int | None = None
+    world_size: int | None = None
+    ranks_stored: int | None = None
+    ranks_missing: tuple[int, ...] = ()
+    waiting: str | None = None
+    contribution_stored: bool = False
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from methodic import _digests as digests
 from methodic import _tracker_ops as ops
 from methodic._api import ApiClient
+from methodic._contributions import RankStatus, await_whole, delete_local_files
 from methodic._errors import (
     AssetIncompleteError,
     ChronicleError,
@@ -94,14 +96,20 @@ class Finisher:
             await self._progress.flush()
             await self.set_state(up, AssetState.FINALIZING)
             checksums = await digests.file_checksums(up)
+            rank = None if up.contribution is None else up.contribution.rank
             for wait in (*BUSY_WAITS, None):
                 try:
-                    asset = await self._api.finalize(up.asset_id, checksums)
+                    asset = await self._api.finalize(up.asset_id, checksums, rank)
                     break
                 except AssetIncompleteError as exc:
                     if not exc.busy or wait is None:
                         raise
                     await asyncio.sleep(wait)
+            if asset.state != AssetState.FINALIZED:  # a rank's contribution: wait for the rest
+                whole = await self._await_whole(up)
+                if whole is None:
+                    return None
+                asset = whole
             await self.finalized(up, asset)
             return asset
         except FileChangedError as exc:
@@ -120,6 +128,25 @@ class Finisher:
         except ChronicleError as exc:
             await self.fail_asset(up, exc)
             raise
+
+    async def _await_whole(self, up: AssetUpload) -> Asset | None:
+        """This rank's contribution is stored: wait until the server finalizes the asset.
+        None when the asset stopped here meanwhile (discarded)."""
+        up.stored_at = up.stored_at or time.time()
+        self._events.emit(AssetStateChanged(up.asset_id, up.state))
+
+        def seen(status: RankStatus) -> None:
+            if status != up.ranks:
+                up.ranks = status
+                self._events.emit(AssetStateChanged(up.asset_id, up.state))
+
+        task = asyncio.ensure_future(await_whole(self._api, up.asset_id, seen))
+        # A discard (or any end of the upload) elsewhere settles the future: stop waiting.
+        done, _ = await asyncio.wait({task, up.future}, return_when=asyncio.FIRST_COMPLETED)
+        if task not in done:
+            task.cancel()
+            return None
+        return task.result()
 
     async def force(self, up: AssetUpload) -> Asset:
         """Ask the server to finalize now; only a yes changes the asset.
@@ -158,6 +185,10 @@ class Finisher:
         self._events.emit(
             AssetFinalized(up.asset_id, up.asset_type, asset.total_size, asset.component_count)
         )
+        if up.delete_local:
+            files = [(c.identity.local_path, c.identity) for c in up.components.values()]
+            removed = await asyncio.to_thread(delete_local_files, up.local_dir, files)
+            log.info("asset %s is finalized: removed %d local files", up.asset_id, len(removed))
         if not up.future.done():
             up.future.set_result(asset)
 

@@ -115,6 +115,7 @@ class Intake:
             metadata=up.metadata,
             components=[c.manifest() for c in up.components.values()],
             checksum_algorithm=up.algorithm,
+            contribution=None if up.contribution is None else up.contribution.create_fields(),
         )
         asset = created.asset
         up.algorithm = asset.checksum_algorithm or up.algorithm or checksums.DEFAULT_ALGORITHM

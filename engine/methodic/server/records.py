@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from methodic.server.config import ServerConfig
+from methodic.server.contributions import describe
 from methodic.server.db import Database
 from methodic.server.errors import not_found
 from methodic.server.locks import KeyedLocks
@@ -43,6 +44,8 @@ def asset_out(row: sqlite3.Row) -> dict[str, Any]:
         "component_count": row["component_count"],
         "total_size": row["total_size"],
         "checksum_algorithm": row["checksum_algorithm"],
+        "asset_name": row["asset_name"],
+        "world_size": row["world_size"],
     }
 
 
@@ -137,7 +140,9 @@ class AssetRecords:
 
     def load(self, asset_id: str) -> tuple[dict[str, Any], list[Component]]:
         with self.db.read() as conn:
-            return asset_out(self.asset_row(conn, asset_id)), self.components(conn, asset_id)
+            asset = asset_out(self.asset_row(conn, asset_id))
+            describe(conn, [asset])
+            return asset, self.components(conn, asset_id)
 
     def _found(self, asset: Mapping[str, Any], components: Sequence[Component]) -> list[Found]:
         if asset["state"] == "finalized":
@@ -156,6 +161,13 @@ class AssetRecords:
             found = self._found(asset, components)
         asset["components"] = [component_out(c, f) for c, f in zip(components, found, strict=True)]
         return asset
+
+    def summary(self, asset_id: str) -> dict[str, Any]:
+        """The asset without its components (nor a look at storage)."""
+        with self.db.read() as conn:
+            asset = asset_out(self.asset_row(conn, asset_id))
+            describe(conn, [asset])
+            return asset
 
     def get_asset(self, asset_id: str) -> dict[str, Any]:
         """The asset with what storage holds of each component (recovery's status call)."""

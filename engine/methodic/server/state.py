@@ -22,6 +22,7 @@ from methodic.server.keys import (
     load_or_create_secret,
 )
 from methodic.server.records import AssetRecords
+from methodic.server.retention import Retention
 from methodic.server.signing import Signer
 from methodic.server.storage.base import Storage, StorageSetupError
 from methodic.server.storage.local import LocalStorage
@@ -108,6 +109,7 @@ class ServerState:
     storage: Storage = field(repr=False)
     sweeper: Sweeper = field(repr=False)
     lock: DataDirLock = field(repr=False)
+    retention: Retention = field(repr=False)
 
     def close(self) -> None:
         self.sweeper.stop()
@@ -173,16 +175,18 @@ def _open_state(config: ServerConfig, lock: DataDirLock) -> ServerState:
     records = AssetRecords(db, storage, config)
     sweeper = Sweeper(records, config.effective_sweep_interval)
     sweeper.start()
+    retention = Retention(records)
     return ServerState(
         config=config,
         db=db,
         records=records,
         catalog=Catalog(records),
-        finalizer=Finalizer(records),
+        finalizer=Finalizer(records, retention.apply),
         signer=signer,
         keyring=keyring,
         active_key=active,
         storage=storage,
         sweeper=sweeper,
         lock=lock,
+        retention=retention,
     )
