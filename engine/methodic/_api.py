@@ -247,12 +247,10 @@ class ApiClient:
             body["rank"] = rank
         return Asset.from_json(await self._call("POST", f"/assets/{asset_id}/finalize", json=body))
 
-    async def asset_summary(self, asset_id: str) -> dict[str, Any]:
+    async def asset_summary(self, asset_id: str) -> Asset:
         """The asset without its components, with a multi-rank asset's contributions."""
-        data: dict[str, Any] = await self._call(
-            "GET", f"/assets/{asset_id}", params={"components": "false"}
-        )
-        return data
+        data = await self._call("GET", f"/assets/{asset_id}", params={"components": "false"})
+        return Asset.from_json(data)
 
     async def set_retention(self, run_id: str, asset_type: str, keep_last: int) -> list[str]:
         """Keep the run's newest ``keep_last`` finalized assets of the type; the ids deleted now."""

@@ -21,11 +21,10 @@ from typing import Any
 from methodic._api import ApiClient
 from methodic._errors import InvalidInputError, NotFoundError, UploadFailedError
 from methodic._transfer import FileChangedError
-from methodic._types import Asset
+from methodic._types import TRACKER_KEY, Asset, RankContribution
 
 log = logging.getLogger("methodic")
 
-TRACKER_KEY = "_methodic"
 # Seconds between two looks at a pending asset while this rank waits for the others.
 POLL_FIRST, POLL_MAX = 0.1, 2.0
 
@@ -40,7 +39,7 @@ class Contribution:
         return {"asset_name": self.asset_name, "rank": self.rank, "world_size": self.world_size}
 
 
-@dataclass
+@dataclass(frozen=True)
 class RankStatus:
     """The server's account of a multi-rank asset, as this rank last saw it."""
 
@@ -48,14 +47,20 @@ class RankStatus:
     world_size: int
     missing: tuple[int, ...]
     waiting: str | None  # "waiting for ranks 5, 7 (last seen: ...)"
+    contributions: tuple[RankContribution, ...]
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RankStatus | None:
-        world_size = data.get("world_size")
-        if not world_size:
+    def of(cls, asset: Asset) -> RankStatus | None:
+        if not asset.world_size:
             return None
-        missing = tuple(data.get("ranks_missing") or ())
-        return cls(world_size - len(missing), world_size, missing, data.get("waiting"))
+        missing = asset.ranks_missing
+        return cls(
+            asset.world_size - len(missing),
+            asset.world_size,
+            missing,
+            asset.waiting,
+            asset.contributions,
+        )
 
 
 def check_arguments(
@@ -117,19 +122,19 @@ async def await_whole(api: ApiClient, asset_id: str, seen: Any) -> Asset:
     last: RankStatus | None = None
     while True:
         try:
-            data = await api.asset_summary(asset_id)
+            asset = await api.asset_summary(asset_id)
         except NotFoundError:
             why = f"; it was {last.waiting}" if last is not None and last.waiting else ""
             raise UploadFailedError(
                 f"asset {asset_id} is gone from the server: discarded by an operator, or "
                 f"expired while pending{why}"
             ) from None
-        status = RankStatus.from_json(data)
+        status = RankStatus.of(asset)
         if status is not None:
             last = status
             seen(status)
-        if data["state"] == "finalized":
-            return Asset.from_json(data)
+        if asset.state == "finalized":
+            return asset
         await asyncio.sleep(delay)
         delay = min(POLL_MAX, delay * 1.5)
 

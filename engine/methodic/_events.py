@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from methodic._states import SENDING_STATES
+from methodic._types import RankContribution
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,19 @@ class AssetFinalized(Event):
     asset_type: str
     total_size: int
     component_count: int
+
+
+@dataclass(frozen=True)
+class RanksChanged(Event):
+    """A rank's view of its multi-rank asset changed: its own contribution is stored
+    (``contribution_stored``), or the server holds more ranks' contributions stored."""
+
+    rank: int
+    world_size: int
+    ranks_stored: int
+    ranks_missing: tuple[int, ...]
+    waiting: str | None
+    contribution_stored: bool
 
 
 @dataclass(frozen=True)
@@ -219,6 +233,7 @@ class AssetSnapshot:
     ranks_missing: tuple[int, ...] = ()
     waiting: str | None = None
     contribution_stored: bool = False
+    contributions: tuple[RankContribution, ...] = ()  # per rank, as the server last said
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,13 @@ from methodic._errors import (
     ConflictError,
     UploadFailedError,
 )
-from methodic._events import AssetFinalized, AssetStateChanged, ComponentStateChanged, EventBus
+from methodic._events import (
+    AssetFinalized,
+    AssetStateChanged,
+    ComponentStateChanged,
+    EventBus,
+    RanksChanged,
+)
 from methodic._progress import Progress
 from methodic._states import AssetState, ComponentState
 from methodic._transfer import FileChangedError
@@ -133,12 +139,24 @@ class Finisher:
         """This rank's contribution is stored: wait until the server finalizes the asset.
         None when the asset stopped here meanwhile (discarded)."""
         up.stored_at = up.stored_at or time.time()
-        self._events.emit(AssetStateChanged(up.asset_id, up.state))
+        said: list[tuple[int, ...]] = []
 
         def seen(status: RankStatus) -> None:
-            if status != up.ranks:
-                up.ranks = status
-                self._events.emit(AssetStateChanged(up.asset_id, up.state))
+            up.ranks = status
+            if not said or said[-1] != status.missing:  # once, then on each change
+                said.append(status.missing)
+                assert up.contribution is not None
+                self._events.emit(
+                    RanksChanged(
+                        up.asset_id,
+                        up.contribution.rank,
+                        status.world_size,
+                        status.stored,
+                        status.missing,
+                        status.waiting,
+                        True,
+                    )
+                )
 
         task = asyncio.ensure_future(await_whole(self._api, up.asset_id, seen))
         # A discard (or any end of the upload) elsewhere settles the future: stop waiting.

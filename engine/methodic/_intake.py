@@ -14,6 +14,7 @@ from methodic import _checksum as checksums
 from methodic import _digests as digests
 from methodic import _tracker_ops as ops
 from methodic._api import ApiClient
+from methodic._contributions import RankStatus
 from methodic._errors import ChronicleError
 from methodic._events import AssetStateChanged, ComponentStateChanged, EventBus
 from methodic._finish import Finisher, Spawn, check_identities
@@ -118,6 +119,8 @@ class Intake:
             contribution=None if up.contribution is None else up.contribution.create_fields(),
         )
         asset = created.asset
+        if up.contribution is not None:  # what the server holds of the other ranks' so far
+            up.ranks = RankStatus.of(asset)
         up.algorithm = asset.checksum_algorithm or up.algorithm or checksums.DEFAULT_ALGORITHM
         up.remote_ready = True
         if up.resumed:

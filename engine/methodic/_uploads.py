@@ -209,6 +209,7 @@ class AssetUpload:
             "ranks_missing": () if r is None else r.missing,
             "waiting": None if r is None or self.state != AssetState.FINALIZING else r.waiting,
             "contribution_stored": self.stored_at is not None,
+            "contributions": () if r is None else r.contributions,
         }
 
 

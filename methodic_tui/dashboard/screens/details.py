@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -33,6 +35,13 @@ def info_text(a: AssetSnapshot | None) -> Text:
     )
     if state == AssetState.UPLOADING and a.rate:  # queued: no file in flight, no rate
         text.append(f", {fmt.rate(a.rate)}, ETA {fmt.long_duration(a.eta)}")
+    ranks = fmt.ranks_summary(a)
+    if ranks is not None:
+        text.append(f"\n{ranks}")
+        if a.waiting:
+            text.append(f"\n{a.waiting}", "yellow")
+        for line in fmt.contribution_lines(a, time.time()):
+            text.append(f"\n  {line}", "dim")
     if a.last_error:
         text.append(f"\nlast error: {a.last_error}", "red")
     return text
