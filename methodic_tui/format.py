@@ -50,7 +50,6 @@ def shown_state(a: AssetSnapshot) -> str:
 # ---------------------------------------------------------------- multi-rank assets
 
 _RANKS_SHOWN = 10
-_CONTRIBUTIONS_SHOWN = 64
 
 
 def rank_list(ranks: Sequence[int]) -> str:
@@ -73,13 +72,18 @@ def ranks_summary(a: AssetSnapshot) -> str | None:
     return f"{text}, missing {rank_list(a.ranks_missing)}" if a.ranks_missing else text
 
 
-def contribution_lines(a: AssetSnapshot, now: float) -> list[str]:
-    """One line per rank of the asset, as the server last reported them."""
+def contribution_lines(a: AssetSnapshot, now: float, limit: int = 9) -> list[str]:
+    """One line per rank of the asset, as the server last reported them: the ranks not yet
+    stored first, at most ``limit`` lines and one more saying how many are left out."""
     if a.world_size is None:
         return []
     by_rank = {c.rank: c for c in a.contributions}
+    stored = {c.rank for c in a.contributions if c.state == "stored"}
+    if a.state == AssetState.FINALIZED:
+        stored = set(range(a.world_size))
+    order = [r for r in range(a.world_size) if r not in stored] + sorted(stored)
     lines = []
-    for r in range(min(a.world_size, _CONTRIBUTIONS_SHOWN)):
+    for r in order[:limit]:
         c = by_rank.get(r)
         mine = " (this process)" if r == a.rank else ""
         if c is None:
@@ -92,8 +96,9 @@ def contribution_lines(a: AssetSnapshot, now: float) -> list[str]:
         else:
             when = f"uploading, last seen {age(c.seen_at, now)}"
         lines.append(f"rank {r:<4} {files}, {size(c.total_size)}, {when}{mine}")
-    if a.world_size > _CONTRIBUTIONS_SHOWN:
-        lines.append(f"... and {a.world_size - _CONTRIBUTIONS_SHOWN} more ranks")
+    if len(order) > limit:
+        left = order[limit:]
+        lines.append(f"... and {len(left)} more ranks ({len(stored & set(left))} stored)")
     return lines
 
 

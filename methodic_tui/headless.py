@@ -161,7 +161,8 @@ def status_key(snapshot: PoolSnapshot) -> tuple[object, ...]:
     """What a status line is printed again for: states and files done, not bytes or rate."""
     assets = [a for a in snapshot.assets if a.state != "discarded"]
     states = tuple(sorted(fmt.count_states(snapshot).items()))
-    return (len(assets), states, sum(a.components_done for a in assets))
+    ranks = tuple(a.ranks_stored for a in assets if a.rank is not None)
+    return (len(assets), states, sum(a.components_done for a in assets), ranks)
 
 
 def status_json(snapshot: PoolSnapshot) -> dict[str, Any]:

@@ -160,11 +160,12 @@ class Finisher:
 
         task = asyncio.ensure_future(await_whole(self._api, up.asset_id, seen))
         # A discard (or any end of the upload) elsewhere settles the future: stop waiting.
-        done, _ = await asyncio.wait({task, up.future}, return_when=asyncio.FIRST_COMPLETED)
-        if task not in done:
-            task.cancel()
-            return None
-        return task.result()
+        try:
+            await asyncio.wait({task, up.future}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():  # the asset ended here, or this process is closing
+                task.cancel()
+        return task.result() if not task.cancelled() else None
 
     async def force(self, up: AssetUpload) -> Asset:
         """Ask the server to finalize now; only a yes changes the asset.
