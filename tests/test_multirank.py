@@ -19,6 +19,7 @@ import httpx
 import pytest
 from helpers import (
     CEILING,
+    connect,
     make_checkpoint,
     sha256_file,
     stop_process,
@@ -439,6 +440,12 @@ def test_retention_keeps_the_latest_k_and_deletes_only_after_a_newer_finalize(
         # keep_last=1 keeps the newest only; never fewer.
         assert run.set_retention(asset_type="checkpoint", keep_last=1) == [ids[2]]
         assert [a.asset_id for a in run.list_assets(asset_type="checkpoint")] == [newest]
+        # A deleted asset is gone; its summary says it was finalized, then retired (what a
+        # rank still waiting for it reads, instead of "lost").
+        with connect(server) as api:
+            assert api.get(f"/api/v1/assets/{ids[2]}").status_code == 404
+            gone = api.get(f"/api/v1/assets/{ids[2]}", params={"components": "false"}).json()
+            assert gone["state"] == "finalized" and gone["retired_at"] > 0
         with pytest.raises(Exception, match="keep_last must be a whole number >= 1"):
             run.set_retention(asset_type="checkpoint", keep_last=0)
         assert tree_digest(run.download_asset(newest, tmp_path / "dl")) == tree_digest(ckpt)

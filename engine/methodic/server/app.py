@@ -283,7 +283,7 @@ def _asset_routes(
     @router.get("/assets/{asset_id}", response_model=m.Asset, tags=["assets"])
     def get_asset(asset_id: str, components: bool = True) -> Response:
         if not components:  # the summary alone: what a rank waiting for the others polls
-            return JSONResponse(catalog.records.summary(asset_id))
+            return JSONResponse(catalog.records.summary(asset_id, retired=True))
         return JSONResponse(catalog.get_asset(asset_id))
 
     @router.post("/assets/{asset_id}/presign", response_model=m.TargetList, tags=["assets"])

@@ -140,6 +140,13 @@ CREATE TABLE retention (
     keep_last  INTEGER NOT NULL,
     PRIMARY KEY (run_id, asset_type)
 ) WITHOUT ROWID;
+-- Finalized assets the retention deleted: their last summary (JSON), so that a rank still
+-- waiting for one learns it was finalized, not lost. Kept for a while, then dropped.
+CREATE TABLE retired (
+    asset_id   TEXT PRIMARY KEY,
+    summary    TEXT NOT NULL,
+    retired_at REAL NOT NULL
+) WITHOUT ROWID;
 """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

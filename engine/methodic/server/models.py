@@ -133,6 +133,9 @@ class AssetSummary(BaseModel):
     contributions: list[Contribution] | None = None
     ranks_missing: list[int] | None = None
     waiting: str | None = None
+    # Only in the summary (``?components=false``) of a finalized asset the run's retention
+    # deleted since: when it did.
+    retired_at: float | None = None
 
 
 class Asset(AssetSummary):

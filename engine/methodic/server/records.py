@@ -16,7 +16,7 @@ from typing import Any
 from methodic.server.config import ServerConfig
 from methodic.server.contributions import describe
 from methodic.server.db import Database
-from methodic.server.errors import not_found
+from methodic.server.errors import APIError, not_found
 from methodic.server.locks import KeyedLocks
 from methodic.server.storage.base import Component, Found, Storage, Upload
 
@@ -162,10 +162,20 @@ class AssetRecords:
         asset["components"] = [component_out(c, f) for c, f in zip(components, found, strict=True)]
         return asset
 
-    def summary(self, asset_id: str) -> dict[str, Any]:
-        """The asset without its components (nor a look at storage)."""
+    def summary(self, asset_id: str, retired: bool = False) -> dict[str, Any]:
+        """The asset without its components (nor a look at storage). With ``retired``, of an
+        asset the retention deleted: its last summary, with ``retired_at``."""
         with self.db.read() as conn:
-            asset = asset_out(self.asset_row(conn, asset_id))
+            try:
+                asset = asset_out(self.asset_row(conn, asset_id))
+            except APIError:
+                row = conn.execute(
+                    "SELECT summary FROM retired WHERE asset_id = ?", (asset_id,)
+                ).fetchone()
+                if not retired or row is None:
+                    raise
+                gone: dict[str, Any] = json.loads(row[0])
+                return gone
             describe(conn, [asset])
             return asset
 

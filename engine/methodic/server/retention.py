@@ -1,21 +1,27 @@
 """Retention: per run and asset type, keep the newest ``keep_last`` finalized assets.
 
-An older finalized asset is deleted only once ``keep_last`` newer ones are finalized (newest by
-``finalized_at``), so the latest finalized asset is never deleted, and a pending asset never
-counts nor goes. The policy is applied after every finalize of that run and type, and when it
-is set.
+An older finalized asset is deleted only once ``keep_last`` newer ones are finalized (newer:
+created later, so a slow checkpoint that finalizes after a later step's is the older one), so
+the newest finalized asset is never deleted, and a pending asset never counts nor goes. The
+policy is applied after every finalize of that run and type, and when it is set. A deleted
+asset leaves its summary in ``retired`` for ``RETIRED_KEPT_S``: a rank still waiting for it
+(its own contribution stored) learns that it was finalized.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from typing import Any
 
 from methodic.server.catalog import Catalog
+from methodic.server.errors import APIError
 from methodic.server.records import AssetRecords
 from methodic.server.sweeper import doom, purge
 
 log = logging.getLogger("methodic.server")
+RETIRED_KEPT_S = 7 * 24 * 3600.0
 
 
 class Retention:
@@ -52,13 +58,18 @@ class Retention:
             r[0]
             for r in conn.execute(
                 "SELECT id FROM assets WHERE run_id = ? AND asset_type = ? AND state = 'finalized'"
-                " ORDER BY finalized_at DESC, seq DESC LIMIT -1 OFFSET ?",
+                " ORDER BY seq DESC LIMIT -1 OFFSET ?",
                 (run_id, asset_type, keep),
             )
         ]
         deleted = []
+        now = time.time()
         for asset_id in victims:
             with self.records.locks.hold(asset_id):
+                try:
+                    summary = self.records.summary(asset_id)
+                except APIError:
+                    continue  # deleted meanwhile
                 with self.records.db.write(durable=True) as tx:
                     if (
                         tx.execute(
@@ -68,6 +79,15 @@ class Retention:
                     ):
                         continue
                     doom(tx, asset_id)
+                    summary["retired_at"] = now
+                    tx.execute(
+                        "INSERT OR REPLACE INTO retired (asset_id, summary, retired_at)"
+                        " VALUES (?, ?, ?)",
+                        (asset_id, json.dumps(summary), now),
+                    )
+                    tx.execute(
+                        "DELETE FROM retired WHERE retired_at < ?", (now - RETIRED_KEPT_S,)
+                    )
                 purge(self.records, asset_id)
             deleted.append(asset_id)
         if deleted:
