@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import humanize
 
 from methodic import (
+    DONE_STATES,
     AssetFinalized,
     AssetSnapshot,
     AssetState,
@@ -285,6 +286,6 @@ def status_line(snapshot: PoolSnapshot) -> str:
             parts.append(f"{counts[state]} {state}")
     for a in assets:
         ranks = ranks_summary(a)
-        if ranks is not None and a.state not in (AssetState.FINALIZED, AssetState.FAILED):
+        if ranks is not None and a.state not in (*DONE_STATES, AssetState.FAILED):
             parts.append(f"{name_of(a)} {ranks}")
     return ", ".join(parts)

@@ -3,6 +3,7 @@ upload one atomic asset to one server; on local storage and on S3 (moto)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -27,10 +28,10 @@ from helpers import (
     tree_digest,
     wait_until,
 )
-from killharness import counted_server, run_python
+from killharness import Api, counted_server, run_python
 from s3helpers import REGION
 
-from methodic import Chronicle, UploadFailedError, UploadTracker
+from methodic import Chronicle, Run, UploadFailedError, UploadHandle, UploadTracker
 from methodic._ids import contribution_id
 from methodic.server import EmbeddedServer, ServerConfig
 
@@ -138,12 +139,7 @@ class Ranks:
         assert self.api.get(f"/assets/{self.asset_id}/download").status_code == 404
 
     def download(self, dest: Path) -> Path:
-        data = self.api.get(f"/assets/{self.asset_id}/download").json()
-        for comp in data["components"]:
-            out = dest / comp["path"]
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(httpx.get(comp["url"], timeout=60).content)
-        return dest
+        return Api(self.url, self.key).download(self.asset_id, dest)
 
     def close(self) -> None:
         for proc in self.procs.values():
@@ -347,6 +343,29 @@ def test_conflicting_contributions_are_refused_at_registration(api: httpx.Client
     assert summary["component_count"] == 3 and summary["ranks_missing"] == [0, 1]
 
 
+@contextlib.contextmanager
+def rank_runs(server: EmbeddedServer, n: int = 2) -> Iterator[list[Run]]:
+    """``n`` ranks in this process, each with a Chronicle of its own, on one run."""
+    with contextlib.ExitStack() as stack:
+        chronicles = [stack.enter_context(Chronicle(server.url, server.api_key)) for _ in range(n)]
+        yield [c.run(c.create_experiment("e"), 0, 0) for c in chronicles]
+
+
+def contribute(
+    run: Run, local_dir: Path, tracker: Path | UploadTracker, rank: int, world: int = 2, **kw: Any
+) -> UploadHandle:
+    """Rank ``rank``'s DCP files (rank 0: with .metadata) of asset "ckpt", unless ``kw`` says."""
+    kw.setdefault("include", [f"__{rank}_*"] + ([".metadata"] if rank == 0 else []))
+    kw.setdefault("asset_name", "ckpt")
+    return run.register_and_upload_async(
+        local_dir,
+        upload_tracker=tracker if isinstance(tracker, UploadTracker) else UploadTracker(tracker),
+        rank=rank,
+        world_size=world,
+        **kw,
+    )
+
+
 def test_a_conflicting_rank_fails_its_handle_not_the_trainer(
     tmp_path: Path, server: EmbeddedServer
 ) -> None:
@@ -354,41 +373,20 @@ def test_a_conflicting_rank_fails_its_handle_not_the_trainer(
     ckpt = shards(tmp_path / "ckpt", 2)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / ".metadata").write_bytes(b"not the same metadata")
-    with Chronicle(server.url, server.api_key) as c0, Chronicle(server.url, server.api_key) as c1:
-        run0 = c0.run(c0.create_experiment("e"), 0, 0)
-        run1 = c1.run(c1.create_experiment("e"), 0, 0)
-        h0 = run0.register_and_upload_async(
-            ckpt,
-            upload_tracker=UploadTracker(tmp_path / "t0.sqlite"),
-            asset_name="ckpt",
-            rank=0,
-            world_size=2,
-            include=["__0_*", ".metadata"],
-        )
+    with rank_runs(server, 3) as (run0, run1, run2):
+        h0 = contribute(run0, ckpt, tmp_path / "t0.sqlite", 0)
         wait_until(lambda: h0.contribution_stored, what="rank 0 stored")
-        h1 = run1.register_and_upload_async(
-            tmp_path / "other",
-            upload_tracker=UploadTracker(tmp_path / "t1.sqlite"),
-            asset_name="ckpt",
-            rank=1,
-            world_size=2,
-        )
+        h1 = contribute(run1, tmp_path / "other", tmp_path / "t1.sqlite", 1, include=None)
         with pytest.raises(UploadFailedError, match=r"rank 1 claims '\.metadata'"):
             h1.result(CEILING)
         assert not h0.done()  # rank 0 still waits for rank 1's contribution
-        with Chronicle(server.url, server.api_key) as c2:
-            bad = c2.run(c2.create_experiment("e"), 0, 0).register_and_upload_async(
-                ckpt,
-                upload_tracker=UploadTracker(tmp_path / "t2.sqlite"),
-                asset_name="ckpt",
-                rank=1,
-                world_size=3,
-                include=["__1_*"],
-            )
-            with pytest.raises(UploadFailedError, match="world_size 3, but it was created with"):
-                bad.result(CEILING)
-        c0.discard(h0.asset_id)
-        with pytest.raises(UploadFailedError, match="discarded"):
+        bad = contribute(run2, ckpt, tmp_path / "t2.sqlite", 1, world=3)
+        with pytest.raises(UploadFailedError, match="world_size 3, but it was created with"):
+            bad.result(CEILING)
+        # An operator's process discards it through the API: rank 0's handle fails.
+        with Chronicle(server.url, server.api_key) as operator:
+            operator.discard(h0.asset_id)
+        with pytest.raises(UploadFailedError, match="gone from the server: discarded"):
             h0.result(CEILING)
 
 
@@ -397,8 +395,7 @@ def test_retention_keeps_the_latest_k_and_deletes_only_after_a_newer_finalize(
 ) -> None:
     assert server.url is not None
     tracker = UploadTracker(tmp_path / "t.sqlite")
-    with Chronicle(server.url, server.api_key) as c0, Chronicle(server.url, server.api_key) as c1:
-        run = c0.run(c0.create_experiment("e"), 0, 0)
+    with rank_runs(server) as (run, run1):
         ids = []
         for step in range(3):
             ck = make_checkpoint(tmp_path / f"ck{step}", {"model.bin": 1000 + step})
@@ -414,25 +411,10 @@ def test_retention_keeps_the_latest_k_and_deletes_only_after_a_newer_finalize(
 
         # A newer checkpoint of two ranks: the older ones stay until it is finalized.
         ckpt = shards(tmp_path / "dcp", 2)
-        run1 = c1.run(c1.create_experiment("e"), 0, 0)
-        h0 = run.register_and_upload_async(
-            ckpt,
-            upload_tracker=tracker,
-            asset_name="step-3",
-            rank=0,
-            world_size=2,
-            include=["__0_*", ".metadata"],
-        )
+        h0 = contribute(run, ckpt, tracker, 0, asset_name="step-3")
         wait_until(lambda: h0.contribution_stored, what="rank 0 stored")
         assert [a.asset_id for a in run.list_assets()] == [ids[1], ids[2], other.asset_id]
-        h1 = run1.register_and_upload_async(
-            ckpt,
-            upload_tracker=UploadTracker(tmp_path / "t1.sqlite"),
-            asset_name="step-3",
-            rank=1,
-            world_size=2,
-            include=["__1_*"],
-        )
+        h1 = contribute(run1, ckpt, tmp_path / "t1.sqlite", 1, asset_name="step-3")
         newest = h1.result(CEILING).asset_id
         assert h0.result(CEILING).asset_id == newest
         listed = [a.asset_id for a in run.list_assets(asset_type="checkpoint")]
@@ -458,29 +440,11 @@ def test_delete_local_removes_the_contribution_only_after_the_asset_is_finalized
     ckpt = shards(tmp_path / "ckpt", 2)
     (ckpt / "notes.txt").write_text("not part of any contribution")
     before = tree_digest(ckpt)
-    with Chronicle(server.url, server.api_key) as c0, Chronicle(server.url, server.api_key) as c1:
-        run0 = c0.run(c0.create_experiment("e"), 0, 0)
-        run1 = c1.run(c1.create_experiment("e"), 0, 0)
-        h0 = run0.register_and_upload_async(
-            ckpt,
-            upload_tracker=UploadTracker(tmp_path / "t0.sqlite"),
-            asset_name="ckpt",
-            rank=0,
-            world_size=2,
-            include=["__0_*", ".metadata"],
-            delete_local=True,
-        )
+    with rank_runs(server) as (run0, run1):
+        h0 = contribute(run0, ckpt, tmp_path / "t0.sqlite", 0, delete_local=True)
         wait_until(lambda: h0.contribution_stored, what="rank 0 stored")
         assert tree_digest(ckpt) == before  # stored, not finalized: nothing deleted
-        h1 = run1.register_and_upload_async(
-            ckpt,
-            upload_tracker=UploadTracker(tmp_path / "t1.sqlite"),
-            asset_name="ckpt",
-            rank=1,
-            world_size=2,
-            include=["__1_*"],
-            delete_local=True,
-        )
+        h1 = contribute(run1, ckpt, tmp_path / "t1.sqlite", 1, delete_local=True)
         asset = h0.result(CEILING)
         h1.result(CEILING)
     assert sorted(p.name for p in ckpt.iterdir()) == ["notes.txt"]

@@ -7,6 +7,7 @@ import asyncio
 import subprocess
 from pathlib import Path
 
+import pytest
 from helpers import (
     CEILING,
     Lines,
@@ -28,9 +29,10 @@ from tui_helpers import (
 )
 from tui_helpers import resume_source as make_resume_source
 
-from methodic import AsyncChronicle, UploadTracker
+from methodic import AsyncChronicle, NotFoundError, UploadTracker
 from methodic_tui.dashboard.screens.dashboard import DashboardScreen
 from methodic_tui.dashboard.screens.details import DetailsScreen
+from methodic_tui.dashboard.screens.modals import ConfirmScreen
 from methodic_tui.dashboard.screens.recovery import RecoveryScreen
 
 
@@ -138,3 +140,30 @@ async def test_headless_resume_of_a_rank_says_which_ranks_it_waits_for(
         stop_process(proc)
     assert "finalized checkpoint-7" in err.rest()
     assert tree_digest(dest) == tree_digest(ckpt)
+
+
+async def test_d_in_the_dashboard_discards_a_waiting_asset_on_the_server(
+    server, tmp_path: Path
+) -> None:
+    _ckpt, aid, tracker_path = await leave_rank_unfinished(server, tmp_path)
+    async with running(make_resume_source(server, tmp_path), start_on_recovery=True) as (
+        app,
+        pilot,
+    ):
+        await until(pilot, lambda: isinstance(app.screen, RecoveryScreen), what="recovery")
+        await pilot.press("enter")
+        await until(pilot, lambda: "all handled" in screen_text(app), what="resumed")
+        await pilot.press("escape")
+        await until(
+            pilot,
+            lambda: cell_text(app, "assets", aid, "state") == "waiting 1/2",
+            what="waiting for rank 0",
+        )
+        await pilot.press("d")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="asked first")
+        await pilot.press("y")
+        await until(pilot, lambda: cell_text(app, "assets", aid, "state") == "discarded")
+    async with AsyncChronicle(server.url, server.api_key) as chronicle:
+        with pytest.raises(NotFoundError):
+            await chronicle.get_asset(aid)
+    assert [t.state for t in tracked_assets(tracker_path)] == ["discarded"]

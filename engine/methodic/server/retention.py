@@ -85,9 +85,7 @@ class Retention:
                         " VALUES (?, ?, ?)",
                         (asset_id, json.dumps(summary), now),
                     )
-                    tx.execute(
-                        "DELETE FROM retired WHERE retired_at < ?", (now - RETIRED_KEPT_S,)
-                    )
+                    tx.execute("DELETE FROM retired WHERE retired_at < ?", (now - RETIRED_KEPT_S,))
                 purge(self.records, asset_id)
             deleted.append(asset_id)
         if deleted:

@@ -86,7 +86,7 @@ def state_cell(state: str, suffix: str = "") -> Text:
 
 def _ranks(a: AssetSnapshot) -> str:
     """``6/8``: ranks stored of a multi-rank asset not yet finalized (else nothing)."""
-    if a.world_size is None or a.ranks_stored is None or a.state == "finalized":
+    if a.world_size is None or a.ranks_stored is None or a.state in ("finalized", "discarded"):
         return ""
     return f"{a.ranks_stored}/{a.world_size}"
 
