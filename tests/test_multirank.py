@@ -31,7 +31,14 @@ from helpers import (
 from killharness import Api, counted_server, run_python
 from s3helpers import REGION
 
-from methodic import Chronicle, Run, UploadFailedError, UploadHandle, UploadTracker
+from methodic import (
+    AssetIncompleteError,
+    Chronicle,
+    Run,
+    UploadFailedError,
+    UploadHandle,
+    UploadTracker,
+)
 from methodic._ids import contribution_id
 from methodic.server import EmbeddedServer, ServerConfig
 
@@ -450,3 +457,21 @@ def test_delete_local_removes_the_contribution_only_after_the_asset_is_finalized
     assert sorted(p.name for p in ckpt.iterdir()) == ["notes.txt"]
     assert sha256_file(ckpt / "notes.txt") == before["notes.txt"]
     assert asset.state == "finalized"
+
+
+def test_force_finalize_of_a_contribution_asks_for_that_ranks_files_only(
+    tmp_path: Path, server: EmbeddedServer
+) -> None:
+    ckpt = shards(tmp_path / "ckpt", 2, {0: [6 * MiB], 1: [1000]})
+    with rank_runs(server) as (run0, run1):
+        h0 = contribute(run0, ckpt, tmp_path / "t0.sqlite", 0, include=["__0_*"])
+        c0 = run0._chronicle
+        c0.pause(h0.asset_id)
+        # The server verifies rank 0's contribution, not the asset: rank 1 is not "missing".
+        with pytest.raises(AssetIncompleteError) as refused:
+            c0.force_finalize(h0.asset_id)
+        assert refused.value.missing == ["__0_0.distcp"]
+        c0.resume(h0.asset_id)
+        wait_until(lambda: h0.contribution_stored, what="rank 0 stored")
+        h1 = contribute(run1, ckpt, tmp_path / "t1.sqlite", 1, include=["__1_*"])
+        assert h0.result(CEILING).state == h1.result(CEILING).state == "finalized"

@@ -168,7 +168,8 @@ class Finisher:
         return task.result() if not task.cancelled() else None
 
     async def force(self, up: AssetUpload) -> Asset:
-        """Ask the server to finalize now; only a yes changes the asset.
+        """Ask the server to finalize now; only a yes changes the asset. (Of a rank's
+        contribution: store it now; the answer is pending until every rank's is stored.)
 
         It obeys the rule of every finalize: each file must still be the one registered, and
         the server publishes only bytes that have the checksums derived here (ranges hashed
@@ -181,12 +182,26 @@ class Finisher:
             checksums = await digests.file_checksums(up)
         except FileChangedError as exc:
             raise ConflictError(f"asset {up.asset_id} cannot be finalized: {exc}") from None
-        asset = await self._api.finalize(up.asset_id, checksums)
+        rank = None if up.contribution is None else up.contribution.rank
+        asset = await self._api.finalize(up.asset_id, checksums, rank)
         up.cancel_transfers()  # what they were sending, the server already holds
         if up.future.done():
             up.future = new_future()
+        if asset.state != AssetState.FINALIZED:
+            # A rank's contribution is stored: the asset is finalized when the others' are.
+            await self.set_state(up, AssetState.FINALIZING)
+            self._spawn(self._wait_for_ranks(up), f"methodic-ranks-{up.asset_id}")
+            return asset
         await self.finalized(up, asset)
         return asset
+
+    async def _wait_for_ranks(self, up: AssetUpload) -> None:
+        try:
+            whole = await self._await_whole(up)
+            if whole is not None:
+                await self.finalized(up, whole)
+        except ChronicleError as exc:
+            await self.fail_asset(up, exc)
 
     async def finalized(self, up: AssetUpload, asset: Asset) -> None:
         """The server holds ``asset`` finalized: so does the tracker, and the waiters learn it."""
