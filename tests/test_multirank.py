@@ -28,8 +28,8 @@ from helpers import (
     tree_digest,
     wait_until,
 )
-from killharness import Api, counted_server, run_python
-from s3helpers import REGION
+from killharness import Api, run_python
+from s3helpers import DataProxy
 
 from methodic import (
     AssetIncompleteError,
@@ -40,7 +40,7 @@ from methodic import (
     UploadTracker,
 )
 from methodic._ids import contribution_id
-from methodic.server import EmbeddedServer, ServerConfig
+from methodic.server import EmbeddedServer
 
 MiB = 1 << 20
 EXPERIMENT = "multirank"
@@ -154,30 +154,11 @@ class Ranks:
         self.api.close()
 
 
-@pytest.fixture(params=["local", "s3"])
-def chronicle_server(request: Any, tmp_path: Path) -> Iterator[EmbeddedServer]:
-    """One server for all the ranks: on local storage, or on S3 (moto)."""
-    if request.param == "local":
-        config = ServerConfig(data_dir=tmp_path / "server", port=0)
-    else:
-        endpoint = request.getfixturevalue("moto_endpoint")
-        bucket = request.getfixturevalue("s3_bucket")
-        config = ServerConfig(
-            data_dir=tmp_path / "server",
-            port=0,
-            storage=f"s3://{bucket}/ckpt",
-            s3_endpoint_url=endpoint,
-            s3_region=REGION,
-        )
-    with EmbeddedServer.from_config(config) as srv:
-        yield srv
-
-
 def test_n_rank_processes_make_one_asset_visible_only_once_all_are_stored(
-    tmp_path: Path, chronicle_server: EmbeddedServer
+    tmp_path: Path, any_server: EmbeddedServer
 ) -> None:
     world = 4
-    srv = chronicle_server
+    srv = any_server
     assert srv.url is not None and srv.api_key is not None
     # Rank 1 has a shard large enough to go in parts.
     ckpt = shards(tmp_path / "ckpt", world, {1: [9 * MiB + 17, 1000]})
@@ -208,42 +189,44 @@ def test_n_rank_processes_make_one_asset_visible_only_once_all_are_stored(
         ranks.close()
 
 
-def test_a_rank_sigkilled_mid_upload_resumes_with_drain(tmp_path: Path) -> None:
+def test_a_rank_sigkilled_mid_upload_resumes_with_drain(
+    tmp_path: Path, any_server: EmbeddedServer, any_proxy: DataProxy
+) -> None:
     world = 3
     victim = random.randrange(world)
     sizes = {r: [200_000 + r, 1000] for r in range(world)}
     sizes[victim] = [12 * MiB + 5, 3000]  # sent in parts, slowly
     ckpt = shards(tmp_path / "ckpt", world, sizes)
-    with counted_server(tmp_path / "server") as (srv, proxy):
-        assert srv.url is not None and srv.api_key is not None
-        ranks = Ranks(srv.url, srv.api_key, tmp_path, ckpt, world)
-        try:
-            others = [r for r in range(world) if r != victim]
-            for r in others:
-                ranks.start(r)
-            wait_until(lambda: ranks.stored_ranks() == world - 1, what="the others stored")
-            start = proxy.bytes_up
-            child = ranks.start(victim, rate="4MB")
-            wait_until(lambda: proxy.bytes_up - start >= 6 * MiB, what=f"rank {victim} mid-upload")
-            os.kill(child.pid, signal.SIGKILL)
-            child.communicate(timeout=CEILING)
-            ranks.assert_invisible()
-            assert ranks.summary() is not None
-            assert ranks.summary()["ranks_missing"] == [victim]  # type: ignore[index]
+    srv, proxy = any_server, any_proxy
+    assert srv.url is not None and srv.api_key is not None
+    ranks = Ranks(srv.url, srv.api_key, tmp_path, ckpt, world)
+    try:
+        others = [r for r in range(world) if r != victim]
+        for r in others:
+            ranks.start(r)
+        wait_until(lambda: ranks.stored_ranks() == world - 1, what="the others stored")
+        start = proxy.bytes_up
+        child = ranks.start(victim, rate="4MB")
+        wait_until(lambda: proxy.bytes_up - start >= 6 * MiB, what=f"rank {victim} mid-upload")
+        os.kill(child.pid, signal.SIGKILL)
+        child.communicate(timeout=CEILING)
+        ranks.assert_invisible()
+        assert ranks.summary() is not None
+        assert ranks.summary()["ranks_missing"] == [victim]  # type: ignore[index]
 
-            drained = run_python(DRAINER, srv.url, srv.api_key, str(ranks.tracker(victim)))
-            assert drained.returncode == 0, drained.stderr
-            report = json.loads(drained.stdout)
-            assert report["failed"] == {} and report["resumed"] == [ranks.asset_id], report
-            results = [ranks.finish(r) for r in others]
-            assert all(res["state"] == "finalized" for res in results), (victim, results)
-            assert [a["asset_id"] for a in ranks.listed()] == [ranks.asset_id]
-            assert tree_digest(ranks.download(tmp_path / "download")) == tree_digest(ckpt)
-            # Only what was missing was sent again: the whole victim's bytes once, plus slack.
-            sent = proxy.bytes_up - start
-            assert sent <= sum(sizes[victim]) + 2 * 5 * MiB + 512 * 1024, (victim, sent)
-        finally:
-            ranks.close()
+        drained = run_python(DRAINER, srv.url, srv.api_key, str(ranks.tracker(victim)))
+        assert drained.returncode == 0, drained.stderr
+        report = json.loads(drained.stdout)
+        assert report["failed"] == {} and report["resumed"] == [ranks.asset_id], report
+        results = [ranks.finish(r) for r in others]
+        assert all(res["state"] == "finalized" for res in results), (victim, results)
+        assert [a["asset_id"] for a in ranks.listed()] == [ranks.asset_id]
+        assert tree_digest(ranks.download(tmp_path / "download")) == tree_digest(ckpt)
+        # Only what was missing was sent again: the victim's bytes once, plus in-flight parts.
+        sent = proxy.bytes_up - start
+        assert sent <= sum(sizes[victim]) + 2 * 5 * MiB + 512 * 1024, (victim, sent)
+    finally:
+        ranks.close()
 
 
 def test_a_straggler_leaves_the_asset_pending_until_an_operator_discards_it(
