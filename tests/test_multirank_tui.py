@@ -17,6 +17,7 @@ from helpers import (
     tree_digest,
     wait_until_async,
 )
+from textual.pilot import Pilot
 from tui_helpers import (
     MiB,
     cell_text,
@@ -30,6 +31,7 @@ from tui_helpers import (
 from tui_helpers import resume_source as make_resume_source
 
 from methodic import AsyncChronicle, NotFoundError, UploadTracker
+from methodic_tui.dashboard.app import MethodicApp
 from methodic_tui.dashboard.screens.dashboard import DashboardScreen
 from methodic_tui.dashboard.screens.details import DetailsScreen
 from methodic_tui.dashboard.screens.modals import ConfirmScreen
@@ -78,6 +80,21 @@ async def upload_rank0(server, tmp_path: Path, ckpt: Path) -> Path:
         return await run.download_asset(asset.asset_id, tmp_path / "dl")
 
 
+async def resume_in_dashboard(app: MethodicApp, pilot: Pilot, aid: str) -> None:
+    """From the recovery screen, resume rank 1's contribution; back on the dashboard once it
+    is stored and waits for rank 0."""
+    await until(pilot, lambda: isinstance(app.screen, RecoveryScreen), what="recovery")
+    await pilot.press("enter")  # resume rank 1's contribution
+    await until(pilot, lambda: "all handled" in screen_text(app), what="resumed")
+    await pilot.press("escape")
+    await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
+    await until(
+        pilot,
+        lambda: cell_text(app, "assets", aid, "state") == "waiting 1/2",
+        what="rank 1 stored, waiting for rank 0",
+    )
+
+
 async def test_the_dashboard_shows_the_missing_ranks_and_each_contribution(
     server, tmp_path: Path
 ) -> None:
@@ -86,16 +103,7 @@ async def test_the_dashboard_shows_the_missing_ranks_and_each_contribution(
         app,
         pilot,
     ):
-        await until(pilot, lambda: isinstance(app.screen, RecoveryScreen), what="recovery")
-        await pilot.press("enter")  # resume rank 1's contribution
-        await until(pilot, lambda: "all handled" in screen_text(app), what="resumed")
-        await pilot.press("escape")
-        await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
-        await until(
-            pilot,
-            lambda: cell_text(app, "assets", aid, "state") == "waiting 1/2",
-            what="rank 1 stored, waiting for rank 0",
-        )
+        await resume_in_dashboard(app, pilot, aid)
         await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, DetailsScreen))
         await until(pilot, lambda: "missing 0" in screen_text(app), what="details")
@@ -150,15 +158,7 @@ async def test_d_in_the_dashboard_discards_a_waiting_asset_on_the_server(
         app,
         pilot,
     ):
-        await until(pilot, lambda: isinstance(app.screen, RecoveryScreen), what="recovery")
-        await pilot.press("enter")
-        await until(pilot, lambda: "all handled" in screen_text(app), what="resumed")
-        await pilot.press("escape")
-        await until(
-            pilot,
-            lambda: cell_text(app, "assets", aid, "state") == "waiting 1/2",
-            what="waiting for rank 0",
-        )
+        await resume_in_dashboard(app, pilot, aid)
         await pilot.press("d")
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="asked first")
         await pilot.press("y")

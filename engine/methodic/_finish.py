@@ -244,6 +244,8 @@ class Finisher:
     async def fail_asset(
         self, up: AssetUpload, cause: BaseException | None, message: str | None = None
     ) -> None:
+        if up.state == AssetState.DISCARDED:
+            return  # discarded meanwhile (e.g. a waiting rank's asset, gone from the server)
         message = message or str(cause)
         up.cancel_transfers()
         await self.set_state(up, AssetState.FAILED, message)
