@@ -30,6 +30,7 @@ from helpers import (
 )
 from killharness import Api, run_python
 from s3helpers import DataProxy
+from test_server import put
 
 from methodic import (
     AssetIncompleteError,
@@ -458,3 +459,25 @@ def test_force_finalize_of_a_contribution_asks_for_that_ranks_files_only(
         wait_until(lambda: h0.contribution_stored, what="rank 0 stored")
         h1 = contribute(run1, ckpt, tmp_path / "t1.sqlite", 1, include=["__1_*"])
         assert h0.result(CEILING).state == h1.result(CEILING).state == "finalized"
+
+
+def test_a_stored_contribution_takes_no_more_uploads(api: httpx.Client) -> None:
+    """Once a rank's contribution is verified, neither a new presign nor a URL presigned
+    before can change its bytes while the asset waits for the other ranks."""
+    run = _run(api)
+    asset_id = contribution_id(run, "ckpt")
+    body = _contribution(asset_id, 0, 2, {"a": 3})
+    body["presign"] = True
+    created = api.post(f"/api/v1/runs/{run}/assets", json=body).json()
+    (target,) = created["targets"]
+    stale = dict(target)  # a second URL for the same bytes, presigned before the store
+    assert put(target, b"abc").status_code == 201
+    done = api.post(f"/api/v1/assets/{asset_id}/finalize", json={"rank": 0})
+    assert done.status_code == 200 and done.json()["state"] == "pending", done.text
+    again = api.post(f"/api/v1/assets/{asset_id}/presign", json={"targets": [{"path": "a"}]})
+    assert again.status_code == 409 and "stored and verified" in again.text
+    assert put(stale, b"xyz").status_code == 409
+    # Finalizing the asset without a rank is refused: each rank finalizes its own.
+    assert api.post(f"/api/v1/assets/{asset_id}/finalize", json={}).status_code == 400
+    summary = api.get(f"/api/v1/assets/{asset_id}", params={"components": "false"}).json()
+    assert summary["ranks_missing"] == [1] and summary["contributions"][0]["state"] == "stored"

@@ -319,6 +319,11 @@ class Catalog:
             component = by_path.get(path)
             if component is None:
                 raise not_found(f"asset {asset_id} has no component {path[:300]!r}")
+            if component.checksum is not None:  # a stored contribution of a multi-rank asset
+                raise conflict(
+                    f"component {path[:300]!r} of asset {asset_id} is stored and verified; "
+                    "it takes no more uploads"
+                )
             checksum = None
             if digest is not None:
                 algorithm = component.receipt_algorithm
