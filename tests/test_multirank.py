@@ -161,12 +161,13 @@ def test_n_rank_processes_make_one_asset_visible_only_once_all_are_stored(
     world = 4
     srv = any_server
     assert srv.url is not None and srv.api_key is not None
-    # Rank 1 has a shard large enough to go in parts.
+    # Rank 1 has a shard large enough to go in parts, sent slowly: the other ranks' contributions
+    # are stored (on S3: their multipart uploads completed) while its own is still open.
     ckpt = shards(tmp_path / "ckpt", world, {1: [9 * MiB + 17, 1000]})
     ranks = Ranks(srv.url, srv.api_key, tmp_path, ckpt, world)
     try:
         for r in range(world - 1):
-            ranks.start(r)
+            ranks.start(r, rate="3MB" if r == 1 else "")
         wait_until(lambda: ranks.stored_ranks() == world - 1, what="3 of 4 contributions stored")
         ranks.assert_invisible()
         summary = ranks.summary()
