@@ -9,17 +9,19 @@ import datetime as dt
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import humanize
 
 from methodic import (
+    DONE_STATES,
     AssetFinalized,
     AssetSnapshot,
     AssetState,
     AssetStateChanged,
     Event,
     PoolSnapshot,
+    RanksChanged,
     RetryScheduled,
 )
 from methodic_tui.notices import Notice
@@ -41,7 +43,64 @@ def shown_state(a: AssetSnapshot) -> str:
     """
     if a.state == AssetState.UPLOADING and a.files_uploading == 0:
         return "queued"
+    if a.state == AssetState.FINALIZING and a.contribution_stored and a.ranks_missing:
+        return "waiting"  # this rank's contribution is stored; others are not yet
     return a.state
+
+
+# ---------------------------------------------------------------- multi-rank assets
+
+_RANKS_SHOWN = 10
+
+
+def rank_list(ranks: Sequence[int]) -> str:
+    """``5, 7``; ``0, 1, ... 9 and 22 more``."""
+    shown = ", ".join(str(r) for r in ranks[:_RANKS_SHOWN])
+    more = len(ranks) - _RANKS_SHOWN
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def ranks_summary(a: AssetSnapshot) -> str | None:
+    """``rank 3 of 8: 6/8 ranks stored, missing 5, 7`` for a rank's contribution, else None."""
+    if a.rank is None or a.world_size is None:
+        return None
+    head = f"rank {a.rank} of {a.world_size}"
+    if a.state == AssetState.FINALIZED:
+        return f"{head}: all {a.world_size} ranks stored"
+    if a.ranks_stored is None:
+        return head
+    text = f"{head}: {a.ranks_stored}/{a.world_size} ranks stored"
+    return f"{text}, missing {rank_list(a.ranks_missing)}" if a.ranks_missing else text
+
+
+def contribution_lines(a: AssetSnapshot, now: float, limit: int = 9) -> list[str]:
+    """One line per rank of the asset, as the server last reported them: the ranks not yet
+    stored first, at most ``limit`` lines and one more saying how many are left out."""
+    if a.world_size is None:
+        return []
+    by_rank = {c.rank: c for c in a.contributions}
+    stored = {c.rank for c in a.contributions if c.state == "stored"}
+    if a.state == AssetState.FINALIZED:
+        stored = set(range(a.world_size))
+    order = [r for r in range(a.world_size) if r not in stored] + sorted(stored)
+    lines = []
+    for r in order[:limit]:
+        c = by_rank.get(r)
+        mine = " (this process)" if r == a.rank else ""
+        if c is None:
+            what = "stored" if a.state == AssetState.FINALIZED else "not registered yet"
+            lines.append(f"rank {r:<4} {what}{mine}")
+            continue
+        files = plural(c.component_count, "file")
+        if c.state == "stored":
+            when = f"stored {age(c.stored_at or c.seen_at, now)}"
+        else:
+            when = f"uploading, last seen {age(c.seen_at, now)}"
+        lines.append(f"rank {r:<4} {files}, {size(c.total_size)}, {when}{mine}")
+    if len(order) > limit:
+        left = order[limit:]
+        lines.append(f"... and {len(left)} more ranks ({len(stored & set(left))} stored)")
+    return lines
 
 
 def size(n: float) -> str:
@@ -168,6 +227,14 @@ def describe_event(
         return _describe_state(who, event)
     if isinstance(event, Notice):
         return event.level, event.message
+    if isinstance(event, RanksChanged):
+        head = f"{who}: rank {event.rank}'s contribution is stored"
+        if not event.ranks_missing:
+            return "info", f"{head}; all {event.world_size} ranks stored, finalizing"
+        return "info", (
+            f"{head}; {event.ranks_stored}/{event.world_size} ranks stored, "
+            f"{event.waiting or 'waiting for ranks ' + rank_list(event.ranks_missing)}"
+        )
     return None
 
 
@@ -217,4 +284,8 @@ def status_line(snapshot: PoolSnapshot) -> str:
     for state in (AssetState.FAILED, AssetState.PAUSED, AssetState.INTERRUPTED):
         if counts.get(state):
             parts.append(f"{counts[state]} {state}")
+    for a in assets:
+        ranks = ranks_summary(a)
+        if ranks is not None and a.state not in (*DONE_STATES, AssetState.FAILED):
+            parts.append(f"{name_of(a)} {ranks}")
     return ", ".join(parts)

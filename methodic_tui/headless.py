@@ -161,7 +161,8 @@ def status_key(snapshot: PoolSnapshot) -> tuple[object, ...]:
     """What a status line is printed again for: states and files done, not bytes or rate."""
     assets = [a for a in snapshot.assets if a.state != "discarded"]
     states = tuple(sorted(fmt.count_states(snapshot).items()))
-    return (len(assets), states, sum(a.components_done for a in assets))
+    ranks = tuple(a.ranks_stored for a in assets if a.rank is not None)
+    return (len(assets), states, sum(a.components_done for a in assets), ranks)
 
 
 def status_json(snapshot: PoolSnapshot) -> dict[str, Any]:
@@ -177,6 +178,20 @@ def status_json(snapshot: PoolSnapshot) -> dict[str, Any]:
         "bytes_total": sum(a.bytes_total for a in assets),
         "rate": snapshot.rate,
         "eta": snapshot.eta,
+        # Each rank's contribution to a multi-rank asset: ranks stored of world_size, missing.
+        "ranks": [
+            {
+                "asset_id": a.asset_id,
+                "rank": a.rank,
+                "world_size": a.world_size,
+                "ranks_stored": a.ranks_stored,
+                "ranks_missing": list(a.ranks_missing),
+                "waiting": a.waiting,
+                "contribution_stored": a.contribution_stored,
+            }
+            for a in assets
+            if a.rank is not None
+        ],
     }
 
 

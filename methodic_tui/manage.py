@@ -129,9 +129,13 @@ async def run_discard(
             with UploadTracker(options.tracker) as tracker:
                 report = DrainReport()
                 adopted = await adopt_incomplete_uploads(chronicle, tracker, report, start=False)
-                if t.asset_id not in adopted:
+                if t.asset_id not in adopted and not (
+                    t.contribution is not None and t.asset_id in report.skipped
+                ):
                     why = report.skipped.get(t.asset_id) or report.failed.get(t.asset_id)
                     raise ChronicleError(f"cannot discard {t.asset_id}: {why or 'not pending'}")
+                # A rank still running waits on the asset: it is discarded on the server, and
+                # that rank's handle fails (its tracker records it).
                 await chronicle.discard(t.asset_id)
     finally:
         if server is not None:

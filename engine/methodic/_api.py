@@ -186,6 +186,7 @@ class ApiClient:
         presign: bool = False,
         checksum_algorithm: str | None = None,
         brief: bool = False,
+        contribution: dict[str, Any] | None = None,
     ) -> PresignedAsset:
         """Create the pending asset from its full manifest (idempotent for the same id).
 
@@ -202,6 +203,8 @@ class ApiClient:
         }
         if checksum_algorithm is not None:
             body["checksum_algorithm"] = checksum_algorithm
+        if contribution is not None:  # asset_name, rank, world_size (docs/distributed.md)
+            body.update(contribution)
         if presign:
             body["presign"] = True
         if brief:
@@ -235,15 +238,32 @@ class ApiClient:
         )
         return [UploadTarget.from_json(t) for t in data["targets"]]
 
-    async def finalize(self, asset_id: str, checksums: dict[str, str] | None = None) -> Asset:
+    async def finalize(
+        self, asset_id: str, checksums: dict[str, str] | None = None, rank: int | None = None
+    ) -> Asset:
         """Flip the asset to finalized once storage holds every component; idempotent.
 
-        Raises ``AssetIncompleteError`` listing what storage lacks.
+        With ``rank`` (a multi-rank asset): store that rank's contribution; the answer is
+        finalized once every rank's is. Raises ``AssetIncompleteError`` listing what storage lacks.
         """
-        data = await self._call(
-            "POST", f"/assets/{asset_id}/finalize", json={"checksums": checksums or {}}
-        )
+        body: dict[str, Any] = {"checksums": checksums or {}}
+        if rank is not None:
+            body["rank"] = rank
+        return Asset.from_json(await self._call("POST", f"/assets/{asset_id}/finalize", json=body))
+
+    async def asset_summary(self, asset_id: str) -> Asset:
+        """The asset without its components, with a multi-rank asset's contributions."""
+        data = await self._call("GET", f"/assets/{asset_id}", params={"components": "false"})
         return Asset.from_json(data)
+
+    async def set_retention(self, run_id: str, asset_type: str, keep_last: int) -> list[str]:
+        """Keep the run's newest ``keep_last`` finalized assets of the type; the ids deleted now."""
+        data = await self._call(
+            "PUT",
+            f"/runs/{run_id}/retention",
+            json={"asset_type": asset_type, "keep_last": keep_last},
+        )
+        return [str(a) for a in data["deleted"]]
 
     async def delete_asset(self, asset_id: str) -> None:
         """Abort a pending asset: the server forgets it and removes its bytes."""

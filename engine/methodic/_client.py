@@ -16,6 +16,8 @@ from methodic import _redact
 from methodic import _tracker_ops as ops
 from methodic._api import ApiClient, resolve_api_key, resolve_server_url
 from methodic._bandwidth import TokenBucket, parse_rate
+from methodic._contributions import Contribution, tracker_metadata
+from methodic._contributions import check_arguments as check_contribution
 from methodic._download import download_asset
 from methodic._download_view import newest_finalized
 from methodic._errors import (
@@ -27,7 +29,7 @@ from methodic._errors import (
 )
 from methodic._events import PoolSnapshot, Subscription
 from methodic._heartbeat import DEFAULT_INTERVAL, Heartbeat, interval_from_env, run_command
-from methodic._ids import new_asset_id
+from methodic._ids import contribution_id, new_asset_id
 from methodic._pool import UploadPool
 from methodic._retry import RetryPolicy
 from methodic._scan import scan_directory, validate_specs
@@ -352,6 +354,20 @@ class AsyncChronicle:
         return plan_components(specs, part_threshold=self.part_threshold, part_size=self.part_size)
 
 
+async def _register(atracker: Any, contribution: Contribution | None, op: ops.Op[None]) -> None:
+    """Record the registration; a rank's asset already in this tracker is said plainly."""
+    try:
+        await atracker.run(op)
+    except InvalidInputError:
+        if contribution is None:
+            raise
+        raise InvalidInputError(
+            f"asset {contribution.asset_name!r} is already registered in this tracker; each "
+            "rank registers its contribution once, with a tracker file of its own (resume an "
+            "interrupted one with drain_incomplete_uploads)"
+        ) from None
+
+
 class AsyncRun:
     """A run of an experiment: registers and uploads assets, and sets the run's status."""
 
@@ -384,6 +400,10 @@ class AsyncRun:
         *,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
+        asset_name: str | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        delete_local: bool = False,
         **metadata: Any,
     ) -> AsyncUploadHandle:
         """Register every file under ``local_dir`` in one tracker call, then queue the upload.
@@ -392,9 +412,39 @@ class AsyncRun:
         pattern without ``/`` matches a name at any depth). Returns at once with a handle; the
         shared pool uploads in the background and finalizes the asset once every component is
         stored.
+
+        With ``asset_name``, ``rank`` and ``world_size`` these files are rank ``rank``'s
+        contribution to one asset that ``world_size`` processes upload together, each with its
+        own tracker; the server finalizes it when every rank's contribution is stored, and the
+        handle resolves then (docs/distributed.md). ``delete_local`` removes these files once
+        the asset is finalized.
         """
+        contribution = check_contribution(asset_name, rank, world_size)
         specs = await asyncio.to_thread(scan_directory, local_dir, include, exclude)
-        return await self._submit(specs, asset_type, upload_tracker, os.fspath(local_dir), metadata)
+        return await self._submit(
+            specs,
+            asset_type,
+            upload_tracker,
+            os.fspath(local_dir),
+            metadata,
+            contribution=contribution,
+            delete_local=bool(delete_local),
+        )
+
+    async def set_retention(self, asset_type: str = "checkpoint", keep_last: int = 3) -> list[str]:
+        """Keep this run's newest ``keep_last`` finalized assets of ``asset_type`` on the server.
+
+        An older one is deleted only once ``keep_last`` newer ones are finalized (the server
+        applies the policy after each finalize), so the latest is never deleted and a pending
+        one never counts. Returns the ids of the assets it deleted now.
+        """
+        if not asset_type:
+            raise InvalidInputError("asset_type must be a non-empty string, e.g. 'checkpoint'")
+        if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
+            raise InvalidInputError(
+                f"keep_last must be a whole number >= 1 (the latest is always kept), not {keep_last!r}"
+            )
+        return await self.chronicle._api.set_retention(self.id, asset_type, keep_last)
 
     async def _submit(
         self,
@@ -403,26 +453,44 @@ class AsyncRun:
         tracker: Any,
         local_dir: str | None,
         metadata: dict[str, Any],
+        *,
+        contribution: Contribution | None = None,
+        delete_local: bool = False,
     ) -> AsyncUploadHandle:
         if not asset_type:
             raise InvalidInputError("asset_type must be a non-empty string, e.g. 'checkpoint'")
         pool = self.chronicle._pool
-        asset_id = new_asset_id()
+        if contribution is None:
+            asset_id = new_asset_id()
+        else:
+            asset_id = contribution_id(self.id, contribution.asset_name)
+            if asset_id in pool.assets:
+                raise InvalidInputError(
+                    f"asset {contribution.asset_name!r} is already uploading from this process; "
+                    "each rank uses its own Chronicle and its own tracker file"
+                )
+        if contribution is not None and not specs:
+            raise InvalidInputError(
+                f"rank {contribution.rank} has no files for asset {contribution.asset_name!r}: "
+                "check local_dir and the include/exclude globs"
+            )
         components = self.chronicle.components_for(specs)
         atracker = None
         if tracker is not None:
             atracker = await pool.tracker_for(Path(tracker.db_path))
-            await atracker.run(
+            await _register(
+                atracker,
+                contribution,
                 ops.register(
                     asset_id,
                     list(specs),
                     asset_type=asset_type,
                     seal=True,
-                    metadata=metadata,
+                    metadata=tracker_metadata(metadata, contribution, delete_local),
                     binding=self.binding,
                     local_dir=local_dir,
                     part_sizes={p: c.part_size for p, c in components.items() if c.part_size},
-                )
+                ),
             )
         upload = AssetUpload(
             asset_id=asset_id,
@@ -433,6 +501,8 @@ class AsyncRun:
             tracker=atracker,
             local_dir=local_dir,
             algorithm=self.chronicle.checksum_algorithm,
+            contribution=contribution,
+            delete_local=delete_local,
         )
         self._uploads.append(upload)
         pool.submit(upload)

@@ -96,7 +96,14 @@ class Controls:
         return await self._finisher.force(self._get(asset_id))
 
     async def discard(self, asset_id: str) -> None:
-        """Stop, forget locally and abort the pending asset on the server (its bytes are removed)."""
+        """Stop, forget locally and abort the pending asset on the server (its bytes are removed).
+
+        An asset this pool does not hold is aborted on the server only (an operator's discard
+        of a multi-rank asset another process waits on: that process's handle then fails).
+        """
+        if asset_id not in self._assets:
+            await self._api.delete_asset(asset_id)  # NotFoundError when the server has none
+            return
         up = self._get(asset_id)
         if up.state == AssetState.FINALIZED:
             raise ConflictError(f"asset {asset_id} is finalized; it cannot be discarded")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from methodic._states import SENDING_STATES
+from methodic._types import RankContribution
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,19 @@ class AssetFinalized(Event):
     asset_type: str
     total_size: int
     component_count: int
+
+
+@dataclass(frozen=True)
+class RanksChanged(Event):
+    """A rank's view of its multi-rank asset changed: its own contribution is stored
+    (``contribution_stored``), or the server holds more ranks' contributions stored."""
+
+    rank: int
+    world_size: int
+    ranks_stored: int
+    ranks_missing: tuple[int, ...]
+    waiting: str | None
+    contribution_stored: bool
 
 
 @dataclass(frozen=True)
@@ -219,6 +233,17 @@ class AssetSnapshot:
     # Files in flight now (None: not known, e.g. read from a tracker). Uploading with none in
     # flight is waiting for a worker (or a retry): a UI says "queued", not "uploading".
     files_uploading: int | None = None
+    # Of a rank's contribution to a multi-rank asset (docs/distributed.md): its rank, the
+    # contributions the server holds stored of world_size, the ranks it still waits for and
+    # its one-line account ("waiting for ranks 5, 7 (last seen: ...)"), and whether this
+    # rank's own contribution is stored.
+    rank: int | None = None
+    world_size: int | None = None
+    ranks_stored: int | None = None
+    ranks_missing: tuple[int, ...] = ()
+    waiting: str | None = None
+    contribution_stored: bool = False
+    contributions: tuple[RankContribution, ...] = ()  # per rank, as the server last said
 
 
 @dataclass(frozen=True)

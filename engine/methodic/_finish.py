@@ -5,19 +5,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from methodic import _digests as digests
 from methodic import _tracker_ops as ops
 from methodic._api import ApiClient
+from methodic._contributions import RankStatus, await_whole, delete_local_files
 from methodic._errors import (
     AssetIncompleteError,
     ChronicleError,
     ConflictError,
     UploadFailedError,
 )
-from methodic._events import AssetFinalized, AssetStateChanged, ComponentStateChanged, EventBus
+from methodic._events import (
+    AssetFinalized,
+    AssetStateChanged,
+    ComponentStateChanged,
+    EventBus,
+    RanksChanged,
+)
 from methodic._progress import Progress
 from methodic._states import AssetState, ComponentState
 from methodic._transfer import FileChangedError
@@ -94,14 +102,20 @@ class Finisher:
             await self._progress.flush()
             await self.set_state(up, AssetState.FINALIZING)
             checksums = await digests.file_checksums(up)
+            rank = None if up.contribution is None else up.contribution.rank
             for wait in (*BUSY_WAITS, None):
                 try:
-                    asset = await self._api.finalize(up.asset_id, checksums)
+                    asset = await self._api.finalize(up.asset_id, checksums, rank)
                     break
                 except AssetIncompleteError as exc:
                     if not exc.busy or wait is None:
                         raise
                     await asyncio.sleep(wait)
+            if asset.state != AssetState.FINALIZED:  # a rank's contribution: wait for the rest
+                whole = await self._await_whole(up)
+                if whole is None:
+                    return None
+                asset = whole
             await self.finalized(up, asset)
             return asset
         except FileChangedError as exc:
@@ -121,8 +135,41 @@ class Finisher:
             await self.fail_asset(up, exc)
             raise
 
+    async def _await_whole(self, up: AssetUpload) -> Asset | None:
+        """This rank's contribution is stored: wait until the server finalizes the asset.
+        None when the asset stopped here meanwhile (discarded)."""
+        up.stored_at = up.stored_at or time.time()
+        said: list[tuple[int, ...]] = []
+
+        def seen(status: RankStatus) -> None:
+            up.ranks = status
+            if not said or said[-1] != status.missing:  # once, then on each change
+                said.append(status.missing)
+                assert up.contribution is not None
+                self._events.emit(
+                    RanksChanged(
+                        up.asset_id,
+                        up.contribution.rank,
+                        status.world_size,
+                        status.stored,
+                        status.missing,
+                        status.waiting,
+                        True,
+                    )
+                )
+
+        task = asyncio.ensure_future(await_whole(self._api, up.asset_id, seen))
+        # A discard (or any end of the upload) elsewhere settles the future: stop waiting.
+        try:
+            await asyncio.wait({task, up.future}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():  # the asset ended here, or this process is closing
+                task.cancel()
+        return task.result() if not task.cancelled() else None
+
     async def force(self, up: AssetUpload) -> Asset:
-        """Ask the server to finalize now; only a yes changes the asset.
+        """Ask the server to finalize now; only a yes changes the asset. (Of a rank's
+        contribution: store it now; the answer is pending until every rank's is stored.)
 
         It obeys the rule of every finalize: each file must still be the one registered, and
         the server publishes only bytes that have the checksums derived here (ranges hashed
@@ -135,12 +182,26 @@ class Finisher:
             checksums = await digests.file_checksums(up)
         except FileChangedError as exc:
             raise ConflictError(f"asset {up.asset_id} cannot be finalized: {exc}") from None
-        asset = await self._api.finalize(up.asset_id, checksums)
+        rank = None if up.contribution is None else up.contribution.rank
+        asset = await self._api.finalize(up.asset_id, checksums, rank)
         up.cancel_transfers()  # what they were sending, the server already holds
         if up.future.done():
             up.future = new_future()
+        if asset.state != AssetState.FINALIZED:
+            # A rank's contribution is stored: the asset is finalized when the others' are.
+            await self.set_state(up, AssetState.FINALIZING)
+            self._spawn(self._wait_for_ranks(up), f"methodic-ranks-{up.asset_id}")
+            return asset
         await self.finalized(up, asset)
         return asset
+
+    async def _wait_for_ranks(self, up: AssetUpload) -> None:
+        try:
+            whole = await self._await_whole(up)
+            if whole is not None:
+                await self.finalized(up, whole)
+        except ChronicleError as exc:
+            await self.fail_asset(up, exc)
 
     async def finalized(self, up: AssetUpload, asset: Asset) -> None:
         """The server holds ``asset`` finalized: so does the tracker, and the waiters learn it."""
@@ -158,6 +219,10 @@ class Finisher:
         self._events.emit(
             AssetFinalized(up.asset_id, up.asset_type, asset.total_size, asset.component_count)
         )
+        if up.delete_local:
+            files = [(c.identity.local_path, c.identity) for c in up.components.values()]
+            removed = await asyncio.to_thread(delete_local_files, up.local_dir, files)
+            log.info("asset %s is finalized: removed %d local files", up.asset_id, len(removed))
         if not up.future.done():
             up.future.set_result(asset)
 
@@ -179,6 +244,8 @@ class Finisher:
     async def fail_asset(
         self, up: AssetUpload, cause: BaseException | None, message: str | None = None
     ) -> None:
+        if up.state == AssetState.DISCARDED:
+            return  # discarded meanwhile (e.g. a waiting rank's asset, gone from the server)
         message = message or str(cause)
         up.cancel_transfers()
         await self.set_state(up, AssetState.FAILED, message)

@@ -14,6 +14,7 @@ from methodic import _checksum as checksums
 from methodic import _digests as digests
 from methodic import _tracker_ops as ops
 from methodic._api import ApiClient
+from methodic._contributions import RankStatus
 from methodic._errors import ChronicleError
 from methodic._events import AssetStateChanged, ComponentStateChanged, EventBus
 from methodic._finish import Finisher, Spawn, check_identities
@@ -116,8 +117,11 @@ class Intake:
             components=[c.manifest() for c in up.components.values()],
             checksum_algorithm=up.algorithm,
             brief=True,  # the components are known here; a resume asks for them below
+            contribution=None if up.contribution is None else up.contribution.create_fields(),
         )
         asset = created.asset
+        if up.contribution is not None:  # what the server holds of the other ranks' so far
+            up.ranks = RankStatus.of(asset)
         up.algorithm = asset.checksum_algorithm or up.algorithm or checksums.DEFAULT_ALGORITHM
         up.remote_ready = True
         if up.resumed:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
@@ -71,6 +71,22 @@ class UploadHandle:
 
     def done(self) -> bool:
         return self._future.done()
+
+    @property
+    def contribution_stored(self) -> bool:
+        """Of a rank's contribution: True once the server holds it stored and verified."""
+        return self._handle.contribution_stored
+
+    @property
+    def stored_at(self) -> float | None:
+        """When this rank's contribution was stored (``time.time()``), if it is."""
+        return self._handle.stored_at
+
+    def add_done_callback(self, fn: Callable[[UploadHandle], object]) -> None:
+        """Call ``fn(handle)`` once, on the Chronicle's loop thread, when the asset is
+        finalized or the upload failed (``result()`` says which). An exception in ``fn`` is
+        logged, never raised into the upload."""
+        self._future.add_done_callback(lambda _f: fn(self))
 
     def result(self, timeout: float | None = None) -> Asset:
         try:
@@ -394,10 +410,15 @@ class Run:
         *,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
+        asset_name: str | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        delete_local: bool = False,
         **metadata: Any,
     ) -> UploadHandle:
         """Register every file under ``local_dir`` (or those ``include``/``exclude`` globs keep)
-        in one call and upload it in the background."""
+        in one call and upload it in the background; with ``asset_name``, ``rank`` and
+        ``world_size``, as one rank's contribution to a multi-rank asset (docs/distributed.md)."""
         handle = self._call(
             self.core.register_and_upload_async(
                 local_dir,
@@ -405,10 +426,19 @@ class Run:
                 upload_tracker,
                 include=include,
                 exclude=exclude,
+                asset_name=asset_name,
+                rank=rank,
+                world_size=world_size,
+                delete_local=delete_local,
                 **metadata,
             )
         )
         return UploadHandle(handle, self._chronicle._loop)
+
+    def set_retention(self, asset_type: str = "checkpoint", keep_last: int = 3) -> list[str]:
+        """Keep this run's newest ``keep_last`` finalized assets of the type; older ones are
+        deleted on the server only after newer ones are finalized. Returns the ids deleted now."""
+        return self._call(self.core.set_retention(asset_type, keep_last))
 
     def wait_for_uploads(self, timeout: float | None = None) -> None:
         """Block until every upload queued through this run is finalized or failed; raises

@@ -116,6 +116,11 @@ def _size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+# The key under which the tracker keeps, in an asset's metadata, what a resumed process needs
+# beyond the caller's metadata (a rank's contribution, delete_local); never sent to the server.
+TRACKER_KEY = "_methodic"
+
+
 @dataclass(frozen=True)
 class TrackedAsset:
     """An asset as the local tracker records it (``components`` is empty in summaries)."""
@@ -137,6 +142,13 @@ class TrackedAsset:
     bytes_sent: int
     components: tuple[TrackedComponent, ...] = ()
     owner_start: int | None = None  # the owner's start time (clock ticks since boot), if known
+
+    @property
+    def contribution(self) -> tuple[str, int, int] | None:
+        """(asset name, rank, world size) of a rank's contribution to a multi-rank asset."""
+        extra = self.metadata.get(TRACKER_KEY)
+        c = extra.get("contribution") if isinstance(extra, dict) else None
+        return (c["asset_name"], c["rank"], c["world_size"]) if c else None
 
     @property
     def missing(self) -> list[TrackedComponent]:
@@ -183,6 +195,18 @@ class RemoteComponent:
 
 
 @dataclass(frozen=True)
+class RankContribution:
+    """One rank's contribution to a multi-rank asset, as the server reports it."""
+
+    rank: int
+    state: str  # "registered" (not all stored yet) or "stored" (verified)
+    component_count: int
+    total_size: int
+    seen_at: float  # the rank's last create or finalize
+    stored_at: float | None = None
+
+
+@dataclass(frozen=True)
 class Asset:
     """An asset as the Chronicle server reports it."""
 
@@ -197,6 +221,13 @@ class Asset:
     total_size: int = 0
     components: tuple[RemoteComponent, ...] = ()
     checksum_algorithm: str | None = None  # of every range digest and file checksum
+    # Of a multi-rank asset (docs/distributed.md): its name, world size, each rank's
+    # contribution so far, the ranks not yet stored, and "waiting for ranks 5, 7 (...)".
+    asset_name: str | None = None
+    world_size: int | None = None
+    contributions: tuple[RankContribution, ...] = ()
+    ranks_missing: tuple[int, ...] = ()
+    waiting: str | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Asset:
@@ -224,6 +255,21 @@ class Asset:
             total_size=data.get("total_size", 0),
             components=comps,
             checksum_algorithm=data.get("checksum_algorithm"),
+            asset_name=data.get("asset_name"),
+            world_size=data.get("world_size"),
+            contributions=tuple(
+                RankContribution(
+                    rank=c["rank"],
+                    state=c["state"],
+                    component_count=c["component_count"],
+                    total_size=c["total_size"],
+                    seen_at=c["seen_at"],
+                    stored_at=c.get("stored_at"),
+                )
+                for c in data.get("contributions") or ()
+            ),
+            ranks_missing=tuple(data.get("ranks_missing") or ()),
+            waiting=data.get("waiting"),
         )
 
 

@@ -11,11 +11,12 @@ import asyncio
 import math
 import os
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from methodic import _tracker_ops as ops
+from methodic._contributions import Contribution, RankStatus, from_tracker
 from methodic._events import AssetSnapshot, ComponentSnapshot, RateMeter
 from methodic._states import AssetState, ComponentState
 from methodic._tracker import AsyncTracker
@@ -151,6 +152,10 @@ class AssetUpload:
     algorithm: str | None = None  # of the range digests; the server says it at create
     resends: int = 0  # rounds of sending again what finalize found missing
     completed: int = 0  # components completed; kept as a count so each completion is O(1)
+    contribution: Contribution | None = None  # a rank's part of a multi-rank asset
+    delete_local: bool = False  # remove the registered files once the asset is finalized
+    ranks: RankStatus | None = None  # the server's account of the multi-rank asset
+    stored_at: float | None = None  # when this rank's contribution was stored (time.time())
 
     def __post_init__(self) -> None:
         self.recount()
@@ -193,7 +198,23 @@ class AssetUpload:
             last_error=self.last_error,
             components=tuple(c.snapshot() for c in comps) if with_components else (),
             files_uploading=sum(1 for c in comps if c.state == ComponentState.UPLOADING),
+            **self._rank_fields(),
         )
+
+    def _rank_fields(self) -> dict[str, Any]:
+        c = self.contribution
+        if c is None:
+            return {}
+        r = self.ranks
+        return {
+            "rank": c.rank,
+            "world_size": c.world_size,
+            "ranks_stored": None if r is None else r.stored,
+            "ranks_missing": () if r is None else r.missing,
+            "waiting": None if r is None or self.state != AssetState.FINALIZING else r.waiting,
+            "contribution_stored": self.stored_at is not None,
+            "contributions": () if r is None else r.contributions,
+        }
 
 
 class AsyncUploadHandle:
@@ -208,6 +229,24 @@ class AsyncUploadHandle:
 
     def done(self) -> bool:
         return self._upload.future.done()
+
+    @property
+    def contribution_stored(self) -> bool:
+        """Of a rank's contribution: True once the server holds it stored and verified (the
+        asset itself is finalized when every rank's is; ``result()`` waits for that)."""
+        return self._upload.stored_at is not None or (
+            self._upload.state == AssetState.FINALIZED and self._upload.contribution is not None
+        )
+
+    @property
+    def stored_at(self) -> float | None:
+        """When this rank's contribution was stored (``time.time()``), if it is."""
+        return self._upload.stored_at
+
+    def add_done_callback(self, fn: Callable[[AsyncUploadHandle], object]) -> None:
+        """Call ``fn(handle)`` once, on the event loop, when the asset is finalized or the
+        upload failed (``result()`` then says which). An exception in ``fn`` is logged."""
+        self._upload.future.add_done_callback(lambda _f: fn(self))
 
     async def result(self, timeout: float | None = None) -> Asset:
         """The finalized asset; raises ``UploadFailedError`` if the upload gave up."""
@@ -252,11 +291,14 @@ def adopted_upload(
     if tracked.binding is None:
         return None
     b = tracked.binding
+    metadata, contribution, delete_local = from_tracker(tracked.metadata)
     return AssetUpload(
         asset_id=tracked.asset_id,
         asset_type=tracked.asset_type,
         binding=RunBinding(server_url, b.run_id, b.experiment_id, b.variation, b.run),
-        metadata=tracked.metadata,
+        metadata=metadata,
+        contribution=contribution,
+        delete_local=delete_local,
         components=_tracked_components(tracked),
         tracker=tracker,
         local_dir=tracked.local_dir,

@@ -188,6 +188,11 @@ def _api_router(state: ServerState) -> APIRouter:
     _run_routes(router, catalog)
     _asset_routes(router, catalog, state.finalizer, config)
     session_routes(router, state.sessions)
+
+    @router.put("/runs/{run_id}/retention", response_model=m.Retention, tags=["runs"])
+    def set_retention(run_id: str, body: m.RetentionSet) -> Response:
+        return JSONResponse(state.retention.set(catalog, run_id, body.asset_type, body.keep_last))
+
     return router
 
 
@@ -278,7 +283,9 @@ def _asset_routes(
         return JSONResponse({"assets": catalog.list_assets(run_id, include_pending, asset_type)})
 
     @router.get("/assets/{asset_id}", response_model=m.Asset, tags=["assets"])
-    def get_asset(asset_id: str) -> Response:
+    def get_asset(asset_id: str, components: bool = True) -> Response:
+        if not components:  # the summary alone: what a rank waiting for the others polls
+            return JSONResponse(catalog.records.summary(asset_id, retired=True))
         return JSONResponse(catalog.get_asset(asset_id))
 
     @router.post("/assets/{asset_id}/presign", response_model=m.TargetList, tags=["assets"])
@@ -299,7 +306,8 @@ def _asset_routes(
         responses={409: {"description": "asset_incomplete (with `missing`) or conflict"}},
     )
     def finalize(asset_id: str, body: m.FinalizeRequest | None = None) -> Response:
-        return JSONResponse(finalizer.finalize(asset_id, body.checksums if body else {}))
+        checksums, rank = (body.checksums, body.rank) if body else ({}, None)
+        return JSONResponse(finalizer.finalize(asset_id, checksums, rank))
 
     @router.delete("/assets/{asset_id}", status_code=204, response_class=Response, tags=["assets"])
     def delete_asset(asset_id: str) -> Response:

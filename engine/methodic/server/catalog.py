@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from methodic import _checksum
+from methodic.server import contributions
 from methodic.server.errors import conflict, invalid, not_found
 from methodic.server.manifest import manifest_digest, validate_manifest
 from methodic.server.models import AssetCreate
@@ -136,11 +137,14 @@ class Catalog:
                 f"({self.storage.describe()}); use one of {', '.join(choices)}"
             )
         digest = manifest_digest(run_id, spec.asset_type, spec.components)
+        rank = contributions.check_spec(run_id, spec)
         conn = self.db.connection()
         new = conn.execute("SELECT 1 FROM assets WHERE id = ?", (spec.asset_id,)).fetchone() is None
         if new:
             # Bytes of an earlier asset with this id (deleted or expired) must not count as stored.
             purge(self.records, spec.asset_id)
+        if rank is not None:
+            return self._join(run_id, spec, digest, algorithm, rank)
         now = time.time()
         with self._staged(spec, new) as staged, self.locks.hold(spec.asset_id):
             created = self._create_asset(run_id, spec, digest, now, staged, algorithm)
@@ -154,6 +158,22 @@ class Catalog:
         # A new asset holds nothing yet: no need to ask the storage.
         found = [Found(False)] * len(components) if created else None
         return self.records.with_components(asset, components, found), created
+
+    def _join(
+        self, run_id: str, spec: AssetCreate, digest: str, algorithm: str, rank: int
+    ) -> tuple[dict[str, Any], bool]:
+        """Create the multi-rank asset or join it with this rank's contribution
+        (contributions.py); answers with the rank's own components."""
+        with self.locks.hold(spec.asset_id):
+            with self.db.write(durable=True) as tx:
+                if tx.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is None:
+                    raise not_found(f"run {run_id} does not exist")
+                joined = contributions.join(tx, run_id, spec, digest, algorithm)
+            asset, components = self.records.load(spec.asset_id)
+            mine = contributions.rank_indexes(self.db.connection(), spec.asset_id, rank)
+        own = [c for c in components if c.index in mine]
+        found = [Found(False)] * len(own) if joined else None
+        return self.records.with_components(asset, own, found), joined
 
     @staticmethod
     def _component_rows(spec: AssetCreate) -> Iterator[tuple[Any, ...]]:
@@ -259,8 +279,10 @@ class Catalog:
         if asset_type is not None:
             sql += " AND a.asset_type = ?"
             args.append(asset_type)
-        rows = self.db.connection().execute(sql + " ORDER BY a.seq", args).fetchall()
-        return [asset_out(row) for row in rows]
+        conn = self.db.connection()
+        assets = [asset_out(row) for row in conn.execute(sql + " ORDER BY a.seq", args)]
+        contributions.describe(conn, assets)
+        return assets
 
     def _touch(self, asset_id: str, touched_at: float) -> None:
         if time.time() - touched_at >= _TOUCH_GRANULARITY_S:
@@ -307,6 +329,11 @@ class Catalog:
             component = by_path.get(path)
             if component is None:
                 raise not_found(f"asset {asset_id} has no component {path[:300]!r}")
+            if component.checksum is not None:  # a stored contribution of a multi-rank asset
+                raise conflict(
+                    f"component {path[:300]!r} of asset {asset_id} is stored and verified; "
+                    "it takes no more uploads"
+                )
             checksum = None
             if digest is not None:
                 algorithm = component.receipt_algorithm

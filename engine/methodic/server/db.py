@@ -126,6 +126,39 @@ CREATE TABLE uploader_sessions (
     closed        INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 """,
+    """
+-- Multi-rank assets: one asset (named, per run) joined by world_size contributions, each a
+-- rank's components; finalized by the server once every contribution is stored and verified.
+ALTER TABLE assets ADD COLUMN asset_name TEXT;
+ALTER TABLE assets ADD COLUMN world_size INTEGER;
+ALTER TABLE components ADD COLUMN rank INTEGER;
+CREATE TABLE contributions (
+    asset_id        TEXT NOT NULL REFERENCES assets(id) ON DELETE CASCADE,
+    rank            INTEGER NOT NULL,
+    manifest_digest TEXT NOT NULL,
+    component_count INTEGER NOT NULL,
+    total_size      INTEGER NOT NULL,
+    state           TEXT NOT NULL,        -- 'registered' | 'stored'
+    registered_at   REAL NOT NULL,
+    seen_at         REAL NOT NULL,        -- last create, finalize or stored from this rank
+    stored_at       REAL,
+    PRIMARY KEY (asset_id, rank)
+) WITHOUT ROWID;
+-- Per run and asset type: keep the newest keep_last finalized assets, delete older ones.
+CREATE TABLE retention (
+    run_id     TEXT NOT NULL REFERENCES runs(id),
+    asset_type TEXT NOT NULL,
+    keep_last  INTEGER NOT NULL,
+    PRIMARY KEY (run_id, asset_type)
+) WITHOUT ROWID;
+-- Finalized assets the retention deleted: their last summary (JSON), so that a rank still
+-- waiting for one learns it was finalized, not lost. Kept for a while, then dropped.
+CREATE TABLE retired (
+    asset_id   TEXT PRIMARY KEY,
+    summary    TEXT NOT NULL,
+    retired_at REAL NOT NULL
+) WITHOUT ROWID;
+""",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -13,11 +13,12 @@ repeated finalize returns the finalized asset.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from methodic import _checksum
+from methodic.server import contributions
 from methodic.server.errors import APIError, conflict, invalid, not_found
 from methodic.server.records import AssetRecords
 from methodic.server.storage.base import Component
@@ -26,12 +27,31 @@ SHOWN_IN_MESSAGE = 5
 
 
 class Finalizer:
-    def __init__(self, records: AssetRecords) -> None:
+    def __init__(
+        self, records: AssetRecords, retention: Callable[[str, str], object] | None = None
+    ) -> None:
         self.records = records
+        self.retention = retention  # called with (run id, asset type) after a finalize
 
-    def finalize(self, asset_id: str, checksums: Mapping[str, str]) -> dict[str, Any]:
+    def finalize(
+        self, asset_id: str, checksums: Mapping[str, str], rank: int | None = None
+    ) -> dict[str, Any]:
+        """Verify and publish the asset; of a multi-rank asset, verify and store ``rank``'s
+        contribution, publishing the asset with the last one. Then apply the retention."""
+        asset = self._finalize(asset_id, checksums, rank)
+        if asset["state"] == "finalized" and self.retention is not None:
+            self.retention(asset["run_id"], asset["asset_type"])
+        return asset
+
+    def _finalize(
+        self, asset_id: str, checksums: Mapping[str, str], rank: int | None
+    ) -> dict[str, Any]:
         with self.records.locks.hold(asset_id):
             asset, components = self.records.load(asset_id)
+            world_size: int | None = asset["world_size"]
+            contribution_stored = False
+            if world_size is not None or rank is not None:
+                components, contribution_stored = self._contribution(asset, components, rank)
             unknown = set(checksums) - {c.path for c in components}
             if unknown:
                 shown = sorted(unknown)[:SHOWN_IN_MESSAGE]
@@ -40,7 +60,7 @@ class Finalizer:
                 )
             algorithm: str | None = asset["checksum_algorithm"]
             wanted = _client_checksums(asset_id, algorithm, components, checksums)
-            if asset["state"] == "finalized":
+            if asset["state"] == "finalized" or contribution_stored:
                 self._check_refinalize(asset_id, components, wanted)
                 return self.records.with_components(asset, components)
             self.records.touch(asset_id)
@@ -69,17 +89,44 @@ class Finalizer:
                     " WHERE asset_id = ? AND idx = ?",
                     rows,
                 )
-                cur = tx.execute(
-                    "UPDATE assets SET state = 'finalized', finalized_at = ? WHERE id = ? AND state = 'pending'",
-                    (time.time(), asset_id),
-                )
-                if (
-                    cur.rowcount == 0
-                    and tx.execute("SELECT 1 FROM assets WHERE id = ?", (asset_id,)).fetchone()
-                    is None
-                ):
+                if tx.execute("SELECT 1 FROM assets WHERE id = ?", (asset_id,)).fetchone() is None:
                     raise not_found(f"asset {asset_id} was deleted while being finalized")
-            return self.records.get_asset(asset_id)
+                if rank is None or contributions.mark_stored(tx, asset_id, rank, world_size or 1):
+                    tx.execute(
+                        "UPDATE assets SET state = 'finalized', finalized_at = ?"
+                        " WHERE id = ? AND state = 'pending'",
+                        (time.time(), asset_id),
+                    )
+            if rank is None:
+                return self.records.get_asset(asset_id)
+            asset, every = self.records.load(asset_id)
+            mine = {c.index for c in components}
+            return self.records.with_components(asset, [c for c in every if c.index in mine])
+
+    def _contribution(
+        self, asset: dict[str, Any], components: list[Component], rank: int | None
+    ) -> tuple[list[Component], bool]:
+        """The components of ``rank``'s contribution, and whether it is stored already."""
+        asset_id, name = asset["asset_id"], asset["asset_name"]
+        if asset["world_size"] is None:
+            raise invalid(f"asset {asset_id} is not a multi-rank asset; finalize it without rank")
+        if rank is None:
+            raise invalid(
+                f"asset {name!r} ({asset_id}) is a multi-rank asset of {asset['world_size']} "
+                "ranks: each rank finalizes its own contribution (with its rank), and the "
+                "server publishes the asset when every one is stored"
+            )
+        conn = self.records.db.connection()
+        state = contributions.contribution_state(conn, asset_id, rank)
+        if state is None:
+            raise conflict(
+                f"rank {rank} has not registered a contribution to asset {name!r} ({asset_id})"
+            )
+        mine = contributions.rank_indexes(conn, asset_id, rank)
+        if state == "registered":
+            with self.records.db.write() as tx:
+                contributions.seen(tx, asset_id, rank)
+        return [c for c in components if c.index in mine], state == "stored"
 
     def _check_refinalize(
         self, asset_id: str, components: list[Component], wanted: Mapping[str, str]

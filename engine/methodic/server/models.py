@@ -79,6 +79,21 @@ class AssetCreate(BaseModel):
     # The answer leaves its components out (``[]``): a client that knows its manifest does not
     # read back 100,000 of them.
     brief: bool = False
+    # A contribution of a multi-rank asset (docs/distributed.md): rank ``rank`` of
+    # ``world_size`` joins the asset named ``asset_name`` of the run (all three, or none).
+    asset_name: str | None = Field(default=None, min_length=1, max_length=256)
+    rank: int | None = Field(default=None, ge=0)
+    world_size: int | None = Field(default=None, ge=1, le=1_000_000)
+
+
+class Contribution(BaseModel):
+    rank: int
+    state: Literal["registered", "stored"]
+    component_count: int
+    total_size: int
+    registered_at: float
+    seen_at: float
+    stored_at: float | None
 
 
 class ComponentOut(BaseModel):
@@ -114,6 +129,16 @@ class AssetSummary(BaseModel):
     component_count: int
     total_size: int
     checksum_algorithm: str | None  # None: an asset from before algorithms (sha256, legacy)
+    # Of a multi-rank asset only: its name, world size, each rank's contribution so far, the
+    # ranks not yet stored, and an operator's one-line account ("waiting for ranks 5, 7 ...").
+    asset_name: str | None = None
+    world_size: int | None = None
+    contributions: list[Contribution] | None = None
+    ranks_missing: list[int] | None = None
+    waiting: str | None = None
+    # Only in the summary (``?components=false``) of a finalized asset the run's retention
+    # deleted since: when it did.
+    retired_at: float | None = None
 
 
 class Asset(AssetSummary):
@@ -135,6 +160,18 @@ class PresignItem(BaseModel):
     checksum: str | None = Field(default=None, max_length=128)
 
 
+class RetentionSet(BaseModel):
+    asset_type: str = Field(min_length=1, max_length=256)
+    keep_last: int = Field(ge=1, le=1_000_000)
+
+
+class Retention(BaseModel):
+    run_id: str
+    asset_type: str
+    keep_last: int
+    deleted: list[str]
+
+
 class PresignRequest(BaseModel):
     targets: list[PresignItem]
 
@@ -146,6 +183,9 @@ class TargetList(BaseModel):
 class FinalizeRequest(BaseModel):
     # {path: "algo:value"}: each component's whole-file checksum (docs/http-api.md).
     checksums: dict[str, str] = Field(default_factory=dict)
+    # Of a multi-rank asset: the rank whose contribution is complete (its components only
+    # are verified; the asset is finalized once every rank's is stored).
+    rank: int | None = Field(default=None, ge=0)
 
 
 class DownloadComponent(BaseModel):

@@ -14,8 +14,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from methodic.server.config import ServerConfig
+from methodic.server.contributions import describe
 from methodic.server.db import Database
-from methodic.server.errors import not_found
+from methodic.server.errors import APIError, not_found
 from methodic.server.locks import KeyedLocks
 from methodic.server.storage.base import Component, Found, Storage, Upload
 
@@ -51,6 +52,8 @@ def asset_out(row: sqlite3.Row) -> dict[str, Any]:
         "component_count": row["component_count"],
         "total_size": row["total_size"],
         "checksum_algorithm": row["checksum_algorithm"],
+        "asset_name": row["asset_name"],
+        "world_size": row["world_size"],
     }
 
 
@@ -173,7 +176,9 @@ class AssetRecords:
 
     def load(self, asset_id: str) -> tuple[dict[str, Any], list[Component]]:
         with self.db.read() as conn:
-            return asset_out(self.asset_row(conn, asset_id)), self.components(conn, asset_id)
+            asset = asset_out(self.asset_row(conn, asset_id))
+            describe(conn, [asset])
+            return asset, self.components(conn, asset_id)
 
     def _found(self, asset: Mapping[str, Any], components: Sequence[Component]) -> list[Found]:
         if asset["state"] == "finalized":
@@ -192,6 +197,23 @@ class AssetRecords:
             found = self._found(asset, components)
         asset["components"] = [component_out(c, f) for c, f in zip(components, found, strict=True)]
         return asset
+
+    def summary(self, asset_id: str, retired: bool = False) -> dict[str, Any]:
+        """The asset without its components (nor a look at storage). With ``retired``, of an
+        asset the retention deleted: its last summary, with ``retired_at``."""
+        with self.db.read() as conn:
+            try:
+                asset = asset_out(self.asset_row(conn, asset_id))
+            except APIError:
+                row = conn.execute(
+                    "SELECT summary FROM retired WHERE asset_id = ?", (asset_id,)
+                ).fetchone()
+                if not retired or row is None:
+                    raise
+                gone: dict[str, Any] = json.loads(row[0])
+                return gone
+            describe(conn, [asset])
+            return asset
 
     def get_asset(self, asset_id: str) -> dict[str, Any]:
         """The asset with what storage holds of each component (recovery's status call)."""

@@ -22,6 +22,7 @@ from methodic.server.keys import (
     load_or_create_secret,
 )
 from methodic.server.records import AssetRecords
+from methodic.server.retention import Retention
 from methodic.server.sessions import SessionBook
 from methodic.server.signing import Signer
 from methodic.server.storage.base import Storage, StorageSetupError
@@ -110,6 +111,7 @@ class ServerState:
     sweeper: Sweeper = field(repr=False)
     lock: DataDirLock = field(repr=False)
     sessions: SessionBook = field(repr=False)
+    retention: Retention = field(repr=False)
 
     def close(self) -> None:
         self.sessions.stop()
@@ -183,12 +185,13 @@ def _open_state(config: ServerConfig, lock: DataDirLock) -> ServerState:
         command_ttl=config.command_ttl,
     )
     sessions.start()
+    retention = Retention(records)
     return ServerState(
         config=config,
         db=db,
         records=records,
         catalog=Catalog(records),
-        finalizer=Finalizer(records),
+        finalizer=Finalizer(records, retention.apply),
         signer=signer,
         keyring=keyring,
         active_key=active,
@@ -196,4 +199,5 @@ def _open_state(config: ServerConfig, lock: DataDirLock) -> ServerState:
         sweeper=sweeper,
         lock=lock,
         sessions=sessions,
+        retention=retention,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -33,9 +35,20 @@ def info_text(a: AssetSnapshot | None) -> Text:
     )
     if state == AssetState.UPLOADING and a.rate:  # queued: no file in flight, no rate
         text.append(f", {fmt.rate(a.rate)}, ETA {fmt.long_duration(a.eta)}")
+    ranks = fmt.ranks_summary(a)
+    if ranks is not None:
+        text.append(f"\n{ranks}")
+        if a.waiting:
+            text.append(f"\n{a.waiting}", "yellow")
     if a.last_error:
         text.append(f"\nlast error: {a.last_error}", "red")
     return text
+
+
+def ranks_text(a: AssetSnapshot | None) -> Text:
+    """Each rank's contribution to a multi-rank asset, one a line (empty for other assets)."""
+    lines = [] if a is None else fmt.contribution_lines(a, time.time())
+    return Text("\n".join(lines), no_wrap=True, overflow="ellipsis")
 
 
 class DetailsScreen(LiveScreen):
@@ -48,6 +61,7 @@ class DetailsScreen(LiveScreen):
     def compose(self) -> ComposeResult:
         yield StatusHeader(id="header")
         yield LiveText(id="info")
+        yield LiveText(id="ranks")
         with Vertical(id="details-files", classes="pane"):
             yield ComponentsTable(id="components")
         yield EventLog(id="asset-events")
@@ -66,6 +80,9 @@ class DetailsScreen(LiveScreen):
         self.query_one(StatusHeader).show_status(source.labels, snap, source.read_only)
         asset = next((a for a in snap.assets if a.asset_id == self.asset_id), None)
         self.query_one("#info", LiveText).show(info_text(asset))
+        ranks = ranks_text(asset)
+        self.query_one("#ranks", LiveText).display = bool(ranks.plain)
+        self.query_one("#ranks", LiveText).show(ranks)
         if asset is not None:
             self.query_one(ComponentsTable).show_components(asset.asset_id, asset.components)
         self.query_one(EventLog).add(e for e in entries if e.asset_id == self.asset_id)

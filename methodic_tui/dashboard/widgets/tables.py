@@ -31,6 +31,7 @@ STATE_STYLES = {
     "failed": "bold red",
     "lost": "bold red reverse",  # monitor: its uploader stopped beating
     "finalizing": "magenta",
+    "waiting": "yellow",
     "finalized": "green",
     "completed": "green",
     "discarded": "dim",
@@ -79,8 +80,16 @@ def name_cell(name: str, asset_type: str, width: int) -> Text:
     )
 
 
-def state_cell(state: str) -> Text:
-    return cell(state, STATE_STYLES.get(state, ""))
+def state_cell(state: str, suffix: str = "") -> Text:
+    """The state, styled; ``suffix`` (a multi-rank asset's ``6/8``) follows it plain."""
+    return cell(f"{state} {suffix}" if suffix else state, STATE_STYLES.get(state, ""))
+
+
+def _ranks(a: AssetSnapshot) -> str:
+    """``6/8``: ranks stored of a multi-rank asset not yet finalized (else nothing)."""
+    if a.world_size is None or a.ranks_stored is None or a.state in ("finalized", "discarded"):
+        return ""
+    return f"{a.ranks_stored}/{a.world_size}"
 
 
 def progress_cell(done: int, total: int, state: str, width: int) -> Text:
@@ -318,7 +327,7 @@ class AssetsTable(LiveTable[AssetSnapshot]):
         moving = state == "uploading"
         return [
             name_cell(fmt.name_of(a), a.asset_type, self.width_of("name")),
-            state_cell(state),
+            state_cell(state, _ranks(a)),
             cell(f"{a.components_done}/{a.component_count}", right=True),
             cell(fmt.size_pair(a.bytes_done, a.bytes_total), right=True),
             progress_cell(a.bytes_done, a.bytes_total, a.state, self.width_of("progress")),
@@ -337,6 +346,8 @@ class AssetsTable(LiveTable[AssetSnapshot]):
             a.bytes_total,
             a.component_count,
             a.files_uploading,
+            a.ranks_stored,
+            a.contribution_stored,
         ) == (
             b.state,
             b.bytes_done,
@@ -346,6 +357,8 @@ class AssetsTable(LiveTable[AssetSnapshot]):
             b.bytes_total,
             b.component_count,
             b.files_uploading,
+            b.ranks_stored,
+            b.contribution_stored,
         )
 
     def show_assets(self, assets: Sequence[AssetSnapshot]) -> None:

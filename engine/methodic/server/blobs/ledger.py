@@ -63,6 +63,11 @@ class BlobLedger:
         ).fetchone()
         if c is None:
             raise not_found(f"asset {grant.asset_id} has no component {grant.path[:300]!r}")
+        if c["checksum"] is not None:  # a multi-rank asset's contribution, stored and verified
+            raise conflict(
+                f"component {grant.path[:300]!r} of asset {grant.asset_id} is stored and "
+                "verified; it takes no more uploads"
+            )
         return component_of(c, row["checksum_algorithm"])
 
     def begin_upload(self, grant: Grant) -> UploadSlot:
@@ -133,6 +138,12 @@ class BlobLedger:
                 raise not_found(f"asset {key.asset_id} was deleted during the upload")
             if row["state"] != "pending":
                 raise conflict(f"asset {key.asset_id} was finalized during the upload")
+            settled = tx.execute(
+                "SELECT checksum FROM components WHERE asset_id = ? AND idx = ?",
+                (key.asset_id, key.index),
+            ).fetchone()
+            if settled is not None and settled[0] is not None:
+                raise conflict(f"{key.path!r} was stored and verified during the upload")
             slot.upload.commit()
             bound = slot.checksum is not None
             if slot.part is None:

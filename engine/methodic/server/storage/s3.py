@@ -483,7 +483,9 @@ class S3Storage:
             results = list(pool.map(check, todo))
         problems = [(c, why) for c, why in zip(todo, results, strict=True) if why]
         if not problems:
-            self._abort_all(asset_id)  # strays: uploads created by a crash before their id was kept
+            # Strays: uploads created by a crash before their id was kept. Only those of these
+            # components: a multi-rank asset seals one rank's while others still upload theirs.
+            self._abort_all(asset_id, {self._object(c.key(asset_id)) for c in components})
         return problems
 
     def _check_object(self, asset_id: str, c: Component, client: str | None) -> str | None:
@@ -542,7 +544,8 @@ class S3Storage:
             "DeleteObject", self._s3.delete_object, Bucket=self.bucket, Key=self._object(key)
         )
 
-    def _abort_all(self, asset_id: str) -> None:
+    def _abort_all(self, asset_id: str, only: set[str] | None = None) -> None:
+        """Abort the asset's multipart uploads in progress (``only``: of these object keys)."""
         pages = self._paginate(
             "list_multipart_uploads",
             "ListMultipartUploads",
@@ -552,7 +555,8 @@ class S3Storage:
         try:
             for page in pages:
                 for upload in page.get("Uploads", ()):
-                    self._abort(upload["Key"], upload["UploadId"])
+                    if only is None or upload["Key"] in only:
+                        self._abort(upload["Key"], upload["UploadId"])
         except StorageUnavailable as exc:
             if not self._no_such_upload(exc):  # rclone's answer when the prefix has none
                 raise
