@@ -482,3 +482,46 @@ def test_a_stored_contribution_takes_no_more_uploads(api: httpx.Client) -> None:
     assert api.post(f"/api/v1/assets/{asset_id}/finalize", json={}).status_code == 400
     summary = api.get(f"/api/v1/assets/{asset_id}", params={"components": "false"}).json()
     assert summary["ranks_missing"] == [1] and summary["contributions"][0]["state"] == "stored"
+
+
+def test_latest_moves_only_when_a_newer_checkpoint_is_finalized(
+    tmp_path: Path, server: EmbeddedServer
+) -> None:
+    """run.latest (the restore's --latest) and retention agree on "newest": by creation. A
+    multi-rank checkpoint waiting for a rank is never the latest; an older one that finalizes
+    late never takes the latest back, and retention never deletes the latest."""
+    tracker = UploadTracker(tmp_path / "t.sqlite")
+    with rank_runs(server) as (run, run1):
+        first = run.register_and_upload_async(
+            make_checkpoint(tmp_path / "ck0", {"model.bin": 1000}), upload_tracker=tracker
+        ).result(CEILING)
+        latest = run.latest("checkpoint")
+        assert latest is not None and latest.asset_id == first.asset_id
+
+        # step-1: two ranks; rank 0 stored, rank 1 not yet: the latest stays put.
+        ckpt = shards(tmp_path / "dcp", 2)
+        h0 = contribute(run, ckpt, tracker, 0, asset_name="step-1")
+        wait_until(lambda: h0.contribution_stored, what="rank 0 stored")
+        latest = run.latest("checkpoint")
+        assert latest is not None and latest.asset_id == first.asset_id
+
+        # step-2, created after step-1, is finalized first: it is the latest.
+        second = run.register_and_upload_async(
+            make_checkpoint(tmp_path / "ck2", {"model.bin": 2000}), upload_tracker=tracker
+        ).result(CEILING)
+        latest = run.latest("checkpoint")
+        assert latest is not None and latest.asset_id == second.asset_id
+
+        # step-1 finalizes late: listed, but older by creation, so not the latest...
+        h1 = contribute(run1, ckpt, tmp_path / "t1.sqlite", 1, asset_name="step-1")
+        step1 = h1.result(CEILING).asset_id
+        assert step1 == h0.result(CEILING).asset_id
+        assert step1 in [a.asset_id for a in run.list_assets(asset_type="checkpoint")]
+        latest = run.latest("checkpoint")
+        assert latest is not None and latest.asset_id == second.asset_id
+        # ...and retention, keeping one, keeps that latest.
+        retired = run.set_retention(asset_type="checkpoint", keep_last=1)
+        assert sorted(retired) == sorted([first.asset_id, step1])
+        assert [a.asset_id for a in run.list_assets(asset_type="checkpoint")] == [second.asset_id]
+        copy = run.download_asset(second.asset_id, tmp_path / "restore")
+        assert tree_digest(copy) == tree_digest(tmp_path / "ck2")

@@ -642,8 +642,9 @@ class AsyncRun:
     async def latest(self, asset_type: str | None = None) -> Asset | None:
         """The newest finalized asset of this run (of ``asset_type`` if given), or None.
 
-        "Newest" is by the time it was finalized: it moves only when an asset finalizes, never
-        to one still pending.
+        "Newest" is by creation, as retention counts: it moves only when a newer asset is
+        finalized, never to one still pending (a multi-rank asset waiting for ranks), and never
+        back to an older checkpoint that finalizes late.
         """
         assets = await self.list_assets(asset_type=asset_type)
         return newest_finalized(assets)

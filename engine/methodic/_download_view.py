@@ -40,11 +40,11 @@ DOWNLOAD_PREFIX = "download:"
 
 
 def newest_finalized(assets: Sequence[Asset]) -> Asset | None:
-    """The asset finalized last (ties: the one created last); None when there is none."""
+    """The newest finalized asset of ``assets`` (as the server lists them: in creation order),
+    or None. Newest by creation, as retention counts (server/retention.py): an older checkpoint
+    that finalizes late never becomes the latest, so retention can never delete the latest."""
     done = [a for a in assets if a.state == "finalized"]
-    if not done:
-        return None
-    return max(done, key=lambda a: (a.finalized_at or 0.0, a.created_at or 0.0))
+    return done[-1] if done else None
 
 
 @dataclass
