@@ -18,7 +18,7 @@ MB/s is bytes / wall time (median of ``--repeat`` rounds): curl's and aria2c's w
 the engine's ``download_asset`` call (its process also starts Python and opens a Chronicle,
 as ``bench/throughput.py`` measures its engine); CPU s/GB is user+system time per 10^9 bytes
 over the same window; peak RSS the client process's VmHWM. ``rss`` downloads a
-1 GiB and a 4 GiB (--quick: 256 MiB and 1 GiB) file with the engine: flat memory. The machine is
+1 GiB and an 8 GiB (--quick: 256 MiB and 1 GiB) file with the engine: flat memory. The machine is
 shared (2 vCPUs, other benchmarks may run): figures are ratios within one run. Writes
 bench/results/download.json (or download-quick.json) and prints a table.
 """
@@ -246,7 +246,7 @@ def main() -> None:
     sets = QUICK if args.quick else SETS
     repeat = args.repeat or (2 if args.quick else 5)
     only = set(args.only.split(","))
-    rss_sizes = (256 * MiB, 1 * GiB) if args.quick else (1 * GiB, 4 * GiB)
+    rss_sizes = (256 * MiB, 1 * GiB) if args.quick else (1 * GiB, 8 * GiB)
     # One set at a time is held: its upload (deleted once stored), the server's copy, a download.
     need = max([n * s for k, (n, s) in sets.items() if k in only] + list(rss_sizes)) * 3
     base = pick_base(need)

@@ -310,6 +310,12 @@ async def test_attach_with_a_server_pauses_the_uploading_process(
 
             await until(pilot, paused, what="paused in the uploading process")
             await until(pilot, lambda: _logged(app, "acknowledged pause"), what="the ack shown")
+            # p toggles what the dashboard shows: wait until the tracker it reads says paused.
+            await until(
+                pilot,
+                lambda: source.snapshot().assets[0].state == "paused",
+                what="the attached view to show it paused",
+            )
             await pilot.press("p")  # paused: p resumes it, through the server too
             await until(
                 pilot,

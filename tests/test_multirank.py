@@ -525,3 +525,45 @@ def test_latest_moves_only_when_a_newer_checkpoint_is_finalized(
         assert [a.asset_id for a in run.list_assets(asset_type="checkpoint")] == [second.asset_id]
         copy = run.download_asset(second.asset_id, tmp_path / "restore")
         assert tree_digest(copy) == tree_digest(tmp_path / "ck2")
+
+
+def test_checkpoints_are_created_on_the_server_in_the_order_they_were_registered(
+    tmp_path: Path, server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool begins assets concurrently; were their creates to race, a checkpoint registered
+    second could be created first and count as older (for latest and retention). Here the first
+    create is held until the second one starts, or for a few seconds when it never does (the
+    engine creates in order, so it waits for the first)."""
+    import asyncio
+
+    from methodic._api import ApiClient
+
+    original = ApiClient.create_asset
+    entered: list[str] = []
+    second_started = asyncio.Event()
+
+    async def create_asset(self: ApiClient, run_id: str, **kw: Any) -> Any:
+        entered.append(kw["asset_id"])
+        if len(entered) == 1:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(second_started.wait(), 3)  # a bound, not a condition
+        else:
+            second_started.set()
+        return await original(self, run_id, **kw)
+
+    monkeypatch.setattr(ApiClient, "create_asset", create_asset)
+    tracker = UploadTracker(tmp_path / "t.sqlite")
+    with Chronicle(server.url, server.api_key) as chronicle:
+        run = chronicle.run(chronicle.create_experiment("order"), 0, 0)
+        older, newer = (
+            run.register_and_upload_async(
+                make_checkpoint(tmp_path / f"ck{i}", {"model.bin": 1000 + i}),
+                upload_tracker=tracker,
+            )
+            for i in range(2)
+        )
+        assert older.result(CEILING) and newer.result(CEILING)
+        assert entered == [older.asset_id, newer.asset_id]
+        assert [a.asset_id for a in run.list_assets()] == [older.asset_id, newer.asset_id]
+        latest = run.latest("checkpoint")
+        assert latest is not None and latest.asset_id == newer.asset_id

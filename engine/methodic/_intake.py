@@ -21,7 +21,7 @@ from methodic._finish import Finisher, Spawn, check_identities
 from methodic._jobs import Scheduler
 from methodic._states import AssetState, ComponentState
 from methodic._transfer import FileChangedError
-from methodic._types import Asset
+from methodic._types import Asset, PresignedAsset
 from methodic._uploads import AssetUpload
 
 
@@ -42,6 +42,9 @@ class Intake:
         self._scheduler = scheduler
         self._finisher = finisher
         self._spawn = spawn
+        # Assets are created on the server in the order they were registered: "newest" (run.latest,
+        # retention) is by creation, and concurrent creates could land checkpoint-2000 first.
+        self._create_order = asyncio.Lock()
 
     def submit(self, up: AssetUpload) -> None:
         """Start uploading ``up`` (already recorded in its tracker)."""
@@ -109,7 +112,19 @@ class Intake:
             await self._finisher.fail_asset(up, exc)
 
     async def _ensure_remote(self, up: AssetUpload) -> Asset:
-        created = await self._api.create_asset(
+        async with self._create_order:
+            created = await self._create(up)
+        asset = created.asset
+        if up.contribution is not None:  # what the server holds of the other ranks' so far
+            up.ranks = RankStatus.of(asset)
+        up.algorithm = asset.checksum_algorithm or up.algorithm or checksums.DEFAULT_ALGORITHM
+        up.remote_ready = True
+        if up.resumed:
+            asset = await self._api.get_asset(up.asset_id)
+        return asset
+
+    async def _create(self, up: AssetUpload) -> PresignedAsset:
+        return await self._api.create_asset(
             up.binding.run_id,
             asset_id=up.asset_id,
             asset_type=up.asset_type,
@@ -119,14 +134,6 @@ class Intake:
             brief=True,  # the components are known here; a resume asks for them below
             contribution=None if up.contribution is None else up.contribution.create_fields(),
         )
-        asset = created.asset
-        if up.contribution is not None:  # what the server holds of the other ranks' so far
-            up.ranks = RankStatus.of(asset)
-        up.algorithm = asset.checksum_algorithm or up.algorithm or checksums.DEFAULT_ALGORITHM
-        up.remote_ready = True
-        if up.resumed:
-            asset = await self._api.get_asset(up.asset_id)
-        return asset
 
     async def _skip_stored(self, up: AssetUpload, remote: Asset) -> None:
         """After a crash: what the server already stores is not sent again."""
