@@ -367,7 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
         ],
         (SERVER, TRANSFER, UI, JSON, OUTPUT),
     )
-    download.add_argument("targets", nargs="+", metavar="ASSET_ID|DEST")
+    download.add_argument(
+        "targets",
+        nargs="+",
+        metavar="ASSET_ID|DEST",
+        help="the asset's full id (as `list --json` shows it; none with --latest), then DEST",
+    )
     download.add_argument(
         "--latest",
         action="store_true",
@@ -386,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="only components matching GLOB (repeatable; relative to the asset's root; a GLOB "
         "without / matches a file name at any depth)",
     )
-    _run_options(download)
+    _run_options(download, "with --latest: the run's experiment (default: uploads)")
     _command(
         sub,
         "attach",
@@ -484,12 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--experiment",
-        default="uploads",
-        metavar="ID|NAME",
-        help="experiment to upload into, created if missing (default: uploads)",
-    )
+def _run_options(
+    p: argparse.ArgumentParser,
+    experiment_help: str = "experiment to upload into, created if missing (default: uploads)",
+) -> None:
+    p.add_argument("--experiment", default="uploads", metavar="ID|NAME", help=experiment_help)
     p.add_argument("--variation", type=_index, default=0, metavar="N", help="(default 0)")
     p.add_argument("--run", type=_index, default=0, metavar="N", help="(default 0)")
