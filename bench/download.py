@@ -18,7 +18,8 @@ MB/s is bytes / wall time (median of ``--repeat`` rounds): curl's and aria2c's w
 the engine's ``download_asset`` call (its process also starts Python and opens a Chronicle,
 as ``bench/throughput.py`` measures its engine); CPU s/GB is user+system time per 10^9 bytes
 over the same window; peak RSS the client process's VmHWM. ``rss`` downloads a
-1 GiB and an 8 GiB (--quick: 256 MiB and 1 GiB) file with the engine: flat memory. The machine is
+1 GiB and an 8 GiB (--quick: 256 MiB and 1 GiB) file with the engine: flat memory (with --only rss:
+bench/results/download-partial.json). The machine is
 shared (2 vCPUs, other benchmarks may run): figures are ratios within one run. Writes
 bench/results/download.json (or download-quick.json) and prints a table.
 """
