@@ -23,8 +23,10 @@ SCHEMA = 1  # of the --json lines; see docs/headless.md
 
 EXIT_CODES = """\
 exit codes:
-  0    done (every upload finalized, or the command did what it said)
-  1    some upload failed (`methodic-tui retry ASSET` retries one)
+  0    done (every upload finalized, every download restored, or the command did
+       what it said)
+  1    some upload failed (`methodic-tui retry ASSET` retries one), or a download
+       did (run it again: it resumes)
   2    usage or configuration error (one line on stderr; a JSON line too with --json)
   129  the terminal hung up (SIGHUP); 130 SIGINT; 143 SIGTERM: the tracker is flushed
        first, and `methodic-tui resume` continues"""

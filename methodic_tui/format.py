@@ -264,7 +264,8 @@ def count_states(snapshot: PoolSnapshot) -> dict[str, int]:
 
 
 def status_line(snapshot: PoolSnapshot) -> str:
-    """``2/5 assets finalized, 40/120 files, 1.2/3.4 GB (35%), 45 MB/s, ETA 49 seconds``."""
+    """``2/5 assets finalized, 40/120 files, 1.2/3.4 GB (35%), 45 MB/s, ETA 49 seconds``
+    (a download counts as ``1/1 downloaded``)."""
     assets = [a for a in snapshot.assets if a.state != "discarded"]
     if not assets:
         return "no assets yet"
@@ -273,8 +274,11 @@ def status_line(snapshot: PoolSnapshot) -> str:
     files = sum(a.component_count for a in assets)
     done = sum(a.bytes_done for a in assets)
     total = sum(a.bytes_total for a in assets)
+    downloads = sum(1 for a in assets if a.asset_type == "download")
+    uploads = len(assets) - downloads
     parts = [
-        f"{counts.get('finalized', 0)}/{len(assets)} assets finalized",
+        *([f"{counts.get('finalized', 0)}/{uploads} assets finalized"] if uploads else []),
+        *([f"{counts.get('downloaded', 0)}/{downloads} downloaded"] if downloads else []),
         f"{files_done}/{files} files",
         f"{size_pair(done, total)} ({percent(done, total)})",
         rate(snapshot.rate) if snapshot.rate > 0 else "idle",

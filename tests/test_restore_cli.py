@@ -34,7 +34,9 @@ def test_download_by_id_headless_exit_0_and_again_keeps_everything(server, tmp_p
     result = run_tui(tmp_path, "download", asset_id, str(dest), "--no-ui", *remote(server))
     assert result.returncode == 0, result.stderr
     assert tree_digest(dest) == tree_digest(ckpt)
-    assert "downloaded" in result.stderr and "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr
+    done = result.stderr.strip().splitlines()[-1]
+    assert "1/1 downloaded, 2/2 files" in done and "assets finalized" not in done, done
     assert not (tmp_path / "uploads.sqlite").exists()  # a download opens no upload tracker
     again = run_tui(tmp_path, "download", asset_id, str(dest), "--no-ui", *remote(server))
     assert again.returncode == 0, again.stderr
