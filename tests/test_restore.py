@@ -301,3 +301,29 @@ def test_expired_get_urls_are_presigned_again(tmp_path: Path) -> None:
         causes = [e.cause for e in sub.get_nowait() if e.kind == "RetryScheduled"]
     assert tree_digest(dest) == tree_digest(ckpt)
     assert any("expired" in c for c in causes), causes
+
+
+def test_a_finished_download_is_on_disk_files_and_their_directories_fsynced(
+    server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from methodic._download_state import short_name
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 12 * MiB, "sub/deep/b.bin": 1000})
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    with chronicle_for(server) as chronicle:
+        asset_id = upload(chronicle, ckpt)
+        monkeypatch.setattr(os, "fsync", recording_fsync)
+        dest = fresh_run(chronicle).download_asset(asset_id, tmp_path / "dl")
+    assert tree_digest(dest) == tree_digest(ckpt)
+    side = dest / SIDE
+    # each file's bytes were synced under its partial name, i.e. before its rename
+    for path in ("a.bin", "sub/deep/b.bin"):
+        assert str(side / short_name(path)) in synced, synced
+    for d in (dest, dest / "sub", dest / "sub" / "deep"):
+        assert str(d) in synced, synced

@@ -185,6 +185,7 @@ class _Download:
         self._slots = asyncio.Semaphore(self.concurrency)  # GETs in flight
         self._dest_fd = -1
         self._side: SideDir | None = None
+        self._renamed_in: set[str] = set()  # directories (relative to dest) files went into
 
     @property
     def side(self) -> SideDir:
@@ -218,6 +219,7 @@ class _Download:
                 if f.left == 0:  # every range verified by an earlier call
                     await self._finish(f)
             await self._work()
+            await asyncio.to_thread(self._sync_dirs)
             ok = True
         finally:
             await asyncio.to_thread(self._close, ok)
@@ -335,7 +337,11 @@ class _Download:
         """Close, verify, and rename into place, or forget it (blocking); why it is not the
         published bytes, or None."""
         p = f.plan
-        if fd is not None:
+        if fd is None:  # every range verified by an earlier call
+            fd = os.open(short_name(p.path), os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.side.fd)
+        try:
+            os.fsync(fd)  # its bytes on disk before its final name can point at them
+        finally:
             os.close(fd)
         whole = self._read_back(p) if p.read_back else f.whole_sha256
         problem = p.problem(f.digests, whole)
@@ -375,6 +381,18 @@ class _Download:
             os.close(parent)
         if len(p.spans) > 1:
             self.side.drop_record(p)
+        parts = p.path.split("/")[:-1]
+        self._renamed_in.update("/".join(parts[:i]) for i in range(len(parts) + 1))
+
+    def _sync_dirs(self) -> None:
+        """fsync every directory a file was renamed into, and those above it up to the
+        destination: once the download returns, a power cut loses none of its names."""
+        for rel in sorted(self._renamed_in, key=len, reverse=True):
+            fd = os.open(rel or ".", _DIR_FLAGS, dir_fd=self._dest_fd)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _close(self, ok: bool) -> None:
         """Close what is open; a partial file with nothing verified recorded is removed."""
