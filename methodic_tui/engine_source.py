@@ -103,6 +103,7 @@ class EngineSource(Source):
         self._stopped_by: dict[str, int | None] = {}  # owner_pid of each asset before adopting
         self._logging: tuple[logging.Handler, list[logging.Handler]] | None = None
         self._closed = False
+        self._worked_on: set[str] = set()  # assets seen in flight in this process
         self._closing: asyncio.Task[None] | None = None  # on the engine's loop: one close, shared
         self._engine: LoopThread | None = None
         self.job_error: str | None = None  # the job itself stopped on an error
@@ -336,7 +337,13 @@ class EngineSource(Source):
             ]
 
     def settled(self) -> bool:
-        return not self.job.continuous and self.job_done and super().settled()
+        """As a source settles, but an asset paused while this process uploaded it holds the
+        job until it is resumed or discarded (an operator's pause, e.g. from the monitor, does
+        not end a headless upload). Paused assets adopted from an earlier process do not."""
+        assets = self.snapshot().assets
+        self._worked_on.update(a.asset_id for a in assets if a.state in IN_FLIGHT_STATES)
+        held = any(a.state == AssetState.PAUSED and a.asset_id in self._worked_on for a in assets)
+        return not self.job.continuous and self.job_done and not held and super().settled()
 
     async def pause(self, asset_id: str | None = None) -> list[str]:
         return list(await self._on_engine(self.engine.pause(asset_id)))

@@ -27,9 +27,9 @@ from helpers import (
     wait_until,
     wait_until_async,
 )
-from tui_helpers import running, until
+from tui_helpers import remote_args, running, tui_cmd, tui_env, until
 
-from methodic import AsyncChronicle, UploadTracker
+from methodic import AsyncChronicle, Chronicle, UploadTracker
 from methodic.server import EmbeddedServer
 from methodic_tui import cli
 from methodic_tui.monitor_source import MonitorSource
@@ -327,3 +327,57 @@ async def test_attach_with_a_server_pauses_the_uploading_process(
     tracker.close()
     # Without a server, attach stays read-only.
     assert AttachSource(tracker_path).read_only is not None
+
+
+def test_a_headless_upload_paused_from_the_monitor_waits_for_resume(
+    hub: EmbeddedServer, tmp_path: Path
+) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {"a.bin": 6 * MB})
+    tracker = tmp_path / "u.sqlite"
+    args = ["upload", str(ckpt), "--no-ui", *remote_args(hub, tracker), "--experiment", "held"]
+    proc = subprocess.Popen(
+        tui_cmd(*args, "--max-bandwidth", "1MB"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=tui_env(tmp_path, METHODIC_HEARTBEAT_INTERVAL="0.3"),
+    )
+    try:
+        with Chronicle(hub.url, hub.api_key) as ops:
+
+            def uploading():
+                return next(
+                    (
+                        s
+                        for s in ops.sessions("held")
+                        if s.state == "live"
+                        and any(a.state == "uploading" for a in s.snapshot.assets)
+                    ),
+                    None,
+                )
+
+            session = wait_until(uploading, what="the headless upload sending")
+            assert ops.send_command(session.id, "pause", timeout=CEILING).ok
+
+            # Paused, it goes on beating (three beats after the pause) with nothing in flight:
+            # the process holds, where it used to end as if done.
+            def beat_paused_after(t: float):
+                s = next(s for s in ops.sessions("held") if s.id == session.id)
+                paused = [a.state for a in s.snapshot.assets] == ["paused"]
+                return s.last_beat if paused and s.last_beat > t else None
+
+            beat = wait_until(lambda: beat_paused_after(0.0), what="a beat while paused")
+            for _ in range(3):
+                beat = wait_until(lambda b=beat: beat_paused_after(b), what="another beat")
+            assert proc.poll() is None, proc.communicate()
+            assert ops.send_command(session.id, "set_bandwidth", value=None, timeout=CEILING).ok
+            assert ops.send_command(session.id, "resume", timeout=CEILING).ok
+        _, err = proc.communicate(timeout=CEILING)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "1/1 assets finalized" in err.strip().splitlines()[-1], err
+    assert tracked_assets(tracker)[0].state == "finalized"
