@@ -530,6 +530,7 @@ def test_batch_presigning_makes_the_url_botocore_makes(
         endpoint_url=endpoint,
         credentials=session.get_credentials(),
     )
+    monkeypatch.setattr(storage, "_bind", lambda *_: None)  # what it records: test_s3_integrity
     asset_id = "0123456789abcdef"
     digest = "00112233445566ff"
     slots = [

@@ -13,8 +13,10 @@ Checksums: S3 verifies them itself. A target presigned with the range's digest s
 another checksum and the URL cannot be replayed with another header. Multipart uploads are
 created with the asset's algorithm (CRC64NVME as a FULL_OBJECT checksum, SHA256 COMPOSITE);
 CompleteMultipartUpload carries the client's full-object CRC (or the parts' SHA256s), and the
-completed object's (and each one-PUT object's) checksum is read back with HeadObject and
-compared with the client's whenever the store reports one. blake3 is not an S3 algorithm.
+completed object's checksum is read back with HeadObject and compared with the client's
+whenever the store reports one. So is a one-PUT object's, unless every URL presigned for it
+was bound to the client's checksum (kept in ``s3_put_bindings`` before the URLs leave): S3
+verified that one on PUT, and the listing gave the size. blake3 is not an S3 algorithm.
 
 boto3 is imported only here, and only when a server is started with ``--storage s3://``.
 """
@@ -306,6 +308,7 @@ class S3Storage:
         region, service = scope[-3], scope[-2]
         assert sample.path.endswith(last), sample.path
         base = f"{sample.scheme}://{sample.netloc}{sample.path[: -len(last)]}"
+        self._bind(asset_id, [s for s in slots if s.part is None])
         credentials = self._credentials.get_frozen_credentials()
         query_auth = AUTH_TYPE_MAPS["s3v4-query"]
         uploads: dict[int, str] | None = None
@@ -331,6 +334,25 @@ class S3Storage:
             query_auth(credentials, service, region, ttl).add_auth(request)
             out.append(Presigned(request.url, headers))
         return out
+
+    def _bind(self, asset_id: str, slots: Sequence[Slot]) -> None:
+        """Record what the one-PUT URLs about to be issued are bound to (before they leave, and
+        durably: a URL whose binding a crash forgot must not let finalize skip its check)."""
+        if not slots:
+            return
+        with self._db.write(durable=True) as tx:
+            tx.executemany(
+                "INSERT INTO s3_put_bindings (asset_id, idx, checksum) VALUES (?, ?, ?)"
+                " ON CONFLICT (asset_id, idx) DO UPDATE SET checksum = ''"
+                " WHERE s3_put_bindings.checksum != excluded.checksum",
+                [(asset_id, s.component.index, s.checksum or "") for s in slots],
+            )
+
+    def _bindings(self, asset_id: str) -> dict[int, str]:
+        rows = self._db.connection().execute(
+            "SELECT idx, checksum FROM s3_put_bindings WHERE asset_id = ?", (asset_id,)
+        )
+        return dict(rows.fetchall())
 
     def presign_get(self, key: BlobKey, expires: int, origin: str) -> str:
         ttl = max(1, expires - int(time.time()))
@@ -507,9 +529,15 @@ class S3Storage:
                 self._drop_upload_id(asset_id, c.index)
             return problem
 
+        bindings = self._bindings(asset_id)
+
         def check(c: Component) -> str | None:
             if c.index in multipart:
                 return complete(c)
+            if bindings.get(c.index) == f"{c.algorithm}:{checksums[c.index]}":
+                # Every URL of it was bound to the client's checksum, which S3 verified on PUT
+                # (and inspect listed its size): nothing for HeadObject to add.
+                return None
             return self._check_object(asset_id, c, checksums[c.index])
 
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
