@@ -272,6 +272,30 @@ def test_expired_targets_are_presigned_again(tmp_path: Path) -> None:
     assert retried == []  # a refresh is not a retry
 
 
+def test_the_next_batch_is_presigned_while_targets_remain(
+    server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers do not wait on a presign round trip every batch: the next batch is presigned
+    in the background once half the cached targets are used."""
+    from methodic._jobs import PRESIGN_BATCH, Scheduler
+
+    calls: list[tuple[bool, int]] = []  # (for a job waiting on it, targets cached then)
+    real = Scheduler._presign
+
+    async def presign(self: Scheduler, up, first):  # type: ignore[no-untyped-def]
+        calls.append((first is not None, len(up.targets)))
+        await real(self, up, first)
+
+    monkeypatch.setattr(Scheduler, "_presign", presign)
+    count = 3 * PRESIGN_BATCH
+    ckpt = make_checkpoint(tmp_path / "ckpt", {f"f{i:04d}.bin": 100 for i in range(count)})
+    with Chronicle(server.url, server.api_key, max_upload_workers=1) as chronicle:
+        handle = fresh_run(chronicle).register_and_upload_async(ckpt)
+        assert handle.result(timeout=CEILING).component_count == count
+    ahead = [cached for waited, cached in calls if not waited]
+    assert ahead and all(cached > 0 for cached in ahead)
+
+
 def test_pause_stops_transfers_and_resume_finishes(server, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", {f"s{i}.bin": 2 * MiB for i in range(4)})
     tracker = UploadTracker(tmp_path / "u.sqlite")

@@ -487,3 +487,86 @@ def test_serve_without_boto3_says_what_to_install(tmp_path: Path) -> None:
 )
 def test_serve_refuses_bad_s3_options(tmp_path: Path, args: list[str], words: list[str]) -> None:
     _one_line(_serve_error("--data-dir", str(tmp_path / "d"), *args), *words)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "region", "token"),
+    [
+        ("http://127.0.0.1:9", "us-east-1", None),  # path-style, as for MinIO or rclone
+        (None, "eu-west-3", "a-session-token"),  # AWS: virtual-host style, regional scope
+    ],
+)
+def test_batch_presigning_makes_the_url_botocore_makes(
+    monkeypatch: pytest.MonkeyPatch, endpoint: str | None, region: str, token: str | None
+) -> None:
+    """presign_puts signs with botocore's query signer on an address botocore chose: at
+    the same instant its URLs are generate_presigned_url's, signature included."""
+    import datetime
+
+    import boto3
+    import botocore.auth  # noqa: F401  # imports awscrt's signer module, when installed
+    from botocore.config import Config
+
+    from methodic.server.config import S3Location
+    from methodic.server.storage.base import Component, Slot
+    from methodic.server.storage.s3 import S3Storage
+
+    now = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    # botocore signs with awscrt's signer when awscrt is installed (botocore.auth imports it).
+    for name in ("botocore.auth", "botocore.crt.auth"):
+        if name in sys.modules:
+            monkeypatch.setattr(sys.modules[name], "get_current_datetime", lambda **_: now)
+    session = boto3.session.Session(
+        aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="secret", aws_session_token=token
+    )
+    config = Config(
+        signature_version="s3v4", s3={"addressing_style": "path" if endpoint else "auto"}
+    )
+    client = session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+    storage = S3Storage(
+        client,
+        S3Location("bucket", "pre fix/"),
+        None,  # type: ignore[arg-type]  # one-PUT slots need no database
+        endpoint_url=endpoint,
+        credentials=session.get_credentials(),
+    )
+    monkeypatch.setattr(storage, "_bind", lambda *_: None)  # what it records: test_s3_integrity
+    asset_id = "0123456789abcdef"
+    digest = "00112233445566ff"
+    slots = [
+        Slot(Component(7, "a", 10, None, None, None), None, 0, 10),
+        Slot(Component(12345, "b", 99, None, None, None), None, 0, 99, f"crc64nvme:{digest}"),
+    ]
+    expires = int(now.replace(tzinfo=datetime.UTC).timestamp()) + 600
+    monkeypatch.setattr("methodic.server.storage.s3.time.time", lambda: expires - 600)
+    got = storage.presign_puts(asset_id, slots, expires, "unused")
+    want = [
+        client.generate_presigned_url(
+            "put_object",
+            Params={"Bucket": "bucket", "Key": f"pre fix/{asset_id}/0000007", "ContentLength": 10},
+            ExpiresIn=600,
+        ),
+        client.generate_presigned_url(
+            "put_object",
+            Params={
+                "Bucket": "bucket",
+                "Key": f"pre fix/{asset_id}/0012345",
+                "ContentLength": 99,
+                "ChecksumCRC64NVME": _checksum.to_base64(digest),
+            },
+            ExpiresIn=600,
+        ),
+    ]
+
+    def parsed(url: str) -> tuple[str, dict[str, list[str]]]:
+        from urllib.parse import parse_qs, urlsplit
+
+        u = urlsplit(url)
+        return f"{u.scheme}://{u.netloc}{u.path}", parse_qs(u.query)
+
+    for p, u in zip(got, want, strict=True):
+        assert parsed(p.url) == parsed(u), (p.url, u)
+    assert [p.headers for p in got] == [
+        {},
+        {"x-amz-checksum-crc64nvme": _checksum.to_base64(digest)},
+    ]

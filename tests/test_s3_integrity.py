@@ -213,3 +213,46 @@ def test_a_presigned_url_replayed_with_another_checksum_header_is_refused_by_the
         assert bare.status_code == 403
     status = api.get(f"/api/v1/assets/{asset_id}").json()["components"]
     assert [(c["stored"], c["parts_stored"]) for c in status] == [(False, []), (False, [])]
+
+
+@pytest.mark.parametrize("store", ["rclone"], indirect=True)
+def test_finalize_asks_s3_only_about_objects_whose_urls_were_not_all_bound_to_the_checksum(
+    tmp_path: Path, store: tuple[str, str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-PUT object every URL of which was bound to the client's checksum was verified by
+    the store on PUT: finalize confirms it from the listing. One with a URL bound to nothing or
+    to another checksum is asked about (HeadObject), as before."""
+    _, endpoint, bucket = store
+    config = ServerConfig(
+        data_dir=tmp_path / "server",
+        port=0,
+        storage=f"s3://{bucket}/pfx",
+        s3_endpoint_url=endpoint,
+        s3_region=REGION,
+    )
+    with EmbeddedServer.from_config(config) as srv, connect(srv) as api:
+        storage = srv._state.catalog.storage  # type: ignore[union-attr]
+        asked: list[str] = []
+        real_head = storage._s3.head_object
+
+        def head_object(**kwargs: Any) -> Any:
+            asked.append(kwargs["Key"].rsplit("/", 1)[1])
+            return real_head(**kwargs)
+
+        monkeypatch.setattr(storage._s3, "head_object", head_object)
+        files = {p: os.urandom(100) for p in ("bound", "unbound-too", "rebound")}
+        created = create(api, [{"path": p, "size": 100} for p in files], "crc64nvme")
+        asset_id = created.json()["asset_id"]
+        unbound = api.post(
+            f"/api/v1/assets/{asset_id}/presign",
+            json={"targets": [{"path": "unbound-too", "part": None}]},
+        )
+        assert unbound.status_code == 200, unbound.text
+        bound_targets(api, asset_id, "rebound", os.urandom(100), None, "crc64nvme")
+        for path, data in files.items():
+            [(target, body)] = bound_targets(api, asset_id, path, data, None, "crc64nvme")
+            assert put(target, body).status_code == 200
+        checksums = {p: whole("crc64nvme", data, None) for p, data in files.items()}
+        done = api.post(f"/api/v1/assets/{asset_id}/finalize", json={"checksums": checksums})
+        assert done.status_code == 200, done.text
+        assert sorted(asked) == ["0000001", "0000002"]

@@ -252,33 +252,57 @@ class Scheduler:
     async def _target(self, up: AssetUpload, job: Job) -> UploadTarget:
         """A fresh target for the job, presigned lazily in batches of the next queued keys."""
         key = job.key
-        if (target := self._fresh(up, key)) is not None:
-            return target
-        async with up.presign_lock:
-            if (target := self._fresh(up, key)) is not None:
-                return target
-            batch = [key]
-            ahead = 0
-            while up.presign_order and len(batch) < PRESIGN_BATCH and ahead < HASH_AHEAD:
-                nxt = up.presign_order.popleft()
-                if nxt != key and nxt in up.queued and nxt not in up.targets:
-                    batch.append(nxt)
-                    nc = up.components[nxt[0]]
-                    ahead += 0 if nxt[1] in nc.digests else nc.span(nxt[1])[1]
-            # Each range's digest is bound into its URL: hash them first (the job's own range
-            # must succeed; another that fails is presigned later, by its own job).
-            await digests.ensure_digests(up, batch[:1])
-            await digests.ensure_digests(up, batch[1:], strict=False)
-            batch = [k for k in batch if k[1] in up.components[k[0]].digests]
-            targets = await self._api.presign(
-                up.asset_id, [(p, n, up.components[p].digests[n]) for p, n in batch]
-            )
-            now = time.time()
-            for target in targets:
-                margin = min(self.presign_margin, (target.expires_at - now) / 4)
-                up.targets[(target.path, target.part)] = target
-                up.use_until[(target.path, target.part)] = target.expires_at - margin
-            return up.targets[key]
+        if (target := self._fresh(up, key)) is None:
+            async with up.presign_lock:
+                if (target := self._fresh(up, key)) is None:
+                    await self._presign(up, key)
+                    target = up.targets[key]
+        self._presign_ahead(up)
+        return target
+
+    async def _presign(self, up: AssetUpload, first: Key | None) -> None:
+        """Presign ``first`` (its range must hash) and the next queued keys, in one call."""
+        batch = [] if first is None else [first]
+        ahead = 0
+        while up.presign_order and len(batch) < PRESIGN_BATCH and ahead < HASH_AHEAD:
+            nxt = up.presign_order.popleft()
+            if nxt != first and nxt in up.queued and nxt not in up.targets:
+                batch.append(nxt)
+                nc = up.components[nxt[0]]
+                ahead += 0 if nxt[1] in nc.digests else nc.span(nxt[1])[1]
+        # Each range's digest is bound into its URL: hash them first (the job's own range
+        # must succeed; another that fails is presigned later, by its own job).
+        strict = 0 if first is None else 1
+        await digests.ensure_digests(up, batch[:strict])
+        await digests.ensure_digests(up, batch[strict:], strict=False)
+        batch = [k for k in batch if k[1] in up.components[k[0]].digests]
+        if not batch:
+            return
+        targets = await self._api.presign(
+            up.asset_id, [(p, n, up.components[p].digests[n]) for p, n in batch]
+        )
+        now = time.time()
+        for target in targets:
+            margin = min(self.presign_margin, (target.expires_at - now) / 4)
+            up.targets[(target.path, target.part)] = target
+            up.use_until[(target.path, target.part)] = target.expires_at - margin
+
+    def _presign_ahead(self, up: AssetUpload) -> None:
+        """Presign the next batch in the background once half the cached targets are used:
+        otherwise every worker waits on that round trip (hashing included) every batch."""
+        if len(up.targets) > PRESIGN_BATCH // 2 or not up.presign_order or up.presign_lock.locked():
+            return
+
+        async def ahead() -> None:
+            async with up.presign_lock:
+                try:
+                    await self._presign(up, None)
+                except (ChronicleError, httpx.HTTPError) as exc:  # each job presigns its own
+                    log.debug("presigning ahead for %s failed: %s", up.asset_id, exc)
+
+        task = asyncio.ensure_future(ahead())
+        up.inflight.add(task)  # cancelled with the asset's transfers
+        task.add_done_callback(up.inflight.discard)
 
     @staticmethod
     def _forget_origin(up: AssetUpload, key: Key) -> None:

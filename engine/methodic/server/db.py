@@ -159,6 +159,22 @@ CREATE TABLE retired (
     retired_at REAL NOT NULL
 ) WITHOUT ROWID;
 """,
+    """
+-- S3: the checksum ("algo:hex") every URL presigned for a one-PUT component was bound to, or
+-- '' once one was bound to another or to none. S3 verified it on PUT: when it is the client's,
+-- finalize need not ask S3 for the object's checksum (HeadObject).
+CREATE TABLE s3_put_bindings (
+    asset_id TEXT NOT NULL,
+    idx      INTEGER NOT NULL,
+    checksum TEXT NOT NULL,
+    PRIMARY KEY (asset_id, idx),
+    FOREIGN KEY (asset_id, idx) REFERENCES components (asset_id, idx) ON DELETE CASCADE
+) WITHOUT ROWID;
+-- URLs an older server presigned for pending assets were not recorded: always ask about those.
+INSERT INTO s3_put_bindings (asset_id, idx, checksum)
+SELECT asset_id, idx, '' FROM components
+ WHERE asset_id IN (SELECT id FROM assets WHERE state = 'pending');
+""",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

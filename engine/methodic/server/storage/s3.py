@@ -13,8 +13,10 @@ Checksums: S3 verifies them itself. A target presigned with the range's digest s
 another checksum and the URL cannot be replayed with another header. Multipart uploads are
 created with the asset's algorithm (CRC64NVME as a FULL_OBJECT checksum, SHA256 COMPOSITE);
 CompleteMultipartUpload carries the client's full-object CRC (or the parts' SHA256s), and the
-completed object's (and each one-PUT object's) checksum is read back with HeadObject and
-compared with the client's whenever the store reports one. blake3 is not an S3 algorithm.
+completed object's checksum is read back with HeadObject and compared with the client's
+whenever the store reports one. So is a one-PUT object's, unless every URL presigned for it
+was bound to the client's checksum (kept in ``s3_put_bindings`` before the URLs leave): S3
+verified that one on PUT, and the listing gave the size. blake3 is not an S3 algorithm.
 
 boto3 is imported only here, and only when a server is started with ``--storage s3://``.
 """
@@ -26,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 from methodic import _checksum
 from methodic.server.config import S3Location
@@ -72,9 +75,8 @@ def open_s3_storage(
         max_pool_connections=32,
     )
     try:
-        client = boto3.session.Session().client(
-            "s3", endpoint_url=endpoint_url, region_name=region, config=config
-        )
+        session = boto3.session.Session()
+        client = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
     except Exception as exc:  # botocore raises many types for a bad configuration
         raise StorageSetupError(f"cannot set up the S3 client: {exc}") from None
     # botocore's DEBUG lines show canonical requests, session token included: never let a
@@ -82,7 +84,9 @@ def open_s3_storage(
     for name in ("botocore", "boto3", "urllib3"):
         if logging.getLogger(name).level == logging.NOTSET:
             logging.getLogger(name).setLevel(logging.INFO)
-    storage = S3Storage(client, location, db, endpoint_url=endpoint_url)
+    storage = S3Storage(
+        client, location, db, endpoint_url=endpoint_url, credentials=session.get_credentials()
+    )
     storage.check_bucket()
     return storage
 
@@ -143,9 +147,16 @@ class S3Storage:
     receiver = None
 
     def __init__(
-        self, client: Any, location: S3Location, db: Database, *, endpoint_url: str | None
+        self,
+        client: Any,
+        location: S3Location,
+        db: Database,
+        *,
+        endpoint_url: str | None,
+        credentials: Any,
     ) -> None:
         self._s3 = client
+        self._credentials = credentials  # the client's (botocore Credentials), for presigning
         self.bucket = location.bucket
         self.prefix = location.prefix
         self.location = location
@@ -269,35 +280,79 @@ class S3Storage:
     def presign_puts(
         self, asset_id: str, slots: Sequence[Slot], expires: int, origin: str
     ) -> list[Presigned]:
+        """SigV4 query-signed PUT URLs, by the signer botocore presigns with (its
+        ``s3v4-query`` auth: ``S3SigV4QueryAuth``, or awscrt's when that is installed).
+
+        ``generate_presigned_url`` costs milliseconds a URL (request serialization, endpoint
+        rules, event hooks), most of a small file's cost on the server. The URL of an object of
+        the asset differs from another's only in its name's last segment (digits), so botocore
+        chooses the address and the credential scope once a batch, and each slot's request is
+        only signed: the same URL, headers signed alike.
+        """
+        from botocore.auth import AUTH_TYPE_MAPS  # type: ignore[import-untyped]
+        from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
+
+        if not slots:
+            return []
         ttl = max(1, expires - int(time.time()))
-        uploads = self._upload_ids(asset_id)
+        # The last segment of any object name is its index, in digits (quoted as itself).
+        last = f"{0:07d}"
+        sample = urlsplit(
+            self._s3.generate_presigned_url(
+                "put_object",
+                Params={"Bucket": self.bucket, "Key": self._asset_prefix(asset_id) + last},
+                ExpiresIn=ttl,
+            )
+        )
+        scope = parse_qs(sample.query)["X-Amz-Credential"][0].split("/")
+        region, service = scope[-3], scope[-2]
+        assert sample.path.endswith(last), sample.path
+        base = f"{sample.scheme}://{sample.netloc}{sample.path[: -len(last)]}"
+        self._bind(asset_id, [s for s in slots if s.part is None])
+        credentials = self._credentials.get_frozen_credentials()
+        query_auth = AUTH_TYPE_MAPS["s3v4-query"]
+        uploads: dict[int, str] | None = None
         out: list[Presigned] = []
         for slot in slots:
             key = slot.component.key(asset_id)
-            params: dict[str, Any] = {
-                "Bucket": self.bucket,
-                "Key": self._object(key),
-                "ContentLength": slot.length,
-            }
+            signed = {"Content-Length": str(slot.length)}
             headers: dict[str, str] = {}
-            algorithm: str | None = None
             if slot.checksum is not None:
                 algorithm, _, digest = slot.checksum.partition(":")
-                param, header, _type = _S3_CHECKSUM[algorithm]
-                params[param] = headers[header] = _checksum.to_base64(digest)
-            if slot.part is None:
-                method = "put_object"
-            else:
-                method = "upload_part"
+                header = _S3_CHECKSUM[algorithm][1]
+                signed[header] = headers[header] = _checksum.to_base64(digest)
+            request = AWSRequest("PUT", f"{base}{key.index:07d}", headers=signed)
+            if slot.part is not None:
+                if uploads is None:
+                    uploads = self._upload_ids(asset_id)
                 if key.index not in uploads:
                     kind = slot.component.algorithm
                     uploads[key.index] = self._create_upload(
                         key, kind if kind in _S3_CHECKSUM else None
                     )
-                params.update(UploadId=uploads[key.index], PartNumber=slot.part)
-            url = self._s3.generate_presigned_url(method, Params=params, ExpiresIn=ttl)
-            out.append(Presigned(url, headers))
+                request.params = {"uploadId": uploads[key.index], "partNumber": str(slot.part)}
+            query_auth(credentials, service, region, ttl).add_auth(request)
+            out.append(Presigned(request.url, headers))
         return out
+
+    def _bind(self, asset_id: str, slots: Sequence[Slot]) -> None:
+        """Record what the one-PUT URLs about to be issued are bound to (before they leave, and
+        durably: a URL whose binding a crash forgot must not let finalize skip its check)."""
+        if not slots:
+            return
+        with self._db.write(durable=True) as tx:
+            tx.executemany(
+                "INSERT INTO s3_put_bindings (asset_id, idx, checksum) VALUES (?, ?, ?)"
+                " ON CONFLICT (asset_id, idx) DO UPDATE SET checksum = ''"
+                " WHERE s3_put_bindings.checksum != excluded.checksum",
+                [(asset_id, s.component.index, s.checksum or "") for s in slots],
+            )
+
+    def _bindings(self, asset_id: str) -> dict[int, str]:
+        rows = self._db.connection().execute(
+            "SELECT idx, checksum FROM s3_put_bindings WHERE asset_id = ?", (asset_id,)
+        )
+        return dict(rows.fetchall())
 
     def presign_get(self, key: BlobKey, expires: int, origin: str) -> str:
         ttl = max(1, expires - int(time.time()))
@@ -474,9 +529,15 @@ class S3Storage:
                 self._drop_upload_id(asset_id, c.index)
             return problem
 
+        bindings = self._bindings(asset_id)
+
         def check(c: Component) -> str | None:
             if c.index in multipart:
                 return complete(c)
+            if bindings.get(c.index) == f"{c.algorithm}:{checksums[c.index]}":
+                # Every URL of it was bound to the client's checksum, which S3 verified on PUT
+                # (and inspect listed its size): nothing for HeadObject to add.
+                return None
             return self._check_object(asset_id, c, checksums[c.index])
 
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
