@@ -131,11 +131,13 @@ def response_head(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+# Serialized exactly as Starlette's JSONResponse does, so both listeners answer alike (one
+# encoder kept: json.dumps with these options would build one per call).
+_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+
+
 def json_body(content: Any) -> bytes:
-    """Serialized exactly as Starlette's JSONResponse does, so both listeners answer alike."""
-    return json.dumps(
-        content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
-    ).encode("utf-8")
+    return _JSON.encode(content).encode("utf-8")
 
 
 def error_body(code: str, message: str, **extra: Any) -> bytes:
