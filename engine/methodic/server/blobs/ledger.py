@@ -73,46 +73,51 @@ class BlobLedger:
     def begin_upload(self, grant: Grant) -> UploadSlot:
         """Check that the asset takes this PUT and open its destination. Raises APIError."""
         receiver = self._receiver()
-        with self.records.locks.hold(grant.asset_id):
-            c = self._upload_component(self.records.db.connection(), grant)
-            key = c.key(grant.asset_id)
-            expected: tuple[int | None, int, int] | None
-            if c.part_size is None:
-                expected = (None, 0, c.size)
-            elif grant.part is not None and 1 <= grant.part <= c.parts:
-                expected = (grant.part, *part_range(c.size, c.part_size, grant.part))
-            else:
-                expected = None
-            if expected != (grant.part, grant.offset, grant.length):
-                raise invalid(
-                    f"this URL does not match the layout of component {c.path!r}; presign again"
-                )
-            assert grant.length is not None and grant.offset is not None
-            algorithm = c.receipt_algorithm
-            bound: str | None = None
-            if grant.checksum is not None:
-                claimed, _, bound = grant.checksum.partition(":")
-                if claimed != algorithm:
-                    raise invalid(
-                        f"this URL is bound to a {claimed} digest, but asset {grant.asset_id} "
-                        f"uses {algorithm}; presign again"
-                    )
-            if grant.part is None:
-                upload = receiver.open_object_upload(
-                    key, grant.length, algorithm, sha256=c.sha256 is not None
-                )
-                return UploadSlot(key, None, upload, algorithm, bound, expected_sha256=c.sha256)
-            # A bound part whose receipt already has that digest is stored: its body is checked,
-            # not written, so a leaked URL replayed with other bytes destroys nothing.
-            stored = bound is not None and bound == self._part_digest(key, grant.part)
-            upload = receiver.open_part_upload(
-                key, grant.offset, grant.length, algorithm, stored=stored
+        if grant.part is None:
+            # A whole object goes to a temp file of its own, and complete_upload checks the
+            # asset again under its lock before anything is published: no lock needed here.
+            return self._begin(receiver, grant)
+        with self.records.locks.hold(grant.asset_id):  # a part's receipt and writers are shared
+            return self._begin(receiver, grant)
+
+    def _begin(self, receiver: Receiver, grant: Grant) -> UploadSlot:
+        c = self._upload_component(self.records.db.connection(), grant)
+        key = c.key(grant.asset_id)
+        expected: tuple[int | None, int, int] | None
+        if c.part_size is None:
+            expected = (None, 0, c.size)
+        elif grant.part is not None and 1 <= grant.part <= c.parts:
+            expected = (grant.part, *part_range(c.size, c.part_size, grant.part))
+        else:
+            expected = None
+        if expected != (grant.part, grant.offset, grant.length):
+            raise invalid(
+                f"this URL does not match the layout of component {c.path!r}; presign again"
             )
-            if not stored:  # a body written into the file: finalize knows it
-                self.records.locks.part_writers.setdefault((key.asset_id, key.index), set()).add(
-                    upload
+        assert grant.length is not None and grant.offset is not None
+        algorithm = c.receipt_algorithm
+        bound: str | None = None
+        if grant.checksum is not None:
+            claimed, _, bound = grant.checksum.partition(":")
+            if claimed != algorithm:
+                raise invalid(
+                    f"this URL is bound to a {claimed} digest, but asset {grant.asset_id} "
+                    f"uses {algorithm}; presign again"
                 )
-            return UploadSlot(key, grant.part, upload, algorithm, bound, wrote=not stored)
+        if grant.part is None:
+            upload = receiver.open_object_upload(
+                key, grant.length, algorithm, sha256=c.sha256 is not None
+            )
+            return UploadSlot(key, None, upload, algorithm, bound, expected_sha256=c.sha256)
+        # A bound part whose receipt already has that digest is stored: its body is checked,
+        # not written, so a leaked URL replayed with other bytes destroys nothing.
+        stored = bound is not None and bound == self._part_digest(key, grant.part)
+        upload = receiver.open_part_upload(
+            key, grant.offset, grant.length, algorithm, stored=stored
+        )
+        if not stored:  # a body written into the file: finalize knows it
+            self.records.locks.part_writers.setdefault((key.asset_id, key.index), set()).add(upload)
+        return UploadSlot(key, grant.part, upload, algorithm, bound, wrote=not stored)
 
     def complete_upload(self, slot: UploadSlot, received: Received) -> None:
         """Make the received bytes the component's (or part's) and record them."""
