@@ -113,8 +113,16 @@ class HeadParser:
             keep_alive=parser.should_keep_alive(),
             headers=self._headers,
             path=unquote(raw_path) if "%" in raw_path else raw_path,
-            query=dict(parse_qsl(query, keep_blank_values=True)),
+            query=_query(query),
         )
+
+
+def _query(query: str) -> dict[str, str]:
+    """``parse_qsl`` (blank values kept), by plain splits when nothing is to be decoded (a
+    presigned URL's query): the same pairs, at a fraction of the cost per request."""
+    if "%" in query or "+" in query:
+        return dict(parse_qsl(query, keep_blank_values=True))
+    return dict(pair.partition("=")[::2] for pair in query.split("&") if pair)
 
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
