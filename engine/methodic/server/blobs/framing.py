@@ -1,12 +1,13 @@
 """HTTP/1.1 framing of one blob-listener connection: heads, bodies into buffers, deadlines.
 
 A connection serves one request at a time: pipelined requests wait in the head buffer, and
-once bytes arrive while a request is served the socket is not read until it is answered. A head is framed here (it ends at its first blank line)
-and parsed by httptools; a body is exactly ``Content-Length`` bytes, received with
-``BufferedProtocol`` straight into reusable ~1 MiB buffers that a ``BodySink`` hashes and
-writes on a pool thread. Every state has a deadline: an idle keep-alive connection, a head
-that trickles in, a body that stops arriving, an answer nobody reads. What a request does
-is the subclass's ``_serve`` (connection.py).
+once bytes arrive while a request is served the socket is not read until it is answered. A
+head is framed here (it ends at its first blank line) and parsed by httptools; a body is
+exactly ``Content-Length`` bytes, received with ``BufferedProtocol`` straight into reusable
+~1 MiB buffers that a ``BodySink`` hashes and writes on a pool thread (a body of one buffer
+at most is kept whole for one worker call: ``_receive_whole``). Every state has a deadline:
+an idle keep-alive connection, a head that trickles in, a body that stops arriving, an answer
+nobody reads. What a request does is the subclass's ``_serve`` (connection.py).
 """
 
 from __future__ import annotations

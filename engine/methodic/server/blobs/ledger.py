@@ -1,8 +1,8 @@
 """The blob ledger: the metadata side of every presigned PUT and GET (receiving backends).
 
 A PUT is ``begin_upload`` (does the asset take it? open its destination), the body, then
-``complete_upload`` (commit the bytes and record them under the asset's lock) and always
-``end_upload``; a GET is ``open_download`` of a finalized component. Every method blocks.
+``complete_upload`` (commit the bytes and record them under the asset's lock, together with
+the asset's other PUTs that finished meanwhile: ``_GroupCommit``) and always ``end_upload``; a GET is ``open_download`` of a finalized component. Every method blocks.
 """
 
 from __future__ import annotations
