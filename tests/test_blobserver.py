@@ -601,3 +601,24 @@ def test_presigned_urls_use_the_public_origins(
         with httpx.Client(base_url=f"{srv.url}/api/v1", headers=headers, trust_env=False) as client:
             _, [target] = new_asset(client, [{"path": "a", "size": 1}])
     assert target["url"].startswith(f"{origin}/blobs/")
+
+
+def test_refused_bodies_sent_after_their_heads_are_dropped_and_the_connection_stays_usable(
+    srv: EmbeddedServer, api: httpx.Client
+) -> None:
+    # The socket is read while a request is served (paused only once bytes arrive): a refused
+    # body that comes after its head, during the answer or after it, must not be taken for the
+    # next request.
+    _, [target] = new_asset(api, [{"path": "a", "size": 8}])
+    pending_get = signed(srv, target, method="GET", part=None, offset=None, length=None)
+    wrong_layout = signed(srv, target, length=7)  # refused by the ledger, after its body
+    with RawClient(target["url"]) as c:
+        c.send(c.head("GET", pending_get, {"Content-Length": "8"}))
+        c.send(b"12345678")
+        assert c.read().status == 404  # not finalized
+        c.send(c.head("PUT", wrong_layout, {"Content-Length": "7"}))
+        c.send(b"1234567")
+        reply = c.read()
+        assert reply.status == 400 and "layout" in reply.json()["error"]["message"]
+        c.send(c.put(target["url"], b"12345678"))
+        assert c.read().status == 201

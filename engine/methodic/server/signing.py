@@ -29,6 +29,8 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 _DOMAIN = "methodic-blob-v1"
+# json.dumps with non-default options builds an encoder per call: one, kept (same bytes).
+_SIGNED_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
 _SERVER_ID = re.compile(r"[0-9a-f]{16,64}")
 
 
@@ -88,7 +90,7 @@ class Signer:
             signed.append(grant.server)
         if grant.checksum is not None:
             signed.append([CHECKSUM_HEADER, grant.checksum])
-        message = json.dumps(signed, separators=(",", ":"), ensure_ascii=True)
+        message = _SIGNED_JSON.encode(signed)
         return hmac.new(self._secret, message.encode("ascii"), hashlib.sha256).hexdigest()
 
     def url(self, origin: str, grant: Grant) -> str:

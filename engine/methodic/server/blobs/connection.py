@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, BinaryIO, TypeVar
 
 from methodic.server.blobs.framing import CLOSED, JSON, FramedConnection, Lost
+from methodic.server.blobs.ledger import UploadSlot
 from methodic.server.blobs.service import fault_error, split_blob_path, storage_failure
 from methodic.server.blobs.wire import (
     BadRequest,
@@ -26,7 +27,7 @@ from methodic.server.blobs.wire import (
     response_head,
 )
 from methodic.server.errors import APIError
-from methodic.server.signing import CHECKSUM_HEADER
+from methodic.server.signing import CHECKSUM_HEADER, Grant
 from methodic.server.storage.base import Received
 
 log = logging.getLogger("methodic.server.blobserver")
@@ -86,10 +87,14 @@ class BlobConnection(FramedConnection):
             fault = service.take_fault()
             if fault is not None:
                 raise fault_error(fault.status, fault.retry_after)
-            slot = await self._run(service.begin, grant)
+            assert grant.length is not None
+            whole = grant.length <= self.server.buffers.size and not head.expects_continue
+            if not whole:
+                slot = await self._run(service.begin, grant)
         except APIError as exc:
             return await self._answer(head, exc, close=self._drop_body(head, declared))
-        assert grant.length is not None
+        if whole:
+            return await self._put_whole(head, grant)
         received: Received | None = None
         try:
             if head.expects_continue and grant.length:
@@ -105,6 +110,27 @@ class BlobConnection(FramedConnection):
             await self._run(service.settle, slot, received)
         except APIError as exc:  # the body was read: the connection stays usable
             return await self._answer(head, exc, close=False)
+        return await self._stored(slot, received)
+
+    async def _put_whole(self, head: RequestHead, grant: Grant) -> bool:
+        """A body of at most one buffer: received on the loop, then checked, written and
+        recorded in one worker call (``BlobService.put_whole``) instead of a hand-off each for
+        begin, body and settle. Nothing is stored unless the ledger takes it, as on the
+        streaming path; a refusal comes after the body, so the connection stays usable."""
+        assert grant.length is not None
+        buffer = await self._receive_whole(grant.length)
+        try:
+            slot, received = await self._run(
+                self.server.service.put_whole, grant, memoryview(buffer)[: grant.length]
+            )
+        except APIError as exc:
+            self.server.buffers.give(buffer)
+            return await self._answer(head, exc, close=False)
+        # Reused only once a worker is done with it: not when this task is cancelled.
+        self.server.buffers.give(buffer)
+        return await self._stored(slot, received)
+
+    async def _stored(self, slot: UploadSlot, received: Received) -> bool:
         algorithm = slot.algorithm
         answer: dict[str, object] = {
             "size": received.size,
@@ -189,4 +215,4 @@ class BlobConnection(FramedConnection):
         return close
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self.loop.run_in_executor(self.server.pool, fn, *args)
+        return await self.server.pool.run(self.loop, fn, *args)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
 from methodic.server.blobs.service import SERVER_HEADER, BlobService
 from methodic.server.blobs.sink import BufferPool
+from methodic.server.blobs.workers import Workers
 
 
 class Connection(Protocol):
@@ -62,7 +62,7 @@ class BlobServer:
         self.connections: set[Connection] = set()
         self.buffers = BufferPool()
         self.scratch = memoryview(bytearray(256 * 1024))  # where dropped bytes go
-        self.pool = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="methodic-blob")
+        self.pool = Workers(self.limits.workers, "methodic-blob")
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self.loop: asyncio.AbstractEventLoop

@@ -167,6 +167,22 @@ class BlobService:
         finally:
             self.ledger.end_upload(slot)
 
+    def put_whole(self, grant: Grant, body: memoryview) -> tuple[UploadSlot, Received]:
+        """``begin``, the whole body hashed and written, and ``settle``, in one call."""
+        slot = self.begin(grant)
+        received: Received | None = None
+        try:
+            try:
+                slot.upload.write(body)
+                received = slot.upload.finish()
+            except OSError as exc:
+                raise storage_failure(exc, grant.asset_id, grant.path) from exc
+        finally:
+            if received is None:
+                self.settle(slot, None)
+        self.settle(slot, received)
+        return slot, received
+
     def open(self, asset_id: str, path: str) -> tuple[BinaryIO, Component]:
         return self.ledger.open_download(asset_id, path)
 

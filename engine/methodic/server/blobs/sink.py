@@ -13,9 +13,8 @@ import asyncio
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor
-from typing import Any
 
+from methodic.server.blobs.workers import Workers, settle
 from methodic.server.storage.base import Received, Upload
 
 BUFFER_SIZE = 1024 * 1024
@@ -43,15 +42,6 @@ class BufferPool:
             self._free.append(buffer)
 
 
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(result)
-    else:
-        future.set_exception(error)
-
-
 _FINISH = object()
 
 
@@ -64,7 +54,7 @@ class BodySink:
     or ``abandon()``.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, pool: Executor, upload: Upload) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: Workers, upload: Upload) -> None:
         self._loop = loop
         self._pool = pool
         self._upload = upload
@@ -134,7 +124,7 @@ class BodySink:
                 if not self._queue:
                     self._running = False
                     if self._idle is not None:
-                        self._loop.call_soon_threadsafe(_settle, self._idle, None, None)
+                        self._loop.call_soon_threadsafe(settle, self._idle, None, None)
                     return
                 item = self._queue.popleft()
             if isinstance(item, tuple):
@@ -146,7 +136,7 @@ class BodySink:
                     result = self._upload.finish()
                 except BaseException as exc:
                     self._error = exc
-            self._loop.call_soon_threadsafe(_settle, self._finished, result, self._error)
+            self._loop.call_soon_threadsafe(settle, self._finished, result, self._error)
         # Back in line behind the other bodies: a fast client never keeps a thread to itself.
         self._pool.submit(self._drain)
 

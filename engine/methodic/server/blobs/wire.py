@@ -113,8 +113,16 @@ class HeadParser:
             keep_alive=parser.should_keep_alive(),
             headers=self._headers,
             path=unquote(raw_path) if "%" in raw_path else raw_path,
-            query=dict(parse_qsl(query, keep_blank_values=True)),
+            query=_query(query),
         )
+
+
+def _query(query: str) -> dict[str, str]:
+    """``parse_qsl`` (blank values kept), by plain splits when nothing is to be decoded (a
+    presigned URL's query): the same pairs, at a fraction of the cost per request."""
+    if "%" in query or "+" in query:
+        return dict(parse_qsl(query, keep_blank_values=True))
+    return dict(pair.partition("=")[::2] for pair in query.split("&") if pair)
 
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -131,11 +139,13 @@ def response_head(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+# Serialized exactly as Starlette's JSONResponse does, so both listeners answer alike (one
+# encoder kept: json.dumps with these options would build one per call).
+_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+
+
 def json_body(content: Any) -> bytes:
-    """Serialized exactly as Starlette's JSONResponse does, so both listeners answer alike."""
-    return json.dumps(
-        content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
-    ).encode("utf-8")
+    return _JSON.encode(content).encode("utf-8")
 
 
 def error_body(code: str, message: str, **extra: Any) -> bytes:

@@ -201,6 +201,7 @@ class _ObjectUpload(_LengthBoundUpload):
         self._tmp = tmp
         self._final = final
         self._hashed = hashed
+        self._committed = False
 
     def _write(self, fd: int, data: bytes | memoryview, position: int) -> None:
         _write_all(fd, data)
@@ -209,12 +210,14 @@ class _ObjectUpload(_LengthBoundUpload):
         with self._lock:
             _private_dir(self._final.parent)
             os.replace(self._tmp, self._final)
+            self._committed = True
             self._hashed.record(self._final, self._hash.hexdigest())
 
     def abort(self) -> None:
         with self._lock:
             self._close()
-            self._tmp.unlink(missing_ok=True)
+            if not self._committed:  # once renamed, the temp name is gone
+                self._tmp.unlink(missing_ok=True)
 
 
 class _PartUpload(_LengthBoundUpload):
