@@ -149,6 +149,7 @@ class Finalizer:
     ) -> _Verdict:
         verdict = _Verdict()
         writers = self.records.locks.part_writers
+        arriving = self.records.locks.parts_arriving
         for c in components:
             # Every part has its receipt: a body still arriving is a duplicate (a stale retry,
             # a leaked URL held open). It is cut off, so it can neither hold finalize back nor
@@ -160,7 +161,8 @@ class Finalizer:
             asset_id, components, deep=True, workers=self.records.config.finalize_workers
         )
         for c, f in zip(components, found, strict=True):
-            if writers.get((asset_id, c.index)) and not c.received:
+            busy = writers.get((asset_id, c.index)) or arriving.get((asset_id, c.path))
+            if busy and not c.received:
                 verdict.missing.append({"path": c.path, "reason": "upload in progress"})
                 continue
             if not f.complete:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,11 +33,14 @@ ASSET_SELECT = "SELECT a.*, r.experiment_id FROM assets a JOIN runs r ON r.id = 
 
 
 class AssetLocks(KeyedLocks):
-    """Per-asset locks, plus the part PUTs writing into a file, per (asset, component index)."""
+    """Per-asset locks, plus the part PUTs writing into a file, per (asset, component index),
+    and the small part bodies still arriving whole (not yet writing), per (asset, path)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.part_writers: dict[tuple[str, int], set[Upload]] = {}
+        # Changed on the blob listener's loop only; finalize just reads it.
+        self.parts_arriving: Counter[tuple[str, str]] = Counter()
 
 
 def asset_out(row: sqlite3.Row) -> dict[str, Any]:

@@ -117,6 +117,20 @@ class BlobConnection(FramedConnection):
         recorded in one worker call (``BlobService.put_whole``) instead of a hand-off each for
         begin, body and settle. Nothing is stored unless the ledger takes it, as on the
         streaming path; a refusal comes after the body, so the connection stays usable."""
+        if grant.part is None:
+            return await self._store_whole(head, grant)
+        # Until its receipt is written, finalize says "upload in progress", as when streamed.
+        arriving = self.server.service.ledger.records.locks.parts_arriving
+        key = (grant.asset_id, grant.path)
+        arriving[key] += 1
+        try:
+            return await self._store_whole(head, grant)
+        finally:
+            arriving[key] -= 1
+            if not arriving[key]:
+                del arriving[key]
+
+    async def _store_whole(self, head: RequestHead, grant: Grant) -> bool:
         assert grant.length is not None
         buffer = await self._receive_whole(grant.length)
         try:
