@@ -139,7 +139,8 @@ def test_a_small_file_is_read_once_and_sent_as_the_bytes_that_were_hashed(
     any_server, any_proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Files up to KEEP_BODY go out as the bytes their bound digest was computed from (no
-    second read); bigger ones are read again to be sent. The server stores exactly the files."""
+    second read); bigger ones go by sendfile from the file (never read into Python to be sent;
+    the receiver checks them against the bound digest). The server stores exactly the files."""
     from methodic._digests import KEEP_BODY
 
     reads: list[int] = []
@@ -149,7 +150,15 @@ def test_a_small_file_is_read_once_and_sent_as_the_bytes_that_were_hashed(
         reads.append(length)
         return real(identity, offset, length)
 
+    by_sendfile: list[int] = []
+    real_range = transfer.put_file_range
+
+    async def counting_range(*args, **kwargs):
+        by_sendfile.append(args[1].length)
+        return await real_range(*args, **kwargs)
+
     monkeypatch.setattr(transfer, "_read_slice", counting)
+    monkeypatch.setattr(transfer, "put_file_range", counting_range)
     sizes = {f"s{i}.bin": 100 * i for i in range(40)} | {"edge.bin": KEEP_BODY}
     sizes |= {"over.bin": KEEP_BODY + 1}
     ckpt = make_checkpoint(tmp_path / "ckpt", sizes)
@@ -160,7 +169,8 @@ def test_a_small_file_is_read_once_and_sent_as_the_bytes_that_were_hashed(
         )
         assert handle.result(timeout=CEILING).state == "finalized"
         dest = run.download_asset(handle.asset_id, tmp_path / "dl")
-    assert reads == [KEEP_BODY + 1]
+    assert reads == []
+    assert by_sendfile == [KEEP_BODY + 1]
     assert tree_digest(dest) == tree_digest(ckpt)
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
+from typing import TypeVar
 
 from methodic import _checksum as checksums
-from methodic._states import ComponentState
+from methodic._states import SETTLED_COMPONENT_STATES, ComponentState
 from methodic._transfer import FileChangedError
 from methodic._uploads import AssetUpload, ComponentUpload, Key
 
@@ -26,6 +27,11 @@ SMALL_BATCH_BYTES = 8 << 20
 # Ranges up to this size keep the bytes they were hashed from, to be sent (no second read,
 # no second thread hop); at most PRESIGN_BATCH of them wait per asset (~13 MiB).
 KEEP_BODY = 64 << 10
+# Ranges hashed while the asset's create call is in flight (the first presign's).
+AHEAD_RANGES = 200
+AHEAD_BYTES = 16 << 20
+
+T = TypeVar("T")
 
 
 def algorithm_of(up: AssetUpload) -> str:
@@ -53,6 +59,33 @@ async def ensure_digests(up: AssetUpload, keys: Sequence[Key], *, strict: bool =
         jobs.append(_hash_small(up, batch, strict))
     if jobs:
         await asyncio.gather(*jobs, return_exceptions=not strict)
+
+
+async def hashed_during(up: AssetUpload, create: Awaitable[T]) -> T:
+    """Await ``create`` (the asset's create call) while the first ranges to send are hashed,
+    so the first presign need not wait for them. The server names the algorithm at create:
+    if it is not the one guessed, those digests are dropped (hashed again when presigned)."""
+    algorithm = algorithm_of(up)
+    keys: list[Key] = []
+    size = 0
+    for c in up.components.values():
+        if c.state in SETTLED_COMPONENT_STATES:
+            continue
+        for part in c.part_numbers():
+            if part not in c.digests:
+                keys.append((c.path, part))
+                size += c.span(part)[1]
+        if len(keys) >= AHEAD_RANGES or size >= AHEAD_BYTES:
+            break
+    hashing = asyncio.ensure_future(ensure_digests(up, keys, strict=False))
+    try:
+        return await create
+    finally:
+        await hashing  # not strict: a range that failed is hashed again by its job
+        if algorithm_of(up) != algorithm:
+            for path, part in keys:
+                up.components[path].digests.pop(part, None)
+                up.bodies.pop((path, part), None)
 
 
 def _small(c: ComponentUpload, part: int | None) -> bool:

@@ -113,7 +113,8 @@ class Intake:
 
     async def _ensure_remote(self, up: AssetUpload) -> Asset:
         async with self._create_order:
-            created = await self._create(up)
+            create = self._create(up)
+            created = await (create if up.resumed else digests.hashed_during(up, create))
         asset = created.asset
         if up.contribution is not None:  # what the server holds of the other ranks' so far
             up.ranks = RankStatus.of(asset)

@@ -10,8 +10,10 @@ the retry presigns again (the server may have moved to another blob port).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -34,6 +36,10 @@ from methodic._uploads import AssetUpload, ComponentUpload, Key
 log = logging.getLogger("methodic")
 
 PRESIGN_BATCH = 200
+ENQUEUE_FIRST = 64  # jobs queued at once when an asset starts; the rest ENQUEUE_TURN a turn
+ENQUEUE_TURN = 256
+# An asset's first presign call: small, so its first bytes leave while the next batch is signed.
+FIRST_PRESIGN_BATCH = 32
 # Bytes of ranges hashed ahead for one presign call (a range's digest is bound into its URL).
 HASH_AHEAD = 256 << 20
 # Seconds of validity a target must keep to be used (at most a quarter of its TTL).
@@ -87,18 +93,31 @@ class Scheduler:
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
 
     def enqueue(self, up: AssetUpload) -> None:
-        """Queue every part of ``up`` still to send that is not queued or in flight already."""
-        now = time.monotonic()
-        for c in up.components.values():
-            if c.state in SETTLED_COMPONENT_STATES:
+        """Queue every part of ``up`` still to send that is not queued or in flight already.
+
+        The first jobs are queued now, the rest in turns of the loop: 10,000 jobs take tens of
+        milliseconds to queue, and the first presign call need not wait for them."""
+        pending = (
+            (c.path, part)
+            for c in list(up.components.values())
+            if c.state not in SETTLED_COMPONENT_STATES
+            for part in c.part_numbers()
+        )
+        self._enqueue_some(up, pending, time.monotonic(), ENQUEUE_FIRST)
+
+    def _enqueue_some(
+        self, up: AssetUpload, pending: Iterator[Key], now: float, count: int
+    ) -> None:
+        n = 0
+        for key in itertools.islice(pending, count):
+            n += 1
+            if key in up.queued:
                 continue
-            for part in c.part_numbers():
-                key = (c.path, part)
-                if key in up.queued:
-                    continue
-                up.queued.add(key)
-                up.presign_order.append(key)
-                self._queue.put_nowait(Job(up, c.path, part, started=now))
+            up.queued.add(key)
+            up.presign_order.append(key)
+            self._queue.put_nowait(Job(up, key[0], key[1], started=now))
+        if n == count:
+            asyncio.get_running_loop().call_soon(self._enqueue_some, up, pending, now, ENQUEUE_TURN)
 
     async def worker(self) -> None:
         while True:
@@ -264,7 +283,9 @@ class Scheduler:
         """Presign ``first`` (its range must hash) and the next queued keys, in one call."""
         batch = [] if first is None else [first]
         ahead = 0
-        while up.presign_order and len(batch) < PRESIGN_BATCH and ahead < HASH_AHEAD:
+        # The very first call is small: its hashing and round trip delay the first byte.
+        limit = FIRST_PRESIGN_BATCH if not up.targets and up.completed == 0 else PRESIGN_BATCH
+        while up.presign_order and len(batch) < limit and ahead < HASH_AHEAD:
             nxt = up.presign_order.popleft()
             if nxt != first and nxt in up.queued and nxt not in up.targets:
                 batch.append(nxt)

@@ -2,7 +2,9 @@
 
 The body never passes through Python on its way out: sendfile(2) moves it from the page cache
 to the socket a slice at a time, and no per-chunk objects are made (the range's digest was
-computed before the target was presigned, and the receiver checks the body against it). The request head and the response are handled by h11. This path serves
+computed before the target was presigned, and the receiver checks the body against it). The
+request head is formatted directly, and an answer framed by Content-Length (every answer of
+``methodic serve`` and S3) is read without h11; any other framing is handed to h11. This path serves
 ``http://`` targets that no proxy applies to; everything else goes through httpx
 (``methodic._transfer``). Idle keep-alive connections are kept per (host, port) by
 ``Connections``, which the upload pool owns.
@@ -17,7 +19,7 @@ import socket
 import sys
 import termios
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
@@ -37,10 +39,9 @@ class SendError(Exception):
     """The connection failed before a response arrived."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Connection:
     sock: socket.socket
-    protocol: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
 
     def alive(self) -> bool:
         """An idle connection the server has not closed (nor sent anything unasked on)."""
@@ -51,6 +52,27 @@ class _Connection:
         except OSError:
             return False
         return False  # closed (b""), or bytes nobody asked for
+
+
+@dataclass(slots=True)
+class Reply:
+    """A server's answer: what a PUT's caller needs of it (header names in lower case)."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    reusable: bool = False  # the connection may carry the next request
+
+    def header(self, name: bytes) -> str | None:
+        for key, value in self.headers:
+            if key == name:
+                return value.decode("latin-1")
+        return None
+
+    def response(self) -> httpx.Response:
+        """As an ``httpx.Response`` (for the error path, which reads the server's words)."""
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.headers]
+        return httpx.Response(self.status, headers=headers, content=self.body)
 
 
 class Connections:
@@ -94,15 +116,9 @@ class Connections:
         raise failure or OSError(f"no address for {host}")
 
     def release(self, host: str, port: int, conn: _Connection) -> None:
-        """Keep the connection for the next request if HTTP allows it, else close it."""
-        protocol = conn.protocol
+        """Keep the connection for the next request, or close it if there is no room."""
         idle = self._idle.setdefault((host, port), [])
-        if (
-            protocol.our_state is h11.DONE
-            and protocol.their_state is h11.DONE
-            and len(idle) < IDLE_PER_HOST
-        ):
-            protocol.start_next_cycle()
+        if len(idle) < IDLE_PER_HOST:
             idle.append(conn)
         else:
             conn.sock.close()
@@ -114,27 +130,34 @@ class Connections:
         self._idle.clear()
 
 
-class _Length:
-    """Stands for ``n`` body bytes sent behind h11's back (h11 only counts them)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
+_OURS = frozenset({"host", "user-agent", "content-length"})
+_origins: dict[str, tuple[str, int]] = {}
 
 
-def _request(target: UploadTarget) -> tuple[str, int, h11.Request]:
-    url = urlsplit(target.url)
-    path = url.path + (f"?{url.query}" if url.query else "")
-    headers = [
-        ("Host", url.netloc),
-        ("User-Agent", USER_AGENT),
-        ("Content-Length", str(target.length)),
-        *target.headers.items(),
-    ]
-    request = h11.Request(method=target.method, target=path, headers=headers)
-    return url.hostname or "", url.port or 80, request
+def _request(target: UploadTarget) -> tuple[str, int, bytes]:
+    """(host, port, request head) of a PUT of the target's range, formatted directly: an
+    ``h11.Request`` validates and rebuilds every header on every file."""
+    _scheme, _, rest = target.url.partition("://")
+    netloc, _, path = rest.partition("/")
+    path = "/" + path.partition("#")[0]
+    if "?" in netloc or "#" in netloc:  # no path before the query
+        url = urlsplit(target.url)
+        netloc, path = url.netloc, "/" + (f"?{url.query}" if url.query else "")
+    if (origin := _origins.get(netloc)) is None:
+        if len(_origins) > 64:
+            _origins.clear()
+        url = urlsplit(f"http://{netloc}/")
+        origin = _origins[netloc] = (url.hostname or "", url.port or 80)
+    extra = [f"{k}: {v}\r\n" for k, v in target.headers.items() if k.lower() not in _OURS]
+    head = (
+        f"{target.method} {path} HTTP/1.1\r\nHost: {netloc}\r\nUser-Agent: {USER_AGENT}\r\n"
+        f"Content-Length: {target.length}\r\n{''.join(extra)}\r\n"
+    )
+    # A CR, LF or NUL of a URL or header would forge header lines: refused, as h11 does.
+    lines = 5 + len(extra)
+    if head.count("\n") != lines or head.count("\r") != lines or "\0" in head:
+        raise ValueError(f"a line break or NUL in the target of {target.path}")
+    return origin[0], origin[1], head.encode("ascii")
 
 
 async def put_file_range(
@@ -144,8 +167,8 @@ async def put_file_range(
     bucket: TokenBucket,
     on_bytes: Callable[[int], None],
     timeout: float,
-) -> httpx.Response:
-    """PUT the target's range of ``f``; the server's response.
+) -> Reply:
+    """PUT the target's range of ``f``; the server's answer.
 
     Raises ``SendError`` when the connection fails before a response arrives, ``EOFError``
     when the file is shorter than the range. ``on_bytes`` hears of each slice sent.
@@ -158,23 +181,22 @@ async def put_file_range(
             moved[0] += n
             on_bytes(n)
 
-        await loop.sock_sendall(conn.sock, conn.protocol.send(request))
+        await loop.sock_sendall(conn.sock, request)
         offset, remaining = target.offset, target.length
         while remaining:
             n = min(_slice(bucket), remaining)
             await bucket.take(n)
-            conn.protocol.send_with_data_passthrough(h11.Data(data=_Length(n)))  # type: ignore[arg-type]
             await _sendfile(conn.sock, f.fileno(), offset, n, timeout, counted)
             offset, remaining = offset + n, remaining - n
-            await asyncio.sleep(0)  # a fast receiver never makes this wait: let others run
-        conn.protocol.send(h11.EndOfMessage())
+            if remaining:
+                await asyncio.sleep(0)  # a fast receiver never makes this wait: let others run
 
-    return await _put(connections, host, port, send, timeout)
+    return await _put(connections, host, port, target.method, send, timeout)
 
 
 async def put_body(
     connections: Connections, target: UploadTarget, body: bytes, timeout: float
-) -> httpx.Response:
+) -> Reply:
     """PUT a small body already read into memory: the request head and the body go out in one
     write on a kept-alive connection (a small file costs one send and one receive, not an
     httpx request). Raises ``SendError`` as ``put_file_range`` does."""
@@ -182,10 +204,7 @@ async def put_body(
     loop = asyncio.get_running_loop()
 
     async def send(conn: _Connection, moved: list[int]) -> None:
-        protocol = conn.protocol
-        wire = (protocol.send(request) or b"") + body
-        protocol.send_with_data_passthrough(h11.Data(data=_Length(len(body))))  # type: ignore[arg-type]
-        protocol.send(h11.EndOfMessage())
+        wire = request + body
         try:
             done = conn.sock.send(wire)
         except BlockingIOError:
@@ -194,16 +213,17 @@ async def put_body(
             async with asyncio.timeout(timeout):
                 await loop.sock_sendall(conn.sock, memoryview(wire)[done:])
 
-    return await _put(connections, host, port, send, timeout)
+    return await _put(connections, host, port, target.method, send, timeout)
 
 
 async def _put(
     connections: Connections,
     host: str,
     port: int,
+    method: str,
     send: Callable[[_Connection, list[int]], Awaitable[None]],
     timeout: float,
-) -> httpx.Response:
+) -> Reply:
     """Send a request by ``send`` (head and body; it counts the body bytes it moved by sendfile
     in its list) and read the answer, on a kept-alive connection (tried once more on a new one
     when a reused one turns out closed before a counted byte left)."""
@@ -224,14 +244,14 @@ async def _put(
             else:
                 failure = None
             try:
-                response = await _response(conn, timeout)
+                reply = await _reply(conn.sock, method, timeout)
             except (OSError, TimeoutError, h11.ProtocolError) as exc:
                 raise SendError(_describe(failure or exc, timeout)) from exc
-            if failure is None and response.status_code < 300:
+            if failure is None and reply.status < 300 and reply.reusable:
                 connections.release(host, port, conn)
             else:
                 conn.sock.close()
-            return response
+            return reply
         except BaseException:
             conn.sock.close()
             raise
@@ -330,22 +350,86 @@ def _slice(bucket: TokenBucket) -> int:
     return SLICE if not rate else max(MIN_CAPPED_SLICE, min(SLICE, int(rate / 8)))
 
 
-async def _response(conn: _Connection, timeout: float) -> httpx.Response:
+MAX_HEAD = 64 << 10
+
+
+async def _reply(sock: socket.socket, method: str, timeout: float) -> Reply:
+    """The answer to the request just sent. The common answer (a final status, framed by
+    Content-Length) is read here; anything else (informational, chunked, until-close) by h11."""
     loop = asyncio.get_running_loop()
-    protocol = conn.protocol
+    data = b""
+    while (end := data.find(b"\r\n\r\n")) < 0:
+        if len(data) > MAX_HEAD:
+            raise h11.RemoteProtocolError("the answer's head is too long")
+        more = await _recv(loop, sock, timeout)
+        if not more:
+            raise ConnectionResetError("the server closed the connection before it answered")
+        data += more
+    lines = data[:end].split(b"\r\n")
+    version, _, rest = lines[0].partition(b" ")
+    code = rest[:3]
+    headers: list[tuple[bytes, bytes]] = []
+    length: int | None = None
+    framed = (
+        version in (b"HTTP/1.1", b"HTTP/1.0")
+        and code.isdigit()
+        and code[:1] != b"1"
+        and rest[3:4] in (b"", b" ")
+    )
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        name = name.lower()
+        if not colon or name != name.strip() or not name:
+            framed = False  # h11 refuses it (or folds it), with its reasons
+            break
+        value = value.strip()
+        headers.append((name, value))
+        if name == b"content-length":
+            framed = framed and length is None and value.isdigit()
+            length = int(value) if framed else None
+        elif name == b"transfer-encoding":
+            framed = False
+    status = int(code) if framed else 0
+    if not framed or length is None or status in (204, 304) or method == "HEAD":
+        return await _reply_by_h11(loop, sock, method, data, timeout)
+    body = data[end + 4 :]
+    while len(body) < length:
+        more = await _recv(loop, sock, timeout)
+        if not more:
+            raise ConnectionResetError("the server closed the connection in its answer")
+        body += more
+    keep = version == b"HTTP/1.1" and len(body) == length
+    for name, value in headers:
+        if name == b"connection" and b"close" in value.lower():
+            keep = False
+    return Reply(status, headers, body, keep)
+
+
+async def _reply_by_h11(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, method: str, data: bytes, timeout: float
+) -> Reply:
+    protocol = h11.Connection(h11.CLIENT)
+    # h11 frames an answer by the request it answers: only the method matters here.
+    protocol.send(
+        h11.Request(method=method, target="/", headers=[("Host", "-"), ("Content-Length", "0")])
+    )
+    protocol.send(h11.EndOfMessage())
+    protocol.receive_data(data)
     status, headers, body = 0, [], bytearray()
     while True:
         event = protocol.next_event()
         if event is h11.NEED_DATA:
-            protocol.receive_data(await _recv(loop, conn.sock, timeout))
+            protocol.receive_data(await _recv(loop, sock, timeout))
         elif isinstance(event, h11.Response):
-            status, headers = (
-                event.status_code,
-                [(k.decode(), v.decode("latin-1")) for k, v in event.headers],
-            )
+            status, headers = event.status_code, [(k.lower(), v) for k, v in event.headers]
         elif isinstance(event, h11.Data):
             body += event.data
         elif isinstance(event, h11.EndOfMessage):
-            return httpx.Response(status, headers=headers, content=bytes(body))
+            reusable = (
+                protocol.our_state is h11.DONE
+                and protocol.their_state is h11.DONE
+                and not protocol.trailing_data[0]
+            )
+            return Reply(status, headers, bytes(body), reusable)
         elif isinstance(event, h11.ConnectionClosed):
             raise ConnectionResetError("the server closed the connection before it answered")

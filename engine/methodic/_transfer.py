@@ -19,7 +19,7 @@ import httpx
 from methodic._api import error_message
 from methodic._bandwidth import TokenBucket
 from methodic._retry import is_transient_status, retry_after_seconds
-from methodic._sendfile import Connections, SendError, put_body, put_file_range
+from methodic._sendfile import Connections, Reply, SendError, put_body, put_file_range
 from methodic._types import UploadTarget
 
 CHUNK_SIZE = 1 << 20
@@ -117,7 +117,9 @@ async def send_range(
     ``connections``, bodies to plain-HTTP targets without a proxy go out by sendfile. ``body``:
     the range's bytes, read when its digest was computed (a small range), sent as they are.
     """
-    if target.length <= CHUNK_SIZE:
+    direct = connections is not None and _direct(target.url)
+    small = target.length <= CHUNK_SIZE
+    if small and (body is not None or not direct):
         return await _send_small(http, target, identity, bucket, on_bytes, connections, body)
     identity.check()
     sent = 0
@@ -127,10 +129,13 @@ async def send_range(
         sent += n
         on_bytes(n)
 
-    f = await asyncio.to_thread(open, identity.local_path, "rb")
+    # A small range not kept from its hashing goes by sendfile too (no thread hop to read it,
+    # no copy): opened here, as the stat just above ran here.
+    path = identity.local_path
+    f = open(path, "rb") if small else await asyncio.to_thread(open, path, "rb")  # noqa: SIM115
     try:
         try:
-            if connections is not None and _direct(target.url):
+            if connections is not None and direct:
                 etag = await _put_by_sendfile(
                     connections, http.timeout.write or 60.0, target, f, bucket, counted
                 )
@@ -147,7 +152,10 @@ async def send_range(
             on_bytes(-sent)
         raise
     finally:
-        await asyncio.to_thread(f.close)
+        if small:
+            f.close()
+        else:
+            await asyncio.to_thread(f.close)
 
 
 async def _streamed(
@@ -208,10 +216,10 @@ async def _put_by_sendfile(
     counted: Callable[[int], None],
 ) -> str | None:
     try:
-        response = await put_file_range(connections, target, f, bucket, counted, timeout)
+        reply = await put_file_range(connections, target, f, bucket, counted, timeout)
     except SendError as exc:
         raise TransferError(str(exc), transient=True, stale=True) from exc
-    return _accepted(response)
+    return _replied(reply)
 
 
 def _read_slice(identity: FileIdentity, offset: int, length: int) -> bytes:
@@ -245,10 +253,10 @@ async def _send_small(
     try:
         if connections is not None and _direct(target.url):
             try:
-                response = await put_body(connections, target, data, http.timeout.write or 60.0)
+                reply = await put_body(connections, target, data, http.timeout.write or 60.0)
             except SendError as exc:
                 raise TransferError(str(exc), transient=True, stale=True) from exc
-            etag = _accepted(response)
+            etag = _replied(reply)
         else:
             etag = await _put(http, target, data)
         identity.check()
@@ -269,6 +277,13 @@ async def _put(
             f"{type(exc).__name__}: {exc or 'connection lost'}", transient=True, stale=True
         ) from exc
     return _accepted(response)
+
+
+def _replied(reply: Reply) -> str | None:
+    """``_accepted`` for an answer of the sendfile path: a 2xx costs no ``httpx.Response``."""
+    if reply.status < 300:
+        return reply.header(b"etag")
+    return _accepted(reply.response())
 
 
 def _accepted(response: httpx.Response) -> str | None:
