@@ -230,14 +230,15 @@ def test_finalize_answers_briefly_and_the_asset_is_what_the_server_settled(
     from methodic._api import ApiClient
 
     answers: list[dict] = []
-    real = ApiClient._finalize
+    real = ApiClient._call
 
-    async def recording(self, *args, **kwargs):
-        data = await real(self, *args, **kwargs)
-        answers.append(data)
+    async def recording(self, method, path, *args, **kwargs):
+        data = await real(self, method, path, *args, **kwargs)
+        if path.endswith("/finalize"):
+            answers.append(data)
         return data
 
-    monkeypatch.setattr(ApiClient, "_finalize", recording)
+    monkeypatch.setattr(ApiClient, "_call", recording)
     sizes = {f"rank{i:02d}.bin": 100 * i for i in range(20)} | {"big.bin": 11 << 20}
     ckpt = make_checkpoint(tmp_path / "ckpt", sizes)
     with Chronicle(

@@ -239,34 +239,25 @@ class ApiClient:
         return [UploadTarget.from_json(t) for t in data["targets"]]
 
     async def finalize(
-        self, asset_id: str, checksums: dict[str, str] | None = None, rank: int | None = None
+        self,
+        asset_id: str,
+        checksums: dict[str, str] | None = None,
+        rank: int | None = None,
+        brief: bool = False,
     ) -> Asset:
         """Flip the asset to finalized once storage holds every component; idempotent.
 
         With ``rank`` (a multi-rank asset): store that rank's contribution; the answer is
         finalized once every rank's is. Raises ``AssetIncompleteError`` listing what storage lacks.
+        ``brief``: the answer's asset has no components, only their ``components_fingerprint``
+        (None from a server that answered with the components, which the asset then holds).
         """
-        return Asset.from_json(await self._finalize(asset_id, checksums, rank, False))
-
-    async def finalize_brief(
-        self, asset_id: str, checksums: dict[str, str], rank: int | None = None
-    ) -> tuple[Asset, str | None]:
-        """``finalize``, answered without the components: the asset and the components'
-        fingerprint (``_types.components_fingerprint``; None from a server that answered with
-        the components, which the asset then holds)."""
-        data = await self._finalize(asset_id, checksums, rank, True)
-        return Asset.from_json(data), data.get("components_fingerprint")
-
-    async def _finalize(
-        self, asset_id: str, checksums: dict[str, str] | None, rank: int | None, brief: bool
-    ) -> dict[str, Any]:
         body: dict[str, Any] = {"checksums": checksums or {}}
         if rank is not None:
             body["rank"] = rank
         if brief:
             body["brief"] = True
-        data: dict[str, Any] = await self._call("POST", f"/assets/{asset_id}/finalize", json=body)
-        return data
+        return Asset.from_json(await self._call("POST", f"/assets/{asset_id}/finalize", json=body))
 
     async def asset_summary(self, asset_id: str) -> Asset:
         """The asset without its components, with a multi-rank asset's contributions."""

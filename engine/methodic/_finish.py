@@ -107,9 +107,7 @@ class Finisher:
             rank = None if up.contribution is None else up.contribution.rank
             for wait in (*BUSY_WAITS, None):
                 try:
-                    asset, fingerprint = await self._api.finalize_brief(
-                        up.asset_id, checksums, rank
-                    )
+                    asset = await self._api.finalize(up.asset_id, checksums, rank, brief=True)
                     break
                 except AssetIncompleteError as exc:
                     if not exc.busy or wait is None:
@@ -120,8 +118,8 @@ class Finisher:
                 if whole is None:
                     return None
                 asset = whole
-            elif fingerprint is not None:
-                asset = await self._with_components(up, asset, checksums, fingerprint)
+            elif asset.components_fingerprint is not None:
+                asset = await self._with_components(up, asset, checksums)
             await self.finalized(up, asset)
             return asset
         except FileChangedError as exc:
@@ -142,19 +140,19 @@ class Finisher:
             raise
 
     async def _with_components(
-        self, up: AssetUpload, asset: Asset, checksums: dict[str, str], fingerprint: str
+        self, up: AssetUpload, asset: Asset, checksums: dict[str, str]
     ) -> Asset:
         """The finalized asset of a brief answer, its components built from this process's
         manifest and the checksums the server verified and settled; when they are not what the
         server holds (the fingerprint differs: a legacy asset, another client's finalize),
         they are read back."""
         built = await asyncio.to_thread(settled_components, up, asset, checksums)
-        if await asyncio.to_thread(components_fingerprint, built) == fingerprint:
-            return dataclasses.replace(asset, components=built)
+        if await asyncio.to_thread(components_fingerprint, built) == asset.components_fingerprint:
+            return dataclasses.replace(asset, components=built, components_fingerprint=None)
         log.info("finalize of %s: reading its components back", up.asset_id)
         full = await self._api.get_asset(up.asset_id)
         mine = tuple(c for c in full.components if c.path in up.components)
-        return dataclasses.replace(asset, components=mine)
+        return dataclasses.replace(asset, components=mine, components_fingerprint=None)
 
     async def _await_whole(self, up: AssetUpload) -> Asset | None:
         """This rank's contribution is stored: wait until the server finalizes the asset.

@@ -254,6 +254,8 @@ class Asset:
     contributions: tuple[RankContribution, ...] = ()
     ranks_missing: tuple[int, ...] = ()
     waiting: str | None = None
+    # Of a brief answer (no components): what stands for them (``components_fingerprint``).
+    components_fingerprint: str | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Asset:
@@ -285,6 +287,7 @@ class Asset:
             ),
             ranks_missing=tuple(data.get("ranks_missing") or ()),
             waiting=data.get("waiting"),
+            components_fingerprint=data.get("components_fingerprint"),
         )
 
 
