@@ -1,11 +1,13 @@
 """Recovery benchmark: drain a 10,000-component asset that a killed process left half uploaded.
 
-    python bench/recovery.py [--components 10000] [--size 4096] [--repeat 3]
+    python bench/recovery.py [--components 10000] [--size 4096] [--repeat 3] [--scan-only]
 
 A child process uploads the asset with a bandwidth cap and is SIGKILLed about halfway. Then
-``drain_incomplete_uploads_async`` runs in this process; we time how long until the first
-missing component is being sent again (goal: within 2 s), the whole drain, and check that
-no byte of a stored component is sent again. Writes bench/results/recovery.json.
+``drain_incomplete_uploads_async`` runs in a child process of its own; we time how long until
+the first missing component is being sent again (goal: within 2 s), the whole drain, its peak
+RSS, and check that no byte of a stored component is sent again. ``--scan-only`` stops at the
+first file sent again (the recovery scan: e.g. 10,000 against 100,000 components). Writes
+bench/results/recovery.json (not with --scan-only).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+
+from harness import peak_rss_mb
 
 from methodic import (
     AsyncChronicle,
@@ -51,7 +55,10 @@ def make_files(root: Path, n: int, size: int) -> None:
         (d / f"tensor-{i:05d}.bin").write_bytes(os.urandom(size))
 
 
-async def drain(url: str, key: str, tracker: UploadTracker) -> dict[str, float]:
+async def drain(url: str, key: str, tracker: UploadTracker, scan_only: bool) -> dict[str, float]:
+    """In a child process of its own (its peak RSS is the engine's): the drain, or with
+    ``scan_only`` only the recovery scan (tracker read, create, the server's account, the
+    first missing file sent again), then the process ends."""
     async with AsyncChronicle(url, key, max_upload_workers=8) as chronicle:
         sub = chronicle.subscribe()
         first: list[float] = []
@@ -65,7 +72,13 @@ async def drain(url: str, key: str, tracker: UploadTracker) -> dict[str, float]:
 
         watcher = asyncio.create_task(watch())
         start = time.perf_counter()
-        report = await drain_incomplete_uploads_async(chronicle, tracker)
+        draining = asyncio.create_task(drain_incomplete_uploads_async(chronicle, tracker))
+        if scan_only:
+            await asyncio.wait({watcher, draining}, return_when=asyncio.FIRST_COMPLETED)
+            scan = {"first_upload_s": first[0] - start, "peak_rss_mb": peak_rss_mb()}
+            print(json.dumps(scan), flush=True)
+            os._exit(0)  # transfers are left behind: no orderly close
+        report = await draining
         total = time.perf_counter() - start
         watcher.cancel()
         assert report.ok and len(report.finalized) == 1, report
@@ -74,10 +87,22 @@ async def drain(url: str, key: str, tracker: UploadTracker) -> dict[str, float]:
             "drain_s": total,
             "bytes_resent": report.bytes_resent,
             "bytes_skipped": report.bytes_skipped,
+            "peak_rss_mb": peak_rss_mb(),
         }
 
 
-def one_round(n: int, size: int, tmp: Path) -> dict[str, float]:
+def drain_child(url: str, key: str, tracker_path: Path, scan_only: bool) -> dict[str, float]:
+    argv = [sys.executable, __file__, "--drain-child", url, key, str(tracker_path)]
+    out = subprocess.run(
+        [*argv, *(["--scan-only"] if scan_only else [])], capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"drain failed: {out.stderr[-3000:]}")
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def one_round(n: int, size: int, tmp: Path, scan_only: bool) -> dict[str, float]:
     ckpt = tmp / "ckpt"
     make_files(ckpt, n, size)
     with EmbeddedServer(tmp / "server") as srv:
@@ -97,10 +122,13 @@ def one_round(n: int, size: int, tmp: Path) -> dict[str, float]:
         tracker = UploadTracker(tracker_path)
         pending = tracker.get_pending_uploads()[0]
         stored_before = sum(1 for c in pending.components if c.state == "completed")
-        result = asyncio.run(drain(srv.url, srv.api_key, tracker))
-        result["missing_bytes"] = total - result["bytes_skipped"]
+        tracker.close()
+        del pending
+        result = drain_child(srv.url, srv.api_key, tracker_path, scan_only)
         result["stored_components_before"] = stored_before
-        assert result["bytes_resent"] == result["missing_bytes"], result
+        if not scan_only:
+            result["missing_bytes"] = total - result["bytes_skipped"]
+            assert result["bytes_resent"] == result["missing_bytes"], result
         return result
 
 
@@ -111,15 +139,30 @@ def main() -> None:
     parser.add_argument("--components", type=int, default=10_000)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--scan-only",
+        action="store_true",
+        help="time the recovery scan only (until the first missing file is sent again)",
+    )
+    parser.add_argument("--drain-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.drain_child:
+        url, key, tracker = args.drain_child
+        tr = UploadTracker(Path(tracker))
+        print(json.dumps(asyncio.run(drain(url, key, tr, args.scan_only))), flush=True)
+        return
     rounds = []
     for _ in range(args.repeat):
         with tempfile.TemporaryDirectory(prefix="methodic-recovery-") as tmp:
-            rounds.append(one_round(args.components, args.size, Path(tmp)))
+            rounds.append(one_round(args.components, args.size, Path(tmp), args.scan_only))
     first = statistics.median(r["first_upload_s"] for r in rounds)
-    whole = statistics.median(r["drain_s"] for r in rounds)
+    rss = statistics.median(r["peak_rss_mb"] for r in rounds)
     print(f"{args.components} components of {args.size} B, {args.repeat} rounds (medians)")
     print(f"  uploading again after   {first:.2f} s   (goal < 2 s)")
+    print(f"  drain's peak RSS        {rss:.0f} MB")
+    if args.scan_only:
+        return
+    whole = statistics.median(r["drain_s"] for r in rounds)
     print(f"  whole drain             {whole:.2f} s")
     print(
         f"  stored bytes re-sent    {sum(r['bytes_resent'] - r['missing_bytes'] for r in rounds)} B"

@@ -97,7 +97,17 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             local_dir=Path(spec["local_dir"]), asset_type="checkpoint", upload_tracker=tracker
         )
         t_registered = time.perf_counter()
+        finalizing: list[float] = []
+
+        def watch_finalize() -> None:  # 10 ms resolution: when every file is stored
+            while not handle.done() and handle._handle._upload.state != "finalizing":
+                time.sleep(0.01)
+            finalizing.append(time.perf_counter())
+
+        watch = threading.Thread(target=watch_finalize, daemon=True)
+        watch.start()
         run.wait_for_uploads()
+        watch.join()
         asset = handle.result()
         t1 = time.perf_counter()
         r1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -114,6 +124,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "cpu": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime),
         "receiver_cpu": rc1 - rc0,
         "peak_rss_mb": peak_rss_mb(),
+        "finalize_s": t1 - finalizing[0],
     }
     if "t" in first:
         out["first_byte_s"] = first["t"] - t0
@@ -614,9 +625,13 @@ def main() -> None:
     if len(scale) == 2:
         (a, ra), (b, rb) = sorted(scale.items(), key=lambda kv: int(kv[0]))
         per = (rb["wall"] / int(b)) / (ra["wall"] / int(a))
+        cpu = (rb["cpu"] / int(b)) / (ra["cpu"] / int(a))
         lines.append(
-            f"- scale: {b} files took {per:.2f}x the time per file of {a} (1.0 = linear); "
-            f"peak RSS {ra['peak_rss_mb']:.0f} -> {rb['peak_rss_mb']:.0f} MB"
+            f"- scale: {b} files took {per:.2f}x the time per file of {a} (1.0 = linear), "
+            f"{cpu:.2f}x the client CPU per file; registration {ra['registered_s']:.2f} -> "
+            f"{rb['registered_s']:.2f} s, finalize {ra['finalize_s']:.2f} -> "
+            f"{rb['finalize_s']:.2f} s; peak RSS {ra['peak_rss_mb']:.0f} -> "
+            f"{rb['peak_rss_mb']:.0f} MB"
         )
     print("\n".join(lines))
     if not q or args.output:

@@ -27,10 +27,21 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
-from methodic import AssetSnapshot, ChronicleError, ComponentSnapshot, PoolSnapshot, parse_rate
+from methodic import (
+    AssetSnapshot,
+    ChronicleError,
+    ComponentSnapshot,
+    ComponentSpec,
+    PoolSnapshot,
+    RunBinding,
+    parse_rate,
+)
+from methodic._states import AssetState, ComponentState
+from methodic._uploads import AssetUpload, plan_components
 from methodic.server import EmbeddedServer
 from methodic_tui.dashboard.app import MethodicApp
 from methodic_tui.demo import write_checkpoint
@@ -38,7 +49,7 @@ from methodic_tui.engine_source import EngineSource
 from methodic_tui.headless import Reporter, run_headless
 from methodic_tui.jobs import UploadJob
 from methodic_tui.options import Options
-from methodic_tui.source import Labels, StaticSource
+from methodic_tui.source import DETAIL_FILES, EMPTY, Labels, StaticSource
 
 MB = 1_000_000
 CHECKPOINTS = 8
@@ -250,6 +261,120 @@ async def refresh(n_assets: int, n_components: int, repeat: int) -> dict[str, ob
     }
 
 
+# ------------------------------------------------------------ (c) one asset of many files
+
+
+@dataclass
+class UploadSource(StaticSource):
+    """One engine upload of many files as the pool snapshots it (``limit``: the files a
+    detail holds, None for all), a slice more of them completed at every snapshot."""
+
+    upload: Any = None
+    limit: int | None = None
+    moved: int = 0
+
+    def snapshot(self, detail: str | None = None) -> PoolSnapshot:
+        comps = list(self.upload.components.values())
+        step = max(len(comps) // 400, 1)
+        for c in comps[self.moved : self.moved + step]:
+            c.state, c.bytes_done = ComponentState.COMPLETED, c.size
+        for c in comps[self.moved + step : self.moved + 2 * step]:
+            c.state, c.bytes_done = ComponentState.UPLOADING, c.size // 2
+        self.upload.recount()
+        self.moved += step
+        with_files = detail == self.upload.asset_id
+        return replace(EMPTY, assets=(self.upload.snapshot(with_files, self.limit),))
+
+
+def many_files(count: int) -> Any:
+    specs = [
+        ComponentSpec(
+            f"rank{i:06d}/state.pt", f"/ckpt/rank{i:06d}/state.pt", 1024, None, None, 1, i, 1, 1
+        )
+        for i in range(count)
+    ]
+    up = AssetUpload(
+        "asset-many",
+        "checkpoint",
+        RunBinding("http://127.0.0.1:1", "r", "e", 0, 0),
+        {},
+        plan_components(specs, part_threshold=64 * MB, part_size=16 * MB),
+        None,
+        local_dir="/ckpt",
+    )
+    up.state = AssetState.UPLOADING
+    return up
+
+
+async def one_asset(count: int, limit: int | None, refreshes: int) -> dict[str, object]:
+    """Per refresh with the asset of ``count`` files selected: the engine's snapshot, and the
+    snapshot plus the dashboard applying it and rendering its frame; then how long the app's
+    loop is held (a key press waits that long) while it refreshes at its own rate."""
+    source = UploadSource(labels=Labels(mode="bench"), upload=many_files(count), limit=limit)
+    snaps: list[float] = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        source.snapshot(source.upload.asset_id)
+        snaps.append(time.perf_counter() - t0)
+    source.upload = many_files(count)
+    source.moved = 0
+    applied: list[float] = []
+    keys: list[float] = []
+    app = MethodicApp(source, refresh_hz=0.001, watch_terminal=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await app.session.ready.wait()
+        app._apply(source.snapshot(source.upload.asset_id), [])  # the first sight: adds rows
+        await pilot.pause()
+        for _ in range(refreshes):
+            t0 = time.perf_counter()
+            app._apply(source.snapshot(app.session.selected), [])
+            app.screen._compositor.render_strips()
+            applied.append(time.perf_counter() - t0)
+            await pilot.pause()
+        rows = app.screen.query_one("#components").row_count
+    # The app at its own refresh rate, the asset selected: how late a 10 ms timer on its loop
+    # fires (a key press waits as long), over ~3 s.
+    app = MethodicApp(source, watch_terminal=False, **APP_OPTIONS)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await app.session.ready.wait()
+        app.session.selected = source.upload.asset_id
+        await pilot.pause()
+        end = time.perf_counter() + 3.0
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.01)
+            keys.append(time.perf_counter() - t0 - 0.01)
+    return {
+        "files": count,
+        "limit": limit,
+        "rows": rows,
+        "snapshot_ms": statistics.median(snaps) * 1000,
+        "refresh_ms": statistics.median(applied) * 1000,
+        "refresh_max_ms": max(applied) * 1000,
+        "loop_lag_ms": statistics.median(keys) * 1000,
+        "loop_lag_max_ms": max(keys) * 1000,
+    }
+
+
+def scale_report(counts: list[int], refreshes: int) -> list[dict[str, object]]:
+    rows = []
+    print(
+        f"{'files':>8}{'detail':>8}{'rows':>8}{'snapshot ms':>13}{'refresh ms':>12}"
+        f"{'(max)':>8}{'lag ms':>9}{'(max)':>8}"
+    )
+    for count in counts:
+        for limit in (None, DETAIL_FILES):
+            r = asyncio.run(one_asset(count, limit, refreshes))
+            rows.append(r)
+            print(
+                f"{count:>8,}{'all' if limit is None else limit:>8}{r['rows']:>8,}"
+                f"{r['snapshot_ms']:>13.1f}{r['refresh_ms']:>12.1f}{r['refresh_max_ms']:>8.0f}"
+                f"{r['loop_lag_ms']:>9.1f}{r['loop_lag_max_ms']:>8.0f}",
+                flush=True,
+            )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="256MB", help="bytes uploaded per throughput round")
@@ -263,9 +388,23 @@ def main() -> None:
         default=None,
         help="the dashboard's refresh rate (default: the app's)",
     )
+    parser.add_argument(
+        "--scale",
+        default=None,
+        help="only (c): one asset of this many 1 KiB files, e.g. 10000,100000: the engine's "
+        "snapshot, a refresh, key-press latency, with every file detailed and with the "
+        "dashboard's bound; writes results/tui-scale.json",
+    )
     args = parser.parse_args()
     if args.refresh_hz:
         APP_OPTIONS["refresh_hz"] = args.refresh_hz
+    if args.scale:
+        counts = [int(n) for n in args.scale.split(",")]
+        rows = scale_report(counts, min(args.refreshes, 10))
+        out = Path(__file__).parent / "results" / "tui-scale.json"
+        out.write_text(json.dumps({"cpus": os.cpu_count(), "scale": rows}, indent=2) + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+        return
     import logging
 
     logging.disable(logging.WARNING)  # the embedded server's shutdown notes

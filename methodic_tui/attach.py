@@ -36,7 +36,7 @@ from methodic import (
 from methodic_tui.engine_source import ConfigError
 from methodic_tui.options import Options
 from methodic_tui.relay import COMMAND_TIMEOUT, Relay, RelayedControls
-from methodic_tui.source import EMPTY, Labels, Source
+from methodic_tui.source import EMPTY, Labels, Source, detail_window
 
 RECENT = 3600.0  # finished assets stay listed for an hour
 READ_ONLY = (
@@ -51,6 +51,10 @@ def component_snapshot(c: TrackedComponent) -> ComponentSnapshot:
     return ComponentSnapshot(
         c.path, c.state, done, c.size, len(c.parts_done), parts, c.attempts, c.last_error
     )
+
+
+def _completed(c: TrackedComponent) -> bool:
+    return c.state == "completed"
 
 
 class AttachSource(RelayedControls, Source):
@@ -139,9 +143,8 @@ class AttachSource(RelayedControls, Source):
         detail = self._detail
         if detail is not None:
             full = await asyncio.to_thread(self.tracker.get_asset, detail)
-            self._detail_components = (
-                tuple(component_snapshot(c) for c in full.components) if full else ()
-            )
+            comps = detail_window(full.components if full else (), _completed)
+            self._detail_components = tuple(component_snapshot(c) for c in comps)
         shown = [t for t in tracked if t.state not in DONE_STATES or t.updated_at >= self._since]
         total = sum(t.bytes_sent for t in shown)
         if first:

@@ -39,7 +39,7 @@ from methodic import (
 from methodic_tui.format import plural, size
 from methodic_tui.notices import Notice, capture_logging, restore_logging
 from methodic_tui.options import Options
-from methodic_tui.source import EMPTY, Labels, Source
+from methodic_tui.source import DETAIL_FILES, EMPTY, Labels, Source
 
 if TYPE_CHECKING:
     import logging
@@ -311,7 +311,10 @@ class EngineSource(Source):
         if self.chronicle is None or self._closed:
             return EMPTY
         return self._on_engine_call(
-            self.chronicle.snapshot(with_components=detail if detail is not None else False)
+            self.chronicle.snapshot(
+                with_components=detail if detail is not None else False,
+                component_limit=DETAIL_FILES,
+            )
         )
 
     def poll_events(self) -> list[Event]:

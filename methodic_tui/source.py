@@ -8,8 +8,9 @@ replays fixed data (snapshot tests, the refresh benchmark). No UI library is imp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from methodic import (
     DONE_STATES,
@@ -20,6 +21,23 @@ from methodic import (
     PoolSnapshot,
     TrackedAsset,
 )
+
+# Files of the selected asset a source gives the dashboard per refresh: an asset of 100,000
+# files would cost each refresh ~1 s to snapshot and lay out in full. They are the block of
+# that many (in manifest order) that holds the first unfinished file (``detail_window``).
+DETAIL_FILES = 1000
+
+
+def detail_window(items: Sequence[T], finished: Callable[[T], bool]) -> Sequence[T]:
+    """The ``DETAIL_FILES`` of ``items`` to show, as the engine's pool chooses them."""
+    if len(items) <= DETAIL_FILES:
+        return items
+    first = next((i for i, c in enumerate(items) if not finished(c)), len(items))
+    start = min(first - first % DETAIL_FILES, len(items) - DETAIL_FILES)
+    return items[start : start + DETAIL_FILES]
+
+
+T = TypeVar("T")
 
 EMPTY = PoolSnapshot(
     assets=(), rate=0.0, history=(), total_sent=0, bandwidth_cap=None, workers=0, active_transfers=0

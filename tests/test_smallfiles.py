@@ -228,3 +228,108 @@ def test_finalize_fsyncs_every_file_of_a_many_file_asset(
     assert len(stored) == len(data)
     assert set(stored) <= set(synced)
     assert {f.parent for f in stored} <= set(synced)
+
+
+@pytest.mark.parametrize("algorithm", ["crc64nvme", "sha256"])
+def test_finalize_answers_briefly_and_the_asset_is_what_the_server_settled(
+    server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, algorithm: str
+) -> None:
+    """The engine's finalize answer carries no components (100,000 of them were the client's
+    peak RSS); the asset it returns, its components built from the engine's manifest, is
+    exactly the one the server reports, parted files included."""
+    from methodic._api import ApiClient
+
+    answers: list[dict] = []
+    real = ApiClient._call
+
+    async def recording(self, method, path, *args, **kwargs):
+        data = await real(self, method, path, *args, **kwargs)
+        if path.endswith("/finalize"):
+            answers.append(data)
+        return data
+
+    monkeypatch.setattr(ApiClient, "_call", recording)
+    sizes = {f"rank{i:02d}.bin": 100 * i for i in range(20)} | {"big.bin": 11 << 20}
+    ckpt = make_checkpoint(tmp_path / "ckpt", sizes)
+    with Chronicle(
+        server.url,
+        server.api_key,
+        part_threshold=6 << 20,
+        part_size=5 << 20,
+        checksum_algorithm=algorithm,
+    ) as chronicle:
+        run = chronicle.run(chronicle.create_experiment("brief"), 0, 0)
+        handle = run.register_and_upload_async(
+            ckpt, upload_tracker=UploadTracker(tmp_path / "u.sqlite")
+        )
+        asset = handle.result(timeout=CEILING)
+        full = chronicle.get_asset(handle.asset_id)
+    assert [a["components"] for a in answers] == [[]]
+    assert answers[0]["components_fingerprint"]
+    assert asset.checksum_algorithm == algorithm
+    assert asset == full
+    assert {c.path: c.parts_stored for c in asset.components}["big.bin"] == (1, 2, 3)
+
+
+@pytest.mark.parametrize("storage_backend", ["local"])
+def test_components_the_server_did_not_settle_so_are_read_back(
+    any_server, any_proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the components built from the engine's manifest do not have the fingerprint of
+    the brief answer, the asset returned has the server's, read back."""
+    import dataclasses
+
+    import methodic._finish as finish
+
+    real = finish.settled_components
+
+    def wrong(*args, **kwargs):
+        built = real(*args, **kwargs)
+        return (dataclasses.replace(built[0], checksum="crc64nvme:0"), *built[1:])
+
+    monkeypatch.setattr(finish, "settled_components", wrong)
+    ckpt = make_checkpoint(tmp_path / "ckpt", {f"f{i}.bin": 10 + i for i in range(5)})
+    with Chronicle(any_proxy.url, any_server.api_key) as chronicle:
+        run = chronicle.run(chronicle.create_experiment("brief"), 0, 0)
+        handle = run.register_and_upload_async(
+            ckpt, upload_tracker=UploadTracker(tmp_path / "u.sqlite")
+        )
+        asset = handle.result(timeout=CEILING)
+        full = chronicle.get_asset(handle.asset_id)
+    assert asset == full and len(asset.components) == 5
+    assert all(c.checksum != "crc64nvme:0" for c in asset.components)
+
+
+async def test_a_detailed_snapshot_of_many_files_holds_the_block_of_the_first_unfinished() -> None:
+    """A dashboard's snapshot of a 100,000-file asset builds ``limit`` file snapshots, not all;
+    the TUI's attach view chooses the same block from the tracker's rows."""
+    from methodic._states import ComponentState
+    from methodic._types import ComponentSpec, RunBinding
+    from methodic._uploads import AssetUpload, plan_components
+    from methodic_tui.source import DETAIL_FILES, detail_window
+
+    count = 2 * DETAIL_FILES + 500
+    specs = [
+        ComponentSpec(f"f{i:05d}", f"/x/f{i:05d}", 10, None, None, 1, i, 1, 1) for i in range(count)
+    ]
+    comps = plan_components(specs, part_threshold=1 << 30, part_size=16 << 20)
+    up = AssetUpload("a", "checkpoint", RunBinding("u", "r", "e", 0, 0), {}, comps, None)
+    ordered = list(comps.values())
+
+    def listed() -> list[str]:
+        paths = [c.path for c in up.snapshot(True, DETAIL_FILES).components]
+        window = detail_window(ordered, lambda c: c.state == ComponentState.COMPLETED)
+        assert paths == [c.path for c in window]
+        return paths
+
+    assert listed() == [f"f{i:05d}" for i in range(DETAIL_FILES)]
+    for c in ordered[: DETAIL_FILES + 3]:
+        c.state = ComponentState.COMPLETED
+    assert listed() == [f"f{i:05d}" for i in range(DETAIL_FILES, 2 * DETAIL_FILES)]
+    ordered[7].state = ComponentState.FAILED  # an early file not done: its block
+    assert listed()[7] == "f00007"
+    for c in ordered:
+        c.state = ComponentState.COMPLETED
+    assert listed() == [f"f{i:05d}" for i in range(count - DETAIL_FILES, count)]
+    assert len(up.snapshot(True).components) == count  # no limit: every file
+    assert up.snapshot(False, DETAIL_FILES).components == ()

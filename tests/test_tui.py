@@ -359,3 +359,35 @@ async def test_a_bracket_in_a_name_is_not_markup(server, tmp_path: Path) -> None
         assert cell_text(app, "assets", aid, "name").startswith("ckpt[bold]red")
         await until(pilot, lambda: app.screen.query_one("#components").row_count == 1)
         assert cell_text(app, "components", "rng_state[0].pth", "path") == "rng_state[0].pth"
+
+
+async def test_an_asset_of_many_files_lists_a_bounded_block_of_them(
+    server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dashboard is given (and lays out) at most DETAIL_FILES files of the selected asset,
+    not every one of its 100,000: the block that holds the first unfinished file; the pane says
+    so. (Here DETAIL_FILES is 5 and the asset has 12 files.)"""
+    import methodic_tui.dashboard.screens.dashboard as dashboard
+    import methodic_tui.engine_source as engine_source
+    from methodic._uploads import AssetUpload
+
+    monkeypatch.setattr(engine_source, "DETAIL_FILES", 5)
+    monkeypatch.setattr(dashboard, "DETAIL_FILES", 5)
+    built: list[int] = []
+    real = AssetUpload._component_snapshots
+
+    def counting(self, limit):
+        out = real(self, limit)
+        built.append(len(out))
+        return out
+
+    monkeypatch.setattr(AssetUpload, "_component_snapshots", counting)
+    dirs = ckpts(tmp_path, n=1, size=12_000, files=12)
+    async with running(upload_source(server, tmp_path, dirs)) as (app, pilot):
+        await until(pilot, lambda: set(states(app).values()) == {"finalized"})
+        files = app.screen.query_one("#components")
+        await until(pilot, lambda: files.row_count == 5)
+        await until(pilot, lambda: "5 listed, from the first unfinished" in screen_text(app))
+        # Every file completed: the last block (files 8-12 of 12).
+        assert cell_text(app, "components", "shard-9.bin", "state") == "completed"
+        assert built and max(built) == 5

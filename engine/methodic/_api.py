@@ -239,16 +239,24 @@ class ApiClient:
         return [UploadTarget.from_json(t) for t in data["targets"]]
 
     async def finalize(
-        self, asset_id: str, checksums: dict[str, str] | None = None, rank: int | None = None
+        self,
+        asset_id: str,
+        checksums: dict[str, str] | None = None,
+        rank: int | None = None,
+        brief: bool = False,
     ) -> Asset:
         """Flip the asset to finalized once storage holds every component; idempotent.
 
         With ``rank`` (a multi-rank asset): store that rank's contribution; the answer is
         finalized once every rank's is. Raises ``AssetIncompleteError`` listing what storage lacks.
+        ``brief``: the answer's asset has no components, only their ``components_fingerprint``
+        (None from a server that answered with the components, which the asset then holds).
         """
         body: dict[str, Any] = {"checksums": checksums or {}}
         if rank is not None:
             body["rank"] = rank
+        if brief:
+            body["brief"] = True
         return Asset.from_json(await self._call("POST", f"/assets/{asset_id}/finalize", json=body))
 
     async def asset_summary(self, asset_id: str) -> Asset:

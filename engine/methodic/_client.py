@@ -233,12 +233,16 @@ class AsyncChronicle:
         """Change the shared bandwidth cap while uploads run: bytes/s, text like "200MB", or None."""
         self.bucket.set_rate(parse_rate(max_bandwidth))
 
-    async def snapshot(self, with_components: bool | str = False) -> PoolSnapshot:
+    async def snapshot(
+        self, with_components: bool | str = False, component_limit: int | None = None
+    ) -> PoolSnapshot:
         """Every asset of the pool with bytes, state, rate and ETA, consistent at one instant.
 
-        ``with_components``: True for every asset's files, or one asset id to detail only it.
+        ``with_components``: True for every asset's files, or one asset id to detail only it;
+        ``component_limit``: at most that many files of an upload, the block of that many
+        (in manifest order) that holds its first file not completed.
         """
-        return self._pool.snapshot(with_components)
+        return self._pool.snapshot(with_components, component_limit)
 
     def subscribe(self, maxsize: int = 10_000) -> Subscription:
         """A stream of engine events (progress, states, retries, bandwidth), on this loop.

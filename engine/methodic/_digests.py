@@ -180,7 +180,7 @@ async def _hash(up: AssetUpload, c: ComponentUpload, part: int | None) -> None:
 def _settle(c: ComponentUpload, part: int | None, digest: str) -> None:
     """Keep the range's digest, unless the receiver refused a body of it with another one
     (then the file changed while it was being uploaded)."""
-    refused = c.suspect.pop(part, None)
+    refused = c.take_suspect(part)
     if refused is not None and refused != digest:
         where = f"part {part}" if part is not None else "the file"
         raise FileChangedError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -12,6 +13,7 @@ from typing import Any
 from methodic import _digests as digests
 from methodic import _tracker_ops as ops
 from methodic._api import ApiClient
+from methodic._checksum import SHA256
 from methodic._contributions import RankStatus, await_whole, delete_local_files
 from methodic._errors import (
     AssetIncompleteError,
@@ -29,7 +31,7 @@ from methodic._events import (
 from methodic._progress import Progress
 from methodic._states import AssetState, ComponentState
 from methodic._transfer import FileChangedError
-from methodic._types import Asset
+from methodic._types import Asset, RemoteComponent, components_fingerprint
 from methodic._uploads import AssetUpload, ComponentUpload, new_future
 
 log = logging.getLogger("methodic")
@@ -105,7 +107,7 @@ class Finisher:
             rank = None if up.contribution is None else up.contribution.rank
             for wait in (*BUSY_WAITS, None):
                 try:
-                    asset = await self._api.finalize(up.asset_id, checksums, rank)
+                    asset = await self._api.finalize(up.asset_id, checksums, rank, brief=True)
                     break
                 except AssetIncompleteError as exc:
                     if not exc.busy or wait is None:
@@ -116,6 +118,8 @@ class Finisher:
                 if whole is None:
                     return None
                 asset = whole
+            elif asset.components_fingerprint is not None:
+                asset = await self._with_components(up, asset, checksums)
             await self.finalized(up, asset)
             return asset
         except FileChangedError as exc:
@@ -134,6 +138,21 @@ class Finisher:
         except ChronicleError as exc:
             await self.fail_asset(up, exc)
             raise
+
+    async def _with_components(
+        self, up: AssetUpload, asset: Asset, checksums: dict[str, str]
+    ) -> Asset:
+        """The finalized asset of a brief answer, its components built from this process's
+        manifest and the checksums the server verified and settled; when they are not what the
+        server holds (the fingerprint differs: a legacy asset, another client's finalize),
+        they are read back."""
+        built = await asyncio.to_thread(settled_components, up, asset, checksums)
+        if await asyncio.to_thread(components_fingerprint, built) == asset.components_fingerprint:
+            return dataclasses.replace(asset, components=built, components_fingerprint=None)
+        log.info("finalize of %s: reading its components back", up.asset_id)
+        full = await self._api.get_asset(up.asset_id)
+        mine = tuple(c for c in full.components if c.path in up.components)
+        return dataclasses.replace(asset, components=mine, components_fingerprint=None)
 
     async def _await_whole(self, up: AssetUpload) -> Asset | None:
         """This rank's contribution is stored: wait until the server finalizes the asset.
@@ -254,6 +273,24 @@ class Finisher:
             up.future.set_exception(
                 UploadFailedError(f"upload of asset {up.asset_id}{where} failed: {message}", cause)
             )
+
+
+def settled_components(
+    up: AssetUpload, asset: Asset, checksums: dict[str, str]
+) -> tuple[RemoteComponent, ...]:
+    """The components of ``up`` as the server reports them once it finalized the asset with
+    ``checksums`` (``records.component_out``: stored whole, and the sha256 of a one-PUT file of
+    a sha256 asset is its checksum's value)."""
+    plain_sha256 = asset.checksum_algorithm == SHA256
+    out = []
+    for c in up.components.values():
+        checksum = checksums.get(c.path)
+        sha256 = c.sha256
+        if sha256 is None and plain_sha256 and c.part_size is None and checksum is not None:
+            sha256 = checksum.partition(":")[2]
+        parts = tuple(range(1, c.part_count + 1)) if c.part_size else ()
+        out.append(RemoteComponent(c.path, c.size, sha256, c.part_size, True, parts, checksum))
+    return tuple(out)
 
 
 def check_identities(up: AssetUpload) -> None:

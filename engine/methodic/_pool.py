@@ -159,12 +159,18 @@ class UploadPool:
         if futures:
             await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
 
-    def snapshot(self, with_components: bool | str = False) -> PoolSnapshot:
-        """The whole pool at this instant; ``with_components`` True, or one asset id to detail."""
+    def snapshot(
+        self, with_components: bool | str = False, component_limit: int | None = None
+    ) -> PoolSnapshot:
+        """The whole pool at this instant; ``with_components`` True, or one asset id to detail
+        (at most ``component_limit`` files of each upload: ``AssetUpload.snapshot``)."""
         return PoolSnapshot(
             assets=(
                 *(
-                    up.snapshot(with_components is True or with_components == up.asset_id)
+                    up.snapshot(
+                        with_components is True or with_components == up.asset_id,
+                        component_limit,
+                    )
                     for up in self.assets.values()
                 ),
                 *(

@@ -228,12 +228,15 @@ class Chronicle:
         """Change the shared bandwidth cap while uploads run (None lifts it)."""
         self._call(self.core.set_bandwidth(max_bandwidth))
 
-    def snapshot(self, with_components: bool | str = False) -> PoolSnapshot:
+    def snapshot(
+        self, with_components: bool | str = False, component_limit: int | None = None
+    ) -> PoolSnapshot:
         """Every asset of the pool, consistent at one instant: bytes done and total, state,
         components done, rate, ETA, last error; components too when ``with_components`` is true
-        (or is one asset's id). An asset's ``rate`` and ``eta`` are ``None`` unless it is
+        (or is one asset's id), at most ``component_limit`` of an upload (see
+        ``AsyncChronicle.snapshot``). An asset's ``rate`` and ``eta`` are ``None`` unless it is
         uploading and a few seconds of its transfer were measured."""
-        return self._call(self.core.snapshot(with_components))
+        return self._call(self.core.snapshot(with_components, component_limit))
 
     # Uploader sessions (docs/monitor.md): see AsyncChronicle for each one's rules.
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,7 +186,7 @@ class TrackedAsset:
         return owner_alive(self.owner_pid, self.owner_start)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RemoteComponent:
     path: str
     size: int
@@ -192,6 +195,29 @@ class RemoteComponent:
     stored: bool = False
     parts_stored: tuple[int, ...] = ()
     checksum: str | None = None  # settled "algo:value" once finalized
+
+    @classmethod
+    def from_json(cls, c: dict[str, Any]) -> RemoteComponent:
+        return cls(
+            path=c["path"],
+            size=c["size"],
+            sha256=c.get("sha256"),
+            part_size=c.get("part_size"),
+            stored=bool(c.get("stored", False)),
+            parts_stored=tuple(c.get("parts_stored") or ()),
+            checksum=c.get("checksum"),
+        )
+
+
+def components_fingerprint(components: Iterable[RemoteComponent]) -> str:
+    """What a brief answer says of the components it leaves out (docs/http-api.md): the sha256
+    of one JSON array per component, ``[path, size, sha256, checksum, part_size, stored,
+    parts_stored]`` (``separators=(",", ":")``), each followed by a newline, in manifest order."""
+    h = hashlib.sha256()
+    for c in components:
+        fields = [c.path, c.size, c.sha256, c.checksum, c.part_size, c.stored, c.parts_stored]
+        h.update(json.dumps(fields, separators=(",", ":")).encode() + b"\n")
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -228,21 +254,12 @@ class Asset:
     contributions: tuple[RankContribution, ...] = ()
     ranks_missing: tuple[int, ...] = ()
     waiting: str | None = None
+    # Of a brief answer (no components): what stands for them (``components_fingerprint``).
+    components_fingerprint: str | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Asset:
-        comps = tuple(
-            RemoteComponent(
-                path=c["path"],
-                size=c["size"],
-                sha256=c.get("sha256"),
-                part_size=c.get("part_size"),
-                stored=bool(c.get("stored", False)),
-                parts_stored=tuple(c.get("parts_stored") or ()),
-                checksum=c.get("checksum"),
-            )
-            for c in data.get("components") or ()
-        )
+        comps = tuple(RemoteComponent.from_json(c) for c in data.get("components") or ())
         return cls(
             asset_id=data["asset_id"],
             run_id=data["run_id"],
@@ -270,6 +287,7 @@ class Asset:
             ),
             ranks_missing=tuple(data.get("ranks_missing") or ()),
             waiting=data.get("waiting"),
+            components_fingerprint=data.get("components_fingerprint"),
         )
 
 

@@ -13,6 +13,8 @@ import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
+from operator import attrgetter
 from typing import Any
 
 from methodic import _tracker_ops as ops
@@ -50,18 +52,62 @@ class ComponentUpload:
     attempts: int = 0
     last_error: str | None = None
     checksum: str | None = None  # "algo:value" of the whole file, once every range is sent
-    parts_done: set[int] = field(default_factory=set)
     # Hex digest (the asset's algorithm) of each range, by part number (None: the whole file),
-    # computed before the range is presigned. ``suspect``: a range's digest the receiver
-    # refused, kept to tell a damaged send (the same digest again) from a changed file.
+    # computed before the range is presigned.
     digests: dict[int | None, str] = field(default_factory=dict)
-    suspect: dict[int | None, str] = field(default_factory=dict)
     last_event: float = 0.0
-    # Per piece in progress (part number, None for a whole file): bytes its current attempt
-    # sent, and bytes of it counted in bytes_done (the most any attempt sent). A stopped or
-    # failed attempt does not take its bytes out of bytes_done: progress never goes back.
-    piece_sent: dict[int | None, int] = field(default_factory=dict)
-    piece_counted: dict[int | None, int] = field(default_factory=dict)
+    # The containers below are made on first use (the properties): most files never need
+    # them, and 100,000 empty sets and dicts held ~47 MB. An empty one assigned is dropped.
+    _parts_done: set[int] | None = field(default=None, repr=False)
+    _suspect: dict[int | None, str] | None = field(default=None, repr=False)
+    _piece_sent: dict[int | None, int] | None = field(default=None, repr=False)
+    _piece_counted: dict[int | None, int] | None = field(default=None, repr=False)
+
+    @property
+    def parts_done(self) -> set[int]:
+        if self._parts_done is None:
+            self._parts_done = set()
+        return self._parts_done
+
+    @parts_done.setter
+    def parts_done(self, value: set[int]) -> None:
+        self._parts_done = value or None
+
+    @property
+    def suspect(self) -> dict[int | None, str]:
+        """A range's digest the receiver refused, kept to tell a damaged send (the same digest
+        again) from a changed file."""
+        if self._suspect is None:
+            self._suspect = {}
+        return self._suspect
+
+    def take_suspect(self, part: int | None) -> str | None:
+        """The refused digest of ``part``, forgotten (without making the dict for none)."""
+        return self._suspect.pop(part, None) if self._suspect else None
+
+    @property
+    def piece_sent(self) -> dict[int | None, int]:
+        """Per piece in progress (part number, None for a whole file): bytes its current
+        attempt sent. ``piece_counted``: bytes of it counted in bytes_done (the most any
+        attempt sent). A stopped or failed attempt does not take its bytes out of bytes_done:
+        progress never goes back."""
+        if self._piece_sent is None:
+            self._piece_sent = {}
+        return self._piece_sent
+
+    @piece_sent.setter
+    def piece_sent(self, value: dict[int | None, int]) -> None:
+        self._piece_sent = value or None
+
+    @property
+    def piece_counted(self) -> dict[int | None, int]:
+        if self._piece_counted is None:
+            self._piece_counted = {}
+        return self._piece_counted
+
+    @piece_counted.setter
+    def piece_counted(self, value: dict[int | None, int]) -> None:
+        self._piece_counted = value or None
 
     @property
     def size(self) -> int:
@@ -104,11 +150,15 @@ class ComponentUpload:
             self.state,
             self.bytes_done,
             self.size,
-            len(self.parts_done),
+            len(self._parts_done or ()),
             self.part_count if self.part_size else 0,
             self.attempts,
             self.last_error,
         )
+
+
+_size = attrgetter("identity.size")
+_state = attrgetter("state")
 
 
 def new_future() -> asyncio.Future[Asset]:
@@ -176,10 +226,13 @@ class AssetUpload:
         for task in list(self.inflight):
             task.cancel()
 
-    def snapshot(self, with_components: bool) -> AssetSnapshot:
+    def snapshot(self, with_components: bool, limit: int | None = None) -> AssetSnapshot:
+        """With ``limit``, at most that many files (a dashboard at 4 Hz does not build
+        100,000 of them): the block of ``limit`` in manifest order that holds the first file not
+        completed, so the files listed change once per ``limit`` completions, not at each."""
         comps = self.components.values()
         done = sum(c.bytes_done for c in comps)
-        total = sum(c.size for c in comps)
+        total = sum(map(_size, comps))
         # No rate (nor ETA) until the meter has one full interval of transfer: a first, partly
         # busy sample would show a tiny rate and an ETA of days.
         settled = self.state == AssetState.UPLOADING and self.meter.settled
@@ -196,10 +249,19 @@ class AssetUpload:
             rate=rate,
             eta=(total - done) / rate if rate else None,
             last_error=self.last_error,
-            components=tuple(c.snapshot() for c in comps) if with_components else (),
-            files_uploading=sum(1 for c in comps if c.state == ComponentState.UPLOADING),
+            components=self._component_snapshots(limit) if with_components else (),
+            files_uploading=list(map(_state, comps)).count(ComponentState.UPLOADING),
             **self._rank_fields(),
         )
+
+    def _component_snapshots(self, limit: int | None) -> tuple[ComponentSnapshot, ...]:
+        comps = self.components.values()
+        if limit is None or len(comps) <= limit:
+            return tuple(c.snapshot() for c in comps)
+        done = ComponentState.COMPLETED
+        first = next((i for i, c in enumerate(comps) if c.state != done), len(comps))
+        start = min(first - first % limit, len(comps) - limit)
+        return tuple(c.snapshot() for c in islice(comps, start, start + limit))
 
     def _rank_fields(self) -> dict[str, Any]:
         c = self.contribution
@@ -328,7 +390,7 @@ def _tracked_components(tracked: TrackedAsset) -> dict[str, ComponentUpload]:
             attempts=tc.attempts,
             last_error=tc.last_error,
             checksum=tc.checksum,
-            parts_done=set(tc.parts_done),
+            _parts_done=set(tc.parts_done) or None,
             digests=_tracked_digests(tc),
         )
         for tc in tracked.components

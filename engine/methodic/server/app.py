@@ -306,8 +306,8 @@ def _asset_routes(
         responses={409: {"description": "asset_incomplete (with `missing`) or conflict"}},
     )
     def finalize(asset_id: str, body: m.FinalizeRequest | None = None) -> Response:
-        checksums, rank = (body.checksums, body.rank) if body else ({}, None)
-        return JSONResponse(finalizer.finalize(asset_id, checksums, rank))
+        body = body or m.FinalizeRequest()
+        return JSONResponse(finalizer.finalize(asset_id, body.checksums, body.rank, body.brief))
 
     @router.delete("/assets/{asset_id}", status_code=204, response_class=Response, tags=["assets"])
     def delete_asset(asset_id: str) -> Response:

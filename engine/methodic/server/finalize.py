@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from methodic import _checksum
+from methodic._types import RemoteComponent, components_fingerprint
 from methodic.server import contributions
 from methodic.server.errors import APIError, conflict, invalid, not_found
 from methodic.server.records import AssetRecords
@@ -34,13 +35,24 @@ class Finalizer:
         self.retention = retention  # called with (run id, asset type) after a finalize
 
     def finalize(
-        self, asset_id: str, checksums: Mapping[str, str], rank: int | None = None
+        self,
+        asset_id: str,
+        checksums: Mapping[str, str],
+        rank: int | None = None,
+        brief: bool = False,
     ) -> dict[str, Any]:
         """Verify and publish the asset; of a multi-rank asset, verify and store ``rank``'s
-        contribution, publishing the asset with the last one. Then apply the retention."""
+        contribution, publishing the asset with the last one. Then apply the retention.
+        ``brief``: the answer's components are only their fingerprint."""
         asset = self._finalize(asset_id, checksums, rank)
         if asset["state"] == "finalized" and self.retention is not None:
             self.retention(asset["run_id"], asset["asset_type"])
+        if brief:
+            components = asset.pop("components")
+            asset["components_fingerprint"] = components_fingerprint(
+                RemoteComponent.from_json(c) for c in components
+            )
+            asset["components"] = []
         return asset
 
     def _finalize(

@@ -186,6 +186,8 @@ class FinalizeRequest(BaseModel):
     # Of a multi-rank asset: the rank whose contribution is complete (its components only
     # are verified; the asset is finalized once every rank's is stored).
     rank: int | None = Field(default=None, ge=0)
+    # The answer without its components, with their fingerprint instead (docs/http-api.md).
+    brief: bool = False
 
 
 class DownloadComponent(BaseModel):

@@ -15,6 +15,7 @@ from methodic_tui.dashboard.screens.details import DetailsScreen
 from methodic_tui.dashboard.session import LogEntry
 from methodic_tui.dashboard.widgets.panels import BandwidthPanel, EventLog, StatusHeader
 from methodic_tui.dashboard.widgets.tables import AssetsTable, ComponentsTable
+from methodic_tui.source import DETAIL_FILES
 
 
 def matches(a: AssetSnapshot, needle: str) -> bool:
@@ -116,6 +117,8 @@ class DashboardScreen(LiveScreen):
             shown = max(comps.size.height - 1, 0)  # the header row
             if comps.size.height and rows > shown:
                 title += f" · {shown} of {rows} shown, tab scrolls"
+            if DETAIL_FILES <= rows < selected.component_count:
+                title += f" · {rows:,} listed, from the first unfinished"
         self._set_title("#components-pane", title)
 
     def on_descendant_focus(self) -> None:

@@ -146,10 +146,18 @@ class LiveTable(DataTable[Text], Generic[T]):
 
     def show(self, items: Iterable[tuple[str, T]]) -> None:
         """Make the rows these items, in this order for new ones; patch the visible changes."""
-        seen: set[str] = set()
+        items = list(items)
+        seen = {key for key, _ in items}
+        gone = [k for k in self._order if k not in seen]
+        if len(gone) > 64 and 2 * len(gone) > len(self._order):
+            # Most of many rows go (another block of files): DataTable's remove_row costs the
+            # whole table per row, so start again (a few go one by one: the cursor stays put).
+            self.reset()
+            gone = []
+        for key in gone:
+            self.drop(key)
         lo, hi = self._window()
         for key, item in items:
-            seen.add(key)
             if key not in self._items:
                 visible = lo <= len(self._order) < hi
                 cells = tuple(self.row(item)) if visible else self._blank
@@ -159,9 +167,6 @@ class LiveTable(DataTable[Text], Generic[T]):
                 if visible:
                     self._drawn_items[key] = item
             self._items[key] = item
-        if len(seen) != len(self._items):
-            for key in [k for k in self._order if k not in seen]:
-                self.drop(key)
         self.patch_visible()
 
     def patch_visible(self) -> None:
