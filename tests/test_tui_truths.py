@@ -184,7 +184,13 @@ async def test_header_says_paused_at_once_after_pause_all(server, tmp_path: Path
     dirs = [make_checkpoint(tmp_path / "checkpoint-1000", {"a.bin": 8 * MiB})]
     src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
     async with running(src) as (app, pilot):
-        await until(pilot, lambda: src.snapshot().rate > 0, what="a measured rate")
+        # Settled (past the first sample's plain average, which is 0 when the first 64 KiB
+        # burst is all that was sent): from then on the EWMA only decays, never to 0.
+        await until(
+            pilot,
+            lambda: src.snapshot().rate > 0 and src.snapshot().assets[0].rate is not None,
+            what="a settled, measured rate",
+        )
         await pilot.press("a")
         await settled(pilot)
         await until(pilot, lambda: "PAUSED" in screen_text(app))
