@@ -220,7 +220,7 @@ def test_watch_uploads_each_complete_directory_once(server, tmp_path: Path) -> N
     make_checkpoint(root / "other", {"a.bin": 1})  # does not match the pattern
     tracker_path = tmp_path / "u.sqlite"
     proc = subprocess.Popen(
-        tui_cmd("watch", str(root), "--settle", "0.5", *remote(server, tmp_path)),
+        tui_cmd("watch", str(root), "--settle", "0.5", "--stats", "1", *remote(server, tmp_path)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -232,8 +232,8 @@ def test_watch_uploads_each_complete_directory_once(server, tmp_path: Path) -> N
             lambda: sum(t.state == "finalized" for t in tracked_assets(tracker_path)) == 2,
             what="both checkpoints finalized",
         )
-        # More scans (every 0.2 s here) while two more status lines (one per 2 s) are printed:
-        # nothing is uploaded twice.
+        # More scans (every 0.2 s here) while two more status lines (a heartbeat a second) are
+        # printed: nothing is uploaded twice.
         err_lines.wait_for("status ", times=err_lines.count("status ") + 2)
         proc.send_signal(signal.SIGINT)
         proc.wait(CEILING)
@@ -248,7 +248,7 @@ def test_watch_uploads_each_complete_directory_once(server, tmp_path: Path) -> N
     assert names == ["checkpoint-100", "checkpoint-200"]
     # Restarted, the watch remembers what the tracker already holds.
     again = subprocess.Popen(
-        tui_cmd("watch", str(root), "--settle", "0.2", *remote(server, tmp_path)),
+        tui_cmd("watch", str(root), "--settle", "0.2", "--stats", "1", *remote(server, tmp_path)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -256,7 +256,7 @@ def test_watch_uploads_each_complete_directory_once(server, tmp_path: Path) -> N
     )
     try:
         err_lines = Lines(again.stderr)
-        # Watching (its signal handlers are set), then scans for two status lines (>= 2 s).
+        # Watching (its signal handlers are set), then scans for two status lines (>= 1 s).
         err_lines.wait_for("watching ")
         err_lines.wait_for("status ", times=2)
         again.send_signal(signal.SIGTERM)

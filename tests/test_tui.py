@@ -20,6 +20,7 @@ from tui_helpers import (
     cell_text,
     running,
     screen_text,
+    select,
     settled,
     states,
     until,
@@ -56,6 +57,7 @@ async def slow_uploads(
     names = [f"checkpoint-{i}000" for i in range(1, n + 1)]
     async with running(src) as (app, pilot):
         await until(pilot, lambda: all(states(app).get(name) == "uploading" for name in names))
+        await select(pilot, app, names[0])  # the first row is selected once the table has it
         yield app, pilot, src
 
 
@@ -388,6 +390,8 @@ async def test_an_asset_of_many_files_lists_a_bounded_block_of_them(
         files = app.screen.query_one("#components")
         await until(pilot, lambda: files.row_count == 5)
         await until(pilot, lambda: "5 listed, from the first unfinished" in screen_text(app))
+        # The table is refreshed on a timer: it may still list an earlier block for a moment.
+        await until(pilot, lambda: "shard-9.bin" in files.rows, what="the last block listed")
         # Every file completed: the last block (files 8-12 of 12).
         assert cell_text(app, "components", "shard-9.bin", "state") == "completed"
         assert built and max(built) == 5

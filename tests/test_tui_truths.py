@@ -18,6 +18,7 @@ from tui_helpers import (
     cell_text,
     running,
     screen_text,
+    select,
     settled,
     states,
     until,
@@ -204,6 +205,7 @@ async def test_pause_does_not_move_bytes_back(server, tmp_path: Path) -> None:
     src = upload_source(server, tmp_path, dirs, max_bandwidth=SLOW)
     async with running(src) as (app, pilot):
         await until(pilot, lambda: src.snapshot().assets and src.snapshot().bytes_done > 0)
+        await select(pilot, app, "checkpoint-1000")
         before = src.snapshot().bytes_done
         await pilot.press("p")
         await settled(pilot)

@@ -94,6 +94,15 @@ def asset_id(app: MethodicApp, name: str) -> str:
     )
 
 
+async def select(pilot: Pilot, app: MethodicApp, name: str) -> str:
+    """Wait until the dashboard has asset ``name`` selected (its table is refreshed on a timer,
+    after the engine knows the asset: a key pressed before acts on nothing); its id."""
+    await until(pilot, lambda: name in states(app), what=f"{name} known")
+    wanted = asset_id(app, name)
+    await until(pilot, lambda: app.session.selected == wanted, what=f"{name} selected")
+    return wanted
+
+
 def tui_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "methodic_tui", *args]
 
