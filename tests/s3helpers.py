@@ -10,10 +10,13 @@ import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 from faultproxy import FaultProxy
+
+from methodic.server import ServerConfig
 
 REGION = "us-east-1"
 FAKE_AWS_ENV = {
@@ -25,6 +28,17 @@ FAKE_AWS_ENV = {
     "AWS_CONFIG_FILE": "/dev/null",
     "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
 }
+
+
+def s3_config(data_dir: Path, endpoint: str, bucket: str, prefix: str = "pfx") -> ServerConfig:
+    """A server on a free port storing in ``s3://bucket/prefix`` at ``endpoint``."""
+    return ServerConfig(
+        data_dir=data_dir,
+        port=0,
+        storage=f"s3://{bucket}/{prefix}",
+        s3_endpoint_url=endpoint,
+        s3_region=REGION,
+    )
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from helpers import (
     subprocess_env,
     tree_digest,
 )
-from s3helpers import REGION, bucket_keys, multipart_uploads, new_bucket, s3_client
+from s3helpers import REGION, bucket_keys, multipart_uploads, new_bucket, s3_client, s3_config
 
 from methodic import Chronicle, UploadTracker, _checksum
 from methodic.server import EmbeddedServer, ServerConfig
@@ -32,13 +32,7 @@ PART = 5 * MiB
 
 @pytest.fixture
 def s3_server(tmp_path: Path, moto_endpoint: str, s3_bucket: str) -> Iterator[EmbeddedServer]:
-    config = ServerConfig(
-        data_dir=tmp_path / "server",
-        port=0,
-        storage=f"s3://{s3_bucket}/pfx",
-        s3_endpoint_url=moto_endpoint,
-        s3_region=REGION,
-    )
+    config = s3_config(tmp_path / "server", moto_endpoint, s3_bucket)
     with EmbeddedServer.from_config(config) as srv:
         yield srv
 

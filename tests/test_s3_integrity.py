@@ -20,10 +20,10 @@ from typing import Any
 import httpx
 import pytest
 from helpers import connect, digest, free_port, ranges, stop_process, wait_until, whole
-from s3helpers import FAKE_AWS_ENV, REGION
+from s3helpers import FAKE_AWS_ENV, s3_config
 
 from methodic import _checksum
-from methodic.server import EmbeddedServer, ServerConfig
+from methodic.server import EmbeddedServer
 
 MiB = 1024 * 1024
 PART = 5 * MiB
@@ -86,13 +86,7 @@ def store(request: pytest.FixtureRequest) -> tuple[str, str, str]:
 @pytest.fixture
 def api(tmp_path: Path, store: tuple[str, str, str]) -> Iterator[httpx.Client]:
     _, endpoint, bucket = store
-    config = ServerConfig(
-        data_dir=tmp_path / "server",
-        port=0,
-        storage=f"s3://{bucket}/pfx",
-        s3_endpoint_url=endpoint,
-        s3_region=REGION,
-    )
+    config = s3_config(tmp_path / "server", endpoint, bucket)
     with EmbeddedServer.from_config(config) as srv, connect(srv) as client:
         yield client
 
@@ -223,13 +217,7 @@ def test_finalize_asks_s3_only_about_objects_whose_urls_were_not_all_bound_to_th
     the store on PUT: finalize confirms it from the listing. One with a URL bound to nothing or
     to another checksum is asked about (HeadObject), as before."""
     _, endpoint, bucket = store
-    config = ServerConfig(
-        data_dir=tmp_path / "server",
-        port=0,
-        storage=f"s3://{bucket}/pfx",
-        s3_endpoint_url=endpoint,
-        s3_region=REGION,
-    )
+    config = s3_config(tmp_path / "server", endpoint, bucket)
     with EmbeddedServer.from_config(config) as srv, connect(srv) as api:
         storage = srv._state.catalog.storage  # type: ignore[union-attr]
         asked: list[str] = []
