@@ -9,6 +9,7 @@ import select
 import signal
 import struct
 import subprocess
+import sys
 import termios
 import threading
 from pathlib import Path
@@ -18,6 +19,16 @@ from helpers import CEILING, make_checkpoint, wait_until
 from tui_helpers import MiB, remote_args, tui_cmd, tui_env
 
 from methodic import UploadTracker
+
+# A new session whose controlling terminal is stdin, then the command (same pid). Not a
+# preexec_fn: code run between fork and exec can deadlock when the parent has threads (the
+# watchdog test starts terminals from a thread pool; it hung in Popen under load).
+CONTROLLING_TTY = [
+    sys.executable,
+    "-c",
+    "import fcntl, os, sys, termios; os.setsid(); fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
 
 
 class Terminal:
@@ -29,14 +40,12 @@ class Terminal:
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         env = tui_env(tmp_path, TERM="xterm-256color")
         self.proc = subprocess.Popen(
-            tui_cmd(*args),
+            [*CONTROLLING_TTY, *tui_cmd(*args)],
             stdin=slave,
             stdout=slave,
             stderr=slave,
             env=env,
             cwd=tmp_path,
-            start_new_session=True,
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
         )
         os.close(slave)
         self.output = bytearray()

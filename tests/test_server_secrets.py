@@ -23,17 +23,13 @@ class Served:
     def __init__(self, data_dir: Path, *args: str, umask: int = 0o022, **env: str) -> None:
         self.port = free_port()
         self.data_dir = data_dir
-
-        def loose_umask() -> None:
-            os.umask(umask)
-
         self.proc = subprocess.Popen(
             methodic_cmd("serve", "--data-dir", str(data_dir), "--port", str(self.port), *args),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=subprocess_env(**env),
-            preexec_fn=loose_umask,
+            umask=umask,  # not preexec_fn: unsafe in a process with threads
         )
         self.url = f"http://127.0.0.1:{self.port}"
 
