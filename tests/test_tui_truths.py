@@ -6,10 +6,11 @@ engine and server (see tui_helpers). Every wait is on a condition.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from pathlib import Path
 
-from helpers import make_checkpoint
+from helpers import CEILING, make_checkpoint
 from textual.widgets import Sparkline
 from tui_data import MB, asset, held_snapshot, labels, sample_snapshot, sample_source
 from tui_helpers import (
@@ -29,9 +30,10 @@ from methodic import AssetFinalized, AssetStateChanged
 from methodic._events import RateMeter
 from methodic_tui import format as fmt
 from methodic_tui.attach import AttachSource
+from methodic_tui.dashboard.app import MethodicApp
 from methodic_tui.dashboard.screens.details import info_text
 from methodic_tui.dashboard.session import Session
-from methodic_tui.dashboard.widgets.panels import header_text
+from methodic_tui.dashboard.widgets.panels import StatusHeader, header_text
 from methodic_tui.dashboard.widgets.tables import AssetsTable, ComponentsTable
 from methodic_tui.source import StaticSource
 
@@ -215,3 +217,36 @@ async def test_pause_does_not_move_bytes_back(server, tmp_path: Path) -> None:
         assert [c.state for c in paused.components] == ["queued"]  # none listed as uploading
         await pilot.press("p")  # resumed: the attempt sent again moves on from there
         await until(pilot, lambda: src.snapshot().bytes_done > paused.bytes_done)
+
+
+async def test_a_refresh_still_running_when_the_app_shuts_down_touches_no_widget() -> None:
+    """The refresh timer awaits the source; if the app shuts down meanwhile (q, a lost
+    terminal), the screens' widgets are gone when that await returns: nothing may be
+    published to them (it raised NoMatches and the app ended on a traceback)."""
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    class Held(StaticSource):
+        hold = False
+
+        async def tick(self) -> None:
+            if self.hold:
+                entered.set()
+                await gate.wait()
+
+    source = Held(sample_snapshot(), labels=labels())
+    app = MethodicApp(source, watch_terminal=False)
+
+    async def release_once_the_header_is_gone() -> None:
+        while dashboard.query(StatusHeader):
+            await asyncio.sleep(0.01)
+        gate.set()
+
+    async with app.run_test(size=(120, 40)) as pilot:
+        await asyncio.wait_for(app.session.ready.wait(), CEILING)
+        await until(pilot, lambda: bool(app.screen.query(StatusHeader)), what="the dashboard")
+        dashboard = app.screen
+        source.hold = True
+        await until(pilot, entered.is_set, what="a refresh waiting on the source")
+        releasing = asyncio.create_task(release_once_the_header_is_gone())
+    await releasing  # the app shut down with that refresh still running, and raised nothing
+    assert gate.is_set()

@@ -171,6 +171,8 @@ class MethodicApp(App[int]):
         try:
             source = self.session.source
             await source.tick()
+            if not self.is_running:  # the app began shutting down meanwhile: no widgets left
+                return
             events = source.poll_events()
             self._apply(source.snapshot(self.session.selected), events)
         finally:
