@@ -11,7 +11,8 @@ import json
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from methodic.server.config import ServerConfig
@@ -39,8 +40,20 @@ class AssetLocks(KeyedLocks):
     def __init__(self) -> None:
         super().__init__()
         self.part_writers: dict[tuple[str, int], set[Upload]] = {}
-        # Changed on the blob listener's loop only; finalize just reads it.
+        # Changed on the blob listener's loop only (``arriving``); finalize just reads it.
         self.parts_arriving: Counter[tuple[str, str]] = Counter()
+
+    @contextmanager
+    def arriving(self, asset_id: str, path: str) -> Iterator[None]:
+        """Count a part body of ``path`` as arriving while the block runs."""
+        key = (asset_id, path)
+        self.parts_arriving[key] += 1
+        try:
+            yield
+        finally:
+            self.parts_arriving[key] -= 1
+            if not self.parts_arriving[key]:
+                del self.parts_arriving[key]
 
 
 def asset_out(row: sqlite3.Row) -> dict[str, Any]:

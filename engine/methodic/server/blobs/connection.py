@@ -120,15 +120,8 @@ class BlobConnection(FramedConnection):
         if grant.part is None:
             return await self._store_whole(head, grant)
         # Until its receipt is written, finalize says "upload in progress", as when streamed.
-        arriving = self.server.service.ledger.records.locks.parts_arriving
-        key = (grant.asset_id, grant.path)
-        arriving[key] += 1
-        try:
+        with self.server.service.ledger.records.locks.arriving(grant.asset_id, grant.path):
             return await self._store_whole(head, grant)
-        finally:
-            arriving[key] -= 1
-            if not arriving[key]:
-                del arriving[key]
 
     async def _store_whole(self, head: RequestHead, grant: Grant) -> bool:
         assert grant.length is not None
