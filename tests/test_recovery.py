@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
+import sqlite3
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import (
@@ -19,7 +22,7 @@ from helpers import (
     tree_digest,
     wait_until,
 )
-from killharness import counted_server, kill_round
+from killharness import Api, counted_server, kill_round
 
 from methodic import Chronicle, RetryPolicy, UploadTracker, drain_incomplete_uploads
 
@@ -84,6 +87,81 @@ def test_drain_with_a_vanished_file_fails_that_asset_only(server, tmp_path: Path
         assert [a.asset_id for a in run.list_assets()] == [h_good.asset_id]
     failed = tracker.get_asset(h_bad.asset_id)
     assert failed.state == "failed" and "vanished" in (failed.last_error or "")
+
+
+def left_uploading(server, tmp_path: Path) -> tuple[Path, UploadTracker, str]:
+    """An asset whose earlier process stopped mid-upload: created on the server, state
+    ``uploading`` in the tracker, part of it stored."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", {f"f{i}.bin": 20_000 for i in range(20)})
+    tracker = UploadTracker(tmp_path / "u.sqlite")
+    with Chronicle(server.url, server.api_key, max_bandwidth="100KB") as chronicle:
+        run = chronicle.run(chronicle.create_experiment("x"), 0, 0)
+        handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
+        wait_until(lambda: uploading(chronicle, handle.asset_id), what="uploading")
+        wait_until(lambda: chronicle.snapshot().bytes_done >= 40_000, what="two files sent")
+    assert tracker.get_asset(handle.asset_id).state == "uploading"
+    return ckpt, tracker, handle.asset_id
+
+
+def counting_creates(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    from methodic._api import ApiClient
+
+    created: list[str] = []
+    create = ApiClient.create_asset
+
+    async def counted(self: ApiClient, run_id: str, **kw: Any) -> Any:
+        created.append(kw["asset_id"])
+        return await create(self, run_id, **kw)
+
+    monkeypatch.setattr(ApiClient, "create_asset", counted)
+    return created
+
+
+def drained_and_downloaded(server, tracker: UploadTracker, asset_id: str, dest: Path) -> Path:
+    with Chronicle(server.url, server.api_key) as chronicle:
+        report = drain_incomplete_uploads(chronicle, tracker)
+        assert report.finalized == [asset_id], report
+        run = chronicle.run(chronicle.create_experiment("x"), 0, 0)
+        return run.download_asset(asset_id, dest)
+
+
+def test_a_resumed_asset_the_server_has_is_read_not_created_again(
+    server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 100,000 components the create of the whole manifest costs seconds of a resume."""
+    ckpt, tracker, asset_id = left_uploading(server, tmp_path)
+    created = counting_creates(monkeypatch)
+    dest = drained_and_downloaded(server, tracker, asset_id, tmp_path / "dl")
+    assert created == []
+    assert tree_digest(dest) == tree_digest(ckpt)
+
+
+def test_a_resumed_asset_the_server_no_longer_has_is_created_again(
+    server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt, tracker, asset_id = left_uploading(server, tmp_path)
+    Api(server.url, server.api_key).client.delete(f"/assets/{asset_id}").raise_for_status()
+    created = counting_creates(monkeypatch)
+    dest = drained_and_downloaded(server, tracker, asset_id, tmp_path / "dl")
+    assert created == [asset_id]
+    assert tree_digest(dest) == tree_digest(ckpt)
+
+
+def test_a_resumed_asset_whose_server_manifest_differs_fails_with_what_to_do(
+    server, tmp_path: Path
+) -> None:
+    """As a create of another manifest under the same id would be refused: nothing published."""
+    _ckpt, tracker, asset_id = left_uploading(server, tmp_path)
+    with contextlib.closing(sqlite3.connect(tracker.db_path, timeout=60)) as conn, conn:
+        # The tracker's manifest is no longer the server's.
+        conn.execute("UPDATE components SET size = size + 1 WHERE path = 'f0.bin'")
+    with Chronicle(server.url, server.api_key) as chronicle:
+        report = drain_incomplete_uploads(chronicle, tracker)
+    assert report.finalized == [] and list(report.failed) == [asset_id]
+    why = report.failed[asset_id]
+    assert "another manifest" in why and f"methodic-tui discard {asset_id}" in why
+    pending = Api(server.url, server.api_key).client.get(f"/assets/{asset_id}").json()
+    assert pending["state"] == "pending"
 
 
 def test_drain_leaves_assets_a_live_process_owns_and_claims_the_others(

@@ -15,7 +15,7 @@ from methodic import _digests as digests
 from methodic import _tracker_ops as ops
 from methodic._api import ApiClient
 from methodic._contributions import RankStatus
-from methodic._errors import ChronicleError
+from methodic._errors import ChronicleError, ConflictError, NotFoundError
 from methodic._events import AssetStateChanged, ComponentStateChanged, EventBus
 from methodic._finish import Finisher, Spawn, check_identities
 from methodic._jobs import Scheduler
@@ -112,16 +112,37 @@ class Intake:
             await self._finisher.fail_asset(up, exc)
 
     async def _ensure_remote(self, up: AssetUpload) -> Asset:
-        async with self._create_order:
-            create = self._create(up)
-            created = await (create if up.resumed else digests.hashed_during(up, create))
-        asset = created.asset
-        if up.contribution is not None:  # what the server holds of the other ranks' so far
-            up.ranks = RankStatus.of(asset)
+        known = up.known_remote and up.contribution is None  # a rank's create reports the others
+        asset = await self._known_asset(up) if known else None
+        if asset is None:
+            async with self._create_order:
+                create = self._create(up)
+                created = await (create if up.resumed else digests.hashed_during(up, create))
+            asset = created.asset
+            if up.contribution is not None:  # what the server holds of the other ranks' so far
+                up.ranks = RankStatus.of(asset)
+            if up.resumed:
+                asset = await self._api.get_asset(up.asset_id)
         up.algorithm = asset.checksum_algorithm or up.algorithm or checksums.DEFAULT_ALGORITHM
         up.remote_ready = True
-        if up.resumed:
+        return asset
+
+    async def _known_asset(self, up: AssetUpload) -> Asset | None:
+        """The server's account of an asset an earlier process was sending, read rather than
+        created again (at 100,000 components the create of the whole manifest costs seconds).
+        None when the server no longer has it: it is created again. Its manifest must be this
+        one, as a create would check."""
+        try:
             asset = await self._api.get_asset(up.asset_id)
+        except NotFoundError:
+            return None
+        theirs = {c.path: (c.size, c.part_size) for c in asset.components}
+        if theirs != {c.path: (c.size, c.part_size) for c in up.components.values()}:
+            raise ConflictError(
+                f"asset {up.asset_id} exists on the server with another manifest than the one"
+                " this tracker recorded; discard it here (`methodic-tui discard "
+                f"{up.asset_id}`) and register the directory again"
+            )
         return asset
 
     async def _create(self, up: AssetUpload) -> PresignedAsset:
@@ -138,23 +159,22 @@ class Intake:
 
     async def _skip_stored(self, up: AssetUpload, remote: Asset) -> None:
         """After a crash: what the server already stores is not sent again."""
-        stored = []
+        stored: list[str] = []  # here not completed yet
+        forgotten: list[str] = []  # completed here, not stored there
         for rc in remote.components:
             c = up.components.get(rc.path)
             if c is None:
                 continue
             if rc.stored:
-                stored.append(c.path)
+                if c.state != ComponentState.COMPLETED:
+                    stored.append(c.path)
                 c.state, c.bytes_done = ComponentState.COMPLETED, c.size
             else:
                 c.parts_done = set(rc.parts_stored)
                 if c.state == ComponentState.COMPLETED:
                     c.state = ComponentState.QUEUED
+                    forgotten.append(c.path)
                 c.bytes_done = sum(c.part_length(n) for n in c.parts_done) if c.part_size else 0
         up.recount()
         up.bytes_skipped = sum(c.bytes_done for c in up.components.values())
-        await up.track(
-            ops.mark_components(up.asset_id, stored, ComponentState.COMPLETED, sizes_done=True)
-        )
-        requeue = [c.path for c in up.components.values() if c.state != ComponentState.COMPLETED]
-        await up.track(ops.mark_components(up.asset_id, requeue, ComponentState.QUEUED))
+        await up.track(ops.resume_components(up.asset_id, stored, forgotten))

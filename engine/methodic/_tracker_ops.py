@@ -339,6 +339,30 @@ def mark_components(
 
 
 @write_op
+def resume_components(
+    asset_id: str, stored: Sequence[str], forgotten: Sequence[str]
+) -> OpGen[None]:
+    """A resumed asset's components as the server accounts for them: every unfinished one
+    queued (its error cleared), then ``stored`` ones completed and ``forgotten`` ones (completed
+    here, not stored there) queued. Rows already right are not written: at 100,000 components
+    a resume writes what changed, not every row."""
+    yield q(
+        "UPDATE components SET state = 'queued', last_error = NULL WHERE asset_id = ?"
+        " AND state != 'completed' AND (state != 'queued' OR last_error IS NOT NULL)",
+        (asset_id,),
+    )
+    yield many(
+        "UPDATE components SET state = 'completed', last_error = NULL, bytes_sent = size"
+        " WHERE asset_id = ? AND path = ?",
+        ((asset_id, p) for p in stored),
+    )
+    yield many(
+        "UPDATE components SET state = 'queued', last_error = NULL WHERE asset_id = ? AND path = ?",
+        ((asset_id, p) for p in forgotten),
+    )
+
+
+@write_op
 def reset_failed(asset_id: str) -> OpGen[list[str]]:
     rows = yield q(
         "UPDATE components SET state = 'queued', last_error = NULL, attempts = 0"

@@ -199,6 +199,9 @@ class AssetUpload:
     bytes_skipped: int = 0  # bytes the server already held when a resumed upload began
     was_finalized: bool = False  # the server had finalized it before this process began
     remote_ready: bool = False
+    # The tracker says the server had created it (an earlier process was sending): a resume
+    # reads the server's account without sending the whole manifest again.
+    known_remote: bool = False
     algorithm: str | None = None  # of the range digests; the server says it at create
     resends: int = 0  # rounds of sending again what finalize found missing
     completed: int = 0  # components completed; kept as a count so each completion is O(1)
@@ -366,6 +369,7 @@ def adopted_upload(
         local_dir=tracked.local_dir,
         sealed=tracked.sealed,
         resumed=True,
+        known_remote=tracked.state in (AssetState.UPLOADING, AssetState.FINALIZING),
         state=AssetState.PAUSED if tracked.state == AssetState.PAUSED else AssetState.REGISTERED,
     )
 
