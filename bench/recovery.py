@@ -2,7 +2,8 @@
 
     python bench/recovery.py [--components 10000] [--size 4096] [--repeat 3] [--scan-only]
 
-A child process uploads the asset with a bandwidth cap and is SIGKILLed about halfway. Then
+A child process uploads the asset with a bandwidth cap and is SIGKILLed once its tracker
+records half of the components completed. Then
 ``drain_incomplete_uploads_async`` runs in a child process of its own; we time how long until
 the first missing component is being sent again (goal: within 2 s), the whole drain, its peak
 RSS, and check that no byte of a stored component is sent again. ``--scan-only`` stops at the
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -102,6 +105,12 @@ def drain_child(url: str, key: str, tracker_path: Path, scan_only: bool) -> dict
     return result
 
 
+def completed(tracker_path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(tracker_path, timeout=60)) as conn:
+        (n,) = conn.execute("SELECT count(*) FROM components WHERE state = 'completed'").fetchone()
+    return int(n)
+
+
 def one_round(n: int, size: int, tmp: Path, scan_only: bool) -> dict[str, float]:
     ckpt = tmp / "ckpt"
     make_files(ckpt, n, size)
@@ -116,7 +125,8 @@ def one_round(n: int, size: int, tmp: Path, scan_only: bool) -> dict[str, float]
         )
         assert child.stdout is not None
         child.stdout.readline()
-        time.sleep(4.0)
+        while completed(tracker_path) < n // 2:  # about halfway, however long the create took
+            time.sleep(0.2)
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
         tracker = UploadTracker(tracker_path)

@@ -190,3 +190,32 @@ def test_a_leaked_part_url_held_open_does_not_stop_the_real_upload(
     finally:
         release.set()
     assert sha256_file(dest / "model.bin") == sha256_file(ckpt / "model.bin")
+
+
+@pytest.mark.parametrize("changed", [0, 70, 199])
+async def test_a_resume_rereads_every_small_file_it_sent_and_names_one_that_changed(
+    tmp_path: Path, changed: int
+) -> None:
+    """After a crash every range the server holds is read again (small files in batches of a
+    thread hop): one file of 200 with other bytes, wherever it falls in the batches, is named;
+    with none changed the check passes."""
+    from methodic import _checksum as checksums
+    from methodic._digests import verify_stored
+    from methodic._states import ComponentState
+    from methodic._transfer import FileChangedError
+    from methodic._types import ComponentSpec, RunBinding
+    from methodic._uploads import AssetUpload, plan_components
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", {f"r{i:03d}.bin": 3000 + i for i in range(200)})
+    specs = [ComponentSpec.from_file(p.name, p) for p in sorted(ckpt.iterdir())]
+    comps = plan_components(specs, part_threshold=1 << 30, part_size=16 << 20)
+    for c in comps.values():
+        c.state = ComponentState.COMPLETED
+        c.digests[None] = checksums.hash_range(c.identity.local_path, 0, c.size, "sha256")
+    up = AssetUpload("a", "checkpoint", RunBinding("u", "r", "e", 0, 0), {}, comps, None)
+    up.algorithm = "sha256"
+    await verify_stored(up)
+    victim = ckpt / f"r{changed:03d}.bin"
+    victim.write_bytes(b"\x01" + victim.read_bytes()[1:])
+    with pytest.raises(FileChangedError, match=f"r{changed:03d}.bin changed since it was sent"):
+        await verify_stored(up)

@@ -227,3 +227,32 @@ def test_read_only_disk_is_a_clear_error(tiny_fs: Path) -> None:
         tracker.register_components("B", specs(1), asset_type="checkpoint")
     msg = str(info.value)
     assert str(tiny_fs / "u.sqlite") in msg and ("read-only" in msg or "writable" in msg)
+
+
+def test_a_component_reads_back_field_by_field(tmp_path: Path) -> None:
+    """Every column lands in its own field (rows are read positionally, for speed)."""
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"w" * 30)
+    spec = ComponentSpec(
+        "w.bin", f, 30, sha256="ab" * 32, mtime_ns=11, inode=12, ctime_ns=13, device=14
+    )
+    t = UploadTracker(tmp_path / "u.sqlite")
+    t.register_components("a", [spec], asset_type="checkpoint")
+    with sqlite3.connect(t.db_path) as conn:  # set when the engine plans the file's parts
+        conn.execute("UPDATE components SET part_size = 8")
+    t._execute(ops.record_part("a", "w.bin", 2, etag=None, digest="d2"))
+    t._execute(ops.record_part("a", "w.bin", 3, etag=None))
+    row = ops.ComponentProgressRow("a", "w.bin", "uploading", 16, 5, "slow", "sha256:cd")
+    t._execute(ops.record_components([row]))
+    (c,) = t.get_asset("a").components
+    assert (c.asset_id, c.path, c.local_path, c.size, c.sha256) == (
+        "a",
+        "w.bin",
+        str(f),
+        30,
+        "ab" * 32,
+    )
+    assert (c.mtime_ns, c.inode, c.ctime_ns, c.device, c.part_size) == (11, 12, 13, 14, 8)
+    assert (c.state, c.bytes_sent, c.attempts, c.last_error) == ("uploading", 16, 5, "slow")
+    assert (c.checksum, c.declared) == ("sha256:cd", "sha256:" + "ab" * 32)
+    assert c.parts_done == {2, 3} and c.part_digests == {2: "d2"}

@@ -236,6 +236,7 @@ _COMPONENT_COLS = (
     " attempts, last_error, checksum, ctime_ns, device, declared"
 )
 _COMPONENT_FIELDS = tuple(name.strip() for name in _COMPONENT_COLS.split(","))
+_PARTS_AT = _COMPONENT_FIELDS.index("checksum") + 1  # where parts_done goes among the columns
 
 
 def _components(asset_ids: Sequence[str]) -> OpGen[dict[str, list[TrackedComponent]]]:
@@ -259,12 +260,12 @@ def _components(asset_ids: Sequence[str]) -> OpGen[dict[str, list[TrackedCompone
 
 
 def _component_from_row(r: tuple[Any, ...], parts: dict[int, str | None]) -> TrackedComponent:
-    """A row of ``_COMPONENT_COLS``: the columns are named as ``TrackedComponent``'s fields."""
-    return TrackedComponent(
-        **dict(zip(_COMPONENT_FIELDS, r, strict=True)),
-        parts_done=frozenset(parts),
-        part_digests={n: d for n, d in parts.items() if d is not None},
-    )
+    """A row of ``_COMPONENT_COLS``: ``TrackedComponent``'s fields in order, but for
+    ``parts_done`` (after ``checksum``) and ``part_digests`` (last). Positional: a resume
+    builds one per component, and keywords cost twice the time."""
+    digests = {n: d for n, d in parts.items() if d is not None} if parts else {}
+    fields: list[Any] = [*r[:_PARTS_AT], frozenset(parts), *r[_PARTS_AT:], digests]
+    return TrackedComponent(*fields)
 
 
 @read_op
