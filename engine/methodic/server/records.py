@@ -108,19 +108,20 @@ def component_of(
 ) -> Component:
     """A component row with its part receipts (part, digest, bound); ``algorithm`` is the
     asset's (None: legacy)."""
+    # Positional, in field order: a status call of 100,000 components builds one each.
     return Component(
-        index=row["idx"],
-        path=row["path"],
-        size=row["size"],
-        sha256=row["sha256"],
-        part_size=row["part_size"],
-        stored_digest=row["stored_digest"],
-        parts_stored=tuple(n for n, _, _ in parts),
-        part_digest={n: digest for n, digest, _ in parts},
-        algorithm=algorithm,
-        stored_bound=bool(row["stored_bound"]),
-        parts_bound=frozenset(n for n, _, bound in parts if bound),
-        checksum=row["checksum"],
+        row["idx"],
+        row["path"],
+        row["size"],
+        row["sha256"],
+        row["part_size"],
+        row["stored_digest"],
+        tuple(n for n, _, _ in parts) if parts else (),
+        {n: digest for n, digest, _ in parts} if parts else {},
+        algorithm,
+        bool(row["stored_bound"]),
+        frozenset(n for n, _, bound in parts if bound) if parts else frozenset(),
+        row["checksum"],
     )
 
 
