@@ -178,7 +178,7 @@ class Catalog:
     @staticmethod
     def _component_rows(spec: AssetCreate) -> Iterator[tuple[Any, ...]]:
         for i, c in enumerate(spec.components):
-            yield (spec.asset_id, i, c.path, c.size, c.sha256, c.part_size)
+            yield (spec.asset_id, i, c["path"], c["size"], c.get("sha256"), c.get("part_size"))
 
     @contextmanager
     def _staged(self, spec: AssetCreate, new: bool) -> Iterator[str | None]:
@@ -248,7 +248,7 @@ class Catalog:
                         json.dumps(spec.metadata),
                         digest,
                         len(spec.components),
-                        sum(c.size for c in spec.components),
+                        sum(c["size"] for c in spec.components),
                         now,
                         now,
                         algorithm,

@@ -133,11 +133,19 @@ def join(
     tx.executemany(
         f"INSERT INTO components {_COMPONENT_COLUMNS} VALUES (?, ?, ?, ?, ?, ?, ?)",
         (
-            (spec.asset_id, first + i, c.path, c.size, c.sha256, c.part_size, rank)
+            (
+                spec.asset_id,
+                first + i,
+                c["path"],
+                c["size"],
+                c.get("sha256"),
+                c.get("part_size"),
+                rank,
+            )
             for i, c in enumerate(spec.components)
         ),
     )
-    size = sum(c.size for c in spec.components)
+    size = sum(c["size"] for c in spec.components)
     tx.execute(
         "INSERT INTO contributions (asset_id, rank, manifest_digest, component_count, total_size,"
         " state, registered_at, seen_at) VALUES (?, ?, ?, ?, ?, 'registered', ?, ?)",
@@ -153,7 +161,7 @@ def join(
 
 def _check_claims(tx: sqlite3.Connection, spec: AssetCreate) -> None:
     """409 when a path of this contribution is another rank's (or a file/directory clash)."""
-    paths = [c.path for c in spec.components]
+    paths = [c["path"] for c in spec.components]
     held: dict[str, sqlite3.Row] = {}
     for start in range(0, len(paths), 500):
         chunk = paths[start : start + 500]
@@ -164,20 +172,21 @@ def _check_claims(tx: sqlite3.Connection, spec: AssetCreate) -> None:
         ):
             held[r["path"]] = r
     for c in spec.components:
-        other = held.get(c.path)
+        path, size, sha256 = c["path"], c["size"], c.get("sha256")
+        other = held.get(path)
         if other is None:
             continue
-        if other["size"] != c.size:
-            how = f"different content: {c.size} bytes here, {other['size']} there"
-        elif c.sha256 is not None and other["sha256"] is not None and c.sha256 != other["sha256"]:
+        if other["size"] != size:
+            how = f"different content: {size} bytes here, {other['size']} there"
+        elif sha256 is not None and other["sha256"] is not None and sha256 != other["sha256"]:
             how = "different content: the sha256 differs"
         else:
             how = "a path comes from exactly one rank"
         raise conflict(
-            f"rank {spec.rank} claims {c.path!r} of asset {spec.asset_name!r}, which rank "
+            f"rank {spec.rank} claims {path!r} of asset {spec.asset_name!r}, which rank "
             f"{other['rank']} registered ({how}); give each rank only its own files "
             "(include=[...] globs, or a directory per rank)",
-            path=c.path,
+            path=path,
         )
     clash = _file_dir_clash(
         [
