@@ -61,10 +61,12 @@ def scan_directory(
                     f"{here / d} is a symlinked directory; copy it in or remove the link"
                 )
         dirnames.sort()
+        # Paths as strings, per file: pathlib's parsing was most of a 10,000-file scan.
+        prefix = "" if here == root else here.relative_to(root).as_posix() + "/"
         for name in sorted(filenames):
-            rel = (here / name).relative_to(root).as_posix()
+            rel = prefix + name
             if (include is None or matches(rel, include)) and not matches(rel, exclude or ()):
-                specs.append(_component(root, real_root, here / name))
+                specs.append(_component(root, real_root, os.path.join(dirpath, name), rel))
     if not specs:
         if include is not None or exclude:
             raise InvalidInputError(
@@ -79,10 +81,9 @@ def _walk_error(exc: OSError) -> None:
     raise InvalidInputError(f"{exc.filename}: cannot list it ({exc.strerror})")
 
 
-def _component(root: Path, real_root: Path, path: Path) -> ComponentSpec:
-    rel = path.relative_to(root).as_posix()
-    if path.is_symlink():
-        target = path.resolve()
+def _component(root: Path, real_root: Path, path: str, rel: str) -> ComponentSpec:
+    if os.path.islink(path):
+        target = Path(path).resolve()
         if not target.exists():
             raise InvalidInputError(
                 f"{path} is a symlink to {os.readlink(path)}, which does not exist"
