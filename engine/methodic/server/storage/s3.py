@@ -289,7 +289,10 @@ class S3Storage:
         chooses the address and the credential scope once a batch, and each slot's request is
         only signed: the same URL, headers signed alike.
         """
-        from botocore.auth import AUTH_TYPE_MAPS  # type: ignore[import-untyped]
+        from botocore.auth import (  # type: ignore[import-untyped]
+            AUTH_TYPE_MAPS,
+            _host_from_url,
+        )
         from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
 
         if not slots:
@@ -310,12 +313,14 @@ class S3Storage:
         base = f"{sample.scheme}://{sample.netloc}{sample.path[: -len(last)]}"
         self._bind(asset_id, [s for s in slots if s.part is None])
         credentials = self._credentials.get_frozen_credentials()
-        query_auth = AUTH_TYPE_MAPS["s3v4-query"]
+        signer = AUTH_TYPE_MAPS["s3v4-query"](credentials, service, region, ttl)
+        # The signer derives the Host header from each URL unless it has one: one a batch.
+        host = _host_from_url(base)
         uploads: dict[int, str] | None = None
         out: list[Presigned] = []
         for slot in slots:
             key = slot.component.key(asset_id)
-            signed = {"Content-Length": str(slot.length)}
+            signed = {"host": host, "Content-Length": str(slot.length)}
             headers: dict[str, str] = {}
             if slot.checksum is not None:
                 algorithm, _, digest = slot.checksum.partition(":")
@@ -331,7 +336,7 @@ class S3Storage:
                         key, kind if kind in _S3_CHECKSUM else None
                     )
                 request.params = {"uploadId": uploads[key.index], "partNumber": str(slot.part)}
-            query_auth(credentials, service, region, ttl).add_auth(request)
+            signer.add_auth(request)
             out.append(Presigned(request.url, headers))
         return out
 
