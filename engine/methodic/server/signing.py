@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from json.encoder import encode_basestring_ascii
 from urllib.parse import quote, urlencode
 
 _DOMAIN = "methodic-blob-v1"
-# json.dumps with non-default options builds an encoder per call: one, kept (same bytes).
-_SIGNED_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+_json_string: Callable[[str], str] = encode_basestring_ascii  # ASCII JSON, as json.dumps
 _SERVER_ID = re.compile(r"[0-9a-f]{16,64}")
 
 
@@ -76,22 +74,7 @@ class Signer:
         )
 
     def _mac(self, grant: Grant) -> str:
-        signed: list[Any] = [
-            _DOMAIN,
-            grant.method,
-            grant.asset_id,
-            grant.path,
-            grant.part,
-            grant.offset,
-            grant.length,
-            grant.expires,
-        ]
-        if grant.server is not None:
-            signed.append(grant.server)
-        if grant.checksum is not None:
-            signed.append([CHECKSUM_HEADER, grant.checksum])
-        message = _SIGNED_JSON.encode(signed)
-        return hmac.new(self._secret, message.encode("ascii"), hashlib.sha256).hexdigest()
+        return hmac.digest(self._secret, signed_message(grant), "sha256").hex()
 
     def url(self, origin: str, grant: Grant) -> str:
         params: dict[str, int | str] = {}
@@ -108,6 +91,27 @@ class Signer:
 
     def verify(self, grant: Grant, signature: str) -> bool:
         return hmac.compare_digest(self._mac(grant), signature)
+
+
+def _number(value: int | None) -> str:
+    return "null" if value is None else str(int(value))
+
+
+def signed_message(grant: Grant) -> bytes:
+    """What the signature covers: the grant's fields as a JSON array (ASCII, no spaces), put
+    together by hand: the bytes of ``json.dumps(fields, separators=(",", ":"))`` (ensure_ascii),
+    at a fraction of its cost per request (tests/test_signing.py holds them equal)."""
+    q = _json_string
+    message = (
+        f'["{_DOMAIN}",{q(grant.method)},{q(grant.asset_id)},{q(grant.path)},'
+        f"{_number(grant.part)},{_number(grant.offset)},{_number(grant.length)},"
+        f"{_number(grant.expires)}"
+    )
+    if grant.server is not None:
+        message += f",{q(grant.server)}"
+    if grant.checksum is not None:
+        message += f',["{CHECKSUM_HEADER}",{q(grant.checksum)}]'
+    return f"{message}]".encode("ascii")
 
 
 def expiry(ttl: float, now: float | None = None) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import secrets
 import shutil
@@ -167,33 +168,34 @@ class _Hashed:
     """
 
     def __init__(self) -> None:
-        self._stamps: dict[Path, _Stamp] = {}
-        self._torn: set[Path] = set()
+        self._stamps: dict[str, _Stamp] = {}  # by file name (LocalStorage._name)
+        self._torn: set[str] = set()
 
-    def record(self, file: Path, digest: str) -> None:
+    def record(self, file: str, digest: str) -> None:
         if file not in self._torn:
             st = os.stat(file)
             self._stamps[file] = _stamp(st, digest)
 
-    def tear(self, file: Path) -> None:
+    def tear(self, file: str) -> None:
         self._torn.add(file)
         self._stamps.pop(file, None)
 
-    def holds(self, file: Path, st: os.stat_result, digest: str | None) -> bool:
+    def holds(self, file: str, st: os.stat_result, digest: str | None) -> bool:
         return digest is not None and self._stamps.get(file) == _stamp(st, digest)
 
-    def forget(self, file: Path) -> None:
+    def forget(self, file: str) -> None:
         self._stamps.pop(file, None)
         self._torn.discard(file)
 
-    def forget_under(self, directory: Path) -> None:
-        for file in [f for f in [*self._stamps, *self._torn] if f.is_relative_to(directory)]:
+    def forget_under(self, directory: str) -> None:
+        prefix = os.path.join(directory, "")
+        for file in [f for f in [*self._stamps, *self._torn] if f.startswith(prefix)]:
             self.forget(file)
 
 
 class _ObjectUpload(_LengthBoundUpload):
     def __init__(
-        self, tmp: Path, final: Path, length: int, algorithm: str, sha256: bool, hashed: _Hashed
+        self, tmp: str, final: str, length: int, algorithm: str, sha256: bool, hashed: _Hashed
     ) -> None:
         super().__init__(
             os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), length, algorithm, sha256
@@ -208,8 +210,11 @@ class _ObjectUpload(_LengthBoundUpload):
 
     def commit(self) -> None:
         with self._lock:
-            _private_dir(self._final.parent)
-            os.replace(self._tmp, self._final)
+            try:
+                os.replace(self._tmp, self._final)
+            except FileNotFoundError:  # the first file of its shard: its directory is made now
+                _private_dir(Path(self._final).parent)
+                os.replace(self._tmp, self._final)
             self._committed = True
             self._hashed.record(self._final, self._hash.hexdigest())
 
@@ -217,14 +222,15 @@ class _ObjectUpload(_LengthBoundUpload):
         with self._lock:
             self._close()
             if not self._committed:  # once renamed, the temp name is gone
-                self._tmp.unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._tmp)
 
 
 class _PartUpload(_LengthBoundUpload):
     def __init__(
-        self, file: Path, offset: int, length: int, algorithm: str, hashed: _Hashed
+        self, file: str, offset: int, length: int, algorithm: str, hashed: _Hashed
     ) -> None:
-        _private_dir(file.parent)
+        _private_dir(Path(file).parent)
         super().__init__(os.open(file, os.O_WRONLY | os.O_CREAT, 0o600), length, algorithm)
         self._file = file
         self._offset = offset
@@ -277,6 +283,10 @@ class LocalStorage:
         self.tmp = data_dir / "tmp"
         self._signer = signer
         self._hashed = _Hashed()
+        self._root = str(self.root)
+        # Temp names: this process's random prefix and a counter (O_EXCL refuses a clash).
+        self._tmp_prefix = f"{self.tmp}/{secrets.token_hex(8)}."
+        self._tmp_count = itertools.count()
         self._read_lock = threading.Lock()
         self.bytes_read_back = 0  # read back at finalize (files whose receipts are not trusted)
         _private_dir(self.root)
@@ -299,11 +309,12 @@ class LocalStorage:
         return self.root / asset_id
 
     def _file(self, key: BlobKey) -> Path:
-        return (
-            self._asset_dir(key.asset_id)
-            / f"{key.index // FILES_PER_SHARD:05d}"
-            / f"{key.index:07d}"
-        )
+        return Path(self._name(key))
+
+    def _name(self, key: BlobKey) -> str:
+        """The component's file (as a str: a Path per PUT costs more than its syscalls)."""
+        index = key.index
+        return f"{self._root}/{key.asset_id}/{index // FILES_PER_SHARD:05d}/{index:07d}"
 
     def remove_stale_temp(self, older_than: float = 3600.0) -> None:
         """Drop temp files of PUTs a crash interrupted (live ones are touched on every write)."""
@@ -348,15 +359,15 @@ class LocalStorage:
     def open_object_upload(
         self, key: BlobKey, length: int, algorithm: str, *, sha256: bool = False
     ) -> Upload:
-        tmp = self.tmp / f"{key.asset_id}.{key.index}.{secrets.token_hex(8)}.tmp"
-        return _ObjectUpload(tmp, self._file(key), length, algorithm, sha256, self._hashed)
+        tmp = f"{self._tmp_prefix}{key.asset_id}.{key.index}.{next(self._tmp_count)}.tmp"
+        return _ObjectUpload(tmp, self._name(key), length, algorithm, sha256, self._hashed)
 
     def open_part_upload(
         self, key: BlobKey, offset: int, length: int, algorithm: str, *, stored: bool = False
     ) -> Upload:
         if stored:
             return _CheckOnlyUpload(length, algorithm)
-        return _PartUpload(self._file(key), offset, length, algorithm, self._hashed)
+        return _PartUpload(self._name(key), offset, length, algorithm, self._hashed)
 
     def open_read(self, key: BlobKey) -> BinaryIO:
         return open(self._file(key), "rb")
@@ -393,7 +404,7 @@ class LocalStorage:
             if stored != c.size:
                 return Found(True, size=stored)
             trusted = self._hashed.holds(
-                self._file(key), st, c.stored_digest if c.part_size is None else PARTS
+                self._name(key), st, c.stored_digest if c.part_size is None else PARTS
             )
             if c.part_size is None:
                 if trusted:
@@ -455,9 +466,9 @@ class LocalStorage:
         workers: int,
         checksums: Mapping[int, str],
     ) -> list[tuple[Component, str]]:
+        for c in components:
+            self._hashed.forget(self._name(c.key(asset_id)))
         files = [self._file(c.key(asset_id)) for c in components]
-        for file in files:
-            self._hashed.forget(file)
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(files)))) as pool:
             _chunked_map(pool, workers, _fsync_path, files)
         for directory in sorted({f.parent for f in files}):
@@ -469,9 +480,9 @@ class LocalStorage:
         return []
 
     def forget(self, key: BlobKey) -> None:
-        self._hashed.forget(self._file(key))
+        self._hashed.forget(self._name(key))
         self._file(key).unlink(missing_ok=True)
 
     def delete_asset(self, asset_id: str) -> None:
-        self._hashed.forget_under(self._asset_dir(asset_id))
+        self._hashed.forget_under(str(self._asset_dir(asset_id)))
         shutil.rmtree(self._asset_dir(asset_id), ignore_errors=True)
