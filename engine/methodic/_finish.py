@@ -57,9 +57,12 @@ class Finisher:
         self.resend: Resend | None = None  # the pool's intake sends again what finalize lacks
 
     async def set_state(self, up: AssetUpload, state: AssetState, error: str | None = None) -> None:
+        # The event goes out with the change, before the tracker write: a snapshot that shows
+        # the state always has its event queued (a headless run that ends as soon as nothing
+        # is in flight printed no reason for an asset that failed during that write).
         up.state, up.last_error = state, error
-        await self._track(up, ops.set_asset_state(up.asset_id, state, error=error), state)
         self._events.emit(AssetStateChanged(up.asset_id, state, error))
+        await self._track(up, ops.set_asset_state(up.asset_id, state, error=error), state)
 
     @staticmethod
     async def _track(up: AssetUpload, op: ops.Op[Any], what: str) -> None:
