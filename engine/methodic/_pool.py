@@ -123,7 +123,9 @@ class UploadPool:
                     await self._finisher.fail_asset(up, TrackerError(reason))
 
     async def close(self) -> None:
-        await self._background.cancel_all(*self._tasks)
+        # With the assets' own tasks: a presign ahead left pending was destroyed with the loop.
+        inflight = [t for up in self.assets.values() for t in up.inflight]
+        await self._background.cancel_all(*self._tasks, *inflight)
         await self._progress.flush()
         for up in self.assets.values():
             if not up.future.done():
