@@ -227,7 +227,7 @@ async def verify_stored(up: AssetUpload) -> None:
                     "it into place): discard this asset and register the directory again"
                 )
 
-    # 100,000 small files in a hop each held ~400 MB of tasks and took seconds to schedule.
+    # A task and a thread hop per file: 50,000 stored 1 KiB files took 15 s and ~200 MB.
     big = [[r] for r in held if r[0].span(r[1])[1] > SMALL_RANGE]
     small = [r for r in held if r[0].span(r[1])[1] <= SMALL_RANGE]
     await asyncio.gather(*(asyncio.to_thread(check, b) for b in [*big, *_small_batches(small)]))
