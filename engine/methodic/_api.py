@@ -187,8 +187,12 @@ class ApiClient:
         checksum_algorithm: str | None = None,
         brief: bool = False,
         contribution: dict[str, Any] | None = None,
+        manifest: dict[str, Any] | None = None,
     ) -> PresignedAsset:
         """Create the pending asset from its full manifest (idempotent for the same id).
+
+        With ``manifest`` (``component_count``, ``total_size`` and ``digest`` of the whole),
+        ``components`` are its first entries; ``append_components`` lists the rest.
 
         With ``presign`` the answer carries an upload target for every component and part
         (not bound to digests). ``checksum_algorithm`` is asked for a new asset; the answer's
@@ -205,6 +209,8 @@ class ApiClient:
             body["checksum_algorithm"] = checksum_algorithm
         if contribution is not None:  # asset_name, rank, world_size (docs/distributed.md)
             body.update(contribution)
+        if manifest is not None:
+            body["manifest"] = manifest
         if presign:
             body["presign"] = True
         if brief:
@@ -212,6 +218,15 @@ class ApiClient:
         data = await self._call("POST", f"/runs/{run_id}/assets", json=body)
         targets = tuple(UploadTarget.from_json(t) for t in data.get("targets", ()))
         return PresignedAsset(asset_id, Asset.from_json(data), targets)
+
+    async def append_components(
+        self, asset_id: str, start: int, components: Sequence[dict[str, Any]]
+    ) -> Asset:
+        """List entries ``start``... of a manifest a create declared; the asset's summary."""
+        body = {"start": start, "components": list(components)}
+        return Asset.from_json(
+            await self._call("POST", f"/assets/{quote(asset_id, safe='')}/components", json=body)
+        )
 
     async def get_asset(self, asset_id: str) -> Asset:
         """The server's view of an asset, pending or not, with what storage already holds."""

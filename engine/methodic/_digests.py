@@ -27,8 +27,9 @@ SMALL_BATCH_BYTES = 8 << 20
 # Ranges up to this size keep the bytes they were hashed from, to be sent (no second read,
 # no second thread hop); at most PRESIGN_BATCH of them wait per asset (~13 MiB).
 KEEP_BODY = 64 << 10
-# Ranges hashed while the asset's create call is in flight (the first presign's).
-AHEAD_RANGES = 200
+# Ranges hashed while the asset's create call is in flight: the first presign call's (the
+# rest are hashed as they are presigned, in the background); that call waits for them.
+FIRST_PRESIGN_BATCH = 32
 AHEAD_BYTES = 16 << 20
 
 T = TypeVar("T")
@@ -67,7 +68,7 @@ async def hashed_during(up: AssetUpload, create: Awaitable[T]) -> T:
             if part not in c.digests:
                 keys.append((c.path, part))
                 size += c.span(part)[1]
-        if len(keys) >= AHEAD_RANGES or size >= AHEAD_BYTES:
+        if len(keys) >= FIRST_PRESIGN_BATCH or size >= AHEAD_BYTES:
             break
     hashing = asyncio.ensure_future(ensure_digests(up, keys, strict=False))
     try:

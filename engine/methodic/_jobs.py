@@ -38,8 +38,6 @@ log = logging.getLogger("methodic")
 PRESIGN_BATCH = 200
 ENQUEUE_FIRST = 64  # jobs queued at once when an asset starts; the rest ENQUEUE_TURN a turn
 ENQUEUE_TURN = 256
-# An asset's first presign call: small, so its first bytes leave while the next batch is signed.
-FIRST_PRESIGN_BATCH = 32
 # Bytes of ranges hashed ahead for one presign call (a range's digest is bound into its URL).
 HASH_AHEAD = 256 << 20
 # Seconds of validity a target must keep to be used (at most a quarter of its TTL).
@@ -93,13 +91,14 @@ class Scheduler:
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
 
     def enqueue(self, up: AssetUpload) -> None:
-        """Queue every part of ``up`` still to send that is not queued or in flight already.
+        """Queue every part of ``up`` still to send (of the components the server lists) that is
+        not queued or in flight already.
 
         The first jobs are queued now, the rest in turns of the loop: 10,000 jobs take tens of
         milliseconds to queue, and the first presign call need not wait for them."""
         pending = (
             (c.path, part)
-            for c in list(up.components.values())
+            for c in list(itertools.islice(up.components.values(), up.listed))
             if c.state not in SETTLED_COMPONENT_STATES
             for part in c.part_numbers()
         )
@@ -283,8 +282,10 @@ class Scheduler:
         """Presign ``first`` (its range must hash) and the next queued keys, in one call."""
         batch = [] if first is None else [first]
         ahead = 0
-        # The very first call is small: its hashing and round trip delay the first byte.
-        limit = FIRST_PRESIGN_BATCH if not up.targets and up.completed == 0 else PRESIGN_BATCH
+        # The very first call is small (its first bytes leave while the next batch is signed).
+        limit = (
+            digests.FIRST_PRESIGN_BATCH if not up.targets and up.completed == 0 else PRESIGN_BATCH
+        )
         while up.presign_order and len(batch) < limit and ahead < HASH_AHEAD:
             nxt = up.presign_order.popleft()
             if nxt != first and nxt in up.queued and nxt not in up.targets:

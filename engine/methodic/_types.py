@@ -247,6 +247,8 @@ class Asset:
     total_size: int = 0
     components: tuple[RemoteComponent, ...] = ()
     checksum_algorithm: str | None = None  # of every range digest and file checksum
+    # False while a manifest sent in slices has components still to be listed (pending only).
+    manifest_complete: bool = True
     # Of a multi-rank asset (docs/distributed.md): its name, world size, each rank's
     # contribution so far, the ranks not yet stored, and "waiting for ranks 5, 7 (...)".
     asset_name: str | None = None
@@ -272,6 +274,7 @@ class Asset:
             total_size=data.get("total_size", 0),
             components=comps,
             checksum_algorithm=data.get("checksum_algorithm"),
+            manifest_complete=data.get("manifest_complete", True),
             asset_name=data.get("asset_name"),
             world_size=data.get("world_size"),
             contributions=tuple(

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from methodic import __version__
 from methodic.server import models as m
 from methodic.server.blobs.service import blob_origin, misdirected_route
-from methodic.server.bulk import parse_asset_create, render_json
+from methodic.server.bulk import parse_asset_create, parse_components_append, render_json
 from methodic.server.catalog import Catalog
 from methodic.server.config import ServerConfig
 from methodic.server.errors import (
@@ -275,6 +275,22 @@ def _asset_routes(
         # manifest must not stall the event loop (bulk.py).
         body = await request.body()
         return await run_in_threadpool(create, run_id, body, _origin(config, request))
+
+    def append(asset_id: str, body: bytes) -> Response:
+        spec = parse_components_append(body, config.max_components_per_asset)
+        return JSONResponse(catalog.append_components(asset_id, spec))
+
+    @router.post(
+        "/assets/{asset_id}/components",
+        response_model=m.AssetSummary,
+        tags=["assets"],
+        openapi_extra={"requestBody": _json_body(m.ComponentsAppend)},
+    )
+    async def append_components(asset_id: str, request: Request) -> Response:
+        # More of a manifest a create declared (``manifest``) and sent the first slice of;
+        # parsed and stored on a worker thread, as a create is.
+        body = await request.body()
+        return await run_in_threadpool(append, asset_id, body)
 
     @router.get("/runs/{run_id}/assets", response_model=m.AssetList, tags=["assets"])
     def list_assets(

@@ -14,13 +14,15 @@ import json
 import threading
 from collections.abc import Iterator
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
 from methodic.server.errors import APIError, too_large
-from methodic.server.models import AssetCreate, ComponentIn
+from methodic.server.models import AssetCreate, ComponentIn, ComponentsAppend
+
+Parsed = TypeVar("Parsed", AssetCreate, ComponentsAppend)
 
 SLICE = 2000
 # Bodies this big are parsed by at most BIG_AT_ONCE requests at a time (memory stays bounded).
@@ -44,13 +46,22 @@ def _errors(exc: ValidationError, prefix: tuple[Any, ...], offset: int = 0) -> l
 def parse_asset_create(body: bytes, max_components: int) -> AssetCreate:
     """The create-asset request in ``body``; raises RequestValidationError (422) as FastAPI
     would, or APIError 413 when it has over ``max_components`` (before validating them)."""
+    return _bounded(body, max_components, AssetCreate)
+
+
+def parse_components_append(body: bytes, max_components: int) -> ComponentsAppend:
+    """The append-components request in ``body``, as ``parse_asset_create`` parses a create."""
+    return _bounded(body, max_components, ComponentsAppend)
+
+
+def _bounded(body: bytes, max_components: int, model: type[Parsed]) -> Parsed:
     if len(body) < BIG_BODY:
-        return _parse(body, max_components)
+        return _parse(body, max_components, model)
     with _big:
-        return _parse(body, max_components)
+        return _parse(body, max_components, model)
 
 
-def _parse(body: bytes, max_components: int) -> AssetCreate:
+def _parse(body: bytes, max_components: int, model: type[Parsed]) -> Parsed:
     if not body:
         raise RequestValidationError(
             [{"loc": ("body",), "msg": "Field required", "type": "missing"}]
@@ -77,7 +88,7 @@ def _parse(body: bytes, max_components: int) -> AssetCreate:
     if isinstance(components, list) and len(components) > max_components:
         raise too_many_components(len(components), max_components)
     try:
-        spec = AssetCreate.model_validate({**data, "components": []} if sliced else data)
+        spec = model.model_validate({**data, "components": []} if sliced else data)
     except ValidationError as exc:
         raise RequestValidationError(_errors(exc, ("body",))) from None
     if sliced:

@@ -20,10 +20,12 @@ from contextlib import contextmanager
 from typing import Any
 
 from methodic import _checksum
+from methodic._manifest import manifest_digest
 from methodic.server import contributions
+from methodic.server.bulk import too_many_components
 from methodic.server.errors import conflict, invalid, not_found
-from methodic.server.manifest import manifest_digest, validate_manifest
-from methodic.server.models import AssetCreate
+from methodic.server.manifest import validate_components, validate_manifest
+from methodic.server.models import AssetCreate, ComponentIn, ComponentsAppend
 from methodic.server.records import ASSET_SELECT, AssetRecords, asset_out, reported_sha256
 from methodic.server.signing import expiry
 from methodic.server.storage.base import Component, Found, Slot, part_range
@@ -136,8 +138,8 @@ class Catalog:
                 f"checksum_algorithm {algorithm!r} is not verified by this server's storage "
                 f"({self.storage.describe()}); use one of {', '.join(choices)}"
             )
-        digest = manifest_digest(run_id, spec.asset_type, spec.components)
         rank = contributions.check_spec(run_id, spec)
+        digest = self._digest(run_id, spec, rank)
         conn = self.db.connection()
         new = conn.execute("SELECT 1 FROM assets WHERE id = ?", (spec.asset_id,)).fetchone() is None
         if new:
@@ -158,6 +160,31 @@ class Catalog:
         # A new asset holds nothing yet: no need to ask the storage.
         found = [Found(False)] * len(components) if created else None
         return self.records.with_components(asset, components, found), created
+
+    def _digest(self, run_id: str, spec: AssetCreate, rank: int | None) -> str:
+        """The manifest's digest: computed, or declared by a create that carries only the
+        first components of its manifest (checked once the last is listed, ``_list``)."""
+        declared = spec.manifest
+        if declared is None:
+            return manifest_digest(run_id, spec.asset_type, spec.components)
+        if rank is not None:
+            raise invalid(
+                "a rank's contribution is created with its whole manifest: leave out manifest"
+            )
+        if declared.component_count > self.config.max_components_per_asset:
+            raise too_many_components(
+                declared.component_count, self.config.max_components_per_asset
+            )
+        if len(spec.components) > declared.component_count:
+            raise invalid(
+                f"the create carries {len(spec.components)} components but its manifest "
+                f"declares {declared.component_count}"
+            )
+        if len(spec.components) == declared.component_count:
+            _check_declared(
+                run_id, spec.asset_type, spec.components, declared.digest, declared.total_size
+            )
+        return declared.digest
 
     def _join(
         self, run_id: str, spec: AssetCreate, digest: str, algorithm: str, rank: int
@@ -219,7 +246,8 @@ class Catalog:
             if tx.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is None:
                 raise not_found(f"run {run_id} does not exist")
             existing = tx.execute(
-                "SELECT run_id, asset_type, manifest_digest FROM assets WHERE id = ?",
+                "SELECT run_id, asset_type, manifest_digest, manifest_open, component_count,"
+                " total_size FROM assets WHERE id = ?",
                 (spec.asset_id,),
             ).fetchone()
             if existing is not None:
@@ -236,22 +264,31 @@ class Catalog:
                     )
                 created = False
                 tx.execute("UPDATE assets SET touched_at = ? WHERE id = ?", (now, spec.asset_id))
+                if existing["manifest_open"]:  # the same manifest: list what this create carries
+                    self._list(tx, existing, spec.asset_id, 0, spec.components)
             else:
+                declared = spec.manifest
+                count, size = (
+                    (declared.component_count, declared.total_size)
+                    if declared is not None
+                    else (len(spec.components), sum(c["size"] for c in spec.components))
+                )
                 tx.execute(
                     "INSERT INTO assets (id, run_id, asset_type, metadata, manifest_digest, state,"
-                    " component_count, total_size, created_at, touched_at, checksum_algorithm)"
-                    " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
+                    " component_count, total_size, created_at, touched_at, checksum_algorithm,"
+                    " manifest_open) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
                     (
                         spec.asset_id,
                         run_id,
                         spec.asset_type,
                         json.dumps(spec.metadata),
                         digest,
-                        len(spec.components),
-                        sum(c["size"] for c in spec.components),
+                        count,
+                        size,
                         now,
                         now,
                         algorithm,
+                        int(len(spec.components) < count),
                     ),
                 )
                 if staged:
@@ -263,6 +300,88 @@ class Catalog:
                     )
                 created = True
         return created
+
+    def append_components(self, asset_id: str, spec: ComponentsAppend) -> dict[str, Any]:
+        """List more components of a manifest sent in slices; the asset's summary after."""
+        with self.locks.hold(asset_id), self.db.write(durable=True) as tx:
+            row = tx.execute(
+                "SELECT run_id, asset_type, manifest_digest, manifest_open, component_count,"
+                " total_size FROM assets WHERE id = ?",
+                (asset_id,),
+            ).fetchone()
+            if row is None:
+                raise not_found(f"asset {asset_id} does not exist")
+            tx.execute("UPDATE assets SET touched_at = ? WHERE id = ?", (time.time(), asset_id))
+            self._list(tx, row, asset_id, spec.start, spec.components)
+        return self.records.summary(asset_id)
+
+    def _list(
+        self,
+        tx: sqlite3.Connection,
+        asset: sqlite3.Row,
+        asset_id: str,
+        start: int,
+        components: Sequence[ComponentIn],
+    ) -> None:
+        """Components ``start``... of the asset's manifest: those listed already must be these,
+        the others are listed now; the last one closes the manifest."""
+        count = asset["component_count"]
+        (listed,) = tx.execute(
+            "SELECT COUNT(*) FROM components WHERE asset_id = ?", (asset_id,)
+        ).fetchone()
+        if start > listed:
+            raise invalid(
+                f"asset {asset_id} lists {listed} of its {count} components: append from "
+                f"position {listed}, not {start}"
+            )
+        if start + len(components) > count:
+            raise invalid(
+                f"asset {asset_id} has {count} components: {len(components)} from position "
+                f"{start} go past its end"
+            )
+        validate_components(components, self.config, self.storage.limits)
+        known = components[: max(0, listed - start)]
+        if known:
+            have = tx.execute(
+                "SELECT path, size, sha256, part_size FROM components"
+                " WHERE asset_id = ? AND idx >= ? AND idx < ? ORDER BY idx",
+                (asset_id, start, start + len(known)),
+            ).fetchall()
+            if [tuple(r) for r in have] != [_entry(c) for c in known]:
+                raise conflict(
+                    f"asset {asset_id} already lists other components at positions {start}-"
+                    f"{start + len(known) - 1}: a manifest cannot change"
+                )
+        new = components[len(known) :]
+        if not new:
+            return
+        try:
+            tx.executemany(
+                f"INSERT INTO components {_COMPONENT_COLUMNS} VALUES (?, ?, ?, ?, ?, ?)",
+                ((asset_id, listed + i, *_entry(c)) for i, c in enumerate(new)),
+            )
+        except sqlite3.IntegrityError:
+            raise invalid(
+                f"a path of these components is listed in asset {asset_id} already: each "
+                "path appears once in a manifest"
+            ) from None
+        if listed + len(new) == count:
+            entries: list[ComponentIn] = [
+                {"path": p, "size": n, "sha256": h, "part_size": ps}
+                for p, n, h, ps in tx.execute(
+                    "SELECT path, size, sha256, part_size FROM components WHERE asset_id = ?",
+                    (asset_id,),
+                )
+            ]
+            validate_components(entries, self.config, self.storage.limits)
+            _check_declared(
+                asset["run_id"],
+                asset["asset_type"],
+                entries,
+                asset["manifest_digest"],
+                asset["total_size"],
+            )
+            tx.execute("UPDATE assets SET manifest_open = 0 WHERE id = ?", (asset_id,))
 
     def get_asset(self, asset_id: str) -> dict[str, Any]:
         """The asset with what storage holds of each component (recovery's status call)."""
@@ -430,3 +549,20 @@ class Catalog:
                     )
                 doom(tx, asset_id)
             purge(self.records, asset_id)
+
+
+def _entry(c: ComponentIn) -> tuple[Any, ...]:
+    return (c["path"], c["size"], c.get("sha256"), c.get("part_size"))
+
+
+def _check_declared(
+    run_id: str, asset_type: str, components: Sequence[ComponentIn], digest: str, total: int
+) -> None:
+    """A manifest sent in slices, whole now, must be the one its create declared."""
+    if manifest_digest(run_id, asset_type, components) != digest or total != sum(
+        c["size"] for c in components
+    ):
+        raise conflict(
+            "these components are not the manifest the create declared (its digest or total "
+            "size differs): declare manifest_digest() of every component, in the order sent"
+        )

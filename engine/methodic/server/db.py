@@ -175,6 +175,12 @@ INSERT INTO s3_put_bindings (asset_id, idx, checksum)
 SELECT asset_id, idx, '' FROM components
  WHERE asset_id IN (SELECT id FROM assets WHERE state = 'pending');
 """,
+    """
+-- A manifest sent in slices (the create carries the first, appends the rest) is open until
+-- its last component is listed; component_count, total_size and manifest_digest are then
+-- the declared ones, checked when it closes. An open asset cannot be finalized.
+ALTER TABLE assets ADD COLUMN manifest_open INTEGER NOT NULL DEFAULT 0;
+""",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -60,6 +60,14 @@ class Finalizer:
     ) -> dict[str, Any]:
         with self.records.locks.hold(asset_id):
             asset, components = self.records.load(asset_id)
+            if not asset["manifest_complete"]:
+                raise APIError(
+                    409,
+                    "manifest_incomplete",
+                    f"asset {asset_id} lists {len(components)} of its "
+                    f"{asset['component_count']} components: append the rest "
+                    f"(POST /assets/{asset_id}/components), then finalize",
+                )
             world_size: int | None = asset["world_size"]
             contribution_stored = False
             if world_size is not None or rank is not None:

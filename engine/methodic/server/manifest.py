@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from collections.abc import Sequence
 
@@ -14,28 +12,12 @@ from methodic.server.errors import invalid, too_large
 from methodic.server.models import AssetCreate, ComponentIn
 from methodic.server.storage.base import StorageLimits, part_count
 
-_DIGEST_SLICE = 2000
 ASSET_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # A path of these characters, of at most MAX_PATH_LENGTH characters, no segment longer than
 # MAX_SEGMENT_LENGTH nor starting with ".", has no problem: most manifests are checked at the
 # speed of this one match per path; any other path gets the full check (_path_problem).
 _SEGMENT = rf"[\w\-+=,@~%][\w.\-+=,@~%]{{0,{MAX_SEGMENT_LENGTH - 1}}}"
 _PLAIN_PATH = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*", re.ASCII)
-
-
-def manifest_digest(run_id: str, asset_type: str, components: Sequence[ComponentIn]) -> str:
-    """SHA-256 of the canonical JSON of the manifest (hashed in slices: one ``json.dumps`` of
-    a 200,000-item list would hold the GIL for its whole length)."""
-    head = json.dumps(
-        {"run_id": run_id, "asset_type": asset_type}, separators=(",", ":"), ensure_ascii=True
-    )
-    digest = hashlib.sha256(f'{head[:-1]},"components":['.encode("ascii"))
-    rows = sorted((c["path"], c["size"], c.get("sha256"), c.get("part_size")) for c in components)
-    for start in range(0, len(rows), _DIGEST_SLICE):
-        text = json.dumps(rows[start : start + _DIGEST_SLICE], separators=(",", ":"))
-        digest.update(("," if start else "").encode("ascii") + text[1:-1].encode("ascii"))
-    digest.update(b"]}")
-    return digest.hexdigest()
 
 
 def _path_problem(path: str) -> str | None:
@@ -57,8 +39,16 @@ def validate_manifest(spec: AssetCreate, config: ServerConfig, limits: StorageLi
         )
     if len(spec.components) > config.max_components_per_asset:
         raise too_many_components(len(spec.components), config.max_components_per_asset)
+    validate_components(spec.components, config, limits)
+
+
+def validate_components(
+    components: Sequence[ComponentIn], config: ServerConfig, limits: StorageLimits
+) -> None:
+    """Raise APIError (400, 413) unless every entry's path, size and parts are acceptable, no
+    path appears twice and none is a file another needs as a directory."""
     seen: set[str] = set()
-    for component in spec.components:
+    for component in components:
         path = component["path"]
         if len(path) > MAX_PATH_LENGTH or not _PLAIN_PATH.fullmatch(path):
             problem = _path_problem(path)

@@ -70,6 +70,15 @@ class ComponentIn(TypedDict):
     part_size: NotRequired[Annotated[int, Field(ge=1)] | None]
 
 
+class ManifestDeclared(BaseModel):
+    """The whole manifest of a create that carries only its first components: the rest are
+    appended (``POST /assets/{id}/components``) and checked against this when the last is in."""
+
+    component_count: int = Field(ge=1)
+    total_size: int = Field(ge=0)
+    digest: Sha256Hex  # manifest_digest() of the whole manifest
+
+
 class AssetCreate(BaseModel):
     asset_id: str
     asset_type: str = Field(min_length=1, max_length=256)
@@ -87,6 +96,16 @@ class AssetCreate(BaseModel):
     asset_name: str | None = Field(default=None, min_length=1, max_length=256)
     rank: int | None = Field(default=None, ge=0)
     world_size: int | None = Field(default=None, ge=1, le=1_000_000)
+    # Set when ``components`` is only the first slice of the manifest (not for a rank).
+    manifest: ManifestDeclared | None = None
+
+
+class ComponentsAppend(BaseModel):
+    """More components of a manifest sent in slices: ``components`` are its entries from
+    position ``start`` (0-based) on, in order. Appending what is already listed is a no-op."""
+
+    start: int = Field(ge=0)
+    components: list[ComponentIn]
 
 
 class Contribution(BaseModel):
@@ -132,6 +151,9 @@ class AssetSummary(BaseModel):
     component_count: int
     total_size: int
     checksum_algorithm: str | None  # None: an asset from before algorithms (sha256, legacy)
+    # False while a manifest sent in slices still has components to come: then
+    # ``component_count`` and ``total_size`` are the declared ones, and it cannot be finalized.
+    manifest_complete: bool = True
     # Of a multi-rank asset only: its name, world size, each rank's contribution so far, the
     # ranks not yet stored, and an operator's one-line account ("waiting for ranks 5, 7 ...").
     asset_name: str | None = None

@@ -69,6 +69,7 @@ def asset_out(row: sqlite3.Row) -> dict[str, Any]:
         "component_count": row["component_count"],
         "total_size": row["total_size"],
         "checksum_algorithm": row["checksum_algorithm"],
+        "manifest_complete": not row["manifest_open"],
         "asset_name": row["asset_name"],
         "world_size": row["world_size"],
     }

@@ -1,0 +1,354 @@
+"""A big manifest sent in slices (issue 15, first byte): the create carries the first
+components and declares the whole; the rest are appended while the first files send. The
+asset cannot be finalized until every component is listed and the whole is the one declared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from helpers import CEILING, make_checkpoint, subprocess_env, tree_digest, wait_until
+from killharness import Api, run_python
+from test_server import assert_error, make_run, put
+
+import methodic._intake as intake
+from methodic import Chronicle, UploadTracker, drain_incomplete_uploads
+from methodic._api import ApiClient
+from methodic._ids import contribution_id
+from methodic._manifest import manifest_digest
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def files_of(count: int) -> dict[str, bytes]:
+    return {f"rank{i:03d}.bin": os.urandom(10 + i) for i in range(count)}
+
+
+def entries(files: dict[str, bytes]) -> list[dict[str, Any]]:
+    return [{"path": p, "size": len(d), "sha256": sha(d)} for p, d in files.items()]
+
+
+def sliced_create(
+    api: httpx.Client, run_id: str, manifest: list[dict[str, Any]], first: int, **over: Any
+) -> httpx.Response:
+    declared = {
+        "component_count": len(manifest),
+        "total_size": sum(e["size"] for e in manifest),
+        "digest": manifest_digest(run_id, "checkpoint", manifest),
+    }
+    body = {
+        "asset_id": over.pop("asset_id", uuid.uuid4().hex),
+        "asset_type": "checkpoint",
+        "components": manifest[:first],
+        "checksum_algorithm": "sha256",
+        "brief": True,
+        "manifest": declared | over,
+    }
+    return api.post(f"/api/v1/runs/{run_id}/assets", json=body)
+
+
+def append(
+    api: httpx.Client, asset_id: str, start: int, part: list[dict[str, Any]]
+) -> httpx.Response:
+    return api.post(
+        f"/api/v1/assets/{asset_id}/components", json={"start": start, "components": part}
+    )
+
+
+def listed(api: httpx.Client, asset_id: str) -> list[str]:
+    return [c["path"] for c in api.get(f"/api/v1/assets/{asset_id}").json()["components"]]
+
+
+def test_a_sliced_manifest_is_finalized_only_once_every_component_is_listed(
+    api: httpx.Client,
+) -> None:
+    run_id = make_run(api)
+    files = files_of(7)
+    manifest = entries(files)
+    created = sliced_create(api, run_id, manifest, 3)
+    assert created.status_code == 201, created.text
+    asset = created.json()
+    asset_id = asset["asset_id"]
+    assert (asset["manifest_complete"], asset["component_count"], asset["total_size"]) == (
+        False,
+        7,
+        sum(len(d) for d in files.values()),
+    )
+    assert listed(api, asset_id) == list(files)[:3]
+
+    # What is listed can be presigned and sent now; what is not, not yet.
+    url = f"/api/v1/assets/{asset_id}/presign"
+    first = api.post(url, json={"targets": [{"path": "rank000.bin"}]}).json()["targets"][0]
+    assert put(first, files["rank000.bin"]).status_code == 201
+    assert api.post(url, json={"targets": [{"path": "rank005.bin"}]}).status_code == 404
+    error = assert_error(
+        api.post(f"/api/v1/assets/{asset_id}/finalize"), 409, "manifest_incomplete"
+    )
+    assert "lists 3 of its 7 components" in error["message"]
+
+    # In order only; what is listed already may come again, unchanged.
+    gap = assert_error(append(api, asset_id, 5, manifest[5:]), 400, "invalid_request")
+    assert "append from position 3" in gap["message"]
+    assert append(api, asset_id, 3, manifest[3:5]).json()["manifest_complete"] is False
+    done = append(api, asset_id, 2, manifest[2:])
+    assert done.status_code == 200, done.text
+    assert done.json()["manifest_complete"] is True
+    assert listed(api, asset_id) == list(files)
+    assert append(api, asset_id, 0, manifest).status_code == 200  # a repeat: nothing changes
+
+    targets = api.post(url, json={"targets": [{"path": p} for p in files]}).json()["targets"]
+    for target in targets:
+        assert put(target, files[target["path"]]).status_code == 201
+    finalized = api.post(f"/api/v1/assets/{asset_id}/finalize")
+    assert finalized.status_code == 200, finalized.text
+    assert finalized.json()["state"] == "finalized"
+    for c in api.get(f"/api/v1/assets/{asset_id}/download").json()["components"]:
+        assert httpx.get(c["url"], trust_env=False).content == files[c["path"]]
+
+
+def test_a_sliced_manifest_cannot_change_nor_close_as_another(api: httpx.Client) -> None:
+    run_id = make_run(api)
+    manifest = entries(files_of(6))
+    asset_id = sliced_create(api, run_id, manifest, 2).json()["asset_id"]
+
+    changed = [dict(manifest[1], size=manifest[1]["size"] + 1), *manifest[2:4]]
+    error = assert_error(append(api, asset_id, 1, changed), 409, "conflict")
+    assert "a manifest cannot change" in error["message"]
+    twice = assert_error(append(api, asset_id, 2, [manifest[0]]), 400, "invalid_request")
+    assert "each path appears once" in twice["message"]
+    past = assert_error(
+        append(api, asset_id, 2, manifest[2:] + manifest[:1]), 400, "invalid_request"
+    )
+    assert "go past its end" in past["message"]
+
+    # The last slice closes the manifest only if the whole is the one declared.
+    other = [*manifest[2:5], {**manifest[5], "sha256": sha(b"something else")}]
+    error = assert_error(append(api, asset_id, 2, other), 409, "conflict")
+    assert "not the manifest the create declared" in error["message"]
+    status = api.get(f"/api/v1/assets/{asset_id}").json()
+    assert status["manifest_complete"] is False and len(status["components"]) == 2
+    assert append(api, asset_id, 2, manifest[2:]).json()["manifest_complete"] is True
+
+
+def test_a_sliced_create_again_is_the_same_asset(api: httpx.Client) -> None:
+    run_id = make_run(api)
+    manifest = entries(files_of(5))
+    asset_id = sliced_create(api, run_id, manifest, 2).json()["asset_id"]
+    again = sliced_create(api, run_id, manifest, 3, asset_id=asset_id)
+    assert again.status_code == 200 and again.json()["manifest_complete"] is False
+    assert len(listed(api, asset_id)) == 3  # what the repeat carried is listed
+    other = sliced_create(api, run_id, manifest[:4], 2, asset_id=asset_id)
+    assert_error(other, 409, "conflict")
+    # The whole manifest in one create, as a client that does not slice sends it: it closes.
+    whole = {"asset_id": asset_id, "asset_type": "checkpoint", "components": manifest}
+    answer = api.post(f"/api/v1/runs/{run_id}/assets", json=whole)
+    assert answer.status_code == 200 and answer.json()["manifest_complete"] is True
+
+
+def test_a_sliced_create_is_refused_when_its_declaration_is_wrong(
+    api: httpx.Client, server: Any
+) -> None:
+    run_id = make_run(api)
+    manifest = entries(files_of(4))
+    whole_but_other = sliced_create(api, run_id, manifest, 4, total_size=1)
+    assert_error(whole_but_other, 409, "conflict")
+    more_than_declared = sliced_create(api, run_id, manifest, 4, component_count=3)
+    assert_error(more_than_declared, 400, "invalid_request")
+    too_many = server.config.max_components_per_asset + 1
+    assert_error(
+        sliced_create(api, run_id, manifest, 2, component_count=too_many), 413, "too_large"
+    )
+    rank = {
+        "asset_id": contribution_id(run_id, "ckpt"),
+        "asset_type": "checkpoint",
+        "components": manifest[:2],
+        "asset_name": "ckpt",
+        "rank": 0,
+        "world_size": 2,
+        "manifest": {"component_count": 4, "total_size": 1, "digest": "0" * 64},
+    }
+    error = assert_error(
+        api.post(f"/api/v1/runs/{run_id}/assets", json=rank), 400, "invalid_request"
+    )
+    assert "whole manifest" in error["message"]
+    assert_error(append(api, "nope", 0, manifest), 404, "not_found")
+
+
+# ---- the engine ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_slices(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
+    """Slices of 10 and 25 components; the calls that carry components, as (what, start, n)."""
+    monkeypatch.setattr(intake, "FIRST_SLICE", 10)
+    monkeypatch.setattr(intake, "APPEND_SLICE", 25)
+    calls: list[tuple[str, int, int]] = []
+    create, append_ = ApiClient.create_asset, ApiClient.append_components
+
+    async def counted_create(self: ApiClient, run_id: str, **kw: Any) -> Any:
+        calls.append(("create", 0, len(kw["components"])))
+        return await create(self, run_id, **kw)
+
+    async def counted_append(self: ApiClient, asset_id: str, start: int, part: Any) -> Any:
+        calls.append(("append", start, len(part)))
+        return await append_(self, asset_id, start, part)
+
+    monkeypatch.setattr(ApiClient, "create_asset", counted_create)
+    monkeypatch.setattr(ApiClient, "append_components", counted_append)
+    return calls
+
+
+def test_the_engine_sends_the_first_files_while_the_rest_of_the_manifest_is_listed(
+    any_server: Any,
+    any_proxy: Any,
+    tmp_path: Path,
+    small_slices: list[tuple[str, int, int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {f"f{i:02d}.bin": 100 + i for i in range(60)})
+    sent_before_append: list[int] = []
+    counted_append = ApiClient.append_components
+
+    async def after_a_first_file(self: ApiClient, asset_id: str, start: int, part: Any) -> Any:
+        # The first append waits for a file of the first slice to be stored: they do not wait
+        # for the rest of the manifest.
+        up = pool.assets[asset_id]
+        while start == 10 and up.completed == 0:
+            await asyncio.sleep(0.01)
+        sent_before_append.append(up.completed)
+        return await counted_append(self, asset_id, start, part)
+
+    monkeypatch.setattr(ApiClient, "append_components", after_a_first_file)
+    tracker = UploadTracker(tmp_path / "u.sqlite")
+    with Chronicle(any_proxy.url, any_server.api_key) as chronicle:
+        pool = chronicle.core._pool
+        run = chronicle.run(chronicle.create_experiment("x"), 0, 0)
+        handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
+        asset = handle.result(timeout=CEILING)
+        dest = run.download_asset(asset.asset_id, tmp_path / "dl")
+    assert asset.state == "finalized" and asset.component_count == 60
+    assert small_slices == [("create", 0, 10), ("append", 10, 25), ("append", 35, 25)]
+    assert 1 <= sent_before_append[0] <= 10
+    assert tree_digest(dest) == tree_digest(ckpt)
+    assert tracker.get_asset(asset.asset_id).state == "finalized"
+
+
+def test_a_resume_lists_the_rest_of_a_manifest_an_earlier_process_left_open(
+    server: Any,
+    tmp_path: Path,
+    small_slices: list[tuple[str, int, int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {f"f{i:02d}.bin": 100 + i for i in range(40)})
+    tracker = UploadTracker(tmp_path / "u.sqlite")
+    counted_append = ApiClient.append_components
+
+    async def never(self: ApiClient, asset_id: str, start: int, part: Any) -> Any:
+        await asyncio.Event().wait()  # this process stops before any append is answered
+
+    monkeypatch.setattr(ApiClient, "append_components", never)
+    with Chronicle(server.url, server.api_key) as chronicle:
+        run = chronicle.run(chronicle.create_experiment("x"), 0, 0)
+        handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
+        wait_until(
+            lambda: chronicle.snapshot().assets[0].components_done == 10,
+            what="the first slice sent",
+        )
+    api = Api(server.url, server.api_key)
+    left = api.client.get(f"/assets/{handle.asset_id}").json()
+    assert left["manifest_complete"] is False and len(left["components"]) == 10
+    assert tracker.get_asset(handle.asset_id).state == "uploading"
+
+    monkeypatch.setattr(ApiClient, "append_components", counted_append)
+    small_slices.clear()
+    with Chronicle(server.url, server.api_key) as chronicle:
+        report = drain_incomplete_uploads(chronicle, tracker)
+        assert report.finalized == [handle.asset_id], report
+        dest = chronicle.run(chronicle.create_experiment("x"), 0, 0).download_asset(
+            handle.asset_id, tmp_path / "dl"
+        )
+    assert small_slices == [("append", 10, 25), ("append", 35, 5)]  # read, not created again
+    assert tree_digest(dest) == tree_digest(ckpt)
+
+
+UPLOADER = """
+import asyncio, sys
+import methodic._intake as intake
+from methodic import Chronicle, UploadTracker
+from methodic._api import ApiClient
+from methodic._ids import contribution_id
+intake.FIRST_SLICE, intake.APPEND_SLICE = 10, 25
+real = ApiClient.append_components
+async def append(self, asset_id, start, part):
+    if start >= 35:  # the second append never leaves: killed with two slices listed
+        print("second-append", flush=True)
+        await asyncio.Event().wait()
+    return await real(self, asset_id, start, part)
+ApiClient.append_components = append
+url, key, tracker, ckpt = sys.argv[1:]
+with Chronicle(url, key) as chronicle:
+    run = chronicle.run(chronicle.create_experiment("x"), 0, 0)
+    handle = run.register_and_upload_async(ckpt, upload_tracker=UploadTracker(tracker))
+    print(handle.asset_id, flush=True)
+    handle.result()
+"""
+
+DRAINER = """
+import json, sys
+from methodic import Chronicle, UploadTracker, drain_incomplete_uploads
+url, key, tracker = sys.argv[1:]
+with Chronicle(url, key) as chronicle:
+    report = drain_incomplete_uploads(chronicle, UploadTracker(tracker))
+print(json.dumps({"finalized": report.finalized, "failed": report.failed}))
+"""
+
+
+def test_sigkilled_with_the_manifest_half_listed_then_drained(server: Any, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {f"f{i:02d}.bin": 1000 + i for i in range(70)})
+    tracker = tmp_path / "u.sqlite"
+    child = subprocess.Popen(
+        [sys.executable, "-c", UPLOADER, server.url, server.api_key, str(tracker), str(ckpt)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    try:
+        assert child.stdout is not None
+        asset_id = child.stdout.readline().strip()
+        assert child.stdout.readline().strip() == "second-append"
+        api = Api(server.url, server.api_key)
+        wait_until(
+            lambda: (
+                sum(c["stored"] for c in api.client.get(f"/assets/{asset_id}").json()["components"])
+                == 35
+            ),
+            what="the two listed slices stored",
+        )
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(CEILING)
+    left = api.client.get(f"/assets/{asset_id}").json()
+    assert (left["state"], left["manifest_complete"], len(left["components"])) == (
+        "pending",
+        False,
+        35,
+    )
+    assert api.client.post(f"/assets/{asset_id}/finalize").status_code == 409
+
+    drained = run_python(DRAINER, server.url, server.api_key, str(tracker))
+    assert drained.returncode == 0, drained.stderr
+    assert f'"finalized": ["{asset_id}"]' in drained.stdout, drained.stdout
+    dest = api.download(asset_id, tmp_path / "dl")
+    assert tree_digest(dest) == tree_digest(ckpt)
