@@ -146,13 +146,17 @@ class Intake:
     async def _list_rest(self, up: AssetUpload) -> None:
         """Append the components the server does not list yet, a slice at a time; each
         slice's files are queued once it is listed."""
+        if not up.resumed:
+            # Once a first file is stored: the first presign, its hashing and the first PUT go
+            # first (the appends' encoding and the server's inserts would hold them up).
+            await up.first_stored.wait()
         start = up.listed or 0
-        rest = [c.manifest() for c in itertools.islice(up.components.values(), start, None)]
+        components = list(up.components.values())
         try:
-            for i in range(0, len(rest), APPEND_SLICE):
-                entries = rest[i : i + APPEND_SLICE]
-                await self._api.append_components(up.asset_id, start + i, entries)
-                up.listed = start + i + len(entries)
+            for at in range(start, len(components), APPEND_SLICE):
+                entries = [c.manifest() for c in components[at : at + APPEND_SLICE]]
+                await self._api.append_components(up.asset_id, at, entries)
+                up.listed = at + len(entries)
                 if up.state == AssetState.UPLOADING:
                     self._scheduler.enqueue(up)
             up.listed = None

@@ -262,6 +262,7 @@ class Scheduler:
             c.checksum = digests.file_checksum(up, c)
         c.state, c.bytes_done, c.last_error = ComponentState.COMPLETED, c.size, None
         up.completed += 1
+        up.first_stored.set()
         # Written behind, with the next flush: after a crash the server says what it stores.
         self._progress.changed(up, c)
         self._events.emit(ComponentStateChanged(up.asset_id, c.path, ComponentState.COMPLETED))

@@ -205,6 +205,7 @@ class AssetUpload:
     # The components the server lists, the first ``listed`` in manifest order (None: all).
     # A big manifest is created with its first slice and the rest appended while those send.
     listed: int | None = None
+    first_stored: asyncio.Event = field(default_factory=asyncio.Event)  # a component is
     algorithm: str | None = None  # of the range digests; the server says it at create
     resends: int = 0  # rounds of sending again what finalize found missing
     completed: int = 0  # components completed; kept as a count so each completion is O(1)
