@@ -147,14 +147,16 @@ def test_a_resumed_asset_the_server_no_longer_has_is_created_again(
     assert tree_digest(dest) == tree_digest(ckpt)
 
 
+@pytest.mark.parametrize("change", ["size = size + 1", f"sha256 = '{'ab' * 32}'"])
 def test_a_resumed_asset_whose_server_manifest_differs_fails_with_what_to_do(
-    server, tmp_path: Path
+    server, tmp_path: Path, change: str
 ) -> None:
-    """As a create of another manifest under the same id would be refused: nothing published."""
+    """As a create of another manifest under the same id would be refused: nothing published.
+    Another size, or a declared sha256 the server's manifest does not have."""
     _ckpt, tracker, asset_id = left_uploading(server, tmp_path)
     with contextlib.closing(sqlite3.connect(tracker.db_path, timeout=60)) as conn, conn:
         # The tracker's manifest is no longer the server's.
-        conn.execute("UPDATE components SET size = size + 1 WHERE path = 'f0.bin'")
+        conn.execute(f"UPDATE components SET {change} WHERE path = 'f0.bin'")
     with Chronicle(server.url, server.api_key) as chronicle:
         report = drain_incomplete_uploads(chronicle, tracker)
     assert report.finalized == [] and list(report.failed) == [asset_id]

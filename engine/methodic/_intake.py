@@ -8,7 +8,6 @@ the server already stores when an earlier process began it, then queues the rest
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -172,11 +171,8 @@ class Intake:
             asset = await self._api.get_asset(up.asset_id)
         except NotFoundError:
             return None
-        theirs = {c.path: (c.size, c.part_size) for c in asset.components}
-        # Created with its first slice, not all appended yet: those listed must be ours.
-        listed = None if asset.manifest_complete else len(theirs)
-        mine = itertools.islice(up.components.values(), listed)
-        if theirs != {c.path: (c.size, c.part_size) for c in mine}:
+        # Whole or not (a manifest sent in slices): the digest is of the whole, declared.
+        if asset.manifest_digest != await asyncio.to_thread(_digest, up):
             raise ConflictError(
                 f"asset {up.asset_id} exists on the server with another manifest than the one"
                 " this tracker recorded; discard it here (`methodic-tui discard "
@@ -188,13 +184,10 @@ class Intake:
         entries = [c.manifest() for c in up.components.values()]
         declared: dict[str, Any] | None = None
         if up.contribution is None and len(entries) > FIRST_SLICE:
-            digest = await asyncio.to_thread(
-                manifest_digest, up.binding.run_id, up.asset_type, entries
-            )
             declared = {
                 "component_count": len(entries),
                 "total_size": sum(e["size"] for e in entries),
-                "digest": digest,
+                "digest": await asyncio.to_thread(_digest, up, entries),
             }
             entries = entries[:FIRST_SLICE]
         return await self._api.create_asset(
@@ -230,3 +223,10 @@ class Intake:
         up.recount()
         up.bytes_skipped = sum(c.bytes_done for c in up.components.values())
         await up.track(ops.resume_components(up.asset_id, stored, forgotten))
+
+
+def _digest(up: AssetUpload, entries: list[dict[str, Any]] | None = None) -> str:
+    """The digest the server names this asset's manifest by."""
+    if entries is None:
+        entries = [c.manifest() for c in up.components.values()]
+    return manifest_digest(up.binding.run_id, up.asset_type, entries)

@@ -249,6 +249,7 @@ class Asset:
     checksum_algorithm: str | None = None  # of every range digest and file checksum
     # False while a manifest sent in slices has components still to be listed (pending only).
     manifest_complete: bool = True
+    manifest_digest: str | None = field(default=None, compare=False, repr=False)
     # Of a multi-rank asset (docs/distributed.md): its name, world size, each rank's
     # contribution so far, the ranks not yet stored, and "waiting for ranks 5, 7 (...)".
     asset_name: str | None = None
@@ -275,6 +276,7 @@ class Asset:
             components=comps,
             checksum_algorithm=data.get("checksum_algorithm"),
             manifest_complete=data.get("manifest_complete", True),
+            manifest_digest=data.get("manifest_digest"),
             asset_name=data.get("asset_name"),
             world_size=data.get("world_size"),
             contributions=tuple(

@@ -154,6 +154,9 @@ class AssetSummary(BaseModel):
     # False while a manifest sent in slices still has components to come: then
     # ``component_count`` and ``total_size`` are the declared ones, and it cannot be finalized.
     manifest_complete: bool = True
+    # The manifest's canonical digest (methodic._manifest; the declared one while incomplete):
+    # a client that resumes compares it with its own. None for a multi-rank asset.
+    manifest_digest: str | None = None
     # Of a multi-rank asset only: its name, world size, each rank's contribution so far, the
     # ranks not yet stored, and an operator's one-line account ("waiting for ranks 5, 7 ...").
     asset_name: str | None = None

@@ -70,6 +70,8 @@ def asset_out(row: sqlite3.Row) -> dict[str, Any]:
         "total_size": row["total_size"],
         "checksum_algorithm": row["checksum_algorithm"],
         "manifest_complete": not row["manifest_open"],
+        # A multi-rank asset has one per contribution instead.
+        "manifest_digest": None if row["world_size"] else row["manifest_digest"],
         "asset_name": row["asset_name"],
         "world_size": row["world_size"],
     }
