@@ -289,6 +289,7 @@ def _script(api: httpx.Client) -> list[Any]:
                         "asset_id",
                         "run_id",
                         "experiment_id",
+                        "manifest_digest",  # of the run's id among the rest
                         "url",
                         "created_at",
                         "updated_at",
