@@ -461,6 +461,8 @@ class AsyncRun:
         contribution: Contribution | None = None,
         delete_local: bool = False,
     ) -> AsyncUploadHandle:
+        """Register (when tracked) and queue ``specs``, which come from ``scan_directory`` or,
+        untracked, ``ComponentSpec.from_file``: the tracker does not check them again."""
         if not asset_type:
             raise InvalidInputError("asset_type must be a non-empty string, e.g. 'checkpoint'")
         pool = self.chronicle._pool
@@ -494,6 +496,7 @@ class AsyncRun:
                     binding=self.binding,
                     local_dir=local_dir,
                     part_sizes={p: c.part_size for p, c in components.items() if c.part_size},
+                    validated=True,
                 ),
             )
         upload = AssetUpload(

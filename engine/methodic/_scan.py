@@ -52,21 +52,27 @@ def scan_directory(
             f"{root} is a file, not a directory; pass its directory, or use upload_asset() for one file"
         )
     real_root = root.resolve()
+    keep_all = include is None and not exclude
     specs: list[ComponentSpec] = []
-    for dirpath, dirnames, filenames in os.walk(root, onerror=_walk_error):
-        here = Path(dirpath)
-        for d in list(dirnames):
-            if (here / d).is_symlink():
+    # Depth first, each directory's files (by name) before its subdirectories (by name), as
+    # os.walk(topdown) visits them; os.scandir's entries say which are links and directories
+    # without a stat (from d_type), and their .path is the same string os.walk would join.
+    pending: list[tuple[str, str]] = [(os.fspath(root), "")]
+    while pending:
+        top, prefix = pending.pop()
+        files, dirs = _listing(top)
+        for d in dirs:
+            if _is_link(d):
                 raise InvalidInputError(
-                    f"{here / d} is a symlinked directory; copy it in or remove the link"
+                    f"{d.path} is a symlinked directory; copy it in or remove the link"
                 )
-        dirnames.sort()
-        # Paths as strings, per file: pathlib's parsing was most of a 10,000-file scan.
-        prefix = "" if here == root else here.relative_to(root).as_posix() + "/"
-        for name in sorted(filenames):
-            rel = prefix + name
-            if (include is None or matches(rel, include)) and not matches(rel, exclude or ()):
-                specs.append(_component(root, real_root, os.path.join(dirpath, name), rel))
+        for f in files:
+            rel = prefix + f.name
+            if keep_all or (
+                (include is None or matches(rel, include)) and not matches(rel, exclude or ())
+            ):
+                specs.append(_component(root, real_root, f.path, rel, _is_link(f)))
+        pending.extend((d.path, f"{prefix}{d.name}/") for d in reversed(dirs))
     if not specs:
         if include is not None or exclude:
             raise InvalidInputError(
@@ -77,12 +83,37 @@ def scan_directory(
     return specs
 
 
-def _walk_error(exc: OSError) -> None:
-    raise InvalidInputError(f"{exc.filename}: cannot list it ({exc.strerror})")
+def _listing(top: str) -> tuple[list[os.DirEntry[str]], list[os.DirEntry[str]]]:
+    """The files and the directories (a link to one included) in ``top``, each by name."""
+    try:
+        with os.scandir(top) as it:
+            entries = sorted(it, key=_name)
+    except OSError as exc:
+        raise InvalidInputError(f"{exc.filename}: cannot list it ({exc.strerror})") from None
+    files: list[os.DirEntry[str]] = []
+    dirs: list[os.DirEntry[str]] = []
+    for entry in entries:
+        try:
+            is_dir = entry.is_dir()
+        except OSError:  # as os.walk: what cannot be told a directory is listed as a file
+            is_dir = False
+        (dirs if is_dir else files).append(entry)
+    return files, dirs
 
 
-def _component(root: Path, real_root: Path, path: str, rel: str) -> ComponentSpec:
-    if os.path.islink(path):
+def _name(entry: os.DirEntry[str]) -> str:
+    return entry.name
+
+
+def _is_link(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_symlink()
+    except OSError:  # as os.path.islink: gone since it was listed (os.stat then says so)
+        return False
+
+
+def _component(root: Path, real_root: Path, path: str, rel: str, link: bool) -> ComponentSpec:
+    if link:
         target = Path(path).resolve()
         if not target.exists():
             raise InvalidInputError(
@@ -98,8 +129,8 @@ def _component(root: Path, real_root: Path, path: str, rel: str) -> ComponentSpe
             raise InvalidInputError(
                 f"{path} is not a regular file (a FIFO, socket or device); remove it"
             )
-        with open(path, "rb"):
-            pass
+        # Opened as open() would (O_RDONLY), without building a Python file object.
+        os.close(os.open(path, os.O_RDONLY))
     except OSError as exc:
         raise InvalidInputError(f"{path}: cannot read it ({exc.strerror})") from None
     problem = component_path_problem(rel)

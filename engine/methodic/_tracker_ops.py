@@ -63,8 +63,10 @@ def many(sql: str, rows: Iterable[Sequence[Any]]) -> Stmt:
 # ---------------------------------------------------------------- registration
 
 
-def _component_rows(asset_id: str, components: Sequence[ComponentSpec]) -> list[tuple[Any, ...]]:
-    validate_specs(asset_id, components)
+def _component_rows(
+    asset_id: str, components: Sequence[ComponentSpec], part_sizes: dict[str, int]
+) -> list[tuple[Any, ...]]:
+    """One ``components`` row per spec, in the order of the INSERT in ``register``."""
     rows: list[tuple[Any, ...]] = []
     for c in components:
         mtime_ns, inode, ctime_ns, device = c.mtime_ns, c.inode, c.ctime_ns, c.device
@@ -93,6 +95,7 @@ def _component_rows(asset_id: str, components: Sequence[ComponentSpec]) -> list[
                 ctime_ns,
                 device,
                 c.declared,
+                part_sizes.get(c.path),
             )
         )
     return rows
@@ -109,9 +112,16 @@ def register(
     binding: RunBinding | None = None,
     local_dir: str | None = None,
     part_sizes: dict[str, int] | None = None,
+    validated: bool = False,
 ) -> OpGen[None]:
-    """Record an asset and these components in one transaction (more may follow unless sealed)."""
-    rows = _component_rows(asset_id, components)
+    """Record an asset and these components in one transaction (more may follow unless sealed).
+
+    ``validated``: these very specs came from ``scan_directory``, which refuses everything
+    ``validate_specs`` does; the specs of any other caller are always checked here.
+    """
+    if not validated:
+        validate_specs(asset_id, components)
+    rows = _component_rows(asset_id, components, part_sizes or {})
     now = time.time()
     existing = yield q("SELECT sealed, state FROM assets WHERE asset_id = ?", (asset_id,))
     if existing:
@@ -161,11 +171,10 @@ def register(
                 *_owner_columns(),
             ),
         )
-    ps = part_sizes or {}
     yield many(
         "INSERT INTO components (asset_id, path, local_path, size, sha256, mtime_ns, inode,"
         " ctime_ns, device, declared, part_size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        ((*r, ps.get(r[1])) for r in rows),
+        rows,
     )
 
 
