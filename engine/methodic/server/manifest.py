@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from methodic._paths import MAX_PATH_LENGTH, MAX_SEGMENT_LENGTH, component_path_problem
+from methodic._paths import component_path_problem, is_plain_path
 from methodic.server.bulk import too_many_components
 from methodic.server.config import ServerConfig
 from methodic.server.errors import invalid, too_large
@@ -13,11 +13,6 @@ from methodic.server.models import AssetCreate, ComponentIn
 from methodic.server.storage.base import StorageLimits, part_count
 
 ASSET_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-# A path of these characters, of at most MAX_PATH_LENGTH characters, no segment longer than
-# MAX_SEGMENT_LENGTH nor starting with ".", has no problem: most manifests are checked at the
-# speed of this one match per path; any other path gets the full check (_path_problem).
-_SEGMENT = rf"[\w\-+=,@~%][\w.\-+=,@~%]{{0,{MAX_SEGMENT_LENGTH - 1}}}"
-_PLAIN_PATH = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*", re.ASCII)
 
 
 def _path_problem(path: str) -> str | None:
@@ -50,7 +45,7 @@ def validate_components(
     seen: set[str] = set()
     for component in components:
         path = component["path"]
-        if len(path) > MAX_PATH_LENGTH or not _PLAIN_PATH.fullmatch(path):
+        if not is_plain_path(path):  # most paths are decided by this one match
             problem = _path_problem(path)
             if problem is not None:
                 raise invalid(f"component path {path[:300]!r} {problem}", path=path[:1024])
