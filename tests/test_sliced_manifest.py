@@ -22,7 +22,13 @@ from killharness import Api, run_python
 from test_server import assert_error, make_run, put
 
 import methodic._intake as intake
-from methodic import Chronicle, UploadTracker, drain_incomplete_uploads
+from methodic import (
+    Chronicle,
+    ServerError,
+    UploadFailedError,
+    UploadTracker,
+    drain_incomplete_uploads,
+)
 from methodic._api import ApiClient
 from methodic._ids import contribution_id
 from methodic._manifest import manifest_digest
@@ -59,12 +65,8 @@ def sliced_create(
     return api.post(f"/api/v1/runs/{run_id}/assets", json=body)
 
 
-def append(
-    api: httpx.Client, asset_id: str, start: int, part: list[dict[str, Any]]
-) -> httpx.Response:
-    return api.post(
-        f"/api/v1/assets/{asset_id}/components", json={"start": start, "components": part}
-    )
+def append(api: httpx.Client, asset_id: str, part: list[dict[str, Any]]) -> httpx.Response:
+    return api.post(f"/api/v1/assets/{asset_id}/components", json={"components": part})
 
 
 def listed(api: httpx.Client, asset_id: str) -> list[str]:
@@ -98,15 +100,13 @@ def test_a_sliced_manifest_is_finalized_only_once_every_component_is_listed(
     )
     assert "lists 3 of its 7 components" in error["message"]
 
-    # In order only; what is listed already may come again, unchanged.
-    gap = assert_error(append(api, asset_id, 5, manifest[5:]), 400, "invalid_request")
-    assert "append from position 3" in gap["message"]
-    assert append(api, asset_id, 3, manifest[3:5]).json()["manifest_complete"] is False
-    done = append(api, asset_id, 2, manifest[2:])
+    # In any order; what is listed already may come again, unchanged.
+    assert append(api, asset_id, manifest[5:]).json()["manifest_complete"] is False
+    done = append(api, asset_id, manifest[2:5])
     assert done.status_code == 200, done.text
     assert done.json()["manifest_complete"] is True
-    assert listed(api, asset_id) == list(files)
-    assert append(api, asset_id, 0, manifest).status_code == 200  # a repeat: nothing changes
+    assert sorted(listed(api, asset_id)) == sorted(files)
+    assert append(api, asset_id, manifest).status_code == 200  # a repeat: nothing changes
 
     targets = api.post(url, json={"targets": [{"path": p} for p in files]}).json()["targets"]
     for target in targets:
@@ -124,22 +124,30 @@ def test_a_sliced_manifest_cannot_change_nor_close_as_another(api: httpx.Client)
     asset_id = sliced_create(api, run_id, manifest, 2).json()["asset_id"]
 
     changed = [dict(manifest[1], size=manifest[1]["size"] + 1), *manifest[2:4]]
-    error = assert_error(append(api, asset_id, 1, changed), 409, "conflict")
+    error = assert_error(append(api, asset_id, changed), 409, "conflict")
     assert "a manifest cannot change" in error["message"]
-    twice = assert_error(append(api, asset_id, 2, [manifest[0]]), 400, "invalid_request")
-    assert "each path appears once" in twice["message"]
-    past = assert_error(
-        append(api, asset_id, 2, manifest[2:] + manifest[:1]), 400, "invalid_request"
+    twice = assert_error(append(api, asset_id, [manifest[2], manifest[2]]), 400, "invalid_request")
+    assert "appears twice" in twice["message"]
+    extra = {"path": "extra.bin", "size": 1}
+    past = assert_error(append(api, asset_id, [*manifest[2:], extra]), 400, "invalid_request")
+    assert "go past the count" in past["message"]
+    # A file in one slice that a path of another needs as a directory: found when it closes.
+    assert (
+        append(api, asset_id, [{"path": f"{manifest[0]['path']}/x", "size": 1}]).status_code == 200
     )
-    assert "go past its end" in past["message"]
+    clash = assert_error(append(api, asset_id, manifest[2:5]), 400, "invalid_request")
+    assert "needs it to be a directory" in clash["message"]
+    assert "delete the asset and create it again" in clash["message"]
+    api.delete(f"/api/v1/assets/{asset_id}")
+    asset_id = sliced_create(api, run_id, manifest, 2).json()["asset_id"]
 
     # The last slice closes the manifest only if the whole is the one declared.
     other = [*manifest[2:5], {**manifest[5], "sha256": sha(b"something else")}]
-    error = assert_error(append(api, asset_id, 2, other), 409, "conflict")
+    error = assert_error(append(api, asset_id, other), 409, "conflict")
     assert "not the manifest the create declared" in error["message"]
     status = api.get(f"/api/v1/assets/{asset_id}").json()
     assert status["manifest_complete"] is False and len(status["components"]) == 2
-    assert append(api, asset_id, 2, manifest[2:]).json()["manifest_complete"] is True
+    assert append(api, asset_id, manifest[2:]).json()["manifest_complete"] is True
 
 
 def test_a_sliced_create_again_is_the_same_asset(api: httpx.Client) -> None:
@@ -183,27 +191,27 @@ def test_a_sliced_create_is_refused_when_its_declaration_is_wrong(
         api.post(f"/api/v1/runs/{run_id}/assets", json=rank), 400, "invalid_request"
     )
     assert "whole manifest" in error["message"]
-    assert_error(append(api, "nope", 0, manifest), 404, "not_found")
+    assert_error(append(api, "nope", manifest), 404, "not_found")
 
 
 # ---- the engine ------------------------------------------------------------------------------
 
 
 @pytest.fixture
-def small_slices(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
-    """Slices of 10 and 25 components; the calls that carry components, as (what, start, n)."""
+def small_slices(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Slices of 10 and 25 components; the calls that carry components, as (what, count)."""
     monkeypatch.setattr(intake, "FIRST_SLICE", 10)
     monkeypatch.setattr(intake, "APPEND_SLICE", 25)
-    calls: list[tuple[str, int, int]] = []
+    calls: list[tuple[str, int]] = []
     create, append_ = ApiClient.create_asset, ApiClient.append_components
 
     async def counted_create(self: ApiClient, run_id: str, **kw: Any) -> Any:
-        calls.append(("create", 0, len(kw["components"])))
+        calls.append(("create", len(kw["components"])))
         return await create(self, run_id, **kw)
 
-    async def counted_append(self: ApiClient, asset_id: str, start: int, part: Any) -> Any:
-        calls.append(("append", start, len(part)))
-        return await append_(self, asset_id, start, part)
+    async def counted_append(self: ApiClient, asset_id: str, part: Any) -> Any:
+        calls.append(("append", len(part)))
+        return await append_(self, asset_id, part)
 
     monkeypatch.setattr(ApiClient, "create_asset", counted_create)
     monkeypatch.setattr(ApiClient, "append_components", counted_append)
@@ -214,16 +222,16 @@ def test_the_engine_sends_the_first_files_while_the_rest_of_the_manifest_is_list
     any_server: Any,
     any_proxy: Any,
     tmp_path: Path,
-    small_slices: list[tuple[str, int, int]],
+    small_slices: list[tuple[str, int]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", {f"f{i:02d}.bin": 100 + i for i in range(60)})
     completed_at_append: list[int] = []
     counted_append = ApiClient.append_components
 
-    async def recording(self: ApiClient, asset_id: str, start: int, part: Any) -> Any:
+    async def recording(self: ApiClient, asset_id: str, part: Any) -> Any:
         completed_at_append.append(pool.assets[asset_id].completed)
-        return await counted_append(self, asset_id, start, part)
+        return await counted_append(self, asset_id, part)
 
     monkeypatch.setattr(ApiClient, "append_components", recording)
     tracker = UploadTracker(tmp_path / "u.sqlite")
@@ -234,7 +242,7 @@ def test_the_engine_sends_the_first_files_while_the_rest_of_the_manifest_is_list
         asset = handle.result(timeout=CEILING)
         dest = run.download_asset(asset.asset_id, tmp_path / "dl")
     assert asset.state == "finalized" and asset.component_count == 60
-    assert small_slices == [("create", 0, 10), ("append", 10, 25), ("append", 35, 25)]
+    assert small_slices == [("create", 10), ("append", 25), ("append", 25)]
     # The rest is listed once a first file is stored: the first files do not wait for it, and
     # the appends do not delay them.
     assert 1 <= completed_at_append[0] <= 10
@@ -245,14 +253,17 @@ def test_the_engine_sends_the_first_files_while_the_rest_of_the_manifest_is_list
 def test_a_resume_lists_the_rest_of_a_manifest_an_earlier_process_left_open(
     server: Any,
     tmp_path: Path,
-    small_slices: list[tuple[str, int, int]],
+    small_slices: list[tuple[str, int]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    ckpt = make_checkpoint(tmp_path / "ckpt", {f"f{i:02d}.bin": 100 + i for i in range(40)})
+    # The scan lists a directory's files before its subdirectories; the tracker gives them
+    # back by path: the rest is what the server does not list, whatever the order.
+    sizes = {f"z{i:02d}.bin": 100 + i for i in range(20)} | {f"a/f{i:02d}": i for i in range(20)}
+    ckpt = make_checkpoint(tmp_path / "ckpt", sizes)
     tracker = UploadTracker(tmp_path / "u.sqlite")
     counted_append = ApiClient.append_components
 
-    async def never(self: ApiClient, asset_id: str, start: int, part: Any) -> Any:
+    async def never(self: ApiClient, asset_id: str, part: Any) -> Any:
         await asyncio.Event().wait()  # this process stops before any append is answered
 
     monkeypatch.setattr(ApiClient, "append_components", never)
@@ -276,7 +287,7 @@ def test_a_resume_lists_the_rest_of_a_manifest_an_earlier_process_left_open(
         dest = chronicle.run(chronicle.create_experiment("x"), 0, 0).download_asset(
             handle.asset_id, tmp_path / "dl"
         )
-    assert small_slices == [("append", 10, 25), ("append", 35, 5)]  # read, not created again
+    assert small_slices == [("append", 25), ("append", 5)]  # read, not created again
     assert tree_digest(dest) == tree_digest(ckpt)
 
 
@@ -288,11 +299,13 @@ from methodic._api import ApiClient
 from methodic._ids import contribution_id
 intake.FIRST_SLICE, intake.APPEND_SLICE = 10, 25
 real = ApiClient.append_components
-async def append(self, asset_id, start, part):
-    if start >= 35:  # the second append never leaves: killed with two slices listed
+calls = []
+async def append(self, asset_id, part):
+    calls.append(part)
+    if len(calls) == 2:  # the second append never leaves: killed with two slices listed
         print("second-append", flush=True)
         await asyncio.Event().wait()
-    return await real(self, asset_id, start, part)
+    return await real(self, asset_id, part)
 ApiClient.append_components = append
 url, key, tracker, ckpt = sys.argv[1:]
 with Chronicle(url, key) as chronicle:
@@ -349,3 +362,62 @@ def test_sigkilled_with_the_manifest_half_listed_then_drained(server: Any, tmp_p
     assert f'"finalized": ["{asset_id}"]' in drained.stdout, drained.stdout
     dest = api.download(asset_id, tmp_path / "dl")
     assert tree_digest(dest) == tree_digest(ckpt)
+
+
+def test_a_retry_after_a_failed_append_lists_the_rest_and_finishes(
+    server: Any,
+    tmp_path: Path,
+    small_slices: list[tuple[str, int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", {f"f{i:02d}.bin": 100 + i for i in range(40)})
+    counted_append = ApiClient.append_components
+    failures = [ServerError("the server is away")]
+
+    async def failing_once(self: ApiClient, asset_id: str, part: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await counted_append(self, asset_id, part)
+
+    monkeypatch.setattr(ApiClient, "append_components", failing_once)
+    tracker = UploadTracker(tmp_path / "u.sqlite")
+    with Chronicle(server.url, server.api_key) as chronicle:
+        run = chronicle.run(chronicle.create_experiment("x"), 0, 0)
+        handle = run.register_and_upload_async(ckpt, upload_tracker=tracker)
+        with pytest.raises(UploadFailedError, match="the server is away"):
+            handle.result(timeout=CEILING)
+        assert chronicle.retry_failed(handle.asset_id) == [handle.asset_id]
+        run.wait_for_uploads(timeout=CEILING)
+        asset = chronicle.get_asset(handle.asset_id)
+        dest = run.download_asset(handle.asset_id, tmp_path / "dl")
+    assert asset.state == "finalized" and asset.component_count == 40
+    assert tree_digest(dest) == tree_digest(ckpt)
+
+
+def test_a_server_that_takes_no_manifest_in_slices_gets_it_whole(
+    server: Any,
+    tmp_path: Path,
+    small_slices: list[tuple[str, int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An older server ignores ``manifest`` and creates the first slice as the whole: the
+    engine sees it in the answer, removes that asset and creates it whole."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", {f"f{i:02d}.bin": 100 + i for i in range(30)})
+    counted_create = ApiClient.create_asset
+
+    async def older(self: ApiClient, run_id: str, **kw: Any) -> Any:
+        kw["manifest"] = None
+        return await counted_create(self, run_id, **kw)
+
+    monkeypatch.setattr(ApiClient, "create_asset", older)
+    with Chronicle(server.url, server.api_key) as chronicle:
+        run = chronicle.run(chronicle.create_experiment("x"), 0, 0)
+        first = run.register_and_upload_async(ckpt, upload_tracker=UploadTracker(tmp_path / "u"))
+        asset = first.result(timeout=CEILING)
+        again = run.register_and_upload_async(ckpt, upload_tracker=UploadTracker(tmp_path / "u"))
+        assert again.result(timeout=CEILING).component_count == 30
+        dest = run.download_asset(asset.asset_id, tmp_path / "dl")
+    assert asset.state == "finalized" and asset.component_count == 30
+    assert tree_digest(dest) == tree_digest(ckpt)
+    # Once seen, the next asset is created whole at once.
+    assert small_slices == [("create", 10), ("create", 30), ("create", 30)]

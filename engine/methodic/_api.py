@@ -219,11 +219,9 @@ class ApiClient:
         targets = tuple(UploadTarget.from_json(t) for t in data.get("targets", ()))
         return PresignedAsset(asset_id, Asset.from_json(data), targets)
 
-    async def append_components(
-        self, asset_id: str, start: int, components: Sequence[dict[str, Any]]
-    ) -> Asset:
-        """List entries ``start``... of a manifest a create declared; the asset's summary."""
-        body = {"start": start, "components": list(components)}
+    async def append_components(self, asset_id: str, components: Sequence[dict[str, Any]]) -> Asset:
+        """List more entries of a manifest a create declared; the asset's summary."""
+        body = {"components": list(components)}
         return Asset.from_json(
             await self._call("POST", f"/assets/{quote(asset_id, safe='')}/components", json=body)
         )

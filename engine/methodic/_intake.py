@@ -8,6 +8,7 @@ the server already stores when an earlier process began it, then queues the rest
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -53,6 +54,7 @@ class Intake:
         # Assets are created on the server in the order they were registered: "newest" (run.latest,
         # retention) is by creation, and concurrent creates could land checkpoint-2000 first.
         self._create_order = asyncio.Lock()
+        self._slices = True  # False once the server is seen not to take a manifest in slices
 
     def submit(self, up: AssetUpload) -> None:
         """Start uploading ``up`` (already recorded in its tracker)."""
@@ -127,14 +129,15 @@ class Intake:
                 create = self._create(up)
                 created = await (create if up.resumed else digests.hashed_during(up, create))
             asset = created.asset
-            listed = min(FIRST_SLICE, len(up.components))  # a brief answer lists none
+            # A brief answer lists none: those the create carried.
+            listed = set(itertools.islice(up.components, FIRST_SLICE))
             if up.contribution is not None:  # what the server holds of the other ranks' so far
                 up.ranks = RankStatus.of(asset)
             if up.resumed:
                 asset = await self._api.get_asset(up.asset_id)
-                listed = len(asset.components)
+                listed = {c.path for c in asset.components}
         else:
-            listed = len(asset.components)
+            listed = {c.path for c in asset.components}
         up.algorithm = asset.checksum_algorithm or up.algorithm or checksums.DEFAULT_ALGORITHM
         if not asset.manifest_complete:
             up.listed = listed
@@ -149,17 +152,18 @@ class Intake:
             # Once a first file is stored: the first presign, its hashing and the first PUT go
             # first (the appends' encoding and the server's inserts would hold them up).
             await up.first_stored.wait()
-        start = up.listed or 0
-        components = list(up.components.values())
+        listed = up.listed or set()
+        rest = [c for c in up.components.values() if c.path not in listed]
         try:
-            for at in range(start, len(components), APPEND_SLICE):
-                entries = [c.manifest() for c in components[at : at + APPEND_SLICE]]
-                await self._api.append_components(up.asset_id, at, entries)
-                up.listed = at + len(entries)
+            for at in range(0, len(rest), APPEND_SLICE):
+                entries = [c.manifest() for c in rest[at : at + APPEND_SLICE]]
+                await self._api.append_components(up.asset_id, entries)
+                listed.update(e["path"] for e in entries)
                 if up.state == AssetState.UPLOADING:
                     self._scheduler.enqueue(up)
             up.listed = None
         except ChronicleError as exc:
+            up.remote_ready = False  # a retry makes sure of the server's manifest again
             await self._finisher.fail_asset(up, exc)
 
     async def _known_asset(self, up: AssetUpload) -> Asset | None:
@@ -171,8 +175,15 @@ class Intake:
             asset = await self._api.get_asset(up.asset_id)
         except NotFoundError:
             return None
-        # Whole or not (a manifest sent in slices): the digest is of the whole, declared.
-        if asset.manifest_digest != await asyncio.to_thread(_digest, up):
+        # Whole or not (a manifest sent in slices): the digest is of the whole, declared. A
+        # server that does not say it (older) is compared file by file.
+        if asset.manifest_digest is not None:
+            same = asset.manifest_digest == await asyncio.to_thread(_digest, up)
+        else:
+            same = {c.path: (c.size, c.part_size) for c in asset.components} == {
+                c.path: (c.size, c.part_size) for c in up.components.values()
+            }
+        if not same:
             raise ConflictError(
                 f"asset {up.asset_id} exists on the server with another manifest than the one"
                 " this tracker recorded; discard it here (`methodic-tui discard "
@@ -183,14 +194,14 @@ class Intake:
     async def _create(self, up: AssetUpload) -> PresignedAsset:
         entries = [c.manifest() for c in up.components.values()]
         declared: dict[str, Any] | None = None
-        if up.contribution is None and len(entries) > FIRST_SLICE:
+        if self._slices and up.contribution is None and len(entries) > FIRST_SLICE:
             declared = {
                 "component_count": len(entries),
                 "total_size": sum(e["size"] for e in entries),
                 "digest": await asyncio.to_thread(_digest, up, entries),
             }
             entries = entries[:FIRST_SLICE]
-        return await self._api.create_asset(
+        created = await self._api.create_asset(
             up.binding.run_id,
             asset_id=up.asset_id,
             asset_type=up.asset_type,
@@ -201,6 +212,13 @@ class Intake:
             contribution=None if up.contribution is None else up.contribution.create_fields(),
             manifest=declared,
         )
+        if declared is not None and created.asset.component_count != len(up.components):
+            # A server older than manifests in slices took the first slice for the whole: the
+            # new pending asset is removed and created whole (nothing of it is stored yet).
+            await self._api.delete_asset(up.asset_id)
+            self._slices = False
+            return await self._create(up)
+        return created
 
     async def _skip_stored(self, up: AssetUpload, remote: Asset) -> None:
         """After a crash: what the server already stores is not sent again."""

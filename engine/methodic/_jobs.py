@@ -98,8 +98,9 @@ class Scheduler:
         milliseconds to queue, and the first presign call need not wait for them."""
         pending = (
             (c.path, part)
-            for c in list(itertools.islice(up.components.values(), up.listed))
+            for c in list(up.components.values())
             if c.state not in SETTLED_COMPONENT_STATES
+            and (up.listed is None or c.path in up.listed)
             for part in c.part_numbers()
         )
         self._enqueue_some(up, pending, time.monotonic(), ENQUEUE_FIRST)

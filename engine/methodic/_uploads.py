@@ -202,9 +202,9 @@ class AssetUpload:
     # The tracker says the server had created it (an earlier process was sending): a resume
     # reads the server's account without sending the whole manifest again.
     known_remote: bool = False
-    # The components the server lists, the first ``listed`` in manifest order (None: all).
-    # A big manifest is created with its first slice and the rest appended while those send.
-    listed: int | None = None
+    # The paths of the components the server lists (None: all). A big manifest is created with
+    # its first slice, the rest appended while those send; only what is listed is sent.
+    listed: set[str] | None = None
     first_stored: asyncio.Event = field(default_factory=asyncio.Event)  # a component is
     algorithm: str | None = None  # of the range digests; the server says it at create
     resends: int = 0  # rounds of sending again what finalize found missing

@@ -23,7 +23,7 @@ from methodic import _checksum
 from methodic._manifest import manifest_digest
 from methodic.server import contributions
 from methodic.server.bulk import too_many_components
-from methodic.server.errors import conflict, invalid, not_found
+from methodic.server.errors import APIError, conflict, invalid, not_found
 from methodic.server.manifest import validate_components, validate_manifest
 from methodic.server.models import AssetCreate, ComponentIn, ComponentsAppend
 from methodic.server.records import ASSET_SELECT, AssetRecords, asset_out, reported_sha256
@@ -34,6 +34,8 @@ from methodic.server.sweeper import doom, purge
 _COMPONENT_COLUMNS = "(asset_id, idx, path, size, sha256, part_size)"
 # Manifests this big are staged in a TEMP table before the write transaction (``_staged``).
 _STAGE_AT = 5000
+# Paths per ``IN (...)`` list (SQLite allows 999 parameters in older builds).
+_IN_BATCH = 500
 # Presigning marks an asset active at most this often (one write per asset per minute).
 _TOUCH_GRANULARITY_S = 60.0
 
@@ -265,7 +267,7 @@ class Catalog:
                 created = False
                 tx.execute("UPDATE assets SET touched_at = ? WHERE id = ?", (now, spec.asset_id))
                 if existing["manifest_open"]:  # the same manifest: list what this create carries
-                    self._list(tx, existing, spec.asset_id, 0, spec.components)
+                    self._list(tx, existing, spec.asset_id, spec.components)
             else:
                 declared = spec.manifest
                 count, size = (
@@ -312,7 +314,7 @@ class Catalog:
             if row is None:
                 raise not_found(f"asset {asset_id} does not exist")
             tx.execute("UPDATE assets SET touched_at = ? WHERE id = ?", (time.time(), asset_id))
-            self._list(tx, row, asset_id, spec.start, spec.components)
+            self._list(tx, row, asset_id, spec.components)
         return self.records.summary(asset_id)
 
     def _list(
@@ -320,52 +322,46 @@ class Catalog:
         tx: sqlite3.Connection,
         asset: sqlite3.Row,
         asset_id: str,
-        start: int,
         components: Sequence[ComponentIn],
     ) -> None:
-        """Components ``start``... of the asset's manifest: those listed already must be these,
-        the others are listed now; the last one closes the manifest."""
+        """Components of the asset's manifest, in any order: one listed already must be the
+        same; the others are listed now. The last one closes the manifest."""
         count = asset["component_count"]
-        (listed,) = tx.execute(
-            "SELECT COUNT(*) FROM components WHERE asset_id = ?", (asset_id,)
-        ).fetchone()
-        if start > listed:
-            raise invalid(
-                f"asset {asset_id} lists {listed} of its {count} components: append from "
-                f"position {listed}, not {start}"
-            )
-        if start + len(components) > count:
-            raise invalid(
-                f"asset {asset_id} has {count} components: {len(components)} from position "
-                f"{start} go past its end"
-            )
         validate_components(components, self.config, self.storage.limits)
-        known = components[: max(0, listed - start)]
-        if known:
-            have = tx.execute(
-                "SELECT path, size, sha256, part_size FROM components"
-                " WHERE asset_id = ? AND idx >= ? AND idx < ? ORDER BY idx",
-                (asset_id, start, start + len(known)),
-            ).fetchall()
-            if [tuple(r) for r in have] != [_entry(c) for c in known]:
-                raise conflict(
-                    f"asset {asset_id} already lists other components at positions {start}-"
-                    f"{start + len(known) - 1}: a manifest cannot change"
+        listed: dict[str, tuple[Any, ...]] = {}
+        paths = [c["path"] for c in components]
+        for at in range(0, len(paths), _IN_BATCH):
+            batch = paths[at : at + _IN_BATCH]
+            listed.update(
+                (row[0], tuple(row))
+                for row in tx.execute(
+                    "SELECT path, size, sha256, part_size FROM components WHERE asset_id = ?"
+                    f" AND path IN ({','.join('?' * len(batch))})",
+                    (asset_id, *batch),
                 )
-        new = components[len(known) :]
+            )
+        changed = [c["path"] for c in components if listed.get(c["path"], _entry(c)) != _entry(c)]
+        if changed:
+            raise conflict(
+                f"asset {asset_id} lists {changed[0]!r} with another size, sha256 or part_size:"
+                " a manifest cannot change; use a new asset id for different content"
+            )
+        new = [c for c in components if c["path"] not in listed]
         if not new:
             return
-        try:
-            tx.executemany(
-                f"INSERT INTO components {_COMPONENT_COLUMNS} VALUES (?, ?, ?, ?, ?, ?)",
-                ((asset_id, listed + i, *_entry(c)) for i, c in enumerate(new)),
-            )
-        except sqlite3.IntegrityError:
+        (have,) = tx.execute(
+            "SELECT COUNT(*) FROM components WHERE asset_id = ?", (asset_id,)
+        ).fetchone()
+        if have + len(new) > count:
             raise invalid(
-                f"a path of these components is listed in asset {asset_id} already: each "
-                "path appears once in a manifest"
-            ) from None
-        if listed + len(new) == count:
+                f"asset {asset_id} lists {have} of its {count} components: {len(new)} more "
+                "go past the count its create declared"
+            )
+        tx.executemany(
+            f"INSERT INTO components {_COMPONENT_COLUMNS} VALUES (?, ?, ?, ?, ?, ?)",
+            ((asset_id, have + i, *_entry(c)) for i, c in enumerate(new)),
+        )
+        if have + len(new) == count:
             entries: list[ComponentIn] = [
                 {"path": p, "size": n, "sha256": h, "part_size": ps}
                 for p, n, h, ps in tx.execute(
@@ -373,14 +369,22 @@ class Catalog:
                     (asset_id,),
                 )
             ]
-            validate_components(entries, self.config, self.storage.limits)
-            _check_declared(
-                asset["run_id"],
-                asset["asset_type"],
-                entries,
-                asset["manifest_digest"],
-                asset["total_size"],
-            )
+            try:
+                validate_components(entries, self.config, self.storage.limits)
+                _check_declared(
+                    asset["run_id"],
+                    asset["asset_type"],
+                    entries,
+                    asset["manifest_digest"],
+                    asset["total_size"],
+                )
+            except APIError as exc:
+                raise APIError(
+                    exc.status,
+                    exc.code,
+                    f"{exc.message}; the components listed so far cannot close asset "
+                    f"{asset_id}'s manifest: delete the asset and create it again",
+                ) from None
             tx.execute("UPDATE assets SET manifest_open = 0 WHERE id = ?", (asset_id,))
 
     def get_asset(self, asset_id: str) -> dict[str, Any]:
@@ -564,5 +568,5 @@ def _check_declared(
     ):
         raise conflict(
             "these components are not the manifest the create declared (its digest or total "
-            "size differs): declare manifest_digest() of every component, in the order sent"
+            "size differs): declare manifest_digest() of every component"
         )

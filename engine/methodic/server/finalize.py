@@ -66,7 +66,7 @@ class Finalizer:
                     "manifest_incomplete",
                     f"asset {asset_id} lists {len(components)} of its "
                     f"{asset['component_count']} components: append the rest "
-                    f"(POST /assets/{asset_id}/components), then finalize",
+                    f"(POST /api/v1/assets/{asset_id}/components), then finalize",
                 )
             world_size: int | None = asset["world_size"]
             contribution_stored = False

@@ -75,7 +75,7 @@ class ManifestDeclared(BaseModel):
     appended (``POST /assets/{id}/components``) and checked against this when the last is in."""
 
     component_count: int = Field(ge=1)
-    total_size: int = Field(ge=0)
+    total_size: int = Field(ge=0, le=2**63 - 1)
     digest: Sha256Hex  # manifest_digest() of the whole manifest
 
 
@@ -101,10 +101,9 @@ class AssetCreate(BaseModel):
 
 
 class ComponentsAppend(BaseModel):
-    """More components of a manifest sent in slices: ``components`` are its entries from
-    position ``start`` (0-based) on, in order. Appending what is already listed is a no-op."""
+    """More components of a manifest sent in slices, in any order; one already listed must be
+    the same (sending it again is a no-op)."""
 
-    start: int = Field(ge=0)
     components: list[ComponentIn]
 
 
