@@ -141,6 +141,8 @@ async def test_assets_pane_takes_the_rows_it_needs() -> None:
 
 async def test_footer_shows_u_while_interrupted_assets_exist() -> None:
     async with running(sample_source(), size=(120, 40)) as (app, pilot):
+        # The footer is drawn once its bindings are known: wait for it, then read it.
+        await until(pilot, lambda: screen_text(app).split("\n")[-1].strip() != "")
         footer = screen_text(app).split("\n")[-1]
         assert "u Resume" not in footer
         assert "Cap / Filter" in footer  # a group's label and the next key not run together
