@@ -205,7 +205,8 @@ class AssetUpload:
     # The paths of the components the server lists (None: all). A big manifest is created with
     # its first slice, the rest appended while those send; only what is listed is sent.
     listed: set[str] | None = None
-    first_stored: asyncio.Event = field(default_factory=asyncio.Event)  # a component is
+    # Set once a component is stored (the rest of a sliced manifest is listed after that).
+    first_stored: asyncio.Event = field(default_factory=asyncio.Event)
     algorithm: str | None = None  # of the range digests; the server says it at create
     resends: int = 0  # rounds of sending again what finalize found missing
     completed: int = 0  # components completed; kept as a count so each completion is O(1)
