@@ -26,7 +26,14 @@ from methodic.server.bulk import too_many_components
 from methodic.server.errors import APIError, conflict, invalid, not_found
 from methodic.server.manifest import validate_components, validate_manifest
 from methodic.server.models import AssetCreate, ComponentIn, ComponentsAppend
-from methodic.server.records import ASSET_SELECT, AssetRecords, asset_out, reported_sha256
+from methodic.server.records import (
+    ASSET_SELECT,
+    IN_BATCH,
+    AssetRecords,
+    asset_out,
+    marks,
+    reported_sha256,
+)
 from methodic.server.signing import expiry
 from methodic.server.storage.base import Component, Found, Slot, part_range
 from methodic.server.sweeper import doom, purge
@@ -34,8 +41,6 @@ from methodic.server.sweeper import doom, purge
 _COMPONENT_COLUMNS = "(asset_id, idx, path, size, sha256, part_size)"
 # Manifests this big are staged in a TEMP table before the write transaction (``_staged``).
 _STAGE_AT = 5000
-# Paths per ``IN (...)`` list (SQLite allows 999 parameters in older builds).
-_IN_BATCH = 500
 # Presigning marks an asset active at most this often (one write per asset per minute).
 _TOUCH_GRANULARITY_S = 60.0
 
@@ -330,13 +335,13 @@ class Catalog:
         validate_components(components, self.config, self.storage.limits)
         listed: dict[str, tuple[Any, ...]] = {}
         paths = [c["path"] for c in components]
-        for at in range(0, len(paths), _IN_BATCH):
-            batch = paths[at : at + _IN_BATCH]
+        for at in range(0, len(paths), IN_BATCH):
+            batch = paths[at : at + IN_BATCH]
             listed.update(
                 (row[0], tuple(row))
                 for row in tx.execute(
                     "SELECT path, size, sha256, part_size FROM components WHERE asset_id = ?"
-                    f" AND path IN ({','.join('?' * len(batch))})",
+                    f" AND path IN ({marks(batch)})",
                     (asset_id, *batch),
                 )
             )

@@ -23,10 +23,10 @@ from methodic.server.locks import KeyedLocks
 from methodic.server.storage.base import Component, Found, Storage, Upload
 
 # Values per ``IN (...)`` list (SQLite allows 999 parameters in older builds).
-_IN_BATCH = 500
+IN_BATCH = 500
 
 
-def _marks(values: Sequence[object]) -> str:
+def marks(values: Sequence[object]) -> str:
     return ",".join("?" * len(values))
 
 
@@ -176,10 +176,10 @@ class AssetRecords:
         algorithm = cls.algorithm(conn, asset_id)
         wanted = list(dict.fromkeys(paths))
         out: dict[str, Component] = {}
-        for i in range(0, len(wanted), _IN_BATCH):
-            chunk = wanted[i : i + _IN_BATCH]
+        for i in range(0, len(wanted), IN_BATCH):
+            chunk = wanted[i : i + IN_BATCH]
             rows = conn.execute(
-                f"SELECT * FROM components WHERE asset_id = ? AND path IN ({_marks(chunk)})",
+                f"SELECT * FROM components WHERE asset_id = ? AND path IN ({marks(chunk)})",
                 (asset_id, *chunk),
             ).fetchall()
             parted = [row["idx"] for row in rows if row["part_size"] is not None]
@@ -187,7 +187,7 @@ class AssetRecords:
             if parted:
                 for idx, part, digest, bound in conn.execute(
                     "SELECT idx, part, digest, bound FROM parts WHERE asset_id = ?"
-                    f" AND idx IN ({_marks(parted)}) ORDER BY idx, part",
+                    f" AND idx IN ({marks(parted)}) ORDER BY idx, part",
                     (asset_id, *parted),
                 ):
                     parts.setdefault(idx, []).append((part, digest, bound))
